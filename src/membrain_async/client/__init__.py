@@ -1,0 +1,14 @@
+"""Async Membrain client (anyio: asyncio or trio)."""
+
+from .breaker import CircuitBreaker
+from .errors import MembrainError, MembrainRequestError, MembrainUnavailable
+from .node import ClientStats, MembrainClient
+
+__all__ = [
+    "CircuitBreaker",
+    "ClientStats",
+    "MembrainClient",
+    "MembrainError",
+    "MembrainRequestError",
+    "MembrainUnavailable",
+]

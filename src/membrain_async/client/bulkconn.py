@@ -1,0 +1,92 @@
+"""Client side of the bulk protocol: a small pool of raw TCP connections, one request in flight each."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+
+import anyio
+
+from .. import sockio
+from ..protocol import bulk
+from ..protocol.bulk import BodyReader, Frame, FrameReader, Op
+from .errors import MembrainRequestError
+
+
+class BulkConnection:
+    __slots__ = ("sock", "reader", "_ids")
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.reader = FrameReader()
+        self._ids = itertools.count(1)
+
+    async def call(self, op: int, head: dict, body: list | tuple = ()) -> Frame:
+        """Send one frame and read the reply's header and head; the caller then reads the reply body."""
+        rid = next(self._ids) & 0xFFFFFFFF
+        header = bulk.encode_frame(op, rid, head, sum(len(b) for b in body))
+        await sockio.send_all(self.sock, [header, *body])
+        while True:
+            n = await sockio.recv_into(self.sock, self.reader.want())
+            if n == 0:
+                raise sockio.PeerClosed("server closed the bulk connection")
+            frame = self.reader.advance(n)
+            if frame is not None:
+                break
+        if frame.request_id != rid and frame.request_id != 0:
+            raise bulk.ProtocolError(f"reply for request {frame.request_id}, expected {rid}")
+        if frame.status:
+            await self.read_body([frame.body_len])
+            raise MembrainRequestError(frame.status, str(frame.head.get("error", "bulk request refused")))
+        return frame
+
+    async def read_body(self, targets: list) -> None:
+        body = BodyReader(targets)
+        while not body.done:
+            n = await sockio.recv_into(self.sock, body.want())
+            if n == 0:
+                raise sockio.PeerClosed("server closed the bulk connection mid-body")
+            body.advance(n)
+
+    def close(self) -> None:
+        sockio.close(self.sock)
+
+
+class BulkPool:
+    """At most `size` connections; idle ones are reused (LIFO: the warmest socket first)."""
+
+    def __init__(self, host: str, port: int, token: str | None, size: int = 8):
+        self.host, self.port, self.token = host, port, token
+        self._idle: list[BulkConnection] = []
+        self._slots = anyio.Semaphore(size)
+        self.opened = 0
+
+    async def _open(self) -> BulkConnection:
+        conn = BulkConnection(await sockio.connect(self.host, self.port))
+        self.opened += 1
+        if self.token:
+            try:
+                await conn.call(Op.AUTH, {"token": self.token})
+            except BaseException:
+                conn.close()
+                raise
+        return conn
+
+    async def run(self, fn):
+        """Run `fn(conn)` on a pooled connection; a connection that saw any error is closed, not reused."""
+        async with self._slots:
+            conn = self._idle.pop() if self._idle else await self._open()
+            ok = False
+            try:
+                result = await fn(conn)
+                ok = True
+                return result
+            finally:
+                if ok:
+                    self._idle.append(conn)
+                else:
+                    conn.close()
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().close()

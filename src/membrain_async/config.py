@@ -1,0 +1,264 @@
+"""Frozen configuration objects, read from environment variables, vLLM's extra config or CLI flags.
+
+Every setting is declared once, with its env var, flag, default and help text; the README table,
+`membrain serve --help` and `membrain config` are all generated from these declarations so the
+documentation cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+__all__ = [
+    "ConfigError",
+    "ServerConfig",
+    "ConnectorConfig",
+    "parse_size",
+    "parse_bool",
+    "settings_table",
+]
+
+
+class ConfigError(ValueError):
+    """A setting has a value we cannot use; the message names the setting."""
+
+
+_SIZE_SUFFIXES = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kb": 1000,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mb": 1000**2,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gb": 1000**3,
+    "gib": 1 << 30,
+    "t": 1 << 40,
+    "tib": 1 << 40,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """'512MiB', '2g', '1048576' -> bytes."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().lower().replace("_", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num) :].strip()
+    if unit not in _SIZE_SUFFIXES or not num:
+        raise ValueError(f"not a size: {text!r} (try 1048576, 64MiB, 2GiB)")
+    value = float(num) * _SIZE_SUFFIXES[unit]
+    if value < 0:
+        raise ValueError(f"size must not be negative: {text!r}")
+    return int(value)
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    s = str(text).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use 1/0, true/false)")
+
+
+def _setting(default: Any, env: str, help: str, parse: Callable[[Any], Any] | None = None, flag: str | None = None):
+    return field(default=default, metadata={"env": env, "help": help, "parse": parse, "flag": flag})
+
+
+def _parse_list(text: str | list) -> tuple[str, ...]:
+    if isinstance(text, (list, tuple)):
+        return tuple(str(t).strip() for t in text if str(t).strip())
+    return tuple(p.strip() for p in str(text).split(",") if p.strip())
+
+
+class _Settings:
+    """Mixin: build a frozen dataclass from env vars / a mapping / CLI overrides."""
+
+    @classmethod
+    def fields(cls) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(cls) if f.metadata.get("env")]  # type: ignore[arg-type]
+
+    @classmethod
+    def from_sources(
+        cls,
+        env: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ):
+        """Defaults, then environment variables, then explicit overrides (CLI flags, extra config)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in cls.fields():
+            raw: Any = dataclasses.MISSING
+            if f.metadata["env"] in env:
+                raw = env[f.metadata["env"]]
+                source = f.metadata["env"]
+            if overrides and overrides.get(f.name) is not None:
+                raw = overrides[f.name]
+                source = f.name
+            if raw is dataclasses.MISSING:
+                continue
+            parse = f.metadata.get("parse")
+            try:
+                values[f.name] = parse(raw) if parse else type(f.default)(raw)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{source}={raw!r}: {exc}") from None
+        obj = cls(**values)
+        obj.validate()  # type: ignore[attr-defined]
+        return obj
+
+    def validate(self) -> None:  # overridden
+        pass
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class ServerConfig(_Settings):
+    host: str = _setting("127.0.0.1", "MEMBRAIN_HOST", "Address to listen on. Loopback unless told otherwise.")
+    port: int = _setting(9201, "MEMBRAIN_PORT", "Port for the HTTP API and the bulk protocol (sniffed on the same port).", int)
+    capacity: int = _setting(
+        1 << 30, "MEMBRAIN_CAPACITY", "Bytes of values the store may hold; least recently used values are evicted beyond it.", parse_size
+    )
+    max_value_bytes: int = _setting(
+        64 << 20, "MEMBRAIN_MAX_VALUE_BYTES", "Largest single value (HTTP body or bulk item) accepted; larger gets 413.", parse_size
+    )
+    max_batch_keys: int = _setting(1024, "MEMBRAIN_MAX_BATCH_KEYS", "Most keys in one batch or bulk frame.", int)
+    max_connections: int = _setting(512, "MEMBRAIN_MAX_CONNECTIONS", "Concurrent client connections; more are closed at once.", int)
+    idle_timeout: float = _setting(
+        60.0, "MEMBRAIN_IDLE_TIMEOUT", "Seconds a connection may sit idle (or a sender stall mid-request) before it is closed.", float
+    )
+    auth_file: str = _setting(
+        "", "MEMBRAIN_AUTH_FILE", "JSON file of bearer tokens per namespace with read/write scopes. Empty: no auth.", str
+    )
+    allow_insecure_bind: bool = _setting(
+        False,
+        "MEMBRAIN_ALLOW_INSECURE_BIND",
+        "Allow listening beyond loopback without an auth file (logs a loud warning).",
+        parse_bool,
+    )
+    log_level: str = _setting("info", "MEMBRAIN_LOG_LEVEL", "Server log level.", str)
+
+    def validate(self) -> None:
+        _positive("capacity", self.capacity)
+        _positive("max_value_bytes", self.max_value_bytes)
+        _positive("max_batch_keys", self.max_batch_keys)
+        _positive("max_connections", self.max_connections)
+        _positive("idle_timeout", self.idle_timeout)
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port must be 0..65535, got {self.port}")
+
+
+@dataclass(frozen=True)
+class ConnectorConfig(_Settings):
+    enabled: bool = _setting(
+        False, "VLLM_MEMBRAIN_ENABLED", "1 switches the Membrain connector on in vLLM with no other flag.", parse_bool
+    )
+    endpoint: tuple[str, ...] = _setting(
+        ("http://localhost:9201",),
+        "VLLM_MEMBRAIN_ENDPOINT",
+        "Membrain server URL (a comma-separated list names a cluster).",
+        _parse_list,
+    )
+    namespace: str = _setting(
+        "default", "VLLM_MEMBRAIN_NAMESPACE", "Tenant namespace on the server; blocks are shared only within it.", str
+    )
+    token: str = _setting("", "VLLM_MEMBRAIN_TOKEN", "Bearer token for the namespace, if the server requires one.", str)
+    async_backend: str = _setting(
+        "asyncio", "VLLM_MEMBRAIN_ASYNC_BACKEND", "Event loop of the Membrain I/O thread: asyncio or trio.", str
+    )
+    timeout: float = _setting(2.0, "VLLM_MEMBRAIN_TIMEOUT", "Seconds before any single server call is abandoned.", float)
+    load_deadline: float = _setting(
+        5.0,
+        "VLLM_MEMBRAIN_LOAD_DEADLINE",
+        "Seconds a worker waits for a load before reporting its blocks as errors (vLLM recomputes them).",
+        float,
+    )
+    lookup_deadline: float = _setting(
+        1.0,
+        "VLLM_MEMBRAIN_LOOKUP_DEADLINE",
+        "Seconds the scheduler keeps a request waiting for its lookup before treating it as a miss.",
+        float,
+    )
+    write_behind_bytes: int = _setting(
+        256 << 20,
+        "VLLM_MEMBRAIN_WRITE_BEHIND_BYTES",
+        "Bytes of saves queued for upload; saves beyond it are dropped and counted, never waited for.",
+        parse_size,
+    )
+    prefetch_bytes: int = _setting(
+        256 << 20, "VLLM_MEMBRAIN_PREFETCH_BYTES", "Bytes of pages a worker may prefetch into staging memory.", parse_size
+    )
+    batch_bytes: int = _setting(
+        16 << 20, "VLLM_MEMBRAIN_BATCH_BYTES", "Target bytes per bulk frame when batching saves.", parse_size
+    )
+    save_decode: bool = _setting(
+        True, "VLLM_MEMBRAIN_SAVE_DECODE", "Also save blocks filled by generated tokens (helps multi-turn chat).", parse_bool
+    )
+    shutdown_drain: float = _setting(
+        5.0, "VLLM_MEMBRAIN_SHUTDOWN_DRAIN", "Seconds shutdown spends uploading queued saves before dropping them.", float
+    )
+    breaker_threshold: int = _setting(
+        3, "VLLM_MEMBRAIN_BREAKER_THRESHOLD", "Consecutive connection failures that open the circuit breaker.", int
+    )
+    breaker_cooldown: float = _setting(
+        1.0, "VLLM_MEMBRAIN_BREAKER_COOLDOWN", "Seconds the breaker stays open before one probe call is let through.", float
+    )
+
+    def validate(self) -> None:
+        if self.async_backend not in ("asyncio", "trio"):
+            raise ConfigError(f"VLLM_MEMBRAIN_ASYNC_BACKEND must be asyncio or trio, got {self.async_backend!r}")
+        if not self.endpoint:
+            raise ConfigError("VLLM_MEMBRAIN_ENDPOINT is empty")
+        for url in self.endpoint:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"VLLM_MEMBRAIN_ENDPOINT entries must start with http:// or https://, got {url!r}")
+        for name in ("timeout", "load_deadline", "lookup_deadline", "shutdown_drain", "breaker_cooldown"):
+            _positive(name, getattr(self, name))
+        _positive("breaker_threshold", self.breaker_threshold)
+        from .protocol.names import validate_namespace
+
+        try:
+            validate_namespace(self.namespace)
+        except ValueError as exc:
+            raise ConfigError(f"VLLM_MEMBRAIN_NAMESPACE: {exc}") from None
+
+    def to_extra_config(self) -> dict[str, Any]:
+        """Picklable dict for kv_connector_extra_config (travels to EngineCore and workers)."""
+        out = {}
+        for f in self.fields():
+            v = getattr(self, f.name)
+            out[f.name] = ",".join(v) if isinstance(v, tuple) else v
+        return out
+
+
+def settings_table() -> str:
+    """The Markdown table of every setting, as printed in the README."""
+    rows = ["| env var | CLI flag | default | meaning |", "| --- | --- | --- | --- |"]
+    for cls, prefix in ((ServerConfig, "--"), (ConnectorConfig, None)):
+        for f in cls.fields():
+            default = f.default
+            if isinstance(default, tuple):
+                default = ",".join(default)
+            if f.metadata.get("parse") is parse_size and isinstance(default, int):
+                default = _human_size(default)
+            flag = f"`{prefix}{f.name.replace('_', '-')}`" if prefix else "(kv_connector_extra_config key `" + f.name + "`)"
+            rows.append(f"| `{f.metadata['env']}` | {flag} | `{default}` | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+def _human_size(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)

@@ -1,0 +1,147 @@
+"""The server: one listening socket, each connection sniffed as bulk (magic "MBRN") or HTTP.
+
+Structured concurrency: `MembrainServer.serve()` owns a task group holding the accept loop and every
+connection task; cancelling it (SIGTERM, the embedding context manager) closes them all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import logging
+import socket
+
+import anyio
+
+from .. import sockio
+from ..config import ConfigError, ServerConfig
+from ..protocol import bulk
+from .bulk import BulkConnection
+from .http import HttpConnection
+from .service import Service
+
+log = logging.getLogger("membrain.server")
+
+_SNIFF_BYTES = len(bulk.MAGIC)
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def limit_malloc_retention() -> None:
+    """Make glibc return freed value buffers to the OS at once.
+
+    glibc raises its mmap threshold after large frees, after which big values come from the heap and
+    evicted ones stay resident: RSS would drift far above capacity under churn. A fixed threshold keeps
+    values >= 64 KiB in their own mappings. Process-wide, so only the standalone server calls it.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 20)
+    except OSError:
+        pass
+
+
+class MembrainServer:
+    def __init__(self, config: ServerConfig | None = None):
+        self.config = config or ServerConfig()
+        if not _is_loopback(self.config.host) and not self.config.auth_file:
+            if not self.config.allow_insecure_bind:
+                raise ConfigError(
+                    f"refusing to listen on {self.config.host} without --auth-file: KV blocks reveal prompts. "
+                    "Give an auth file, or pass --allow-insecure-bind if the network is trusted."
+                )
+            log.warning(
+                "LISTENING ON %s WITHOUT AUTHENTICATION: anyone who can reach this port can read cached prompts",
+                self.config.host,
+            )
+        self.service = Service(self.config)
+        self.port: int | None = None
+
+    @property
+    def url(self) -> str:
+        host = self.config.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    def _listen(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.config.host, self.config.port))
+        sock.listen(1024)
+        sock.setblocking(False)
+        self.port = sock.getsockname()[1]
+        self.service.bound_port = self.port
+        return sock
+
+    async def serve(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+        listener = self._listen()
+        log.info("membrain serving on %s (capacity %d bytes, auth %s)", self.url, self.config.capacity,
+                 "on" if self.service.auth.enabled else "off")
+        try:
+            async with anyio.create_task_group() as tg:
+                task_status.started(self.port)
+                while True:
+                    await anyio.wait_readable(listener)
+                    try:
+                        conn, _ = listener.accept()
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                        log.warning("accept failed: %s", exc)
+                        await anyio.sleep(0.05)
+                        continue
+                    sockio.configure(conn)
+                    counters = self.service.counters
+                    if counters.connections_open >= self.config.max_connections:
+                        counters.connections_refused += 1
+                        conn.close()
+                        continue
+                    tg.start_soon(self._handle, conn)
+        finally:
+            sockio.close(listener)
+
+    async def _handle(self, conn: socket.socket) -> None:
+        counters = self.service.counters
+        counters.connections_total += 1
+        counters.connections_open += 1
+        try:
+            first = bytearray(_SNIFF_BYTES)
+            got = 0
+            with anyio.move_on_after(self.config.idle_timeout):
+                # Read just enough to tell the protocols apart; HTTP methods never start with "MBRN".
+                while got < _SNIFF_BYTES:
+                    n = await sockio.recv_into(conn, memoryview(first)[got:])
+                    if n == 0:
+                        break
+                    got += n
+                    if not bulk.looks_like_bulk(bytes(first[:got])):
+                        break
+            initial = bytes(first[:got])
+            if not initial:
+                return
+            if bulk.looks_like_bulk(initial) and got == _SNIFF_BYTES:
+                await BulkConnection(self.service, conn, initial).run()
+            else:
+                await HttpConnection(self.service, conn, initial).run()
+        except OSError:
+            pass  # reset by peer and the like: the connection is simply gone
+        except Exception:  # never let one connection take the server down
+            log.exception("connection handler failed")
+        finally:
+            counters.connections_open -= 1
+            sockio.close(conn)
+
+
+async def serve(config: ServerConfig, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+    await MembrainServer(config).serve(task_status=task_status)

@@ -1,0 +1,210 @@
+"""HTTP/1.1 front end on h11 (sans-IO HTTP) over a raw non-blocking socket."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import anyio
+import h11
+import orjson
+
+from .. import sockio
+from ..protocol import api
+from .auth import bearer_token
+from .metrics import render_prometheus
+from .service import RequestError, Service
+
+log = logging.getLogger("membrain.server.http")
+
+_MAX_HEADER_BYTES = 16 * 1024
+_JSON = [("content-type", "application/json")]
+
+
+class _CloseConnection(Exception):
+    pass
+
+
+class HttpConnection:
+    def __init__(self, service: Service, sock: socket.socket, initial: bytes):
+        self.service = service
+        self.sock = sock
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEADER_BYTES)
+        self.conn.receive_data(initial)
+        self.idle_timeout = service.config.idle_timeout
+        self._buf = bytearray(256 * 1024)
+        self._is_head = False
+
+    async def run(self) -> None:
+        try:
+            while True:
+                request = await self._next_event()
+                if isinstance(request, h11.ConnectionClosed):
+                    return
+                if not isinstance(request, h11.Request):
+                    return
+                self.service.counters.http_requests += 1
+                try:
+                    await self._handle(request)
+                except RequestError as exc:
+                    self.service.counters.errors[exc.status] += 1
+                    # A body we did not read would be parsed as the next request: close instead.
+                    unread_body = self.conn.their_state is h11.SEND_BODY
+                    await self._send_json(exc.status, {"error": str(exc)}, close=exc.status in (408, 413) or unread_body)
+                if self.conn.our_state is h11.MUST_CLOSE or self.conn.their_state is h11.MUST_CLOSE:
+                    return
+                try:
+                    self.conn.start_next_cycle()
+                except h11.LocalProtocolError:
+                    return
+        except h11.RemoteProtocolError as exc:
+            self.service.counters.errors[400] += 1
+            await self._try_send_error(exc.error_status_hint, f"malformed HTTP request: {exc}")
+        except _CloseConnection:
+            pass
+
+    async def _recv(self) -> bytes:
+        with anyio.move_on_after(self.idle_timeout) as scope:
+            n = await sockio.recv_into(self.sock, memoryview(self._buf))
+        if scope.cancelled_caught:
+            raise _CloseConnection
+        return bytes(self._buf[:n])
+
+    async def _next_event(self):
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                if self.conn.they_are_waiting_for_100_continue:
+                    await sockio.send_all(self.sock, [self.conn.send(h11.InformationalResponse(status_code=100, headers=[]))])
+                self.conn.receive_data(await self._recv())
+                continue
+            return event
+
+    async def _read_body(self, request: h11.Request) -> bytearray:
+        limit = self.service.config.max_value_bytes
+        length = None
+        for name, value in request.headers:
+            if name == b"content-length":
+                length = int(value)
+        if length is not None and length > limit:
+            raise RequestError(413, f"body of {length} bytes exceeds the limit of {limit}")
+        body = bytearray()
+        while True:
+            event = await self._next_event()
+            if isinstance(event, h11.Data):
+                if len(body) + len(event.data) > limit:
+                    raise RequestError(413, f"body exceeds the limit of {limit} bytes")
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return body
+            else:
+                raise _CloseConnection
+
+    async def _handle(self, request: h11.Request) -> None:
+        method = request.method.decode("ascii", "replace")
+        self._is_head = method == "HEAD"
+        target = request.target.decode("latin-1")
+        token = None
+        for name, value in request.headers:
+            if name == b"authorization":
+                token = bearer_token(value)
+        try:
+            route = api.match_route(method, target)
+        except api.RouteError as exc:
+            await self._drain_body(request)
+            raise RequestError(exc.status, str(exc)) from None
+        svc = self.service
+        if route.name == "put":
+            svc.begin_put(token, route.namespace, [route.key], [0])
+            body = await self._read_body(request)
+            svc.begin_put(token, route.namespace, [route.key], [len(body)])
+            created = svc.store.put(route.namespace, route.key, body)
+            if created is None:
+                raise RequestError(413, "value larger than the server's whole capacity")
+            await self._send(201 if created else 200, [], b"")
+            return
+        body = await self._read_body(request)
+        if route.name == "healthz":
+            await self._send_json(200, {"status": "ok"})
+        elif route.name == "info":
+            await self._send_json(200, svc.info())
+        elif route.name == "stats":
+            await self._send_json(200, svc.stats(token))
+        elif route.name == "metrics":
+            svc.require_server_read(token)
+            text = render_prometheus(svc).encode()
+            await self._send(200, [("content-type", "text/plain; version=0.0.4")], text)
+        elif route.name == "get":
+            (value,) = svc.get_many(token, route.namespace, [route.key])
+            if value is None:
+                raise RequestError(404, "no such key")
+            await self._send(200, [("content-type", "application/octet-stream")], value)
+        elif route.name == "head":
+            size = svc.head(token, route.namespace, route.key)
+            if size is None:
+                raise RequestError(404, "no such key")
+            await self._send(200, [("content-type", "application/octet-stream")], b"", content_length=size)
+        elif route.name == "delete":
+            if not svc.delete(token, route.namespace, [route.key]):
+                raise RequestError(404, "no such key")
+            await self._send(204, [], b"")
+        elif route.name == "batch_put":
+            try:
+                keys, values = api.decode_batch(body)
+            except ValueError as exc:
+                raise RequestError(400, str(exc)) from None
+            if any(v is None for v in values):
+                raise RequestError(400, "batch put needs a value (size >= 0) for every key")
+            svc.begin_put(token, route.namespace, keys, [len(v) for v in values])
+            # Each stored value must own its bytes: the request body is not kept.
+            stored = svc.commit_put(route.namespace, keys, [bytes(v) for v in values])
+            await self._send_json(200, {"stored": stored})
+        elif route.name in ("batch_get", "lookup", "exists"):
+            try:
+                keys = api.decode_keys_body(body)
+            except ValueError as exc:
+                raise RequestError(400, str(exc)) from None
+            if route.name == "lookup":
+                await self._send_json(200, {"count": svc.lookup(token, route.namespace, keys)})
+            elif route.name == "exists":
+                await self._send_json(200, {"present": svc.exists(token, route.namespace, keys)})
+            else:
+                values = svc.get_many(token, route.namespace, keys)
+                parts = api.encode_batch(keys, values)
+                await self._send(200, [("content-type", api.BATCH_CONTENT_TYPE)], parts)
+        else:  # pragma: no cover - match_route only returns the names above
+            raise RequestError(404, "no such route")
+
+    async def _drain_body(self, request: h11.Request) -> None:
+        try:
+            await self._read_body(request)
+        except RequestError:
+            pass
+
+    async def _send_json(self, status: int, obj, close: bool = False) -> None:
+        await self._send(status, _JSON, orjson.dumps(obj), close=close)
+
+    async def _send(self, status: int, headers, body, content_length: int | None = None, close: bool = False) -> None:
+        parts = body if isinstance(body, list) else [body]
+        length = sum(len(p) for p in parts) if content_length is None else content_length
+        if self._is_head and content_length is None:
+            length = 0
+        hdrs = list(headers) + [("content-length", str(length)), ("server", "membrain")]
+        if close:
+            hdrs.append(("connection", "close"))
+        out = [self.conn.send(h11.Response(status_code=status, headers=hdrs))]
+        for part in parts:
+            if len(part) and content_length is None and not self._is_head:
+                out.extend(self.conn.send_with_data_passthrough(h11.Data(data=part)))
+        out.append(self.conn.send(h11.EndOfMessage()))
+        await sockio.send_all(self.sock, out)
+        if close:
+            raise _CloseConnection
+
+    async def _try_send_error(self, status: int, message: str) -> None:
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        try:
+            await self._send_json(status, {"error": message}, close=True)
+        except (_CloseConnection, OSError, h11.LocalProtocolError):
+            pass

@@ -1,0 +1,27 @@
+import os
+import sys
+
+import pytest
+
+from membrain_async.server import embedded_server
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request):
+    return request.param
+
+
+@pytest.fixture
+def server():
+    """A real Membrain server on a free loopback port, in this process (its own thread and loop)."""
+    with embedded_server(capacity="64MiB", max_value_bytes="8MiB", max_batch_keys=256) as srv:
+        yield srv
+
+
+@pytest.fixture
+def server_proc():
+    """A real `membrain serve` subprocess."""
+    with embedded_server(mode="subprocess", capacity="64MiB") as srv:
+        yield srv

@@ -1,0 +1,177 @@
+"""The async client against a real server, under asyncio and trio."""
+
+import os
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import anyio
+import pytest
+
+from membrain_async.client import CircuitBreaker, MembrainClient, MembrainRequestError
+from membrain_async.protocol import bulk
+from membrain_async.server import embedded_server
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize("use_bulk", [True, False], ids=["bulk", "http-batch"])
+async def test_roundtrip_every_call(server, use_bulk):
+    async with MembrainClient(server.url, namespace="t", use_bulk=use_bulk) as c:
+        values = [os.urandom(n) for n in (0, 1, 70_000, 1 << 20)]
+        keys = [f"k{i}" for i in range(len(values))]
+        assert await c.put_many(keys, values) == 4
+        got = await c.get_many(keys + ["missing"])
+        assert [None if g is None else bytes(g) for g in got] == values + [None]
+        assert await c.lookup(["k0", "k1", "nope", "k2"]) == 2
+        assert await c.exists(["k3", "nope"]) == [True, False]
+        assert await c.delete("k3") and not await c.delete("k3")
+        assert await c.get("k3") is None
+        assert await c.health()
+    assert c._mode == ("bulk" if use_bulk else "batch")
+
+
+async def test_put_of_split_buffers_is_not_joined_by_the_caller(server):
+    async with MembrainClient(server.url) as c:
+        header, payload = b"HDR", memoryview(bytearray(b"p" * 5000))
+        assert await c.put("k", (header, payload))
+        assert bytes(await c.get("k")) == b"HDR" + b"p" * 5000
+
+
+async def test_request_errors_raise(server):
+    async with MembrainClient(server.url) as c:
+        with pytest.raises(MembrainRequestError) as exc:
+            await c.put("bad key", b"x")
+        assert exc.value.status == 400
+        with pytest.raises(MembrainRequestError):
+            await c.get_many([f"k{i}" for i in range(300)])
+        # A refusal is not an outage: the breaker stays closed.
+        assert c.available
+
+
+async def test_concurrent_calls_share_the_pool(server):
+    async with MembrainClient(server.url, bulk_connections=4) as c:
+        async def worker(i):
+            v = os.urandom(50_000)
+            assert await c.put(f"c{i}", v)
+            assert bytes(await c.get(f"c{i}")) == v
+
+        async with anyio.create_task_group() as tg:
+            for i in range(32):
+                tg.start_soon(worker, i)
+        assert c._pool.opened <= 4
+
+
+async def test_breaker_fast_misses_then_recovers():
+    with embedded_server() as srv:
+        port = srv.port
+        async with MembrainClient(srv.url, timeout=0.5, retries=0, breaker=CircuitBreaker(threshold=2, cooldown=0.3)) as c:
+            assert await c.put("k", b"v")
+            srv.stop()
+            for _ in range(2):
+                assert await c.get("k") is None  # a miss, not an exception
+            assert not c.available
+            t = time.perf_counter()
+            for _ in range(100):
+                assert await c.get("k") is None
+                assert await c.lookup(["k"]) == 0
+            assert c.stats.fast_fails >= 200
+            fast = time.perf_counter() - t
+            with embedded_server(port=port) as again:
+                await anyio.sleep(0.35)
+                assert await c.put("k", b"back")  # the probe call
+                assert c.available
+                assert bytes(await c.get("k")) == b"back"
+    assert fast < 5  # 200 calls with the server down did not each wait for a timeout
+
+
+def test_breaker_state_machine():
+    now = [0.0]
+    b = CircuitBreaker(threshold=2, cooldown=1.0, clock=lambda: now[0])
+    assert b.allow()
+    b.record_failure()
+    assert b.state == "closed"
+    b.record_failure()
+    assert b.state == "open" and not b.allow()
+    now[0] = 1.5
+    assert b.allow() and not b.allow()  # exactly one probe
+    b.record_failure()
+    assert b.state == "open"
+    now[0] = 3.0
+    assert b.allow()
+    b.record_success()
+    assert b.state == "closed" and b.allow()
+
+
+class _LegacyHandler(BaseHTTPRequestHandler):
+    """A server that only knows /memory/{ns}/{key}, like older Membrain servers."""
+
+    store: dict = {}
+
+    def log_message(self, *a):
+        pass
+
+    def _key(self):
+        parts = self.path.split("/")
+        return (parts[2], parts[3]) if len(parts) == 4 and parts[1] == "memory" else None
+
+    def do_PUT(self):
+        k = self._key()
+        self.store[k] = self.rfile.read(int(self.headers["content-length"]))
+        self.send_response(201)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def _reply(self, body: bool):
+        k = self._key()
+        if k is None or k not in self.store:
+            self.send_response(404)
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("content-length", str(len(self.store[k])))
+        self.end_headers()
+        if body:
+            self.wfile.write(self.store[k])
+
+    def do_GET(self):
+        self._reply(True)
+
+    def do_HEAD(self):
+        self._reply(False)
+
+
+async def test_fallback_to_per_key_calls_on_a_plain_memory_server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _LegacyHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        async with MembrainClient(f"http://127.0.0.1:{httpd.server_address[1]}") as c:
+            assert await c.put_many(["a", "b"], [b"1", (b"2", b"2")]) == 2
+            assert [bytes(v) if v else None for v in await c.get_many(["a", "x", "b"])] == [b"1", None, b"22"]
+            assert await c.lookup(["a", "b", "x"]) == 2
+            assert c._mode == "legacy"
+    finally:
+        httpd.shutdown()
+
+
+def test_garbage_on_the_bulk_port_gets_an_error_frame(server):
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(bulk.HEADER.pack(b"MBRN", 1, 2, 0, 5, 10, 0) + b"not json!!")
+        frame, _ = bulk.FrameReader().feed(s.recv(1000))
+        assert frame.status == 400 and "JSON" in frame.head["error"]
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        # Sizes that do not add up to the body: refused, body discarded, connection still usable.
+        s.sendall(bulk.encode_frame(bulk.Op.PUT, 1, {"ns": "a", "keys": ["k"], "sizes": [5]}, 3) + b"abc")
+        s.sendall(bulk.encode_frame(bulk.Op.PING, 2))
+        reader = bulk.FrameReader()
+        first, rest = reader.feed(s.recv(1000))
+        assert first.status == 400
+        second, _ = bulk.FrameReader().feed(rest or s.recv(1000))
+        assert second.request_id == 2 and second.head == {"pong": True}
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        # An absurd body length: refused and closed, nothing allocated.
+        s.sendall(bulk.encode_frame(bulk.Op.PUT, 1, {"ns": "a", "keys": ["k"], "sizes": [1 << 60]}, 1 << 60))
+        frame, _ = bulk.FrameReader().feed(s.recv(1000))
+        assert frame.status == 413
