@@ -38,3 +38,5 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     install(session, "dev")
     session.run("python", "bench/store_bench.py", "--http", "--json", "bench/results/store.json", *session.posargs)
+    session.run("python", "bench/runtime_bench.py", "--backend", "asyncio")
+    session.run("python", "bench/runtime_bench.py", "--backend", "trio")

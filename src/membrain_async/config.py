@@ -205,6 +205,9 @@ class ConnectorConfig(_Settings):
     save_decode: bool = _setting(
         True, "VLLM_MEMBRAIN_SAVE_DECODE", "Also save blocks filled by generated tokens (helps multi-turn chat).", parse_bool
     )
+    connections: int = _setting(
+        16, "VLLM_MEMBRAIN_CONNECTIONS", "Bulk connections per server and purpose (payloads; lookups have their own).", int
+    )
     shutdown_drain: float = _setting(
         5.0, "VLLM_MEMBRAIN_SHUTDOWN_DRAIN", "Seconds shutdown spends uploading queued saves before dropping them.", float
     )
@@ -226,6 +229,7 @@ class ConnectorConfig(_Settings):
         for name in ("timeout", "load_deadline", "lookup_deadline", "shutdown_drain", "breaker_cooldown"):
             _positive(name, getattr(self, name))
         _positive("breaker_threshold", self.breaker_threshold)
+        _positive("connections", self.connections)
         from .protocol.names import validate_namespace
 
         try:

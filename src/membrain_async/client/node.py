@@ -87,7 +87,8 @@ class MembrainClient:
         self._use_bulk = use_bulk
         self._bulk_connections = bulk_connections
         self._http: httpx.AsyncClient | None = None
-        self._pool: BulkPool | None = None
+        self._pool: BulkPool | None = None  # payload transfers
+        self._control: BulkPool | None = None  # lookups and exists: never queued behind a multi-MiB transfer
         self._mode: str | None = None  # "bulk" | "batch" | "legacy", found from /v1/info
         self._closed = False
 
@@ -101,8 +102,9 @@ class MembrainClient:
 
     async def aclose(self) -> None:
         self._closed = True
-        if self._pool is not None:
-            self._pool.close()
+        for pool in (self._pool, self._control):
+            if pool is not None:
+                pool.close()
         if self._http is not None:
             await self._http.aclose()
 
@@ -159,8 +161,12 @@ class MembrainClient:
             if info is None:
                 self._mode = "legacy"
             elif self._use_bulk and "bulk" in info.get("capabilities", []):
-                port = (info.get("bulk") or {}).get("port") or self.port
+                bulk_info = info.get("bulk") or {}
+                # Same port: dial the port we reached the server on, which survives proxies and NAT;
+                # the server only knows the port it bound.
+                port = self.port if bulk_info.get("same_port", True) else bulk_info.get("port") or self.port
                 self._pool = BulkPool(self.host, port, self.token, self._bulk_connections)
+                self._control = BulkPool(self.host, port, self.token, self._bulk_connections)
                 self._mode = "bulk"
             else:
                 self._mode = "batch"
@@ -311,7 +317,7 @@ class MembrainClient:
         async def go() -> int:
             mode = await self._mode_of_server()
             if mode == "bulk":
-                frame = await self._pool.run(lambda c: c.call(Op.LOOKUP, {"ns": ns, "keys": list(keys)}))  # type: ignore[union-attr]
+                frame = await self._control.run(lambda c: c.call(Op.LOOKUP, {"ns": ns, "keys": list(keys)}))  # type: ignore[union-attr]
                 return int(frame.head["count"])
             if mode == "batch":
                 r = await self._http_client().post(f"/v1/lookup/{ns}", content=orjson.dumps({"keys": list(keys)}))
@@ -336,7 +342,7 @@ class MembrainClient:
         async def go() -> list[bool]:
             mode = await self._mode_of_server()
             if mode == "bulk":
-                frame = await self._pool.run(lambda c: c.call(Op.EXISTS, {"ns": ns, "keys": list(keys)}))  # type: ignore[union-attr]
+                frame = await self._control.run(lambda c: c.call(Op.EXISTS, {"ns": ns, "keys": list(keys)}))  # type: ignore[union-attr]
                 return [bool(p) for p in frame.head["present"]]
             if mode == "batch":
                 r = await self._http_client().post(f"/v1/exists/{ns}", content=orjson.dumps({"keys": list(keys)}))

@@ -1,0 +1,61 @@
+"""Embedding Membrain in a trio server: a line protocol over TCP ("SAVE key value", "LOAD key", "LOOKUP k1 k2 ...").
+
+The trio loop serves clients; Membrain I/O runs on the runtime's own thread (asyncio by default, or trio
+with VLLM_MEMBRAIN_ASYNC_BACKEND=trio: a separate loop either way).
+
+    python examples/embed_trio_app.py               # embedded Membrain server, app on :8001
+"""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+from membrain_async.config import ConnectorConfig
+from membrain_async.runtime import MembrainRuntime
+from membrain_async.runtime.aio import wait_async
+
+
+def make_handler(runtime: MembrainRuntime):
+    async def handle(stream: trio.SocketStream) -> None:
+        buf = b""
+        async for chunk in stream:
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                words = line.decode().split()
+                if not words:
+                    continue
+                if words[0] == "SAVE":
+                    ok = runtime.save(words[1], [words[2].encode()])
+                    ok = ok and runtime.flush(5)
+                    reply = "OK" if ok else "DROPPED"
+                elif words[0] == "LOAD":
+                    (value,) = await wait_async(runtime.fetch([words[1]]))
+                    reply = "MISS" if value is None else f"VALUE {bytes(value).decode()}"
+                elif words[0] == "LOOKUP":
+                    reply = f"COUNT {await wait_async(runtime.lookup(words[1:]))}"
+                else:
+                    reply = "ERR unknown command"
+                await stream.send_all(reply.encode() + b"\n")
+
+    return handle
+
+
+async def serve(membrain_url: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    cfg = ConnectorConfig.from_sources(overrides={"endpoint": membrain_url})
+    runtime = MembrainRuntime(cfg)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(make_handler(runtime), listeners)
+    finally:
+        runtime.shutdown()
+
+
+if __name__ == "__main__":
+    from membrain_async.server import embedded_server
+
+    with embedded_server() as srv:
+        trio.run(serve, srv.url, int(os.environ.get("PORT", "8001")))

@@ -1,0 +1,52 @@
+"""OpenTelemetry spans for one lookup + load + save sequence, parented on the submitting thread's span."""
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from membrain_async import telemetry
+from membrain_async.config import ConnectorConfig
+from membrain_async.runtime import MembrainRuntime
+
+
+@pytest.fixture
+def exporter(monkeypatch):
+    exp = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exp))
+    # The API allows setting the global provider once per process; tests swap it directly.
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
+    yield exp
+    provider.shutdown()
+
+
+def test_no_provider_means_no_spans_and_no_context_capture():
+    assert not telemetry.tracing_enabled() or isinstance(trace.get_tracer_provider(), TracerProvider)
+    if not telemetry.tracing_enabled():
+        assert telemetry.capture_context() is None
+
+
+def test_spans_for_lookup_load_save(server, exporter):
+    rt = MembrainRuntime(ConnectorConfig.from_sources(env={}, overrides={"endpoint": server.url, "namespace": "otel"}))
+    tracer = trace.get_tracer("test")
+    try:
+        with tracer.start_as_current_span("request") as parent:
+            assert rt.save("b0", [b"x" * 1000])
+            assert rt.flush(10)
+            assert rt.lookup(["b0", "b1"]).wait(10)
+            assert rt.fetch(["b0"]).wait(10)
+    finally:
+        rt.shutdown()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert {"membrain.lookup", "membrain.fetch", "membrain.save_batch"} <= spans.keys()
+    parent_id = parent.get_span_context().span_id
+    for name in ("membrain.lookup", "membrain.fetch", "membrain.save_batch"):
+        assert spans[name].parent is not None and spans[name].parent.span_id == parent_id
+        assert spans[name].attributes["membrain.namespace"] == "otel"
+    lookup = spans["membrain.lookup"].attributes
+    assert lookup["membrain.hit_keys"] == 1 and lookup["membrain.hit"] is True and lookup["membrain.outcome"] == "ok"
+    assert spans["membrain.fetch"].attributes["membrain.bytes"] == 1000
+    save = spans["membrain.save_batch"].attributes
+    assert save["membrain.keys"] == 1 and save["membrain.stored"] == 1 and save["membrain.bytes"] == 1000
