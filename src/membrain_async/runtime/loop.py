@@ -87,6 +87,7 @@ class _Save:
     nbytes: int
     tag: Any
     parent: Any
+    on_done: Callable[[], None] | None
 
 
 class MembrainRuntime:
@@ -250,8 +251,14 @@ class MembrainRuntime:
             attributes={"membrain.keys": len(keys)},
         )
 
-    def save(self, key: str, parts: Sequence[Buffer], *, tag: Any = None) -> bool:
-        """Queue a save (bytes already copied out of the KV cache). False if dropped: the queue is full."""
+    def save(
+        self, key: str, parts: Sequence[Buffer], *, tag: Any = None, on_done: Callable[[], None] | None = None
+    ) -> bool:
+        """Queue a save (bytes already copied out of the KV cache). False if dropped: the queue is full.
+
+        `on_done()` runs on the runtime thread once the bytes are no longer needed (uploaded, skipped,
+        failed or dropped at shutdown), so the caller can reuse the buffer. Not called when False is returned.
+        """
         nbytes = sum(memoryview(p).nbytes for p in parts)
         if self._stopping:
             self.stats.saves_dropped += 1
@@ -264,7 +271,7 @@ class MembrainRuntime:
                 return False
             self._wb_bytes += nbytes
         self.start()
-        self._wb.append(_Save(key, parts, nbytes, tag, telemetry.capture_context()))
+        self._wb.append(_Save(key, parts, nbytes, tag, telemetry.capture_context(), on_done))
         self.stats.saves_queued += 1
         self._post(("saves",))
         return True
@@ -520,6 +527,7 @@ class MembrainRuntime:
                 self._uploading -= 1
                 with self._lock:
                     self._wb_bytes -= size
+                _release(batch)
 
     async def _upload(self, batch: list[_Save], size: int) -> None:
         # Last write wins within a batch; one key is uploaded once.
@@ -568,6 +576,7 @@ class MembrainRuntime:
             self.stats.saves_dropped += dropped
             self.metrics.dropped.add(dropped)
             log.warning("membrain shutdown dropped %d queued saves (drain deadline %.1fs)", dropped, self._drain_deadline)
+            _release(self._wb)
             self._wb.clear()
             with self._lock:
                 self._wb_bytes = 0
@@ -575,6 +584,15 @@ class MembrainRuntime:
             message = self._inbox.popleft()
             if message[0] == "job":
                 message[1].future._set(CANCELLED, None)
+
+
+def _release(saves) -> None:
+    for item in saves:
+        if item.on_done is not None:
+            try:
+                item.on_done()
+            except Exception:
+                log.exception("membrain save callback failed")
 
 
 def _gil_holding_write() -> Callable[[int], int] | None:

@@ -1,0 +1,80 @@
+"""Run one real vLLM engine in this process and report what it did, as JSON lines on stdout.
+
+Used by the end-to-end tests, the demo and the benchmarks: each vLLM instance is its own process
+(as in production), started with whatever VLLM_MEMBRAIN_* environment the caller chose.
+
+    python -m membrain_async.testing.engine spec.json
+
+spec: {"model": path, "engine": {LLM kwargs}, "phases": [{"name", "prompts": [{"text", "cache_salt"?}],
+       "max_tokens", "wait_for_go"?}, ...]}
+Each phase prints {"phase", "results": [{"tokens", "text", "num_cached_tokens", "ttft_s"}], "metrics"}.
+With "wait_for_go", the engine prints {"ready": phase} and waits for a line on stdin before running it,
+so a test can act (kill a server, add a node) between phases.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def _metrics(llm) -> dict[str, float]:
+    out: dict[str, float] = {}
+    try:
+        for m in llm.get_metrics():
+            name = m.name
+            if not (name.startswith("vllm:membrain") or "prefix_cache" in name or "cached" in name):
+                continue
+            value = getattr(m, "value", None)
+            if value is None:
+                continue
+            key = name
+            labels = getattr(m, "labels", {}) or {}
+            if "source" in labels:
+                key = f"{name}{{source={labels['source']}}}"
+            out[key] = out.get(key, 0) + value
+    except Exception as exc:  # metrics are a report, not a requirement
+        out["error"] = str(exc)  # type: ignore[assignment]
+    return out
+
+
+def run(spec: dict) -> None:
+    from vllm import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    # Stats on: per-request first-token latency and the Prometheus counters we report.
+    llm = LLM(model=spec["model"], disable_log_stats=False, **spec.get("engine", {}))
+    print(json.dumps({"started_s": time.perf_counter() - t0}), flush=True)
+    for phase in spec["phases"]:
+        if phase.get("wait_for_go"):
+            print(json.dumps({"ready": phase["name"]}), flush=True)
+            sys.stdin.readline()
+        params = SamplingParams(temperature=0.0, max_tokens=phase.get("max_tokens", 8), ignore_eos=True)
+        results = []
+        for p in phase["prompts"]:
+            # One prompt at a time: time to first token per request, and a clean order of saves.
+            prompt = {"prompt": p["text"]}
+            if p.get("cache_salt"):
+                prompt["cache_salt"] = p["cache_salt"]
+            t = time.perf_counter()
+            out = llm.generate([prompt], params, use_tqdm=False)[0]
+            latency = time.perf_counter() - t
+            ttft = getattr(out.metrics, "first_token_latency", None) if out.metrics is not None else None
+            results.append(
+                {
+                    "tokens": list(out.outputs[0].token_ids),
+                    "text": out.outputs[0].text,
+                    "num_cached_tokens": out.num_cached_tokens,
+                    "prompt_tokens": len(out.prompt_token_ids),
+                    "ttft_s": ttft,
+                    "latency_s": latency,
+                }
+            )
+        time.sleep(phase.get("settle_s", 0.5))  # let the write-behind queue upload before reporting
+        print(json.dumps({"phase": phase["name"], "results": results, "metrics": _metrics(llm)}), flush=True)
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        run(json.load(f))

@@ -1,0 +1,137 @@
+"""`MembrainConnector`: vLLM's KV connector for Membrain (vLLM 0.32, `KVConnectorBase_V1`).
+
+A thin facade: in the EngineCore process it forwards to `MembrainScheduler`, in each worker to
+`MembrainWorker`. The two share nothing but `MembrainConnectorMetadata`.
+
+This module is imported in every vLLM process, the API server included (for the stats classmethods),
+so it imports neither torch-heavy code nor the runtime until a half is built.
+
+Enable with VLLM_MEMBRAIN_ENABLED=1 (see plugin.py), or explicitly:
+    --kv-transfer-config '{"kv_connector":"MembrainConnector","kv_role":"kv_both",
+                           "kv_load_failure_policy":"recompute",
+                           "kv_connector_extra_config":{"endpoint":"http://localhost:9201"}}'
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from ..config import ConfigError, ConnectorConfig
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger("membrain.connector")
+
+
+def connector_config(vllm_config: "VllmConfig") -> ConnectorConfig:
+    """Settings from kv_connector_extra_config over VLLM_MEMBRAIN_* env vars over defaults."""
+    extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
+    known = {f.name for f in ConnectorConfig.fields()}
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        raise ConfigError(f"unknown Membrain settings in kv_connector_extra_config: {unknown}; known: {sorted(known)}")
+    return ConnectorConfig.from_sources(overrides=extra)
+
+
+class MembrainConnector(KVConnectorBase_V1):
+    # Membrain is a remote memory tier reached over the network.
+    _cache_hit_source = CacheHitSource.P2P
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
+        super().__init__(vllm_config, role, kv_cache_config)
+        self.config = connector_config(vllm_config)
+        groups = len(kv_cache_config.kv_cache_groups) if kv_cache_config is not None else 1
+        if groups > 1:
+            log.warning("Membrain handles one KV cache group; this model has %d: only group 0 is shared", groups)
+        self._scheduler = self._worker = None
+        if role == KVConnectorRole.SCHEDULER:
+            from .scheduler import MembrainScheduler
+
+            self._scheduler = MembrainScheduler(vllm_config, self.config)
+        else:
+            from .worker import MembrainWorker
+
+            self._worker = MembrainWorker(vllm_config, self.config, kv_cache_config.num_blocks)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a cache: a dropped save is a future miss, never a reason to recompute
+
+    # ------------------------------------------------------------------ scheduler side
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        return self._scheduler.build_connector_meta(scheduler_output)
+
+    def on_new_request(self, request: "Request") -> None:
+        self._scheduler.on_new_request(request)
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return self._scheduler.request_finished(request, block_ids)
+
+    def reset_cache(self) -> bool | None:
+        if self._scheduler is not None:
+            self._scheduler.reset_cache()
+        return True
+
+    # ------------------------------------------------------------------ worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, "torch.Tensor"]) -> None:
+        self._worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        self._worker.start_load_kv(self._get_connector_metadata())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete in start_load_kv, before the forward pass
+
+    def save_kv_layer(self, layer_name: str, kv_layer: "torch.Tensor", attn_metadata: Any, **kwargs: Any) -> None:
+        return  # saves copy whole pages of every layer once, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        self._worker.wait_for_save(self._get_connector_metadata())
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.get_block_ids_with_load_errors() if self._worker is not None else set()
+
+    # ------------------------------------------------------------------ both
+
+    def get_kv_connector_stats(self):
+        from .stats import MembrainConnectorStats
+
+        half = self._scheduler or self._worker
+        data = half.take_stats() if half is not None else {}
+        return MembrainConnectorStats(data=data) if data else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None):
+        from .stats import MembrainConnectorStats
+
+        return MembrainConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        from .stats import MembrainPromMetrics
+
+        return MembrainPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    def shutdown(self) -> None:
+        half = self._scheduler or self._worker
+        if half is not None:
+            half.shutdown()

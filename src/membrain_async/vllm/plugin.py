@@ -1,0 +1,120 @@
+"""vLLM general plugin: registers `MembrainConnector` in every vLLM process and, with
+VLLM_MEMBRAIN_ENABLED=1, switches it on with no flag.
+
+Entry point (pyproject): [project.entry-points."vllm.general_plugins"] membrain = "membrain_async.vllm.plugin:register"
+
+vLLM runs `register()` once per process (API server, EngineCore, workers). Activation wraps
+`EngineArgs.create_engine_config`, which runs in the first process on both the `LLM(...)` and the
+OpenAI-server paths, before the config is pickled to the others. With the variable unset or 0, this
+module registers a connector name and does nothing else: no thread, no connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ..config import ConfigError, ConnectorConfig
+
+CONNECTOR_NAME = "MembrainConnector"
+CONNECTOR_MODULE = "membrain_async.vllm.connector"
+
+log = logging.getLogger("membrain.plugin")
+
+
+class _ForwardToVllm(logging.Handler):
+    """Hands our records to vLLM's logger at emit time (vLLM configures its handlers after plugins load)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger("vllm").handle(record)
+
+
+def _route_logs_through_vllm() -> None:
+    """Our loggers ('membrain.*') print with vLLM's handler, format and stream."""
+    ours = logging.getLogger("membrain")
+    if not any(isinstance(h, _ForwardToVllm) for h in ours.handlers):
+        ours.addHandler(_ForwardToVllm())
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+
+
+def register() -> None:
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    _route_logs_through_vllm()
+    if CONNECTOR_NAME not in KVConnectorFactory._registry:
+        KVConnectorFactory.register_connector(CONNECTOR_NAME, CONNECTOR_MODULE, CONNECTOR_NAME)
+    raw = os.environ.get("VLLM_MEMBRAIN_ENABLED")
+    if raw is None:
+        return
+    try:
+        config = ConnectorConfig.from_sources()
+    except ConfigError as exc:
+        log.warning("Membrain: not active: %s", exc)
+        return
+    if config.enabled:
+        _install_activation()
+
+
+def _install_activation() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, "_membrain", False):
+        return
+
+    def create_engine_config(self, *args, **kwargs):
+        activate(self)
+        return original(self, *args, **kwargs)
+
+    create_engine_config._membrain = True  # type: ignore[attr-defined]
+    EngineArgs.create_engine_config = create_engine_config
+
+
+def activate(engine_args) -> bool:
+    """Fill in Membrain's kv_transfer_config unless the user chose another; log one line saying what happened."""
+    from vllm.config import KVTransferConfig
+
+    try:
+        config = ConnectorConfig.from_sources()
+    except ConfigError as exc:
+        log.warning("Membrain: not active: %s", exc)
+        return False
+    explicit = engine_args.kv_transfer_config
+    if explicit is not None:
+        if explicit.kv_connector != CONNECTOR_NAME:
+            log.warning("Membrain: not active: --kv-transfer-config names %s", explicit.kv_connector)
+            return False
+        if explicit.kv_load_failure_policy != "recompute":
+            log.warning("Membrain: kv_load_failure_policy=%s: a failed load will fail its request", explicit.kv_load_failure_policy)
+        log.info("Membrain: active (explicit --kv-transfer-config). %s", self_check(config))
+        return True
+    if getattr(engine_args, "kv_offloading_size", None):
+        log.warning("Membrain: not active: --kv-offloading-size configures vLLM's own offloading connector")
+        return False
+    engine_args.kv_transfer_config = KVTransferConfig(
+        kv_connector=CONNECTOR_NAME,
+        kv_connector_module_path=CONNECTOR_MODULE,
+        kv_role="kv_both",
+        kv_load_failure_policy="recompute",
+        kv_connector_extra_config=config.to_extra_config(),
+    )
+    log.info("Membrain: active. %s", self_check(config))
+    return True
+
+
+def self_check(config: ConnectorConfig) -> str:
+    """One probe of the first endpoint, so the start-up log says whether the server answers."""
+    import httpx
+
+    url = config.endpoint[0]
+    where = f"endpoint {','.join(config.endpoint)}, namespace {config.namespace!r}"
+    try:
+        r = httpx.get(url.rstrip("/") + "/v1/info", timeout=1.0)
+        if r.status_code == 200:
+            info = r.json()
+            return f"{where}; server {info.get('server', '?')} {info.get('version', '?')} reachable"
+        r = httpx.get(url.rstrip("/") + "/healthz", timeout=1.0)
+        return f"{where}; server answered {r.status_code}"
+    except httpx.HTTPError as exc:
+        return f"{where}; server unreachable now ({type(exc).__name__}): requests compute as plain vLLM until it answers"

@@ -1,0 +1,219 @@
+"""The connector's scheduler half (EngineCore process).
+
+It never waits on the network: a request's lookup is submitted to the runtime when the request arrives;
+`get_num_new_matched_tokens` answers from the lookup's future (None while pending, so vLLM asks again
+next step) and the runtime thread does the rest. What to load and what to save reaches the workers only
+through `MembrainConnectorMetadata`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .. import keys
+from ..config import ConnectorConfig
+from ..runtime import MembrainFuture, get_runtime
+from . import identity
+from .metadata import BlockTransfer, MembrainConnectorMetadata
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger("membrain.connector")
+
+_RECENT_SAVES = 1 << 16  # hashes this instance saved lately: a shared prefix is uploaded once
+
+
+@dataclass
+class _RequestState:
+    request: "Request"
+    hashes: list[str] = field(default_factory=list)  # hex chain hashes of full blocks, grown lazily
+    mm_idx: int = 0
+    lookup: MembrainFuture | None = None
+    lookup_started: float = 0.0
+    lookup_blocks: int = 0  # how many leading blocks the lookup asked about
+    stored_blocks: int | None = None  # leading blocks the server holds (None: not known yet)
+    local_tokens: int = 0  # block-aligned local hit, as vLLM last told us
+    saved_upto: int = 0  # blocks before this index are saved, stored or not to be saved
+    prefetch_sent: bool = False
+
+
+class MembrainScheduler:
+    def __init__(self, vllm_config: "VllmConfig", config: ConnectorConfig):
+        self.config = config
+        self.block_size = vllm_config.cache_config.block_size
+        self.fingerprint = identity.fingerprint(vllm_config, config)
+        # Lookups ask about the first shard; every shard saves and loads the same blocks.
+        self.rank = identity.rank_label(0, 0)
+        self.runtime = get_runtime(config)
+        self._requests: dict[str, _RequestState] = {}
+        self._loads: list[BlockTransfer] = []
+        self._prefetch: list[BlockTransfer] = []
+        self._finished: list[str] = []
+        self._recent_saves: OrderedDict[str, None] = OrderedDict()
+        self._stats: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ block hashes and keys
+
+    def _hashes(self, st: _RequestState, upto_blocks: int) -> list[str]:
+        """Extend the request's chain hashes to `upto_blocks` full blocks (as far as tokens allow)."""
+        from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys
+
+        req, bs = st.request, self.block_size
+        limit = min(upto_blocks, req.num_tokens // bs)
+        tokens = req.all_token_ids
+        while len(st.hashes) < limit:
+            start = len(st.hashes) * bs
+            extra, st.mm_idx = generate_block_hash_extra_keys(req, start, start + bs, st.mm_idx)
+            parent = bytes.fromhex(st.hashes[-1]) if st.hashes else None
+            st.hashes.append(keys.chain_hash(parent, tokens[start : start + bs], extra).hex())
+        return st.hashes[:limit]
+
+    def keys_for(self, hashes: list[str]) -> list[str]:
+        return [keys.block_key(self.fingerprint, self.rank, h) for h in hashes]
+
+    def _loadable_blocks(self, request: "Request") -> int:
+        # At least one prompt token must be computed, so a hit never covers the last token.
+        return max(0, (request.num_tokens - 1) // self.block_size)
+
+    def _count(self, name: str, value: float = 1) -> None:
+        self._stats[name] = self._stats.get(name, 0) + value
+
+    # ------------------------------------------------------------------ vLLM scheduler hooks
+
+    def on_new_request(self, request: "Request") -> None:
+        st = _RequestState(request)
+        self._requests[request.request_id] = st
+        n = self._loadable_blocks(request)
+        if n == 0 or request.skip_reading_prefix_cache:
+            st.stored_blocks = 0
+            return
+        hashes = self._hashes(st, n)
+        st.lookup_blocks = len(hashes)
+        st.lookup_started = time.monotonic()
+        st.lookup = self.runtime.lookup(self.keys_for(hashes), tag=request.request_id)
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        st = self._requests.get(request.request_id)
+        if st is None:  # not seen by on_new_request (should not happen): behave as a miss
+            return 0, False
+        st.local_tokens = num_computed_tokens
+        if st.stored_blocks is None:
+            fut = st.lookup
+            assert fut is not None
+            if not fut.done():
+                if time.monotonic() - st.lookup_started < self.config.lookup_deadline:
+                    self._queue_prefetch(st, num_computed_tokens)
+                    return None, False  # ask again next step; the engine keeps running
+                fut.cancel()
+                self._count("lookup_timeouts")
+            st.stored_blocks = min(fut.result_or(0), st.lookup_blocks)
+            self._count("lookup_ms", 1e3 * (time.monotonic() - st.lookup_started))
+            self._count("lookups")
+            if fut.exception() is not None:
+                self._count("lookup_errors")
+        hit_blocks = min(st.stored_blocks, self._loadable_blocks(request))
+        external = hit_blocks * self.block_size - num_computed_tokens
+        return max(0, external), False
+
+    def _queue_prefetch(self, st: _RequestState, local_tokens: int) -> None:
+        """While the lookup is pending, let workers start fetching the blocks the local cache lacks."""
+        if st.prefetch_sent:
+            return
+        st.prefetch_sent = True
+        first = local_tokens // self.block_size
+        hashes = st.hashes[first : st.lookup_blocks]
+        if hashes:
+            self._prefetch.append(BlockTransfer(st.request.request_id, [], hashes))
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+        st = self._requests.get(request.request_id)
+        if st is None:
+            return
+        first = st.local_tokens // self.block_size
+        queried = max(0, request.num_tokens - st.local_tokens)
+        self._count("query_tokens", queried)
+        if num_external_tokens <= 0:
+            self._count("miss_blocks", max(0, st.lookup_blocks - first))
+            return
+        n = num_external_tokens // self.block_size
+        block_ids = blocks.get_block_ids()[0][first : first + n]
+        self._loads.append(BlockTransfer(request.request_id, list(block_ids), st.hashes[first : first + n]))
+        self._count("hit_blocks", n)
+        self._count("hit_tokens", n * self.block_size)
+        self._count("miss_blocks", max(0, st.lookup_blocks - first - n))
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> MembrainConnectorMetadata:
+        meta = MembrainConnectorMetadata(
+            loads=self._loads, saves=self._plan_saves(scheduler_output), prefetch=self._prefetch, finished=self._finished
+        )
+        self._loads, self._prefetch, self._finished = [], [], []
+        return meta
+
+    def _plan_saves(self, scheduler_output: "SchedulerOutput") -> list[BlockTransfer]:
+        """Blocks that are full once this step's forward has run, not yet saved, not known stored."""
+        saves: list[BlockTransfer] = []
+        block_state = scheduler_output.kv_connector_block_state
+        if block_state is None:
+            return saves
+        bs = self.block_size
+        for req_id, scheduled in scheduler_output.num_scheduled_tokens.items():
+            st = self._requests.get(req_id)
+            if st is None:
+                continue
+            req = st.request
+            computed_after = req.num_computed_tokens + scheduled
+            full = computed_after // bs
+            if not self.config.save_decode:
+                full = min(full, req.num_prompt_tokens // bs)
+            # Blocks the server already holds are never re-sent.
+            start = max(st.saved_upto, st.stored_blocks or 0)
+            if full <= start:
+                continue
+            hashes = self._hashes(st, full)
+            full = len(hashes)
+            ids = block_state.get_block_ids(req_id)
+            if ids is None:
+                continue
+            block_ids = ids[0]
+            plan_ids, plan_hashes = [], []
+            for b in range(start, min(full, len(block_ids))):
+                h = hashes[b]
+                if h in self._recent_saves:
+                    self._recent_saves.move_to_end(h)
+                    continue
+                self._recent_saves[h] = None
+                plan_ids.append(block_ids[b])
+                plan_hashes.append(h)
+            while len(self._recent_saves) > _RECENT_SAVES:
+                self._recent_saves.popitem(last=False)
+            st.saved_upto = max(st.saved_upto, min(full, len(block_ids)))
+            if plan_ids:
+                saves.append(BlockTransfer(req_id, plan_ids, plan_hashes))
+                self._count("save_blocks_planned", len(plan_ids))
+        return saves
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        st = self._requests.pop(request.request_id, None)
+        if st is not None and st.lookup is not None and not st.lookup.done():
+            self.runtime.cancel(request.request_id)
+        self._finished.append(request.request_id)
+        # Saves copy pages out in the same step they are planned, so blocks can be freed at once.
+        return False, None
+
+    def take_stats(self) -> dict[str, float]:
+        stats, self._stats = self._stats, {}
+        return stats
+
+    def reset_cache(self) -> None:
+        self._recent_saves.clear()
+
+    def shutdown(self) -> None:
+        self.runtime.shutdown()

@@ -1,0 +1,80 @@
+"""Connector stats for vLLM's logging and Prometheus pipeline.
+
+Both halves report plain counters (msgpack-friendly dicts); vLLM sums the workers', merges the
+scheduler's, ships them to the front end, which rebuilds a `MembrainConnectorStats` for the periodic
+"KV Transfer metrics" log line and feeds `MembrainPromMetrics`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+
+# counter name in the stats dict -> (Prometheus name, help)
+COUNTERS = {
+    "lookups": ("vllm:membrain_lookups", "Prefix lookups answered by Membrain"),
+    "lookup_timeouts": ("vllm:membrain_lookup_timeouts", "Lookups that missed the lookup deadline (treated as misses)"),
+    "lookup_errors": ("vllm:membrain_lookup_errors", "Lookups that failed (server down or refused)"),
+    "query_tokens": ("vllm:membrain_query_tokens", "Prompt tokens asked about (beyond the local prefix cache)"),
+    "hit_tokens": ("vllm:membrain_hit_tokens", "Prompt tokens loaded from Membrain instead of computed"),
+    "hit_blocks": ("vllm:membrain_hit_blocks", "Blocks loaded from Membrain"),
+    "miss_blocks": ("vllm:membrain_miss_blocks", "Looked-up blocks Membrain did not have"),
+    "loaded_blocks": ("vllm:membrain_loaded_blocks", "Blocks copied into the KV cache"),
+    "loaded_bytes": ("vllm:membrain_loaded_bytes", "Payload bytes loaded"),
+    "load_error_blocks": ("vllm:membrain_load_error_blocks", "Blocks that failed to load (missing, late, corrupt) and were recomputed"),
+    "save_blocks_planned": ("vllm:membrain_save_blocks_planned", "Newly full blocks planned for saving"),
+    "saved_blocks": ("vllm:membrain_saved_blocks", "Blocks handed to the write-behind queue"),
+    "saved_bytes": ("vllm:membrain_saved_bytes", "Payload bytes handed to the write-behind queue"),
+    "dropped_saves": ("vllm:membrain_dropped_saves", "Saves dropped because the write-behind queue was full"),
+}
+TIMERS = {
+    "lookup_ms": ("vllm:membrain_lookup_seconds", "Time from request arrival to lookup answer"),
+    "load_ms": ("vllm:membrain_load_seconds", "Time workers spent loading pages before a forward pass"),
+    "save_copy_ms": ("vllm:membrain_save_copy_seconds", "Time workers spent copying pages out for saving"),
+}
+
+
+@dataclass
+class MembrainConnectorStats(KVConnectorStats):
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> "MembrainConnectorStats":
+        merged = dict(self.data)
+        for k, v in (other.data or {}).items():
+            merged[k] = merged.get(k, 0) + v
+        return MembrainConnectorStats(data=merged)
+
+    def reduce(self) -> dict[str, int | float]:
+        d = self.data
+        out: dict[str, int | float] = {k: d[k] for k in COUNTERS if d.get(k)}
+        if d.get("lookups"):
+            out["avg_lookup_ms"] = round(d.get("lookup_ms", 0) / d["lookups"], 3)
+        if d.get("load_ms"):
+            out["load_ms"] = round(d["load_ms"], 3)
+        queried = d.get("query_tokens", 0)
+        if queried:
+            out["hit_rate"] = round(d.get("hit_tokens", 0) / queried, 4)
+        return out
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+class MembrainPromMetrics(KVConnectorPromMetrics):
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._series: dict[tuple[int, str], Any] = {}
+        for key, (name, doc) in {**COUNTERS, **TIMERS}.items():
+            counter = self._counter_cls(name=name, documentation=doc, labelnames=labelnames)
+            for engine_idx, values in per_engine_labelvalues.items():
+                self._series[(engine_idx, key)] = counter.labels(*values)
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        for key, value in transfer_stats_data.items():
+            series = self._series.get((engine_idx, key))
+            if series is None or not value:
+                continue
+            series.inc(value / 1e3 if key in TIMERS else value)

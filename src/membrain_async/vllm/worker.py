@@ -1,0 +1,152 @@
+"""The connector's worker half (one per worker process and rank).
+
+Loads: the pages for a step's loads are fetched by the runtime thread (started early by prefetch hints),
+checked (header, checksum, shape) and copied whole into the KV cache before the forward pass. A page that
+is missing, late past the load deadline or corrupt is reported through `get_block_ids_with_load_errors`,
+and vLLM recomputes it.
+
+Saves: after the forward pass, newly full pages are copied into reusable staging buffers and handed to
+the runtime's write-behind queue; the forward pass never waits on the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from .. import codec, keys
+from ..config import ConnectorConfig
+from ..runtime import get_runtime
+from . import identity
+from .metadata import BlockTransfer, MembrainConnectorMetadata
+from .pages import PageLayout, StagingPool, UnsupportedLayout, decode_block, encode_block
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+
+log = logging.getLogger("membrain.connector")
+
+
+class MembrainWorker:
+    def __init__(self, vllm_config: "VllmConfig", config: ConnectorConfig, num_blocks: int):
+        from vllm.distributed.parallel_state import get_pp_group, get_tp_group
+
+        self.config = config
+        self.num_blocks = num_blocks
+        self.fingerprint = identity.fingerprint(vllm_config, config)
+        try:
+            tp_rank, pp_rank = get_tp_group().rank_in_group, get_pp_group().rank_in_group
+        except (AssertionError, AttributeError):  # groups not initialised (single process tools)
+            tp_rank, pp_rank = 0, 0
+        self.rank = identity.rank_label(tp_rank, pp_rank)
+        self.runtime = get_runtime(config)
+        self.layout: PageLayout | None = None
+        self.staging = StagingPool(config.write_behind_bytes)
+        self._load_errors: set[int] = set()
+        self._stats: dict[str, float] = {}
+
+    def _key(self, block_hash: str) -> str:
+        return keys.block_key(self.fingerprint, self.rank, block_hash)
+
+    def _count(self, name: str, value: float = 1) -> None:
+        self._stats[name] = self._stats.get(name, 0) + value
+
+    def register_kv_caches(self, kv_caches: dict[str, "torch.Tensor"]) -> None:
+        first = next(iter(kv_caches.values()), None)
+        device = first.device.type if first is not None else "cpu"
+        try:
+            self.layout = PageLayout.from_kv_caches(kv_caches, self.num_blocks, identity.kv_layout(device))
+        except UnsupportedLayout as exc:
+            log.warning("Membrain disabled on this worker: %s", exc)
+            self.layout = None
+            return
+        log.info(
+            "Membrain worker rank %s: %d layers, page %s %s, %d bytes per block",
+            self.rank, len(self.layout.layer_names), self.layout.page_shape, self.layout.dtype_name, self.layout.payload_bytes,
+        )
+
+    # ------------------------------------------------------------------ loads
+
+    def start_load_kv(self, meta: MembrainConnectorMetadata) -> None:
+        for finished in meta.finished:
+            self.runtime.cancel(finished)
+        if self.layout is None:
+            for load in meta.loads:
+                self._load_errors.update(load.block_ids)
+            return
+        for hint in meta.prefetch:
+            self.runtime.prefetch([self._key(h) for h in hint.hashes], tag=hint.req_id)
+        if not meta.loads:
+            return
+        t0 = time.perf_counter()
+        pending = [(load, self.runtime.fetch([self._key(h) for h in load.hashes], tag=load.req_id)) for load in meta.loads]
+        deadline = time.monotonic() + self.config.load_deadline
+        for load, future in pending:
+            # The one place a worker waits: the forward pass needs these pages. Bounded by the deadline;
+            # whatever is late is reported and recomputed.
+            future.wait(max(0.0, deadline - time.monotonic()))
+            values = future.result_or(None)
+            if values is None:
+                future.cancel()
+                self._fail(load, 0, "timeout" if not future.done() else "error")
+                continue
+            self._apply(load, values)
+        self._count("load_ms", 1e3 * (time.perf_counter() - t0))
+
+    def _apply(self, load: BlockTransfer, values: list) -> None:
+        assert self.layout is not None
+        for i, (block_id, value) in enumerate(zip(load.block_ids, values)):
+            if value is None:
+                self._fail(load, i, "missing")
+                return
+            try:
+                pages = decode_block(self.layout, value)
+            except codec.PayloadError as exc:
+                log.warning("Membrain: block %s of request %s failed its check (%s); recomputing", i, load.req_id, exc)
+                self._fail(load, i, "corrupt")
+                return
+            self.layout.scatter(block_id, pages)
+            self._count("loaded_blocks")
+            self._count("loaded_bytes", len(value))
+
+    def _fail(self, load: BlockTransfer, first_bad: int, why: str) -> None:
+        # vLLM truncates the request's computed tokens at the first bad block and recomputes from there.
+        bad = load.block_ids[first_bad:]
+        self._load_errors.update(bad)
+        self._count(f"load_errors_{why}", len(bad))
+        self._count("load_error_blocks", len(bad))
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    # ------------------------------------------------------------------ saves
+
+    def wait_for_save(self, meta: MembrainConnectorMetadata) -> None:
+        if self.layout is None or not meta.saves:
+            return
+        t0 = time.perf_counter()
+        size = codec.HEADER_SIZE + self.layout.payload_bytes
+        for save in meta.saves:
+            for block_id, block_hash in zip(save.block_ids, save.hashes):
+                buf = self.staging.acquire(size)
+                payload = encode_block(self.layout, block_id, buf)
+                queued = self.runtime.save(
+                    self._key(block_hash), [payload], tag=save.req_id, on_done=lambda b=buf: self.staging.release(b)
+                )
+                if queued:
+                    self._count("saved_blocks")
+                    self._count("saved_bytes", size)
+                else:
+                    self.staging.release(buf)
+                    self._count("dropped_saves")
+        self._count("save_copy_ms", 1e3 * (time.perf_counter() - t0))
+
+    def take_stats(self) -> dict[str, float]:
+        stats, self._stats = self._stats, {}
+        return stats
+
+    def shutdown(self) -> None:
+        self.runtime.shutdown()
