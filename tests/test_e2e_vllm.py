@@ -267,3 +267,35 @@ def test_doctor_shows_the_stored_blocks_of_a_prompt(model, server, shared):
         capture_output=True, text=True, timeout=300, env=engine_env(),
     )
     assert f"stored: 0 of {n} blocks" in salted.stdout
+
+
+def test_two_engines_share_through_a_three_node_cluster_and_survive_a_node_loss(model, baseline, logs):
+    cluster = [start_subprocess_server({"port": 0, "capacity": "256MiB"}) for _ in range(3)]
+    try:
+        endpoints = ",".join(s.url for s in cluster)
+        env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=endpoints, VLLM_MEMBRAIN_REPLICAS="2")
+        (a,) = run_engine(model, [{"name": "a", "prompts": [P("a1"), P("x")], "max_tokens": 12}], env, logs, "cluster-a")
+        assert tokens(a) == [baseline["a1"], baseline["x"]]
+        keys_per_node = [server_stats(s.url)["keys"] for s in cluster]
+        assert sum(1 for k in keys_per_node if k) >= 2, keys_per_node  # spread over the nodes
+        phases = [
+            {"name": "before", "prompts": [P("a1"), P("x")], "max_tokens": 12},
+            {"name": "after", "prompts": [P("a1"), P("x")], "max_tokens": 12, "wait_for_go": True, "reset_prefix_cache": True},
+        ]
+        engine = Engine(model, phases, env, logs, "cluster-b")
+        try:
+            before = engine.phase()
+            assert tokens(before) == [baseline["a1"], baseline["x"]]
+            hits_before = [r["num_cached_tokens"] for r in before["results"]]
+            assert all(h > 0 for h in hits_before)
+            engine.next_event("ready")
+            cluster[0].kill()  # a node dies between requests; its keys have a second copy elsewhere
+            engine.go()
+            after = engine.phase()
+            assert tokens(after) == [baseline["a1"], baseline["x"]]
+            assert [r["num_cached_tokens"] for r in after["results"]] == hits_before  # R=2: nothing lost
+        finally:
+            assert engine.finish() == 0, engine.tail()
+    finally:
+        for s in cluster:
+            s.stop()

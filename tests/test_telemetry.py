@@ -50,3 +50,29 @@ def test_spans_for_lookup_load_save(server, exporter):
     assert spans["membrain.fetch"].attributes["membrain.bytes"] == 1000
     save = spans["membrain.save_batch"].attributes
     assert save["membrain.keys"] == 1 and save["membrain.stored"] == 1 and save["membrain.bytes"] == 1000
+
+
+def test_runtime_metrics_queue_depth_drops_latency(server):
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    cfg = ConnectorConfig.from_sources(env={}, overrides={"endpoint": server.url, "write_behind_bytes": 2000})
+    rt = MembrainRuntime(cfg, meter_provider=provider)
+    try:
+        assert rt.lookup(["k"]).wait(10)
+        accepted = [rt.save(f"s{i}", [bytes(1000)]) for i in range(10)]
+        assert rt.flush(10)
+    finally:
+        rt.shutdown()
+    points = {}
+    for rm in reader.get_metrics_data().resource_metrics:
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                points[m.name] = list(m.data.data_points)
+    assert sum(p.value for p in points["membrain.saves.dropped"]) == accepted.count(False) > 0
+    latency_ops = {p.attributes["op"] for p in points["membrain.op.duration"]}
+    assert {"lookup", "save_batch"} <= latency_ops
+    assert "membrain.write_behind_bytes" in points and "membrain.staging_bytes" in points
+    provider.shutdown()

@@ -205,6 +205,15 @@ class ConnectorConfig(_Settings):
     save_decode: bool = _setting(
         True, "VLLM_MEMBRAIN_SAVE_DECODE", "Also save blocks filled by generated tokens (helps multi-turn chat).", parse_bool
     )
+    replicas: int = _setting(
+        1, "VLLM_MEMBRAIN_REPLICAS", "Copies of each block in a cluster (written to the R top nodes, read from the first up).", int
+    )
+    local_cache_bytes: int = _setting(
+        0,
+        "VLLM_MEMBRAIN_LOCAL_CACHE_BYTES",
+        "Node-local hot tier: bytes of recently loaded or saved pages kept in each worker, checked before the network.",
+        parse_size,
+    )
     connections: int = _setting(
         16, "VLLM_MEMBRAIN_CONNECTIONS", "Bulk connections per server and purpose (payloads; lookups have their own).", int
     )
@@ -230,6 +239,9 @@ class ConnectorConfig(_Settings):
             _positive(name, getattr(self, name))
         _positive("breaker_threshold", self.breaker_threshold)
         _positive("connections", self.connections)
+        _positive("replicas", self.replicas)
+        if len(set(self.endpoint)) != len(self.endpoint):
+            raise ConfigError(f"VLLM_MEMBRAIN_ENDPOINT lists a node twice: {','.join(self.endpoint)}")
         from .protocol.names import validate_namespace
 
         try:

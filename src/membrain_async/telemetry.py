@@ -52,8 +52,8 @@ def set_attributes(s: Any, **attributes: Any) -> None:
 class RuntimeMetrics:
     """OTel instruments fed by the runtime. Without a MeterProvider these are the API's no-op instruments."""
 
-    def __init__(self, observe: Callable[[], dict[str, float]]):
-        meter = metrics.get_meter(_TRACER_NAME)
+    def __init__(self, observe: Callable[[], dict[str, float]], meter_provider: Any = None):
+        meter = (meter_provider or metrics.get_meter_provider()).get_meter(_TRACER_NAME)
         self.latency = meter.create_histogram("membrain.op.duration", unit="s", description="Membrain I/O latency by op")
         self.bytes = meter.create_counter("membrain.bytes", unit="By", description="Payload bytes moved, by direction")
         self.dropped = meter.create_counter("membrain.saves.dropped", description="Saves dropped (queue full or shutdown)")

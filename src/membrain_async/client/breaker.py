@@ -34,6 +34,14 @@ class CircuitBreaker:
             return True
         return False
 
+    def ready(self) -> bool:
+        """Would a call be let through now? Like allow(), but changes nothing (for choosing among nodes)."""
+        if self.state == CLOSED:
+            return True
+        if self.state == OPEN:
+            return self.clock() - self.opened_at >= self.cooldown
+        return not self._probe_out
+
     def record_success(self) -> None:
         self.state = CLOSED
         self.failures = 0

@@ -250,8 +250,11 @@ class MembrainClient:
         frame = await conn.call(Op.PUT, {"ns": ns, "keys": list(keys), "sizes": sizes}, body)
         return int(frame.head.get("stored", 0))
 
-    async def get_many(self, keys: Sequence[str], *, ns: str | None = None) -> list[memoryview | None]:
-        """Values (views into one buffer per call) or None for misses; all None if the server is unavailable."""
+    async def get_many(
+        self, keys: Sequence[str], *, ns: str | None = None, raise_unavailable: bool = False
+    ) -> list[memoryview | None]:
+        """Values (views into one buffer per call) or None for misses; all None if the server is unavailable
+        (or MembrainUnavailable with raise_unavailable, for callers that can ask elsewhere)."""
         if not keys:
             return []
         ns = ns or self.namespace
@@ -270,6 +273,8 @@ class MembrainClient:
         try:
             values = await self._call(go)
         except MembrainUnavailable:
+            if raise_unavailable:
+                raise
             return [None] * len(keys)
         self.stats.bytes_got += sum(len(v) for v in values if v is not None)
         return values
@@ -334,7 +339,7 @@ class MembrainClient:
         except MembrainUnavailable:
             return 0
 
-    async def exists(self, keys: Sequence[str], *, ns: str | None = None) -> list[bool]:
+    async def exists(self, keys: Sequence[str], *, ns: str | None = None, raise_unavailable: bool = False) -> list[bool]:
         if not keys:
             return []
         ns = ns or self.namespace
@@ -353,6 +358,8 @@ class MembrainClient:
         try:
             return await self._call(go)
         except MembrainUnavailable:
+            if raise_unavailable:
+                raise
             return [False] * len(keys)
 
     async def _legacy_exists(self, ns: str, keys) -> list[bool]:

@@ -29,6 +29,7 @@ import anyio
 from .. import telemetry
 from ..config import ConnectorConfig
 from .future import CANCELLED, Cancelled, MembrainFuture
+from .hot import HotTier
 from .ring import Completion, CompletionRing
 
 log = logging.getLogger("membrain.runtime")
@@ -46,6 +47,7 @@ class RuntimeStats:
     lookups: int = 0
     fetched_bytes: int = 0
     fetch_misses: int = 0
+    hot_hits: int = 0
     prefetches: int = 0
     prefetch_used: int = 0
     prefetch_skipped: int = 0
@@ -91,7 +93,9 @@ class _Save:
 
 
 class MembrainRuntime:
-    def __init__(self, config: ConnectorConfig, client_factory: Callable[[], Any] | None = None):
+    def __init__(
+        self, config: ConnectorConfig, client_factory: Callable[[], Any] | None = None, meter_provider: Any = None
+    ):
         self.config = config
         self._client_factory = client_factory or (lambda: make_client(config))
         self.client: Any = None
@@ -121,8 +125,9 @@ class MembrainRuntime:
         self._prefetching: dict[str, anyio.Event] = {}
         self._prefetch_slots: anyio.Semaphore | None = None
         self._ids = itertools.count()
+        self.hot = HotTier(config.local_cache_bytes) if config.local_cache_bytes > 0 else None
         self._drain_deadline = config.shutdown_drain
-        self.metrics = telemetry.RuntimeMetrics(self._observe)
+        self.metrics = telemetry.RuntimeMetrics(self._observe, meter_provider)
 
     # ------------------------------------------------------------------ lifecycle (caller threads)
 
@@ -218,7 +223,7 @@ class MembrainRuntime:
         self.stats.lookups += 1
         return self.submit(
             "lookup",
-            lambda client: client.lookup(keys),
+            lambda client: self._lookup(client, keys),
             tag=tag,
             ring=ring,
             deadline=self.config.lookup_deadline,
@@ -443,8 +448,19 @@ class MembrainRuntime:
 
     # ------------------------------------------------------------------ loads and prefetch
 
+    async def _lookup(self, client, keys: list[str]) -> int:
+        local = self.hot.leading(keys) if self.hot is not None else 0
+        if local == len(keys):
+            return local  # every block is in this process: no round trip
+        return local + await client.lookup(keys[local:])
+
     async def _fetch(self, client, keys: list[str]) -> list[memoryview | None]:
         out: list[memoryview | None] = [None] * len(keys)
+        if self.hot is not None:
+            for i, key in enumerate(keys):
+                out[i] = self.hot.get(key)
+                if out[i] is not None:
+                    self.stats.hot_hits += 1
         # Wait for prefetches of these keys already on the wire rather than asking twice.
         for key in keys:
             pending = self._prefetching.get(key)
@@ -452,6 +468,8 @@ class MembrainRuntime:
                 await pending.wait()
         missing = []
         for i, key in enumerate(keys):
+            if out[i] is not None:
+                continue
             staged = self._staging.pop(key, None)
             if staged is not None:
                 self._staging_bytes -= len(staged[1])
@@ -463,6 +481,8 @@ class MembrainRuntime:
             values = await client.get_many([keys[i] for i in missing])
             for i, v in zip(missing, values):
                 out[i] = v
+                if v is not None and self.hot is not None:
+                    self.hot.put(keys[i], v)
         for v in out:
             if v is None:
                 self.stats.fetch_misses += 1
@@ -550,6 +570,10 @@ class MembrainRuntime:
                 outcome = "error"
             else:
                 outcome = "ok" if stored == len(todo) else "partial"
+            if self.hot is not None:
+                for k in keys:
+                    parts = unique[k].parts
+                    self.hot.put(k, parts[0] if len(parts) == 1 else b"".join(bytes(p) for p in parts))
             failed = len(todo) - stored
             self.stats.saves_uploaded += stored
             self.stats.saves_failed += failed
@@ -651,8 +675,21 @@ def _result_attributes(kind: str, value: Any) -> dict:
 
 
 def make_client(config: ConnectorConfig):
+    """One node: a MembrainClient. Several (a comma-separated endpoint list): a MembrainCluster."""
     from ..client import CircuitBreaker, MembrainClient
+    from ..client.cluster import MembrainCluster
 
+    if len(config.endpoint) > 1 or config.replicas > 1:
+        return MembrainCluster(
+            config.endpoint,
+            namespace=config.namespace,
+            token=config.token or None,
+            replicas=config.replicas,
+            timeout=config.timeout,
+            breaker_threshold=config.breaker_threshold,
+            breaker_cooldown=config.breaker_cooldown,
+            bulk_connections=config.connections,
+        )
     return MembrainClient(
         config.endpoint[0],
         namespace=config.namespace,

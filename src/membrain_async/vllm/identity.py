@@ -57,3 +57,16 @@ def fingerprint(vllm_config: "VllmConfig", config: ConnectorConfig) -> str:
 
 def rank_label(tp_rank: int, pp_rank: int) -> str:
     return f"{tp_rank}p{pp_rank}"
+
+
+def payload_bytes(vllm_config: "VllmConfig") -> int:
+    """Bytes of one block's payload (all layers' pages plus the header), from the config alone."""
+    from .. import codec
+
+    mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
+    if cc.cache_dtype == "auto":
+        itemsize = getattr(mc.dtype, "itemsize", 2)
+    else:
+        itemsize = 1 if str(cc.cache_dtype).startswith("fp8") else 2
+    per_layer = mc.get_num_kv_heads(pc) * cc.block_size * 2 * mc.get_head_size() * itemsize
+    return codec.HEADER_SIZE + mc.get_num_layers(pc) * per_layer

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import keys
 from ..config import ConnectorConfig
 from ..runtime import MembrainFuture, get_runtime
 from . import identity
+from .blockhash import BlockHashes
 from .metadata import BlockTransfer, MembrainConnectorMetadata
 
 if TYPE_CHECKING:
@@ -34,14 +35,14 @@ _RECENT_SAVES = 1 << 16  # hashes this instance saved lately: a shared prefix is
 @dataclass
 class _RequestState:
     request: "Request"
-    hashes: list[str] = field(default_factory=list)  # hex chain hashes of full blocks, grown lazily
-    mm_idx: int = 0
+    chain: BlockHashes
     lookup: MembrainFuture | None = None
     lookup_started: float = 0.0
     lookup_blocks: int = 0  # how many leading blocks the lookup asked about
     stored_blocks: int | None = None  # leading blocks the server holds (None: not known yet)
     local_tokens: int = 0  # block-aligned local hit, as vLLM last told us
     saved_upto: int = 0  # blocks before this index are saved, stored or not to be saved
+    hot_blocks: int = 0  # leading blocks in this instance's hot tier
     prefetch_sent: bool = False
 
 
@@ -58,23 +59,16 @@ class MembrainScheduler:
         self._prefetch: list[BlockTransfer] = []
         self._finished: list[str] = []
         self._recent_saves: OrderedDict[str, None] = OrderedDict()
+        # Hashes this instance recently loaded or saved: what the workers' hot tiers hold (an estimate;
+        # a block a worker has since dropped is fetched from the server, or recomputed).
+        self._hot_capacity = config.local_cache_bytes // identity.payload_bytes(vllm_config) if config.local_cache_bytes else 0
+        self._hot: OrderedDict[str, None] = OrderedDict()
         self._stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------ block hashes and keys
 
     def _hashes(self, st: _RequestState, upto_blocks: int) -> list[str]:
-        """Extend the request's chain hashes to `upto_blocks` full blocks (as far as tokens allow)."""
-        from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys
-
-        req, bs = st.request, self.block_size
-        limit = min(upto_blocks, req.num_tokens // bs)
-        tokens = req.all_token_ids
-        while len(st.hashes) < limit:
-            start = len(st.hashes) * bs
-            extra, st.mm_idx = generate_block_hash_extra_keys(req, start, start + bs, st.mm_idx)
-            parent = bytes.fromhex(st.hashes[-1]) if st.hashes else None
-            st.hashes.append(keys.chain_hash(parent, tokens[start : start + bs], extra).hex())
-        return st.hashes[:limit]
+        return st.chain.extend(st.request, upto_blocks)
 
     def keys_for(self, hashes: list[str]) -> list[str]:
         return [keys.block_key(self.fingerprint, self.rank, h) for h in hashes]
@@ -89,7 +83,7 @@ class MembrainScheduler:
     # ------------------------------------------------------------------ vLLM scheduler hooks
 
     def on_new_request(self, request: "Request") -> None:
-        st = _RequestState(request)
+        st = _RequestState(request, BlockHashes(self.block_size))
         self._requests[request.request_id] = st
         n = self._loadable_blocks(request)
         if n == 0 or request.skip_reading_prefix_cache:
@@ -97,6 +91,11 @@ class MembrainScheduler:
             return
         hashes = self._hashes(st, n)
         st.lookup_blocks = len(hashes)
+        st.hot_blocks = self._hot_leading(hashes)
+        if st.hot_blocks == len(hashes):
+            st.stored_blocks = st.hot_blocks  # all in this instance's hot tier: no round trip
+            self._count("hot_lookups")
+            return
         st.lookup_started = time.monotonic()
         st.lookup = self.runtime.lookup(self.keys_for(hashes), tag=request.request_id)
 
@@ -114,7 +113,7 @@ class MembrainScheduler:
                     return None, False  # ask again next step; the engine keeps running
                 fut.cancel()
                 self._count("lookup_timeouts")
-            st.stored_blocks = min(fut.result_or(0), st.lookup_blocks)
+            st.stored_blocks = max(st.hot_blocks, min(fut.result_or(0), st.lookup_blocks))
             self._count("lookup_ms", 1e3 * (time.monotonic() - st.lookup_started))
             self._count("lookups")
             if fut.exception() is not None:
@@ -129,7 +128,7 @@ class MembrainScheduler:
             return
         st.prefetch_sent = True
         first = local_tokens // self.block_size
-        hashes = st.hashes[first : st.lookup_blocks]
+        hashes = st.chain.hashes[first : st.lookup_blocks]
         if hashes:
             self._prefetch.append(BlockTransfer(st.request.request_id, [], hashes))
 
@@ -145,7 +144,8 @@ class MembrainScheduler:
             return
         n = num_external_tokens // self.block_size
         block_ids = blocks.get_block_ids()[0][first : first + n]
-        self._loads.append(BlockTransfer(request.request_id, list(block_ids), st.hashes[first : first + n]))
+        self._loads.append(BlockTransfer(request.request_id, list(block_ids), st.chain.hashes[first : first + n]))
+        self._remember_hot(st.chain.hashes[first : first + n])
         self._count("hit_blocks", n)
         self._count("hit_tokens", n * self.block_size)
         self._count("miss_blocks", max(0, st.lookup_blocks - first - n))
@@ -197,8 +197,24 @@ class MembrainScheduler:
             st.saved_upto = max(st.saved_upto, min(full, len(block_ids)))
             if plan_ids:
                 saves.append(BlockTransfer(req_id, plan_ids, plan_hashes))
+                self._remember_hot(plan_hashes)
                 self._count("save_blocks_planned", len(plan_ids))
         return saves
+
+    def _hot_leading(self, hashes: list[str]) -> int:
+        n = 0
+        while n < len(hashes) and hashes[n] in self._hot:
+            n += 1
+        return n
+
+    def _remember_hot(self, hashes: list[str]) -> None:
+        if not self._hot_capacity:
+            return
+        for h in hashes:
+            self._hot[h] = None
+            self._hot.move_to_end(h)
+        while len(self._hot) > self._hot_capacity:
+            self._hot.popitem(last=False)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         st = self._requests.pop(request.request_id, None)
