@@ -44,8 +44,9 @@ async def test_request_errors_raise(server):
         with pytest.raises(MembrainRequestError) as exc:
             await c.put("bad key", b"x")
         assert exc.value.status == 400
-        with pytest.raises(MembrainRequestError):
-            await c.get_many([f"k{i}" for i in range(300)])
+        with pytest.raises(MembrainRequestError) as exc:
+            await c.put("big", bytes(9 << 20))  # the fixture server takes values up to 8 MiB
+        assert exc.value.status == 413
         # A refusal is not an outage: the breaker stays closed.
         assert c.available
 
@@ -175,3 +176,13 @@ def test_garbage_on_the_bulk_port_gets_an_error_frame(server):
         s.sendall(bulk.encode_frame(bulk.Op.PUT, 1, {"ns": "a", "keys": ["k"], "sizes": [1 << 60]}, 1 << 60))
         frame, _ = bulk.FrameReader().feed(s.recv(1000))
         assert frame.status == 413
+
+
+async def test_batches_larger_than_the_server_limit_are_split(server):
+    # The fixture server allows 256 keys per request; the client learns it from /v1/info.
+    async with MembrainClient(server.url) as c:
+        keys = [f"many{i}" for i in range(700)]
+        assert await c.put_many(keys, [b"v"] * 700) == 700
+        assert all(v is not None for v in await c.get_many(keys))
+        assert await c.exists(keys) == [True] * 700
+        assert await c.lookup(keys + ["absent"]) == 700

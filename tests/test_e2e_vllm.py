@@ -299,3 +299,13 @@ def test_two_engines_share_through_a_three_node_cluster_and_survive_a_node_loss(
     finally:
         for s in cluster:
             s.stop()
+
+
+def test_batched_device_transfer_path_on_cpu(model, server, baseline, logs):
+    """The CUDA path's batched gather/scatter (streams and events are no-ops on CPU), through real engines."""
+    env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=server.url, MEMBRAIN_FORCE_DEVICE_MOVER="1")
+    (a,) = run_engine(model, [{"name": "a", "prompts": [P("x", "mover")], "max_tokens": 12}], env, logs, "mover-a")
+    (b,) = run_engine(model, [{"name": "b", "prompts": [P("x", "mover")], "max_tokens": 12}], env, logs, "mover-b")
+    assert tokens(a) == tokens(b) == [baseline["x"]]
+    assert a["results"][0]["num_cached_tokens"] == 0 and b["results"][0]["num_cached_tokens"] > 0
+    assert b["metrics"]["vllm:membrain_load_error_blocks"] == 0

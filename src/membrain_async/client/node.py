@@ -90,6 +90,7 @@ class MembrainClient:
         self._pool: BulkPool | None = None  # payload transfers
         self._control: BulkPool | None = None  # lookups and exists: never queued behind a multi-MiB transfer
         self._mode: str | None = None  # "bulk" | "batch" | "legacy", found from /v1/info
+        self._batch_keys = 1024  # the server's max_batch_keys, once /v1/info has told us
         self._closed = False
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -158,6 +159,8 @@ class MembrainClient:
     async def _mode_of_server(self) -> str:
         if self._mode is None:
             info = await self._fetch_info()
+            if info is not None:
+                self._batch_keys = int((info.get("limits") or {}).get("max_batch_keys", self._batch_keys))
             if info is None:
                 self._mode = "legacy"
             elif self._use_bulk and "bulk" in info.get("capabilities", []):
@@ -211,12 +214,24 @@ class MembrainClient:
     async def get(self, key: str, *, ns: str | None = None) -> memoryview | None:
         return (await self.get_many([key], ns=ns))[0]
 
+    async def _split(self, n: int) -> list[range] | None:
+        """Ranges of at most the server's batch size, or None when one request will do."""
+        if self._mode is None and n > 1:
+            try:
+                await self._call(self._mode_of_server)  # learn the server's limits first
+            except MembrainUnavailable:
+                pass
+        step = max(1, self._batch_keys)
+        return None if n <= step else [range(i, min(n, i + step)) for i in range(0, n, step)]
+
     async def put_many(self, keys: Sequence[str], values: Sequence[PutValue], *, ns: str | None = None) -> int:
         """Store values; returns how many were stored (0 if the server is unavailable)."""
         if len(keys) != len(values):
             raise ValueError("put_many needs as many values as keys")
         if not keys:
             return 0
+        if parts := await self._split(len(keys)):
+            return sum([await self.put_many([keys[i] for i in r], [values[i] for i in r], ns=ns) for r in parts])
         ns = ns or self.namespace
 
         async def go() -> int:
@@ -257,6 +272,11 @@ class MembrainClient:
         (or MembrainUnavailable with raise_unavailable, for callers that can ask elsewhere)."""
         if not keys:
             return []
+        if parts := await self._split(len(keys)):
+            out: list[memoryview | None] = []
+            for r in parts:
+                out += await self.get_many([keys[i] for i in r], ns=ns, raise_unavailable=raise_unavailable)
+            return out
         ns = ns or self.namespace
 
         async def go() -> list[memoryview | None]:
@@ -317,6 +337,14 @@ class MembrainClient:
         """How many leading keys are stored, in one round trip (0 if the server is unavailable)."""
         if not keys:
             return 0
+        if parts := await self._split(len(keys)):
+            total = 0
+            for r in parts:
+                n = await self.lookup([keys[i] for i in r], ns=ns)
+                total += n
+                if n < len(r):
+                    break
+            return total
         ns = ns or self.namespace
 
         async def go() -> int:
@@ -342,6 +370,11 @@ class MembrainClient:
     async def exists(self, keys: Sequence[str], *, ns: str | None = None, raise_unavailable: bool = False) -> list[bool]:
         if not keys:
             return []
+        if parts := await self._split(len(keys)):
+            out: list[bool] = []
+            for r in parts:
+                out += await self.exists([keys[i] for i in r], ns=ns, raise_unavailable=raise_unavailable)
+            return out
         ns = ns or self.namespace
 
         async def go() -> list[bool]:

@@ -99,7 +99,8 @@ class MembrainConnector(KVConnectorBase_V1):
         self._worker.start_load_kv(self._get_connector_metadata())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete in start_load_kv, before the forward pass
+        # CPU: loads completed in start_load_kv. CUDA: the compute stream waits for this layer's copy.
+        self._worker.wait_for_layer_load(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: "torch.Tensor", attn_metadata: Any, **kwargs: Any) -> None:
         return  # saves copy whole pages of every layer once, in wait_for_save

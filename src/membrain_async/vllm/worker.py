@@ -12,6 +12,7 @@ the runtime's write-behind queue; the forward pass never waits on the network.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,9 @@ class MembrainWorker:
         self.runtime = get_runtime(config)
         self.layout: PageLayout | None = None
         self.staging = StagingPool(config.write_behind_bytes)
+        self.mover = None  # DevicePageMover on accelerators (batched, streams and events)
+        self._pending_saves: list = []
+        self._pending_load = None
         self._load_errors: set[int] = set()
         self._stats: dict[str, float] = {}
 
@@ -62,14 +66,23 @@ class MembrainWorker:
             log.warning("Membrain disabled on this worker: %s", exc)
             self.layout = None
             return
+        # The platform decides: accelerators take the batched device path; CPU copies pages directly.
+        # MEMBRAIN_FORCE_DEVICE_MOVER=1 runs the device path on CPU (its logic is then tested without a GPU).
+        if device != "cpu" or os.environ.get("MEMBRAIN_FORCE_DEVICE_MOVER") == "1":
+            from .device_transfer import DevicePageMover
+
+            self.mover = DevicePageMover(self.layout, first.device)
         log.info(
-            "Membrain worker rank %s: %d layers, page %s %s, %d bytes per block",
-            self.rank, len(self.layout.layer_names), self.layout.page_shape, self.layout.dtype_name, self.layout.payload_bytes,
+            "Membrain worker rank %s: %d layers, page %s %s, %d bytes per block, %s transfer",
+            self.rank, len(self.layout.layer_names), self.layout.page_shape, self.layout.dtype_name,
+            self.layout.payload_bytes, "batched device" if self.mover else "CPU page",
         )
 
     # ------------------------------------------------------------------ loads
 
     def start_load_kv(self, meta: MembrainConnectorMetadata) -> None:
+        self._pending_load = None
+        self._flush_ready_saves()
         for finished in meta.finished:
             self.runtime.cancel(finished)
         if self.layout is None:
@@ -97,19 +110,34 @@ class MembrainWorker:
 
     def _apply(self, load: BlockTransfer, values: list) -> None:
         assert self.layout is not None
+        good_ids, good_pages = [], []
         for i, (block_id, value) in enumerate(zip(load.block_ids, values)):
             if value is None:
                 self._fail(load, i, "missing")
-                return
+                break
             try:
                 pages = decode_block(self.layout, value)
             except codec.PayloadError as exc:
                 log.warning("Membrain: block %s of request %s failed its check (%s); recomputing", i, load.req_id, exc)
                 self._fail(load, i, "corrupt")
-                return
-            self.layout.scatter(block_id, pages)
+                break
+            good_ids.append(block_id)
+            good_pages.append(pages)
             self._count("loaded_blocks")
             self._count("loaded_bytes", len(value))
+        if not good_ids:
+            return
+        if self.mover is None:
+            for block_id, pages in zip(good_ids, good_pages):
+                self.layout.scatter(block_id, pages)
+            return
+        host = self.mover.stage(good_pages)
+        self._pending_load = self.mover.start_load(good_ids, host)
+        self.mover.release_host(host)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        if self._pending_load is not None and self.mover is not None:
+            self.mover.wait_layer(self._pending_load, layer_name)
 
     def _fail(self, load: BlockTransfer, first_bad: int, why: str) -> None:
         # vLLM truncates the request's computed tokens at the first bad block and recomputes from there.
@@ -119,6 +147,7 @@ class MembrainWorker:
         self._count("load_error_blocks", len(bad))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        self._flush_ready_saves()
         errors, self._load_errors = self._load_errors, set()
         return errors
 
@@ -126,27 +155,63 @@ class MembrainWorker:
 
     def wait_for_save(self, meta: MembrainConnectorMetadata) -> None:
         if self.layout is None or not meta.saves:
+            self._flush_ready_saves()
             return
         t0 = time.perf_counter()
+        if self.mover is not None:
+            # Queued behind this step's forward on the save stream; handed to the uploader once copied.
+            for save in meta.saves:
+                self._pending_saves.append(self.mover.start_save(save.block_ids, save.hashes, save.req_id))
+            self._flush_ready_saves()
+            self._count("save_copy_ms", 1e3 * (time.perf_counter() - t0))
+            return
         size = codec.HEADER_SIZE + self.layout.payload_bytes
         for save in meta.saves:
             for block_id, block_hash in zip(save.block_ids, save.hashes):
                 buf = self.staging.acquire(size)
                 payload = encode_block(self.layout, block_id, buf)
-                queued = self.runtime.save(
-                    self._key(block_hash), [payload], tag=save.req_id, on_done=lambda b=buf: self.staging.release(b)
-                )
-                if queued:
-                    self._count("saved_blocks")
-                    self._count("saved_bytes", size)
-                else:
-                    self.staging.release(buf)
-                    self._count("dropped_saves")
+                self._queue_save(block_hash, [payload], save.req_id, lambda b=buf: self.staging.release(b), size)
         self._count("save_copy_ms", 1e3 * (time.perf_counter() - t0))
+
+    def _queue_save(self, block_hash: str, parts: list, req_id: str, release, size: int) -> None:
+        if self.runtime.save(self._key(block_hash), parts, tag=req_id, on_done=release):
+            self._count("saved_blocks")
+            self._count("saved_bytes", size)
+        else:
+            release()
+            self._count("dropped_saves")
+
+    def _flush_ready_saves(self) -> None:
+        """Hand device saves whose copy finished to the uploader (polls events; never waits)."""
+        if not self._pending_saves:
+            return
+        assert self.layout is not None and self.mover is not None
+        still = []
+        for pending in self._pending_saves:
+            if not pending.ready():
+                still.append(pending)
+                continue
+            remaining = [len(pending.block_ids)]
+            mover = self.mover
+
+            def release(p=pending, left=remaining) -> None:
+                left[0] -= 1
+                if left[0] == 0:
+                    mover.release_host(p.host)
+
+            for i, block_hash in enumerate(pending.hashes):
+                body = memoryview(self.mover.payload_of(pending, i).numpy())
+                header = codec.encode_header(body, dtype=self.layout.dtype_name, shape=self.layout.payload_shape,
+                                             layout=self.layout.layout)
+                self._queue_save(block_hash, [header, body], pending.req_id, release, codec.HEADER_SIZE + len(body))
+        self._pending_saves = still
 
     def take_stats(self) -> dict[str, float]:
         stats, self._stats = self._stats, {}
         return stats
 
     def shutdown(self) -> None:
+        for pending in self._pending_saves:
+            pending.event.synchronize()  # shutting down: the last saves may wait for their copies
+        self._flush_ready_saves()
         self.runtime.shutdown()
