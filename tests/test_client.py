@@ -186,3 +186,14 @@ async def test_batches_larger_than_the_server_limit_are_split(server):
         assert all(v is not None for v in await c.get_many(keys))
         assert await c.exists(keys) == [True] * 700
         assert await c.lookup(keys + ["absent"]) == 700
+
+
+@pytest.mark.parametrize("use_bulk", [True, False], ids=["bulk", "http-batch"])
+async def test_get_many_into_caller_buffers(server, use_bulk):
+    async with MembrainClient(server.url, use_bulk=use_bulk) as c:
+        await c.put_many(["a", "b", "big"], [b"x" * 100, b"y" * 10, b"z" * 500])
+        bufs = [memoryview(bytearray(200)) for _ in range(4)]
+        sizes = await c.get_many_into(["a", "missing", "b", "big"], bufs)
+        assert sizes == [100, -1, 10, -1]  # "big" does not fit its 200-byte buffer: reported as a miss
+        assert bytes(bufs[0][:100]) == b"x" * 100 and bytes(bufs[2][:10]) == b"y" * 10
+        assert await c.get("a") is not None  # the connection is still in step after the skipped value

@@ -318,6 +318,51 @@ class MembrainClient:
                 offset += s
         return out
 
+    async def get_many_into(self, keys: Sequence[str], buffers: Sequence[memoryview], *, ns: str | None = None) -> list[int]:
+        """Receive values straight into caller-owned buffers (staging or pinned memory): no allocation.
+
+        Returns each value's size, or -1 for a miss (or a value larger than its buffer, which is skipped).
+        All -1 if the server is unavailable.
+        """
+        if len(buffers) != len(keys):
+            raise ValueError("get_many_into needs one buffer per key")
+        if not keys:
+            return []
+        ns = ns or self.namespace
+
+        async def go() -> list[int]:
+            mode = await self._mode_of_server()
+            if mode != "bulk":  # no zero-copy path over HTTP: copy from the fetched values
+                values = await self.get_many(keys, ns=ns, raise_unavailable=True)
+                return [_copy_into(v, b) for v, b in zip(values, buffers)]
+            return await self._pool.run(lambda c: self._bulk_get_into(c, ns, keys, buffers))  # type: ignore[union-attr]
+
+        try:
+            sizes = await self._call(go)
+        except MembrainUnavailable:
+            return [-1] * len(keys)
+        self.stats.bytes_got += sum(s for s in sizes if s > 0)
+        return sizes
+
+    async def _bulk_get_into(self, conn: BulkConnection, ns: str, keys, buffers) -> list[int]:
+        frame = await conn.call(Op.GET, {"ns": ns, "keys": list(keys)})
+        sizes = frame.head.get("sizes")
+        if not isinstance(sizes, list) or len(sizes) != len(keys) or sum(max(s, 0) for s in sizes) != frame.body_len:
+            raise bulk.ProtocolError("GET reply sizes do not match its body")
+        targets: list = []
+        out = []
+        for s, buf in zip(sizes, buffers):
+            if s < 0:
+                out.append(-1)
+            elif s <= len(buf):
+                targets.append(memoryview(buf)[:s])
+                out.append(s)
+            else:
+                targets.append(s)  # too big for its buffer: read past it, report a miss
+                out.append(-1)
+        await conn.read_body(targets)
+        return out
+
     async def _legacy_get_many(self, ns: str, keys) -> list[memoryview | None]:
         out: list[memoryview | None] = [None] * len(keys)
 
@@ -423,6 +468,13 @@ class MembrainClient:
             return await self._call(go)
         except MembrainUnavailable:
             return False
+
+
+def _copy_into(value: memoryview | None, buf: memoryview) -> int:
+    if value is None or len(value) > len(buf):
+        return -1
+    memoryview(buf)[: len(value)] = value
+    return len(value)
 
 
 def _raise_for_status(r: httpx.Response) -> None:

@@ -57,10 +57,13 @@ class BulkConnection:
             buf[:n] = self.initial[:n]
             self.initial = self.initial[n:]
             return n
-        with anyio.move_on_after(self.idle_timeout) as scope:
-            n = await sockio.recv_into(self.sock, buf)
-        if scope.cancelled_caught:
-            raise _Closed  # idle, or a sender stalled mid-frame
+        try:
+            n = self.sock.recv_into(buf)  # data is usually there: no timer, no wait
+        except (BlockingIOError, InterruptedError):
+            with anyio.move_on_after(self.idle_timeout) as scope:
+                n = await sockio.recv_into(self.sock, buf)
+            if scope.cancelled_caught:
+                raise _Closed from None  # idle, or a sender stalled mid-frame
         if n == 0:
             if self.reader.idle:
                 raise _Closed
