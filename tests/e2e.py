@@ -74,7 +74,7 @@ class Engine:
             try:
                 event = self.events.get(timeout=max(0.1, end - time.monotonic()))
             except queue.Empty:
-                raise AssertionError(f"{self.name}: no '{key}' event in {timeout}s; log: {self.log_path}\n{self.tail()}")
+                raise AssertionError(f"{self.name}: no '{key}' event in {timeout}s; log: {self.log_path}\n{self.tail()}") from None
             if event is None:
                 raise AssertionError(f"{self.name} exited ({self.proc.poll()}) before '{key}'; log: {self.log_path}\n{self.tail()}")
             if key in event:

@@ -1,6 +1,5 @@
 """Per-namespace bearer tokens with scopes, over HTTP and the bulk path."""
 
-import anyio
 import httpx
 import orjson
 import pytest

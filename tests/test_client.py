@@ -79,7 +79,7 @@ async def test_breaker_fast_misses_then_recovers():
                 assert await c.lookup(["k"]) == 0
             assert c.stats.fast_fails >= 200
             fast = time.perf_counter() - t
-            with embedded_server(port=port) as again:
+            with embedded_server(port=port):
                 await anyio.sleep(0.35)
                 assert await c.put("k", b"back")  # the probe call
                 assert c.available

@@ -79,7 +79,7 @@ async def connect(host: str, port: int) -> socket.socket:
                 await anyio.wait_writable(sock)
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
-                    raise OSError(err, f"connect to {host}:{port} failed: {os.strerror(err)}")
+                    raise OSError(err, f"connect to {host}:{port} failed: {os.strerror(err)}") from None
             return sock
         except BaseException as exc:
             sock.close()

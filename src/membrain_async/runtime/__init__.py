@@ -15,7 +15,7 @@ import threading
 
 from ..config import ConnectorConfig
 from .future import Cancelled, MembrainFuture, NotReady
-from .loop import MembrainRuntime, RuntimeStats, make_client
+from .loop import MembrainRuntime, RuntimeStats
 from .ring import Completion, CompletionRing
 
 __all__ = [

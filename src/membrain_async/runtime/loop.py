@@ -14,7 +14,6 @@ task group: every task has an owner and an end.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import socket
@@ -124,7 +123,6 @@ class MembrainRuntime:
         self._staging_bytes = 0
         self._prefetching: dict[str, anyio.Event] = {}
         self._prefetch_slots: anyio.Semaphore | None = None
-        self._ids = itertools.count()
         self.hot = HotTier(config.local_cache_bytes) if config.local_cache_bytes > 0 else None
         self._drain_deadline = config.shutdown_drain
         self.metrics = telemetry.RuntimeMetrics(self._observe, meter_provider)
