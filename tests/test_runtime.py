@@ -181,3 +181,17 @@ def test_safe_across_fork(server):
     fresh_runtime, hit = q.get(timeout=30)
     p.join(30)
     assert fresh_runtime and hit is not False
+
+
+def test_prepare_runs_before_upload_off_the_callers_thread(runtime, server):
+    seen = []
+    buf = bytearray(b"........payload")
+
+    def prepare():
+        seen.append(threading.current_thread().name)
+        buf[:8] = b"HEADER::"
+
+    assert runtime.save("prep", [memoryview(buf)], prepare=prepare)
+    assert runtime.flush(10)
+    assert seen and seen[0] != threading.current_thread().name
+    assert bytes(server.server.service.store.get("default", "prep")) == b"HEADER::payload"

@@ -89,6 +89,7 @@ class _Save:
     tag: Any
     parent: Any
     on_done: Callable[[], None] | None
+    prepare: Callable[[], None] | None
 
 
 class MembrainRuntime:
@@ -255,12 +256,19 @@ class MembrainRuntime:
         )
 
     def save(
-        self, key: str, parts: Sequence[Buffer], *, tag: Any = None, on_done: Callable[[], None] | None = None
+        self,
+        key: str,
+        parts: Sequence[Buffer],
+        *,
+        tag: Any = None,
+        on_done: Callable[[], None] | None = None,
+        prepare: Callable[[], None] | None = None,
     ) -> bool:
         """Queue a save (bytes already copied out of the KV cache). False if dropped: the queue is full.
 
         `on_done()` runs on the runtime thread once the bytes are no longer needed (uploaded, skipped,
         failed or dropped at shutdown), so the caller can reuse the buffer. Not called when False is returned.
+        `prepare()` runs before the upload, off the caller's thread (e.g. checksumming the payload).
         """
         nbytes = sum(memoryview(p).nbytes for p in parts)
         if self._stopping:
@@ -274,7 +282,7 @@ class MembrainRuntime:
                 return False
             self._wb_bytes += nbytes
         self.start()
-        self._wb.append(_Save(key, parts, nbytes, tag, telemetry.capture_context(), on_done))
+        self._wb.append(_Save(key, parts, nbytes, tag, telemetry.capture_context(), on_done, prepare))
         self.stats.saves_queued += 1
         self._post(("saves",))
         return True
@@ -554,6 +562,7 @@ class MembrainRuntime:
             unique[item.key] = item
         keys = list(unique)
         t0 = time.perf_counter()
+        await self._prepare(batch, size)
         parent = batch[0].parent
         with telemetry.span("membrain.save_batch", parent, {"membrain.namespace": self.config.namespace, "membrain.keys": len(keys), "membrain.bytes": size}) as sp:
             try:
@@ -584,6 +593,20 @@ class MembrainRuntime:
         latency = time.perf_counter() - t0
         self.stats.record_latency("save_batch", latency)
         self.metrics.latency.record(latency, {"op": "save_batch"})
+
+    async def _prepare(self, batch: list[_Save], size: int) -> None:
+        hooks = [item.prepare for item in batch if item.prepare is not None]
+        if not hooks:
+            return
+
+        def run() -> None:
+            for hook in hooks:
+                hook()
+
+        if size > (4 << 20):
+            await anyio.to_thread.run_sync(run)  # big payloads: keep the loop answering meanwhile
+        else:
+            run()
 
     async def _drain_write_behind(self) -> None:
         while self._wb or self._uploading:

@@ -126,13 +126,27 @@ class StagingPool:
                 self._free_bytes += len(buf)
 
 
-def encode_block(layout: PageLayout, block_id: int, buf: bytearray) -> memoryview:
-    """Gather one block's pages into `buf` after a 64-byte codec header; returns the whole payload."""
+def gather_block(layout: PageLayout, block_id: int, buf: bytearray) -> memoryview:
+    """Copy one block's pages into `buf` after room for the 64-byte header; returns the whole payload view.
+
+    The header (with its checksum) is written later by `write_header`, off the forward pass.
+    """
     view = memoryview(buf)
-    body = view[codec.HEADER_SIZE :]
-    layout.gather(block_id, layout.payload_view(body))
-    view[: codec.HEADER_SIZE] = codec.encode_header(body, dtype=layout.dtype_name, shape=layout.payload_shape, layout=layout.layout)
+    layout.gather(block_id, layout.payload_view(view[codec.HEADER_SIZE :]))
     return view
+
+
+def write_header(layout: PageLayout, payload: memoryview) -> None:
+    """Checksum the pages and write the header in front of them (xxhash releases the GIL while hashing)."""
+    body = payload[codec.HEADER_SIZE :]
+    payload[: codec.HEADER_SIZE] = codec.encode_header(body, dtype=layout.dtype_name, shape=layout.payload_shape, layout=layout.layout)
+
+
+def encode_block(layout: PageLayout, block_id: int, buf: bytearray) -> memoryview:
+    """gather_block + write_header: a complete payload at once."""
+    payload = gather_block(layout, block_id, buf)
+    write_header(layout, payload)
+    return payload
 
 
 def decode_block(layout: PageLayout, value) -> torch.Tensor:

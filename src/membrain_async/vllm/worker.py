@@ -21,7 +21,7 @@ from ..config import ConnectorConfig
 from ..runtime import get_runtime
 from . import identity
 from .metadata import BlockTransfer, MembrainConnectorMetadata
-from .pages import PageLayout, StagingPool, UnsupportedLayout, decode_block, encode_block
+from .pages import PageLayout, StagingPool, UnsupportedLayout, decode_block, gather_block, write_header
 
 if TYPE_CHECKING:
     import torch
@@ -169,12 +169,13 @@ class MembrainWorker:
         for save in meta.saves:
             for block_id, block_hash in zip(save.block_ids, save.hashes):
                 buf = self.staging.acquire(size)
-                payload = encode_block(self.layout, block_id, buf)
-                self._queue_save(block_hash, [payload], save.req_id, lambda b=buf: self.staging.release(b), size)
+                payload = gather_block(self.layout, block_id, buf)  # the checksum is computed by the uploader
+                self._queue_save(block_hash, [payload], save.req_id, lambda b=buf: self.staging.release(b), size,
+                                 prepare=lambda p=payload, layout=self.layout: write_header(layout, p))
         self._count("save_copy_ms", 1e3 * (time.perf_counter() - t0))
 
-    def _queue_save(self, block_hash: str, parts: list, req_id: str, release, size: int) -> None:
-        if self.runtime.save(self._key(block_hash), parts, tag=req_id, on_done=release):
+    def _queue_save(self, block_hash: str, parts: list, req_id: str, release, size: int, prepare=None) -> None:
+        if self.runtime.save(self._key(block_hash), parts, tag=req_id, on_done=release, prepare=prepare):
             self._count("saved_blocks")
             self._count("saved_bytes", size)
         else:
