@@ -19,7 +19,11 @@ def doctor(args: argparse.Namespace) -> int:
     from . import keys
     from .client import MembrainClient
     from .config import ConnectorConfig
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.request import Request
+
     from .vllm import identity
+    from .vllm.blockhash import BlockHashes
 
     prompt = open(args.prompt[1:]).read() if args.prompt.startswith("@") else args.prompt
     engine_args = EngineArgs(
@@ -35,11 +39,9 @@ def doctor(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     token_ids = AutoTokenizer.from_pretrained(args.model).encode(prompt)
-    hashes, parent = [], None
-    for b in range((len(token_ids) - 1) // bs):  # the last token is always computed
-        extra = (("cache_salt", args.cache_salt),) if (b == 0 and args.cache_salt) else None
-        parent = keys.chain_hash(parent, token_ids[b * bs : (b + 1) * bs], extra)
-        hashes.append(parent.hex())
+    # The connector's own hashing, on a real vLLM Request: the doctor cannot disagree with the engine.
+    request = Request("doctor", token_ids, SamplingParams(max_tokens=1), None, cache_salt=args.cache_salt or None)
+    hashes = BlockHashes(bs).extend(request, (len(token_ids) - 1) // bs)  # the last token is always computed
     rank = identity.rank_label(args.tp_rank, 0)
     block_keys = [keys.block_key(fingerprint, rank, h) for h in hashes]
 

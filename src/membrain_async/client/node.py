@@ -239,13 +239,13 @@ class MembrainClient:
             if mode == "bulk":
                 return await self._pool.run(lambda c: self._bulk_put(c, ns, keys, values))  # type: ignore[union-attr]
             if mode == "batch":
-                body = api.encode_batch(list(keys), [b"".join(bytes(p) for p in _parts(v)) for v in values])
-                r = await self._http_client().post(f"/v1/batch/put/{ns}", content=b"".join(bytes(b) for b in body))
+                body = api.encode_batch(list(keys), [b"".join(_parts(v)) for v in values])
+                r = await self._http_client().post(f"/v1/batch/put/{ns}", content=b"".join(body))
                 _raise_for_status(r)
                 return int(r.json()["stored"])
             stored = 0
             for k, v in zip(keys, values):
-                r = await self._http_client().put(api.memory_path(ns, k), content=b"".join(bytes(p) for p in _parts(v)))
+                r = await self._http_client().put(api.memory_path(ns, k), content=b"".join(_parts(v)))
                 _raise_for_status(r)
                 stored += 1
             return stored
@@ -364,19 +364,14 @@ class MembrainClient:
         return out
 
     async def _legacy_get_many(self, ns: str, keys) -> list[memoryview | None]:
-        out: list[memoryview | None] = [None] * len(keys)
-
-        async def one(i: int, key: str) -> None:
+        async def one(key: str) -> memoryview | None:
             r = await self._http_client().get(api.memory_path(ns, key))
             if r.status_code == 404:
-                return
+                return None
             _raise_for_status(r)
-            out[i] = memoryview(r.content)
+            return memoryview(r.content)
 
-        async with anyio.create_task_group() as tg:
-            for i, k in enumerate(keys):
-                tg.start_soon(one, i, k)
-        return out
+        return await _per_key(keys, one)
 
     async def lookup(self, keys: Sequence[str], *, ns: str | None = None) -> int:
         """How many leading keys are stored, in one round trip (0 if the server is unavailable)."""
@@ -441,18 +436,14 @@ class MembrainClient:
             return [False] * len(keys)
 
     async def _legacy_exists(self, ns: str, keys) -> list[bool]:
-        out = [False] * len(keys)
-
-        async def one(i: int, key: str) -> None:
+        async def one(key: str) -> bool:
             r = await self._http_client().head(api.memory_path(ns, key))
-            if r.status_code != 404:
-                _raise_for_status(r)
-                out[i] = True
+            if r.status_code == 404:
+                return False
+            _raise_for_status(r)
+            return True
 
-        async with anyio.create_task_group() as tg:
-            for i, k in enumerate(keys):
-                tg.start_soon(one, i, k)
-        return out
+        return await _per_key(keys, one)
 
     async def delete(self, key: str, *, ns: str | None = None) -> bool:
         ns = ns or self.namespace
@@ -468,6 +459,19 @@ class MembrainClient:
             return await self._call(go)
         except MembrainUnavailable:
             return False
+
+
+async def _per_key(keys, one) -> list:
+    """Per-key calls for servers without batch endpoints, all in flight at once, results in key order."""
+    out: list = [None] * len(keys)
+
+    async def run(i: int, key: str) -> None:
+        out[i] = await one(key)
+
+    async with anyio.create_task_group() as tg:
+        for i, k in enumerate(keys):
+            tg.start_soon(run, i, k)
+    return out
 
 
 def _copy_into(value: memoryview | None, buf: memoryview) -> int:

@@ -301,10 +301,6 @@ class MembrainRuntime:
             time.sleep(0.005)
         return not self._wb and self._uploading == 0
 
-    @property
-    def write_behind_bytes(self) -> int:
-        return self._wb_bytes
-
     def _observe(self) -> dict[str, float]:
         return {
             "write_behind_bytes": self._wb_bytes,
@@ -489,12 +485,10 @@ class MembrainRuntime:
                 out[i] = v
                 if v is not None and self.hot is not None:
                     self.hot.put(keys[i], v)
-        for v in out:
-            if v is None:
-                self.stats.fetch_misses += 1
-            else:
-                self.stats.fetched_bytes += len(v)
-        self.metrics.bytes.add(sum(len(v) for v in out if v is not None), {"direction": "load"})
+        got = sum(len(v) for v in out if v is not None)
+        self.stats.fetch_misses += out.count(None)
+        self.stats.fetched_bytes += got
+        self.metrics.bytes.add(got, {"direction": "load"})
         return out
 
     async def _prefetch(self, client, keys: list[str], tag: Any) -> int:
@@ -580,7 +574,7 @@ class MembrainRuntime:
             if self.hot is not None:
                 for k in keys:
                     parts = unique[k].parts
-                    self.hot.put(k, parts[0] if len(parts) == 1 else b"".join(bytes(p) for p in parts))
+                    self.hot.put(k, parts[0] if len(parts) == 1 else b"".join(parts))
             failed = len(todo) - stored
             self.stats.saves_uploaded += stored
             self.stats.saves_failed += failed

@@ -142,13 +142,6 @@ def write_header(layout: PageLayout, payload: memoryview) -> None:
     payload[: codec.HEADER_SIZE] = codec.encode_header(body, dtype=layout.dtype_name, shape=layout.payload_shape, layout=layout.layout)
 
 
-def encode_block(layout: PageLayout, block_id: int, buf: bytearray) -> memoryview:
-    """gather_block + write_header: a complete payload at once."""
-    payload = gather_block(layout, block_id, buf)
-    write_header(layout, payload)
-    return payload
-
-
 def decode_block(layout: PageLayout, value) -> torch.Tensor:
     """Check a fetched payload (header, checksum, dtype, shape, layout) and view its pages; raises PayloadError."""
     payload = codec.decode(value)
