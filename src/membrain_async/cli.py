@@ -90,7 +90,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     headers = {"authorization": f"Bearer {args.token}"} if args.token else {}
     try:
-        r = httpx.get(args.endpoint.rstrip("/") + "/v1/stats", headers=headers, timeout=5)
+        from .tls import client_context
+
+        verify = client_context(args.ca_file) if args.endpoint.startswith("https://") else True
+        r = httpx.get(args.endpoint.rstrip("/") + "/v1/stats", headers=headers, timeout=5, verify=verify)
     except httpx.HTTPError as exc:
         print(f"membrain stats: cannot reach {args.endpoint}: {exc}", file=sys.stderr)
         return 1
@@ -171,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="print a server's /v1/stats")
     st.add_argument("--endpoint", default=os.environ.get("VLLM_MEMBRAIN_ENDPOINT", "http://localhost:9201").split(",")[0])
     st.add_argument("--token", default=os.environ.get("VLLM_MEMBRAIN_TOKEN"))
+    st.add_argument("--ca-file", default=os.environ.get("VLLM_MEMBRAIN_TLS_CA_FILE", ""),
+                    help="PEM CA bundle for an https:// endpoint (default: the system trust store)")
     st.set_defaults(fn=cmd_stats)
 
     c = sub.add_parser("config", help="print the connector settings from the environment")

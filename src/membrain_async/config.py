@@ -147,6 +147,10 @@ class ServerConfig(_Settings):
         "Allow listening beyond loopback without an auth file (logs a loud warning).",
         parse_bool,
     )
+    tls_cert: str = _setting(
+        "", "MEMBRAIN_TLS_CERT", "PEM certificate chain: serve HTTPS and TLS bulk on the port. Empty: plain TCP.", str
+    )
+    tls_key: str = _setting("", "MEMBRAIN_TLS_KEY", "PEM private key for --tls-cert (empty: the key is in the cert file).", str)
     log_level: str = _setting("info", "MEMBRAIN_LOG_LEVEL", "Server log level.", str)
 
     def validate(self) -> None:
@@ -157,6 +161,8 @@ class ServerConfig(_Settings):
         _positive("idle_timeout", self.idle_timeout)
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
+        if self.tls_key and not self.tls_cert:
+            raise ConfigError("tls_key given without tls_cert")
 
 
 @dataclass(frozen=True)
@@ -174,6 +180,18 @@ class ConnectorConfig(_Settings):
         "default", "VLLM_MEMBRAIN_NAMESPACE", "Tenant namespace on the server; blocks are shared only within it.", str
     )
     token: str = _setting("", "VLLM_MEMBRAIN_TOKEN", "Bearer token for the namespace, if the server requires one.", str)
+    tls_ca_file: str = _setting(
+        "",
+        "VLLM_MEMBRAIN_TLS_CA_FILE",
+        "PEM CA bundle trusted for https:// endpoints (empty: the system trust store).",
+        str,
+    )
+    tls_verify: bool = _setting(
+        True,
+        "VLLM_MEMBRAIN_TLS_VERIFY",
+        "Verify the server certificate and host name of https:// endpoints. 0 is for tests only (logs a warning).",
+        parse_bool,
+    )
     async_backend: str = _setting(
         "asyncio", "VLLM_MEMBRAIN_ASYNC_BACKEND", "Event loop of the Membrain I/O thread: asyncio or trio.", str
     )

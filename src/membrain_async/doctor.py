@@ -19,6 +19,7 @@ def doctor(args: argparse.Namespace) -> int:
     from . import keys
     from .client import MembrainClient
     from .config import ConnectorConfig
+    from .tls import connector_context
     from vllm.sampling_params import SamplingParams
     from vllm.v1.request import Request
 
@@ -46,7 +47,8 @@ def doctor(args: argparse.Namespace) -> int:
     block_keys = [keys.block_key(fingerprint, rank, h) for h in hashes]
 
     async def ask():
-        async with MembrainClient(config.endpoint[0], namespace=config.namespace, token=config.token or None) as c:
+        async with MembrainClient(config.endpoint[0], namespace=config.namespace, token=config.token or None,
+                                  tls=connector_context(config)) as c:
             present = await c.exists(block_keys) if block_keys else []
             return present, c.available
 

@@ -3,12 +3,16 @@
 anyio's byte streams return fresh `bytes` per receive; the bulk path instead `recv_into`s preallocated
 buffers and `sendmsg`s lists of buffers, waiting with `anyio.wait_readable/wait_writable` only when the
 kernel has nothing for us. Works the same under asyncio and trio. Callers own deadlines (anyio.fail_after).
+
+TLS sockets (`ssl.SSLSocket`, non-blocking) go through the same calls: "want read/write" from the TLS
+layer waits on the socket like EAGAIN does, and sends go buffer by buffer (TLS has no sendmsg).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import ssl
 
 import anyio
 
@@ -33,8 +37,13 @@ async def recv_into(sock: socket.socket, buf: memoryview) -> int:
     while True:
         try:
             return sock.recv_into(buf)
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+            # The TLS layer's own buffer is drained before it asks for more, so waiting on the socket is right.
             await anyio.wait_readable(sock)
+        except ssl.SSLWantWriteError:
+            await anyio.wait_writable(sock)
+        except ssl.SSLZeroReturnError:
+            return 0
 
 
 async def recv_exactly_into(sock: socket.socket, buf: memoryview) -> None:
@@ -48,6 +57,9 @@ async def recv_exactly_into(sock: socket.socket, buf: memoryview) -> None:
 async def send_all(sock: socket.socket, buffers) -> None:
     """Send every buffer in order with scatter-gather I/O; no buffer is copied or joined."""
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    if isinstance(sock, ssl.SSLSocket):
+        await _send_all_tls(sock, views)
+        return
     i = 0
     while i < len(views):
         try:
@@ -65,8 +77,38 @@ async def send_all(sock: socket.socket, buffers) -> None:
                 sent = 0
 
 
-async def connect(host: str, port: int) -> socket.socket:
-    """Non-blocking TCP connect under the current anyio backend."""
+async def _send_all_tls(sock: ssl.SSLSocket, views: list[memoryview]) -> None:
+    for view in views:
+        while view:
+            try:
+                view = view[sock.send(view) :]
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
+                await anyio.wait_writable(sock)
+            except ssl.SSLWantReadError:
+                await anyio.wait_readable(sock)
+
+
+async def start_tls(sock: socket.socket, context: ssl.SSLContext, *, server_hostname: str | None = None,
+                    server_side: bool = False) -> ssl.SSLSocket:
+    """Wrap a connected non-blocking socket and complete the handshake (the caller owns the deadline)."""
+    tls = context.wrap_socket(sock, server_side=server_side, server_hostname=server_hostname,
+                              do_handshake_on_connect=False)
+    try:
+        while True:
+            try:
+                tls.do_handshake()
+                return tls
+            except ssl.SSLWantReadError:
+                await anyio.wait_readable(tls)
+            except ssl.SSLWantWriteError:
+                await anyio.wait_writable(tls)
+    except BaseException:
+        close(tls)  # wrap_socket took over the descriptor: the caller's socket object is already empty
+        raise
+
+
+async def connect(host: str, port: int, tls: ssl.SSLContext | None = None) -> socket.socket:
+    """Non-blocking TCP connect under the current anyio backend, then a TLS handshake if `tls` is given."""
     infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     last: Exception | None = None
     for family, type_, proto, _, addr in infos:
@@ -80,6 +122,8 @@ async def connect(host: str, port: int) -> socket.socket:
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
                     raise OSError(err, f"connect to {host}:{port} failed: {os.strerror(err)}") from None
+            if tls is not None:
+                return await start_tls(sock, tls, server_hostname=host)
             return sock
         except BaseException as exc:
             sock.close()

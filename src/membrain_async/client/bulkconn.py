@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import socket
+import ssl
 
 import anyio
 
@@ -55,14 +56,14 @@ class BulkConnection:
 class BulkPool:
     """At most `size` connections; idle ones are reused (LIFO: the warmest socket first)."""
 
-    def __init__(self, host: str, port: int, token: str | None, size: int = 8):
-        self.host, self.port, self.token = host, port, token
+    def __init__(self, host: str, port: int, token: str | None, size: int = 8, tls: ssl.SSLContext | None = None):
+        self.host, self.port, self.token, self.tls = host, port, token, tls
         self._idle: list[BulkConnection] = []
         self._slots = anyio.Semaphore(size)
         self.opened = 0
 
     async def _open(self) -> BulkConnection:
-        conn = BulkConnection(await sockio.connect(self.host, self.port))
+        conn = BulkConnection(await sockio.connect(self.host, self.port, self.tls))
         self.opened += 1
         if self.token:
             try:

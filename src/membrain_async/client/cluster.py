@@ -16,6 +16,7 @@ node list.
 from __future__ import annotations
 
 import hashlib
+import ssl
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -55,6 +56,7 @@ class MembrainCluster:
         breaker_threshold: int = 3,
         breaker_cooldown: float = 1.0,
         bulk_connections: int = 8,
+        tls: ssl.SSLContext | None = None,
     ):
         if not urls:
             raise ValueError("a cluster needs at least one node URL")
@@ -69,6 +71,7 @@ class MembrainCluster:
             MembrainClient(
                 u, namespace=namespace, token=token, timeout=timeout,
                 breaker=CircuitBreaker(breaker_threshold, breaker_cooldown), bulk_connections=bulk_connections,
+                tls=tls,
             )
             for u in self.urls
         ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Sequence, TypeVar
 from urllib.parse import urlsplit
@@ -71,6 +72,7 @@ class MembrainClient:
         breaker: CircuitBreaker | None = None,
         bulk_connections: int = 8,
         use_bulk: bool = True,
+        tls: ssl.SSLContext | None = None,
     ):
         self.url = url.rstrip("/")
         parts = urlsplit(self.url)
@@ -78,6 +80,8 @@ class MembrainClient:
             raise ValueError(f"not a Membrain URL: {url!r} (expected http://host:port)")
         self.host = parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        # https:// means TLS on both protocols, verified against the system store unless told otherwise.
+        self.tls = (tls or ssl.create_default_context()) if parts.scheme == "https" else None
         self.namespace = validate_namespace(namespace)
         self.token = token or None
         self.timeout = timeout
@@ -117,6 +121,7 @@ class MembrainClient:
                 headers=headers,
                 timeout=self.timeout,
                 limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
+                verify=self.tls if self.tls is not None else True,
             )
         return self._http
 
@@ -154,7 +159,7 @@ class MembrainClient:
                 continue
             self.breaker.record_success()
             return result
-        raise MembrainUnavailable(f"{self.url} unavailable: {type(last).__name__}: {last}") from last
+        raise MembrainUnavailable(f"{self.url} unavailable: {_describe(last)}") from last
 
     async def _mode_of_server(self) -> str:
         if self._mode is None:
@@ -168,8 +173,8 @@ class MembrainClient:
                 # Same port: dial the port we reached the server on, which survives proxies and NAT;
                 # the server only knows the port it bound.
                 port = self.port if bulk_info.get("same_port", True) else bulk_info.get("port") or self.port
-                self._pool = BulkPool(self.host, port, self.token, self._bulk_connections)
-                self._control = BulkPool(self.host, port, self.token, self._bulk_connections)
+                self._pool = BulkPool(self.host, port, self.token, self._bulk_connections, tls=self.tls)
+                self._control = BulkPool(self.host, port, self.token, self._bulk_connections, tls=self.tls)
                 self._mode = "bulk"
             else:
                 self._mode = "batch"
@@ -472,6 +477,19 @@ async def _per_key(keys, one) -> list:
         for i, k in enumerate(keys):
             tg.start_soon(run, i, k)
     return out
+
+
+def _describe(exc: BaseException | None) -> str:
+    """'ConnectError: SSLCertVerificationError: ...': the wrappers' names and the root cause's message."""
+    parts = []
+    seen = 0
+    while exc is not None and seen < 5:
+        parts.append(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        if str(exc) and exc.__cause__ is None and exc.__context__ is None:
+            break
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return " <- ".join(parts)
 
 
 def _copy_into(value: memoryview | None, buf: memoryview) -> int:

@@ -693,6 +693,7 @@ def make_client(config: ConnectorConfig):
     """One node: a MembrainClient. Several (a comma-separated endpoint list): a MembrainCluster."""
     from ..client import CircuitBreaker, MembrainClient
     from ..client.cluster import MembrainCluster
+    from ..tls import connector_context
 
     if len(config.endpoint) > 1 or config.replicas > 1:
         return MembrainCluster(
@@ -704,6 +705,7 @@ def make_client(config: ConnectorConfig):
             breaker_threshold=config.breaker_threshold,
             breaker_cooldown=config.breaker_cooldown,
             bulk_connections=config.connections,
+            tls=connector_context(config),
         )
     return MembrainClient(
         config.endpoint[0],
@@ -712,4 +714,5 @@ def make_client(config: ConnectorConfig):
         timeout=config.timeout,
         breaker=CircuitBreaker(config.breaker_threshold, config.breaker_cooldown),
         bulk_connections=config.connections,
+        tls=connector_context(config),
     )

@@ -10,12 +10,14 @@ import ctypes
 import ipaddress
 import logging
 import socket
+import ssl
 
 import anyio
 
 from .. import sockio
 from ..config import ConfigError, ServerConfig
 from ..protocol import bulk
+from ..tls import server_context
 from .bulk import BulkConnection
 from .http import HttpConnection
 from .service import Service
@@ -65,13 +67,17 @@ class MembrainServer:
             )
         self.service = Service(self.config)
         self.port: int | None = None
+        try:
+            self.tls = server_context(self.config.tls_cert, self.config.tls_key) if self.config.tls_cert else None
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     @property
     def url(self) -> str:
         host = self.config.host
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     def _listen(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
@@ -86,8 +92,8 @@ class MembrainServer:
 
     async def serve(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
         listener = self._listen()
-        log.info("membrain serving on %s (capacity %d bytes, auth %s)", self.url, self.config.capacity,
-                 "on" if self.service.auth.enabled else "off")
+        log.info("membrain serving on %s (capacity %d bytes, auth %s, tls %s)", self.url, self.config.capacity,
+                 "on" if self.service.auth.enabled else "off", "on" if self.tls else "off")
         try:
             async with anyio.create_task_group() as tg:
                 task_status.started(self.port)
@@ -116,6 +122,13 @@ class MembrainServer:
         counters.connections_total += 1
         counters.connections_open += 1
         try:
+            if self.tls is not None:
+                # TLS first, then the sniff on the decrypted stream: one certificate for both protocols.
+                with anyio.move_on_after(self.config.idle_timeout):
+                    conn = await sockio.start_tls(conn, self.tls, server_side=True)
+                if not isinstance(conn, ssl.SSLSocket):
+                    counters.tls_handshake_failures += 1
+                    return
             first = bytearray(_SNIFF_BYTES)
             got = 0
             with anyio.move_on_after(self.config.idle_timeout):
@@ -134,6 +147,8 @@ class MembrainServer:
                 await BulkConnection(self.service, conn, initial).run()
             else:
                 await HttpConnection(self.service, conn, initial).run()
+        except ssl.SSLError:
+            counters.tls_handshake_failures += 1  # plain HTTP to a TLS port, an untrusted client, garbage
         except OSError:
             pass  # reset by peer and the like: the connection is simply gone
         except Exception:  # never let one connection take the server down

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 
 import anyio
 
@@ -59,7 +60,7 @@ class BulkConnection:
             return n
         try:
             n = self.sock.recv_into(buf)  # data is usually there: no timer, no wait
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
             with anyio.move_on_after(self.idle_timeout) as scope:
                 n = await sockio.recv_into(self.sock, buf)
             if scope.cancelled_caught:

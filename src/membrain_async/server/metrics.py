@@ -45,6 +45,7 @@ def render_prometheus(service: "Service") -> str:
     metric("connections_open", "gauge", "Open client connections", [("", c.connections_open)])
     metric("connections_total", "counter", "Accepted client connections", [("", c.connections_total)])
     metric("connections_refused_total", "counter", "Connections closed at once (limit reached)", [("", c.connections_refused)])
+    metric("tls_handshake_failures_total", "counter", "TLS handshakes that failed or timed out", [("", c.tls_handshake_failures)])
     metric("http_requests_total", "counter", "HTTP requests", [("", c.http_requests)])
     metric("bulk_frames_total", "counter", "Bulk protocol frames", [("", c.bulk_frames)])
     metric(

@@ -32,6 +32,7 @@ class ServerCounters:
     connections_total: int = 0
     connections_open: int = 0
     connections_refused: int = 0
+    tls_handshake_failures: int = 0
     http_requests: int = 0
     bulk_frames: int = 0
     errors: Counter = field(default_factory=Counter)  # by status code
@@ -140,6 +141,7 @@ class Service:
                 "connections_open": c.connections_open,
                 "connections_total": c.connections_total,
                 "connections_refused": c.connections_refused,
+                "tls_handshake_failures": c.tls_handshake_failures,
                 "http_requests": c.http_requests,
                 "bulk_frames": c.bulk_frames,
                 "errors": {str(k): v for k, v in c.errors.items()},

@@ -107,14 +107,17 @@ def self_check(config: ConnectorConfig) -> str:
     """One probe of the first endpoint, so the start-up log says whether the server answers."""
     import httpx
 
+    from ..tls import connector_context
+
     url = config.endpoint[0]
     where = f"endpoint {','.join(config.endpoint)}, namespace {config.namespace!r}"
     try:
-        r = httpx.get(url.rstrip("/") + "/v1/info", timeout=1.0)
+        verify = connector_context(config) or True
+        r = httpx.get(url.rstrip("/") + "/v1/info", timeout=1.0, verify=verify)
         if r.status_code == 200:
             info = r.json()
             return f"{where}; server {info.get('server', '?')} {info.get('version', '?')} reachable"
-        r = httpx.get(url.rstrip("/") + "/healthz", timeout=1.0)
+        r = httpx.get(url.rstrip("/") + "/healthz", timeout=1.0, verify=verify)
         return f"{where}; server answered {r.status_code}"
     except httpx.HTTPError as exc:
         return f"{where}; server unreachable now ({type(exc).__name__}): requests compute as plain vLLM until it answers"
