@@ -4,6 +4,8 @@ import pytest
 
 from membrain_async.server import embedded_server
 
+from .e2e_fixtures import baseline, e2e_server, logs, model, other_model, reliability  # noqa: F401  (session fixtures)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

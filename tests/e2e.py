@@ -11,6 +11,8 @@ import tempfile
 import threading
 import time
 
+from membrain_async.testing import tinymodel
+
 ENGINE_KWARGS = {
     "dtype": "bfloat16",
     "enforce_eager": True,
@@ -115,3 +117,22 @@ def run_engine(model: str, phases: list[dict], env: dict[str, str], log_dir: str
 
 def tokens(report: dict) -> list[list[int]]:
     return [r["tokens"] for r in report["results"]]
+
+
+PREFIX = tinymodel.prompt_words(256, seed=11)
+PROMPTS = {
+    "a1": PREFIX + " " + tinymodel.prompt_words(40, seed=21),
+    "b1": PREFIX + " " + tinymodel.prompt_words(40, seed=22),
+    "salted": tinymodel.prompt_words(200, seed=31),
+    "x": tinymodel.prompt_words(160, seed=41),
+    "y": tinymodel.prompt_words(160, seed=42),
+    "z": tinymodel.prompt_words(160, seed=43),
+    # One fresh prompt per fault scenario, so nothing an earlier scenario stored can help or hurt it.
+    **{f"f{i}": tinymodel.prompt_words(160, seed=100 + i) for i in range(1, 10)},
+}
+# "name@salt" is the prompt with that cache_salt.
+BASELINE_NAMES = ["a1", "b1", "salted@alice", "salted@bob", "x", "y", "z", *(f"f{i}" for i in range(1, 10))]
+
+
+def P(name: str, salt: str | None = None) -> dict:
+    return {"text": PROMPTS[name], **({"cache_salt": salt} if salt else {})}

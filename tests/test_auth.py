@@ -38,6 +38,9 @@ def test_http_tokens_and_scopes(auth_server):
         assert r.status_code == 403 and b"secret" not in r.content
         assert c.head("/memory/alpha/k", headers=_h("beta-secret-22")).status_code == 403
         assert c.post("/v1/lookup/alpha", content=b'{"keys":["k"]}', headers=_h("beta-secret-22")).status_code == 403
+        r = c.get("/v1/keys/alpha", headers=_h("beta-secret-22"))
+        assert r.status_code == 403 and b'"k"' not in r.content
+        assert c.get("/v1/keys/alpha", headers=_h("alpha-reader-3")).json()["keys"] == ["k"]
         assert c.get("/memory/alpha/k", headers=_h("alpha-reader-3")).content == b"secret"
         assert c.put("/memory/alpha/k2", content=b"x", headers=_h("alpha-reader-3")).status_code == 403
         # Stats: a tenant sees its own namespace only; server-wide metrics need a "*" token.

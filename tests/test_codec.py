@@ -42,3 +42,15 @@ def test_bad_arguments():
         codec.encode_header(b"x", dtype="uint8", shape=(1,), layout="mystery")
     with pytest.raises(ValueError):
         codec.encode_header(b"x", dtype="uint8", shape=(1,) * 7)
+
+
+def test_payload_is_bound_to_its_key():
+    data = bytes(range(200))
+    blob = codec.encode(data, dtype="uint8", shape=(200,), key="fp-a-r0p0-abc")
+    assert bytes(codec.decode(blob, key="fp-a-r0p0-abc").data) == data
+    # The same valid bytes stored under another key (another fingerprint, another prefix) are refused.
+    with pytest.raises(codec.PayloadError, match="another key"):
+        codec.decode(blob, key="fp-b-r0p0-abc")
+    unbound = codec.encode(data, dtype="uint8", shape=(200,))
+    with pytest.raises(codec.PayloadError, match="another key"):
+        codec.decode(unbound, key="fp-a-r0p0-abc")

@@ -16,30 +16,13 @@ import httpx
 import pytest
 
 from membrain_async.server.embed import start_subprocess_server
-from membrain_async.testing import tinymodel
 from membrain_async.testing.proxy import FaultProxy
 
-from .e2e import BLOCK, Engine, engine_env, run_engine, tokens
+from .e2e import BLOCK, PROMPTS, Engine, P, engine_env, run_engine, tokens
+from .e2e_fixtures import server_stats
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
-
-PREFIX = tinymodel.prompt_words(256, seed=11)
-PROMPTS = {
-    "a1": PREFIX + " " + tinymodel.prompt_words(40, seed=21),
-    "b1": PREFIX + " " + tinymodel.prompt_words(40, seed=22),
-    "salted": tinymodel.prompt_words(200, seed=31),
-    "x": tinymodel.prompt_words(160, seed=41),
-    "y": tinymodel.prompt_words(160, seed=42),
-    "z": tinymodel.prompt_words(160, seed=43),
-}
-
-
-def P(name: str, salt: str | None = None) -> dict:
-    return {"text": PROMPTS[name], **({"cache_salt": salt} if salt else {})}
-
-
-BASELINE_ORDER = [P("a1"), P("b1"), P("salted", "alice"), P("salted", "bob"), P("x"), P("y"), P("z")]
 
 
 def free_port() -> int:
@@ -49,54 +32,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def logs(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("engine-logs"))
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return str(tinymodel.generate(tmp_path_factory.mktemp("model-a")))
-
-
-@pytest.fixture(scope="module")
-def other_model(tmp_path_factory):
-    # Same architecture and tokenizer, other weights: its KV must never be mistaken for model A's.
-    return str(tinymodel.generate(tmp_path_factory.mktemp("model-b"), seed=1))
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = start_subprocess_server({"port": 0, "capacity": "512MiB"})
-    yield srv
-    srv.stop()
-
-
-def server_stats(url: str) -> dict:
-    return httpx.get(f"{url}/v1/stats", timeout=5).json()
-
-
-@pytest.fixture(scope="module")
-def baseline(model, server, logs):
-    """Plain vLLM: Membrain installed but VLLM_MEMBRAIN_ENABLED unset, pointed at a live server."""
-    before = server_stats(server.url)["server"]["connections_total"]
-    engine = Engine(model, [{"name": "all", "prompts": BASELINE_ORDER, "max_tokens": 12}],
-                    engine_env(VLLM_MEMBRAIN_ENDPOINT=server.url), logs, "baseline")
-    report = engine.phase()
-    assert engine.finish() == 0
-    after = server_stats(server.url)["server"]["connections_total"]
-    out = dict(zip(["a1", "b1", "salted-alice", "salted-bob", "x", "y", "z"], tokens(report)))
-    out["_connections"] = after - before
-    out["_output"] = engine.output()
-    out["_text_a1"] = report["results"][0]["text"]
-    return out
-
-
-@pytest.fixture(scope="module")
-def shared(model, server, logs, baseline):
+def shared(model, e2e_server, logs, baseline):
     """Instance A computes and saves; instance B (another process, another PYTHONHASHSEED) reuses."""
-    env_a = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=server.url, PYTHONHASHSEED="1")
+    env_a = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=e2e_server.url, PYTHONHASHSEED="1")
     (a,) = run_engine(model, [{"name": "a", "prompts": [P("a1"), P("salted", "alice")], "max_tokens": 12}], env_a, logs, "engine-a")
-    env_b = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=server.url, PYTHONHASHSEED="2")
+    env_b = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=e2e_server.url, PYTHONHASHSEED="2")
     (b,) = run_engine(
         model,
         [{"name": "b", "prompts": [P("b1"), P("salted", "bob"), P("salted", "alice")], "max_tokens": 12}],
@@ -113,7 +53,7 @@ def test_disabled_means_not_loaded_and_no_connection(baseline):
 
 def test_second_engine_loads_the_first_ones_prefix_with_identical_tokens(shared, baseline):
     a, b = shared
-    assert tokens(a) == [baseline["a1"], baseline["salted-alice"]]
+    assert tokens(a) == [baseline["a1"], baseline["salted@alice"]]
     assert a["results"][0]["num_cached_tokens"] == 0
     assert a["metrics"]["vllm:membrain_saved_blocks"] > 0
     b1 = b["results"][0]
@@ -130,13 +70,13 @@ def test_second_engine_loads_the_first_ones_prefix_with_identical_tokens(shared,
 def test_cache_salt_isolates_and_keys_ignore_pythonhashseed(shared, baseline):
     _, b = shared
     bob, alice = b["results"][1], b["results"][2]
-    assert bob["tokens"] == baseline["salted-bob"] and bob["num_cached_tokens"] == 0
+    assert bob["tokens"] == baseline["salted@bob"] and bob["num_cached_tokens"] == 0
     # Same salt as engine A (started with another PYTHONHASHSEED): a hit.
-    assert alice["tokens"] == baseline["salted-alice"] and alice["num_cached_tokens"] > 0
+    assert alice["tokens"] == baseline["salted@alice"] and alice["num_cached_tokens"] > 0
 
 
-def test_another_model_never_hits(shared, other_model, server, logs):
-    env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=server.url)
+def test_another_model_never_hits(shared, other_model, e2e_server, logs):
+    env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=e2e_server.url)
     (r,) = run_engine(other_model, [{"name": "other", "prompts": [P("a1"), P("b1")], "max_tokens": 4}], env, logs, "other-model")
     # Model A's blocks for the same prompts are on the server; none of them may be loaded here.
     # (b1 does reuse a1's prefix, from this engine's own local prefix cache.)
@@ -208,9 +148,9 @@ def test_server_down_killed_mid_load_and_restarted(model, baseline, logs):
             assert engine.finish() == 0, engine.tail()
 
 
-def test_openai_server_with_env_vars_only(model, server, shared, baseline, logs):
+def test_openai_server_with_env_vars_only(model, e2e_server, shared, baseline, logs):
     port = free_port()
-    env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=server.url)
+    env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=e2e_server.url)
     log = open(os.path.join(logs, "openai-server.log"), "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
@@ -249,10 +189,10 @@ def test_openai_server_with_env_vars_only(model, server, shared, baseline, logs)
         log.close()
 
 
-def test_doctor_shows_the_stored_blocks_of_a_prompt(model, server, shared):
+def test_doctor_shows_the_stored_blocks_of_a_prompt(model, e2e_server, shared):
     r = subprocess.run(
         [sys.executable, "-m", "membrain_async.cli", "doctor", "--model", model, "--prompt", PROMPTS["a1"],
-         "--block-size", str(BLOCK), "--dtype", "bfloat16", "--endpoint", server.url],
+         "--block-size", str(BLOCK), "--dtype", "bfloat16", "--endpoint", e2e_server.url],
         capture_output=True, text=True, timeout=300, env=engine_env(),
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -263,7 +203,7 @@ def test_doctor_shows_the_stored_blocks_of_a_prompt(model, server, shared):
     assert stored and stored[0].startswith(f"stored: {n} of {n} blocks"), r.stdout[-2000:]
     salted = subprocess.run(
         [sys.executable, "-m", "membrain_async.cli", "doctor", "--model", model, "--prompt", PROMPTS["a1"],
-         "--block-size", str(BLOCK), "--dtype", "bfloat16", "--endpoint", server.url, "--cache-salt", "nobody"],
+         "--block-size", str(BLOCK), "--dtype", "bfloat16", "--endpoint", e2e_server.url, "--cache-salt", "nobody"],
         capture_output=True, text=True, timeout=300, env=engine_env(),
     )
     assert f"stored: 0 of {n} blocks" in salted.stdout
@@ -301,9 +241,9 @@ def test_two_engines_share_through_a_three_node_cluster_and_survive_a_node_loss(
             s.stop()
 
 
-def test_batched_device_transfer_path_on_cpu(model, server, baseline, logs):
+def test_batched_device_transfer_path_on_cpu(model, e2e_server, baseline, logs):
     """The CUDA path's batched gather/scatter (streams and events are no-ops on CPU), through real engines."""
-    env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=server.url, MEMBRAIN_FORCE_DEVICE_MOVER="1")
+    env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=e2e_server.url, MEMBRAIN_FORCE_DEVICE_MOVER="1")
     (a,) = run_engine(model, [{"name": "a", "prompts": [P("x", "mover")], "max_tokens": 12}], env, logs, "mover-a")
     (b,) = run_engine(model, [{"name": "b", "prompts": [P("x", "mover")], "max_tokens": 12}], env, logs, "mover-b")
     assert tokens(a) == tokens(b) == [baseline["x"]]

@@ -46,6 +46,10 @@ def test_batch_lookup_exists(http):
     assert [None if v is None else bytes(v) for v in values] == [b"1", None, b"333"]
     assert http.post("/v1/lookup/ns1", content=orjson.dumps({"keys": ["a", "b", "x", "c"]})).json() == {"count": 2}
     assert http.post("/v1/exists/ns1", content=orjson.dumps({"keys": ["c", "x"]})).json() == {"present": [1, 0]}
+    http.put("/memory/ns2/other", content=b"x")
+    assert http.get("/v1/keys/ns1").json() == {"keys": ["b", "a", "c"], "truncated": False}  # most recently used first
+    assert http.get("/v1/keys/ns1?limit=2").json() == {"keys": ["b", "a"], "truncated": True}
+    assert http.get("/v1/keys/ns2").json()["keys"] == ["other"]
 
 
 def test_info_stats_metrics_health(http, server):
@@ -72,6 +76,9 @@ def test_info_stats_metrics_health(http, server):
         ("PUT", "/memory/ns/" + "k" * 600, b"x", 400),
         ("PUT", "/memory/ns/a%2Fb", b"x", 400),
         ("POST", "/v1/lookup/ns", b"not json", 400),
+        ("GET", "/v1/keys/ns?limit=0", None, 400),
+        ("GET", "/v1/keys/ns?limit=many", None, 400),
+        ("POST", "/v1/keys/ns", None, 405),
         ("POST", "/v1/lookup/ns", b'{"keys": "a"}', 400),
         ("POST", "/v1/batch/put/ns", b"\x01", 400),
         ("POST", "/v1/lookup/ns", orjson.dumps({"keys": [f"k{i}" for i in range(300)]}), 413),

@@ -1,7 +1,11 @@
 """Payload header for stored KV pages: what the bytes are, and proof they arrived intact.
 
     magic "MBKV" | version u8 | dtype u8 | layout u8 | checksum algo u8 | ndim u8 | 7 reserved
-    payload length u64 | checksum u64 | dims 6 x u32 | 8 reserved          (64 bytes, little-endian)
+    payload length u64 | checksum u64 | dims 6 x u32 | key tag u64        (64 bytes, little-endian)
+
+The key tag (xxh3-64 of the key the payload was written for, 0 if unbound) ties a payload to its key:
+a valid payload copied or written under another key (another namespace fingerprint, another prefix)
+is refused on read instead of being loaded as somebody else's KV.
 
 then the raw page bytes. Built and read with memoryviews: the header is 64 fresh bytes, the payload is
 never copied here. A header or checksum that does not match is a `PayloadError`, which every caller
@@ -16,8 +20,8 @@ from dataclasses import dataclass
 import xxhash
 
 MAGIC = b"MBKV"
-VERSION = 1
-HEADER = struct.Struct("<4sBBBBB7xQQ6I8x")
+VERSION = 2
+HEADER = struct.Struct("<4sBBBBB7xQQ6IQ")
 HEADER_SIZE = HEADER.size
 assert HEADER_SIZE == 64
 
@@ -60,8 +64,12 @@ def checksum(data) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
-def encode_header(data, *, dtype: str, shape: tuple[int, ...], layout: str = "raw") -> bytes:
-    """64-byte header for `data` (any buffer). Send it followed by `data` itself."""
+def key_tag(key: str | None) -> int:
+    return xxhash.xxh3_64_intdigest(key.encode()) if key else 0
+
+
+def encode_header(data, *, dtype: str, shape: tuple[int, ...], layout: str = "raw", key: str | None = None) -> bytes:
+    """64-byte header for `data` (any buffer), bound to `key` if given. Send it followed by `data` itself."""
     view = memoryview(data).cast("B")
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; known: {sorted(DTYPES)}")
@@ -71,26 +79,30 @@ def encode_header(data, *, dtype: str, shape: tuple[int, ...], layout: str = "ra
         raise ValueError("at most 6 dimensions")
     dims = list(shape) + [0] * (6 - len(shape))
     return HEADER.pack(
-        MAGIC, VERSION, DTYPES[dtype], LAYOUTS[layout], CHECKSUM_XXH3_64, len(shape), len(view), checksum(view), *dims
+        MAGIC, VERSION, DTYPES[dtype], LAYOUTS[layout], CHECKSUM_XXH3_64, len(shape), len(view), checksum(view), *dims,
+        key_tag(key),
     )
 
 
-def encode(data, *, dtype: str, shape: tuple[int, ...], layout: str = "raw") -> bytes:
+def encode(data, *, dtype: str, shape: tuple[int, ...], layout: str = "raw", key: str | None = None) -> bytes:
     """Header + payload in one bytes object. For tests and small values; the hot path sends the two separately."""
-    return encode_header(data, dtype=dtype, shape=shape, layout=layout) + bytes(memoryview(data).cast("B"))
+    return encode_header(data, dtype=dtype, shape=shape, layout=layout, key=key) + bytes(memoryview(data).cast("B"))
 
 
-def decode(buf, *, verify: bool = True) -> Payload:
+def decode(buf, *, verify: bool = True, key: str | None = None) -> Payload:
+    """Check and view a payload; with `key`, it must also have been written for that key."""
     view = memoryview(buf).cast("B")
     if len(view) < HEADER_SIZE:
         raise PayloadError(f"payload of {len(view)} bytes is shorter than its {HEADER_SIZE}-byte header")
-    magic, version, dtype, layout, algo, ndim, length, csum, *dims = HEADER.unpack_from(view)
+    magic, version, dtype, layout, algo, ndim, length, csum, *dims, tag = HEADER.unpack_from(view)
     if magic != MAGIC:
         raise PayloadError("bad magic: not a Membrain KV payload")
     if version != VERSION:
         raise PayloadError(f"payload format version {version}, this reader knows {VERSION}")
     if dtype not in DTYPE_NAMES or layout not in LAYOUT_NAMES or ndim > 6:
         raise PayloadError("payload header names an unknown dtype, layout or rank")
+    if key is not None and tag != key_tag(key):
+        raise PayloadError("payload was written for another key (another namespace, model or prefix)")
     data = view[HEADER_SIZE:]
     if len(data) != length:
         raise PayloadError(f"payload holds {len(data)} bytes, header says {length}")

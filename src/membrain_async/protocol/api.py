@@ -13,6 +13,7 @@ Routes
     POST   /v1/batch/get/{ns}            {"keys": [...]} -> batch body, size -1 for a miss
     POST   /v1/lookup/{ns}               {"keys": [...]} -> {"count": leading keys present}
     POST   /v1/exists/{ns}               {"keys": [...]} -> {"present": [0|1, ...]}
+    GET    /v1/keys/{ns}?limit=N         {"keys": [...], "truncated": bool}: most recently used first
 
 Batch body: u32 little-endian head length | orjson {"keys": [...], "sizes": [...]} | values concatenated.
 """
@@ -69,11 +70,33 @@ def match_route(method: str, target: str) -> Route:
         if method != "POST":
             raise RouteError(405, "batch endpoints take POST")
         return Route(_BATCH[parts[2]], parts[3])
+    if len(parts) == 3 and parts[:2] == ["v1", "keys"]:
+        if method != "GET":
+            raise RouteError(405, "/v1/keys takes GET")
+        return Route("keys", parts[2])
     if len(parts) == 3 and parts[0] == "v1" and parts[1] in ("lookup", "exists"):
         if method != "POST":
             raise RouteError(405, f"/v1/{parts[1]} takes POST")
         return Route(parts[1], parts[2])
     raise RouteError(404, f"no such route: {method} {path}")
+
+
+MAX_KEYS_LISTED = 10_000
+
+
+def keys_limit(target: str) -> int:
+    """The `limit` query parameter of /v1/keys (default 1000, at most MAX_KEYS_LISTED)."""
+    from urllib.parse import parse_qs
+
+    query = target.split("?", 1)[1] if "?" in target else ""
+    raw = parse_qs(query).get("limit", ["1000"])[-1]
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise RouteError(400, f"limit must be an integer, got {raw!r}") from None
+    if not 1 <= limit <= MAX_KEYS_LISTED:
+        raise RouteError(400, f"limit must be 1..{MAX_KEYS_LISTED}, got {limit}")
+    return limit
 
 
 def memory_path(ns: str, key: str) -> str:

@@ -44,6 +44,11 @@ class HotTier:
         self._values[key] = bytes(value)
         self.used += size
 
+    def discard(self, key: str) -> None:
+        old = self._values.pop(key, None)
+        if old is not None:
+            self.used -= len(old)
+
     def leading(self, keys: list[str]) -> int:
         n = 0
         while n < len(keys) and keys[n] in self._values:

@@ -55,6 +55,7 @@ class RuntimeStats:
     saves_skipped_present: int = 0
     saves_uploaded: int = 0
     saves_failed: int = 0
+    forgotten: int = 0
     saved_bytes: int = 0
     upload_batches: int = 0
     latency_s: dict = field(default_factory=dict)  # op -> list of recent latencies (bounded)
@@ -125,6 +126,7 @@ class MembrainRuntime:
         self._prefetching: dict[str, anyio.Event] = {}
         self._prefetch_slots: anyio.Semaphore | None = None
         self.hot = HotTier(config.local_cache_bytes) if config.local_cache_bytes > 0 else None
+        self._force_upload: set[str] = set()  # keys found corrupt: their next save skips the "already stored" check
         self._drain_deadline = config.shutdown_drain
         self.metrics = telemetry.RuntimeMetrics(self._observe, meter_provider)
 
@@ -286,6 +288,29 @@ class MembrainRuntime:
         self.stats.saves_queued += 1
         self._post(("saves",))
         return True
+
+    def forget(self, keys: Sequence[str]) -> MembrainFuture:
+        """Drop keys whose payload failed its check, locally and on the server, so the next save repairs them.
+
+        Saves skip keys the server already holds; without this a corrupt block would be refused on every
+        load and never rewritten. Result: how many the server deleted.
+        """
+        keys = list(keys)
+        self.stats.forgotten += len(keys)
+
+        async def go(client) -> int:
+            if len(self._force_upload) > 65536:  # bounded: a key not re-saved by then is simply forgotten
+                self._force_upload.clear()
+            self._force_upload.update(keys)  # even if the delete fails, the next save overwrites
+            if self.hot is not None:
+                for key in keys:
+                    self.hot.discard(key)
+            deleted = 0
+            for key in keys:
+                deleted += bool(await client.delete(key))
+            return deleted
+
+        return self.submit("forget", go, deadline=max(5.0, 3 * self.config.timeout), attributes={"membrain.keys": len(keys)})
 
     def cancel(self, tag: Any) -> None:
         """Cancel every pending job of `tag` and drop its staged prefetches (request finished or aborted)."""
@@ -562,7 +587,8 @@ class MembrainRuntime:
             try:
                 with anyio.fail_after(max(5.0, 3 * self.config.timeout)):
                     present = await self.client.exists(keys)
-                    todo = [k for k, p in zip(keys, present) if not p]
+                    todo = [k for k, p in zip(keys, present) if not p or k in self._force_upload]
+                    self._force_upload.difference_update(todo)
                     self.stats.saves_skipped_present += len(keys) - len(todo)
                     stored = await self.client.put_many(todo, [unique[k].parts for k in todo]) if todo else 0
             except Exception as exc:  # TimeoutError, refusals: a save is best effort

@@ -139,6 +139,12 @@ class HttpConnection:
             if value is None:
                 raise RequestError(404, "no such key")
             await self._send(200, [("content-type", "application/octet-stream")], value)
+        elif route.name == "keys":
+            try:
+                limit = api.keys_limit(target)
+            except api.RouteError as exc:
+                raise RequestError(exc.status, str(exc)) from None
+            await self._send_json(200, svc.list_keys(token, route.namespace, limit))
         elif route.name == "head":
             size = svc.head(token, route.namespace, route.key)
             if size is None:

@@ -116,6 +116,13 @@ class Service:
         self._authorize(token, ns, "read")
         return [1 if self.store.contains(ns, k) else 0 for k in keys]
 
+    def list_keys(self, token: str | None, ns: str, limit: int) -> dict:
+        """Keys of one namespace, for operators and tests; needs read access to that namespace only."""
+        ns = self._ns(ns)
+        self._authorize(token, ns, "read")
+        keys, truncated = self.store.keys(ns, limit)
+        return {"keys": keys, "truncated": truncated}
+
     def head(self, token: str | None, ns: str, key: str) -> int | None:
         ns = self._ns(ns)
         self._keys([key])
@@ -156,7 +163,7 @@ class Service:
         return {
             "server": "membrain",
             "version": __version__,
-            "capabilities": ["memory", "batch", "lookup", "exists", "bulk", "stats", "metrics"]
+            "capabilities": ["memory", "batch", "lookup", "exists", "keys", "bulk", "stats", "metrics"]
             + (["auth"] if self.auth.enabled else []),
             "put_existing": "overwrite",
             "limits": {

@@ -111,6 +111,17 @@ class Store:
         value = self._values.get((ns, key))
         return None if value is None else len(value)
 
+    def keys(self, ns: str, limit: int) -> tuple[list[str], bool]:
+        """Up to `limit` keys of one namespace, most recently used first; and whether there were more."""
+        out: list[str] = []
+        for (value_ns, key) in reversed(self._values):
+            if value_ns != ns:
+                continue
+            if len(out) == limit:
+                return out, True
+            out.append(key)
+        return out, False
+
     def contains(self, ns: str, key: str) -> bool:
         return (ns, key) in self._values
 

@@ -4,9 +4,10 @@
         proxy.delay = 0.05                            # every server reply arrives 50 ms late
         proxy.mode = "blackhole"                      # accept, read, never answer
         proxy.mode = "reset"                          # new and open connections are reset
-        proxy.truncate_after = 1000                   # replies cut after 1000 bytes, then closed
+        proxy.truncate_replies_over = 4096            # a reply chunk larger than this is cut short, then closed
         proxy.hold_replies_over = 4096                # reply chunks larger than this wait for release
         proxy.held.wait(); ...; proxy.hold_replies_over = None   # a load is provably in flight here
+        proxy.hold_requests_over = 4096               # the same for client data: a save is in flight
 
 Changing a setting affects data from then on; `mode` applies to connections already open too.
 """
@@ -29,8 +30,10 @@ class FaultProxy:
         self.upstream = (upstream_host, upstream_port)
         self.delay = 0.0
         self.mode = "pass"
-        self.truncate_after: int | None = None
+        self.truncate_replies_over: int | None = None
+        self.truncated = 0
         self.hold_replies_over: int | None = None
+        self.hold_requests_over: int | None = None
         self.held = threading.Event()
         self.connections = 0
         self.port: int | None = None
@@ -75,18 +78,17 @@ class FaultProxy:
                 tg.start_soon(self._pump, upstream, client, True, tg.cancel_scope)
 
     async def _pump(self, src, dst, is_reply: bool, scope) -> None:
-        sent = 0
         send, receive = anyio.create_memory_object_stream(max_buffer_size=1 << 16)
 
         async def forward() -> None:
-            nonlocal sent
             async with receive:
                 async for arrived, data in receive:
                     if is_reply and self.delay:
                         await anyio.sleep(max(0.0, arrived + self.delay - time.monotonic()))
-                    if is_reply and self.hold_replies_over is not None and len(data) > self.hold_replies_over:
+                    hold = self.hold_replies_over if is_reply else self.hold_requests_over
+                    if hold is not None and len(data) > hold:
                         self.held.set()
-                        while self.hold_replies_over is not None:
+                        while (self.hold_replies_over if is_reply else self.hold_requests_over) is not None:
                             await anyio.sleep(0.01)
                     if self.mode == "reset":
                         _reset(dst)
@@ -94,14 +96,13 @@ class FaultProxy:
                         return
                     if self.mode == "blackhole":
                         continue
-                    if is_reply and self.truncate_after is not None:
-                        room = self.truncate_after - sent
-                        if room <= 0:
-                            scope.cancel()
-                            return
-                        data = data[:room]
+                    if is_reply and self.truncate_replies_over is not None and len(data) > self.truncate_replies_over:
+                        # Small replies (lookups) pass; a payload arrives cut short, then the connection drops.
+                        self.truncated += 1
+                        await dst.send(data[: self.truncate_replies_over])
+                        scope.cancel()
+                        return
                     await dst.send(data)
-                    sent += len(data)
 
         try:
             async with anyio.create_task_group() as tg:

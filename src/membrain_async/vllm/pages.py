@@ -136,15 +136,19 @@ def gather_block(layout: PageLayout, block_id: int, buf: bytearray) -> memoryvie
     return view
 
 
-def write_header(layout: PageLayout, payload: memoryview) -> None:
+def write_header(layout: PageLayout, payload: memoryview, key: str) -> None:
     """Checksum the pages and write the header in front of them (xxhash releases the GIL while hashing)."""
     body = payload[codec.HEADER_SIZE :]
-    payload[: codec.HEADER_SIZE] = codec.encode_header(body, dtype=layout.dtype_name, shape=layout.payload_shape, layout=layout.layout)
+    payload[: codec.HEADER_SIZE] = encode_block_header(layout, body, key)
 
 
-def decode_block(layout: PageLayout, value) -> torch.Tensor:
-    """Check a fetched payload (header, checksum, dtype, shape, layout) and view its pages; raises PayloadError."""
-    payload = codec.decode(value)
+def encode_block_header(layout: PageLayout, body, key: str) -> bytes:
+    return codec.encode_header(body, dtype=layout.dtype_name, shape=layout.payload_shape, layout=layout.layout, key=key)
+
+
+def decode_block(layout: PageLayout, value, key: str) -> torch.Tensor:
+    """Check a fetched payload (header, key, checksum, dtype, shape, layout) and view its pages; raises PayloadError."""
+    payload = codec.decode(value, key=key)
     if payload.dtype != layout.dtype_name or payload.shape != layout.payload_shape or payload.layout != layout.layout:
         raise codec.PayloadError(
             f"payload is {payload.dtype} {payload.shape} {payload.layout}, "

@@ -169,6 +169,7 @@ class MembrainScheduler:
             if st is None:
                 continue
             req = st.request
+            self._notice_failed_load(st)
             computed_after = req.num_computed_tokens + scheduled
             full = computed_after // bs
             if not self.config.save_decode:
@@ -186,7 +187,9 @@ class MembrainScheduler:
             plan_ids, plan_hashes = [], []
             for b in range(start, min(full, len(block_ids))):
                 h = hashes[b]
-                if h in self._recent_saves:
+                # Blocks the lookup covered were just reported missing (server restarted, evicted, or our
+                # upload failed): save them even if this instance uploaded them before.
+                if b >= st.lookup_blocks and h in self._recent_saves:
                     self._recent_saves.move_to_end(h)
                     continue
                 self._recent_saves[h] = None
@@ -200,6 +203,26 @@ class MembrainScheduler:
                 self._remember_hot(plan_hashes)
                 self._count("save_blocks_planned", len(plan_ids))
         return saves
+
+    def _notice_failed_load(self, st: _RequestState) -> None:
+        """A failed load sends the request back to the block it failed at: save from there again.
+
+        vLLM truncates `num_computed_tokens` to the first bad block and recomputes. Those blocks, and any
+        the worker declined to save in the failing step, are then saved like fresh ones (a corrupt copy on
+        the server is overwritten: the worker asked the runtime to forget it).
+        """
+        if not st.stored_blocks:
+            return
+        loaded_upto = min(st.stored_blocks, self._loadable_blocks(st.request))
+        computed_blocks = st.request.num_computed_tokens // self.block_size
+        if computed_blocks >= loaded_upto:
+            return
+        st.stored_blocks = computed_blocks
+        for h in st.chain.hashes[computed_blocks : max(st.saved_upto, loaded_upto)]:
+            self._recent_saves.pop(h, None)
+            self._hot.pop(h, None)
+        st.saved_upto = min(st.saved_upto, computed_blocks)
+        self._count("reloads_recomputed")
 
     def _hot_leading(self, hashes: list[str]) -> int:
         n = 0

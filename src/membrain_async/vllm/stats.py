@@ -24,10 +24,20 @@ COUNTERS = {
     "loaded_blocks": ("vllm:membrain_loaded_blocks", "Blocks copied into the KV cache"),
     "loaded_bytes": ("vllm:membrain_loaded_bytes", "Payload bytes loaded"),
     "load_error_blocks": ("vllm:membrain_load_error_blocks", "Blocks that failed to load (missing, late, corrupt) and were recomputed"),
+    "load_errors_corrupt": ("vllm:membrain_load_errors_corrupt", "Blocks refused on load: bad header, length, checksum or key"),
+    "load_errors_timeout": ("vllm:membrain_load_errors_timeout", "Blocks not loaded within VLLM_MEMBRAIN_LOAD_DEADLINE"),
+    "load_errors_error": ("vllm:membrain_load_errors_error", "Blocks whose fetch failed (server down, connection lost)"),
+    "load_errors_missing": ("vllm:membrain_load_errors_missing", "Blocks gone from the server between lookup and load"),
     "save_blocks_planned": ("vllm:membrain_save_blocks_planned", "Newly full blocks planned for saving"),
     "saved_blocks": ("vllm:membrain_saved_blocks", "Blocks handed to the write-behind queue"),
     "saved_bytes": ("vllm:membrain_saved_bytes", "Payload bytes handed to the write-behind queue"),
     "dropped_saves": ("vllm:membrain_dropped_saves", "Saves dropped because the write-behind queue was full"),
+    "saves_skipped_after_load_error": (
+        "vllm:membrain_saves_skipped_after_load_error",
+        "Blocks not saved because a load of the same request failed in that step (their KV is recomputed)",
+    ),
+    "uploaded_blocks": ("vllm:membrain_uploaded_blocks", "Saved blocks the server acknowledged (or already held)"),
+    "upload_failed_blocks": ("vllm:membrain_upload_failed_blocks", "Saved blocks whose upload failed (server down, refused)"),
 }
 TIMERS = {
     "lookup_ms": ("vllm:membrain_lookup_seconds", "Time from request arrival to lookup answer"),

@@ -21,7 +21,15 @@ from ..config import ConnectorConfig
 from ..runtime import get_runtime
 from . import identity
 from .metadata import BlockTransfer, MembrainConnectorMetadata
-from .pages import PageLayout, StagingPool, UnsupportedLayout, decode_block, gather_block, write_header
+from .pages import (
+    PageLayout,
+    StagingPool,
+    UnsupportedLayout,
+    decode_block,
+    encode_block_header,
+    gather_block,
+    write_header,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +57,11 @@ class MembrainWorker:
         self._pending_saves: list = []
         self._pending_load = None
         self._load_errors: set[int] = set()
+        # Requests whose load failed this step: their forward ran without the missing pages, so whatever
+        # it computed after them is wrong and must not be saved (vLLM recomputes it next step).
+        self._failed_requests: set[str] = set()
         self._stats: dict[str, float] = {}
+        self._reported: dict[str, int] = {}
 
     def _key(self, block_hash: str) -> str:
         return keys.block_key(self.fingerprint, self.rank, block_hash)
@@ -82,6 +94,7 @@ class MembrainWorker:
 
     def start_load_kv(self, meta: MembrainConnectorMetadata) -> None:
         self._pending_load = None
+        self._failed_requests = set()
         self._flush_ready_saves()
         for finished in meta.finished:
             self.runtime.cancel(finished)
@@ -102,8 +115,9 @@ class MembrainWorker:
             future.wait(max(0.0, deadline - time.monotonic()))
             values = future.result_or(None)
             if values is None:
+                late = not future.done() or isinstance(future.exception(), TimeoutError)
                 future.cancel()
-                self._fail(load, 0, "timeout" if not future.done() else "error")
+                self._fail(load, 0, "timeout" if late else "error")
                 continue
             self._apply(load, values)
         self._count("load_ms", 1e3 * (time.perf_counter() - t0))
@@ -111,15 +125,16 @@ class MembrainWorker:
     def _apply(self, load: BlockTransfer, values: list) -> None:
         assert self.layout is not None
         good_ids, good_pages = [], []
-        for i, (block_id, value) in enumerate(zip(load.block_ids, values)):
+        for i, (block_id, block_hash, value) in enumerate(zip(load.block_ids, load.hashes, values)):
             if value is None:
                 self._fail(load, i, "missing")
                 break
             try:
-                pages = decode_block(self.layout, value)
+                pages = decode_block(self.layout, value, self._key(block_hash))
             except codec.PayloadError as exc:
                 log.warning("Membrain: block %s of request %s failed its check (%s); recomputing", i, load.req_id, exc)
                 self._fail(load, i, "corrupt")
+                self._forget_corrupt(load, values, i)
                 break
             good_ids.append(block_id)
             good_pages.append(pages)
@@ -135,6 +150,20 @@ class MembrainWorker:
         self._pending_load = self.mover.start_load(good_ids, host)
         self.mover.release_host(host)
 
+    def _forget_corrupt(self, load: BlockTransfer, values: list, first_bad: int) -> None:
+        """Drop every corrupt block of this load (checked now, on the failure path only) so saves repair them."""
+        assert self.layout is not None
+        bad = []
+        for block_hash, value in zip(load.hashes[first_bad:], values[first_bad:]):
+            if value is None:
+                continue
+            key = self._key(block_hash)
+            try:
+                decode_block(self.layout, value, key)
+            except codec.PayloadError:
+                bad.append(key)
+        self.runtime.forget(bad)
+
     def wait_for_layer_load(self, layer_name: str) -> None:
         if self._pending_load is not None and self.mover is not None:
             self.mover.wait_layer(self._pending_load, layer_name)
@@ -143,6 +172,7 @@ class MembrainWorker:
         # vLLM truncates the request's computed tokens at the first bad block and recomputes from there.
         bad = load.block_ids[first_bad:]
         self._load_errors.update(bad)
+        self._failed_requests.add(load.req_id)
         self._count(f"load_errors_{why}", len(bad))
         self._count("load_error_blocks", len(bad))
 
@@ -158,24 +188,28 @@ class MembrainWorker:
             self._flush_ready_saves()
             return
         t0 = time.perf_counter()
+        saves = [s for s in meta.saves if s.req_id not in self._failed_requests]
+        if len(saves) < len(meta.saves):
+            self._count("saves_skipped_after_load_error", sum(len(s.block_ids) for s in meta.saves) - sum(len(s.block_ids) for s in saves))
         if self.mover is not None:
             # Queued behind this step's forward on the save stream; handed to the uploader once copied.
-            for save in meta.saves:
+            for save in saves:
                 self._pending_saves.append(self.mover.start_save(save.block_ids, save.hashes, save.req_id))
             self._flush_ready_saves()
             self._count("save_copy_ms", 1e3 * (time.perf_counter() - t0))
             return
         size = codec.HEADER_SIZE + self.layout.payload_bytes
-        for save in meta.saves:
+        for save in saves:
             for block_id, block_hash in zip(save.block_ids, save.hashes):
                 buf = self.staging.acquire(size)
                 payload = gather_block(self.layout, block_id, buf)  # the checksum is computed by the uploader
-                self._queue_save(block_hash, [payload], save.req_id, lambda b=buf: self.staging.release(b), size,
-                                 prepare=lambda p=payload, layout=self.layout: write_header(layout, p))
+                key = self._key(block_hash)
+                self._queue_save(key, [payload], save.req_id, lambda b=buf: self.staging.release(b), size,
+                                 prepare=lambda p=payload, layout=self.layout, k=key: write_header(layout, p, k))
         self._count("save_copy_ms", 1e3 * (time.perf_counter() - t0))
 
-    def _queue_save(self, block_hash: str, parts: list, req_id: str, release, size: int, prepare=None) -> None:
-        if self.runtime.save(self._key(block_hash), parts, tag=req_id, on_done=release, prepare=prepare):
+    def _queue_save(self, key: str, parts: list, req_id: str, release, size: int, prepare=None) -> None:
+        if self.runtime.save(key, parts, tag=req_id, on_done=release, prepare=prepare):
             self._count("saved_blocks")
             self._count("saved_bytes", size)
         else:
@@ -202,12 +236,20 @@ class MembrainWorker:
 
             for i, block_hash in enumerate(pending.hashes):
                 body = memoryview(self.mover.payload_of(pending, i).numpy())
-                header = codec.encode_header(body, dtype=self.layout.dtype_name, shape=self.layout.payload_shape,
-                                             layout=self.layout.layout)
-                self._queue_save(block_hash, [header, body], pending.req_id, release, codec.HEADER_SIZE + len(body))
+                key = self._key(block_hash)
+                header = encode_block_header(self.layout, body, key)
+                self._queue_save(key, [header, body], pending.req_id, release, codec.HEADER_SIZE + len(body))
         self._pending_saves = still
 
     def take_stats(self) -> dict[str, float]:
+        # Upload outcomes are known on the runtime thread only; report them as deltas since the last call.
+        rs = self.runtime.stats
+        for name, total in (("uploaded_blocks", rs.saves_uploaded + rs.saves_skipped_present),
+                            ("upload_failed_blocks", rs.saves_failed)):
+            delta = total - self._reported.get(name, 0)
+            if delta:
+                self._count(name, delta)
+                self._reported[name] = total
         stats, self._stats = self._stats, {}
         return stats
 
