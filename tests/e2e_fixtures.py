@@ -78,8 +78,16 @@ class ReliabilityLog:
         got = [tokens(r) for r in reports]
         requests = sum(len(g) for g in got)
         wrong = sum(1 for g, e in zip(got, expected) for a, b in zip(g, e) if a != b)
-        entry = {"scenario": scenario, "faults": faults, "requests": requests, "wrong_tokens": wrong,
+        entry = {"kind": "scenario", "scenario": scenario, "faults": faults, "requests": requests, "wrong_tokens": wrong,
                  "failed_requests": requests - sum(len(g) for g in got if g), "counters": counters or {}}
+        self._write(entry)
+
+    def add(self, kind: str, **fields) -> None:
+        """Other figures for the report: fuzz cases run, peak RSS against capacity."""
+        if self.path:
+            self._write({"kind": kind, **fields})
+
+    def _write(self, entry: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(entry) + "\n")
 

@@ -85,7 +85,7 @@ def test_another_model_never_hits(shared, other_model, e2e_server, logs):
     assert r["metrics"]["vllm:membrain_lookups"] == 2 and r["metrics"]["vllm:membrain_load_error_blocks"] == 0
 
 
-def test_server_down_killed_mid_load_and_restarted(model, baseline, logs):
+def test_server_down_killed_mid_load_and_restarted(model, baseline, logs, reliability):
     port = free_port()
     with FaultProxy(port) as proxy:
         env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=proxy.url, VLLM_MEMBRAIN_BREAKER_COOLDOWN="0.5")
@@ -98,9 +98,15 @@ def test_server_down_killed_mid_load_and_restarted(model, baseline, logs):
             {"name": "after-hit", "prompts": [P("z")], "max_tokens": 12, "wait_for_go": True, "reset_prefix_cache": True},
         ]
         engine = Engine(model, phases, env, logs, "faults")
+        reports: list[dict] = []
+
+        def ph() -> dict:
+            reports.append(engine.phase())
+            return reports[-1]
+
         try:
             # 1. No server at all when the engine starts and serves.
-            down = engine.phase()
+            down = ph()
             assert tokens(down) == [baseline["x"]] and down["results"][0]["num_cached_tokens"] == 0
             assert "unreachable" in engine.output()
 
@@ -109,11 +115,11 @@ def test_server_down_killed_mid_load_and_restarted(model, baseline, logs):
             engine.next_event("ready")
             time.sleep(1.0)  # past the breaker's cool-down
             engine.go()
-            assert tokens(engine.phase()) == [baseline["y"]]
+            assert tokens(ph()) == [baseline["y"]]
             assert server_stats(srv.url)["keys"] > 0
             engine.next_event("ready")
             engine.go()
-            resume = engine.phase()
+            resume = ph()
             assert tokens(resume) == [baseline["y"]]
             assert resume["results"][0]["num_cached_tokens"] > 0
             hits_before = resume["metrics"]["vllm:membrain_hit_tokens"]
@@ -126,7 +132,7 @@ def test_server_down_killed_mid_load_and_restarted(model, baseline, logs):
             srv.kill()
             proxy.mode = "reset"
             proxy.hold_replies_over = None
-            killed = engine.phase()
+            killed = ph()
             assert tokens(killed) == [baseline["y"]]
             assert killed["metrics"]["vllm:membrain_load_error_blocks"] > 0
 
@@ -136,16 +142,21 @@ def test_server_down_killed_mid_load_and_restarted(model, baseline, logs):
             engine.next_event("ready")
             time.sleep(1.0)
             engine.go()
-            assert tokens(engine.phase()) == [baseline["z"]]
+            assert tokens(ph()) == [baseline["z"]]
             engine.next_event("ready")
             engine.go()
-            hit = engine.phase()
+            hit = ph()
             assert tokens(hit) == [baseline["z"]]
             assert hit["results"][0]["num_cached_tokens"] > 0
             assert hit["metrics"]["vllm:membrain_hit_tokens"] > hits_before
             srv.stop()
         finally:
-            assert engine.finish() == 0, engine.tail()
+            rc = engine.finish()
+            expected = [[baseline[n]] for n in ["x", "y", "y", "y", "z", "z"]]
+            reliability.record("server down, killed mid-load, restarted",
+                               ["no server at start", "server SIGKILL mid-load", "server restart"],
+                               reports, expected[: len(reports)])
+            assert rc == 0, engine.tail()
 
 
 def test_openai_server_with_env_vars_only(model, e2e_server, shared, baseline, logs):
@@ -209,7 +220,7 @@ def test_doctor_shows_the_stored_blocks_of_a_prompt(model, e2e_server, shared):
     assert f"stored: 0 of {n} blocks" in salted.stdout
 
 
-def test_two_engines_share_through_a_three_node_cluster_and_survive_a_node_loss(model, baseline, logs):
+def test_two_engines_share_through_a_three_node_cluster_and_survive_a_node_loss(model, baseline, logs, reliability):
     cluster = [start_subprocess_server({"port": 0, "capacity": "256MiB"}) for _ in range(3)]
     try:
         endpoints = ",".join(s.url for s in cluster)
@@ -232,6 +243,8 @@ def test_two_engines_share_through_a_three_node_cluster_and_survive_a_node_loss(
             cluster[0].kill()  # a node dies between requests; its keys have a second copy elsewhere
             engine.go()
             after = engine.phase()
+            reliability.record("cluster node SIGKILLed (R=2)", ["node SIGKILL"], [before, after],
+                               [[baseline["a1"], baseline["x"]]] * 2)
             assert tokens(after) == [baseline["a1"], baseline["x"]]
             assert [r["num_cached_tokens"] for r in after["results"]] == hits_before  # R=2: nothing lost
         finally:
