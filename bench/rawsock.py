@@ -40,6 +40,37 @@ def _recv_exact(conn: socket.socket, view: memoryview) -> bool:
     return True
 
 
+class RawPeer:
+    """A forked sink/source peer and a connected socket: one put or get of `total` bytes per call."""
+
+    def __init__(self, max_bytes: int = 64 << 20):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.proc = mp.get_context("fork").Process(target=_peer, args=(self.listener,), daemon=True)
+        self.proc.start()
+        self.sock = socket.create_connection(self.listener.getsockname())
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.payload = memoryview(bytearray(max_bytes))
+        self.inbox = memoryview(bytearray(max_bytes))
+        self._ack = memoryview(bytearray(1))
+
+    def put(self, total: int) -> None:
+        self.sock.sendall(_REQ.pack(1, total))
+        self.sock.sendall(self.payload[:total])
+        _recv_exact(self.sock, self._ack)
+
+    def get(self, total: int) -> None:
+        self.sock.sendall(_REQ.pack(2, total))
+        _recv_exact(self.sock, self.inbox[:total])
+
+    def close(self) -> None:
+        self.sock.close()
+        self.proc.terminate()
+        self.proc.join()
+        self.listener.close()
+
+
 def measure(size: int, seconds: float = 1.0, batch: int = 1) -> dict[str, float]:
     """GB/s for put and get of `batch` values of `size` bytes per round trip."""
     listener = socket.socket()

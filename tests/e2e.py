@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
-import queue
-import subprocess
-import sys
-import tempfile
-import threading
-import time
 
 from membrain_async.testing import tinymodel
+from membrain_async.testing.driver import EngineProcess
 
 ENGINE_KWARGS = {
     "dtype": "bfloat16",
@@ -34,77 +28,12 @@ def engine_env(**membrain: str | None) -> dict[str, str]:
     return env
 
 
-class Engine:
-    """`python -m membrain_async.testing.engine` in its own process; JSON events read from its stdout."""
+class Engine(EngineProcess):
+    """An engine process with the test suite's engine settings."""
 
     def __init__(self, model: str, phases: list[dict], env: dict[str, str], log_dir: str, name: str,
                  engine_kwargs: dict | None = None):
-        self.name = name
-        spec = {"model": model, "engine": {**ENGINE_KWARGS, **(engine_kwargs or {})}, "phases": phases}
-        fd, self.spec_path = tempfile.mkstemp(suffix=".json", dir=log_dir)
-        with os.fdopen(fd, "w") as f:
-            json.dump(spec, f)
-        self.log_path = os.path.join(log_dir, f"{name}.log")
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "membrain_async.testing.engine", self.spec_path],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            text=True,
-        )
-        self.events: queue.Queue = queue.Queue()
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.log.write(line)
-            self.log.flush()
-            self.lines.append(line)
-            if line.startswith("{"):
-                try:
-                    self.events.put(json.loads(line))
-                except ValueError:
-                    pass
-        self.events.put(None)
-
-    def next_event(self, key: str, timeout: float = 300) -> dict:
-        end = time.monotonic() + timeout
-        while True:
-            try:
-                event = self.events.get(timeout=max(0.1, end - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"{self.name}: no '{key}' event in {timeout}s; log: {self.log_path}\n{self.tail()}") from None
-            if event is None:
-                raise AssertionError(f"{self.name} exited ({self.proc.poll()}) before '{key}'; log: {self.log_path}\n{self.tail()}")
-            if key in event:
-                return event
-
-    def phase(self, timeout: float = 300) -> dict:
-        return self.next_event("phase", timeout)
-
-    def go(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-
-    def finish(self, timeout: float = 120) -> int:
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait()
-        self.log.close()
-        return rc
-
-    def tail(self, n: int = 40) -> str:
-        return "".join(self.lines[-n:])
-
-    def output(self) -> str:
-        return "".join(self.lines)
+        super().__init__(model, phases, env, log_dir, name, {**ENGINE_KWARGS, **(engine_kwargs or {})})
 
 
 def run_engine(model: str, phases: list[dict], env: dict[str, str], log_dir: str, name: str,

@@ -33,7 +33,7 @@ def test_http_roundtrip_and_sigterm(tmp_path):
 
 
 @pytest.mark.parametrize("value_size", [128 << 10, 1 << 20])
-def test_rss_stays_bounded_under_a_put_flood_of_three_times_capacity(value_size):
+def test_rss_stays_bounded_under_a_put_flood_of_three_times_capacity(value_size, reliability):
     capacity = 96 << 20
     srv = start_subprocess_server({"port": 0, "capacity": capacity})
     try:
@@ -59,6 +59,8 @@ def test_rss_stays_bounded_under_a_put_flood_of_three_times_capacity(value_size)
         peak = max(peak, _rss(srv.process.pid))
         limit = capacity * 1.10 + (64 << 20)
         print(f"value {value_size}: baseline RSS {base >> 20} MiB, peak {peak >> 20} MiB, limit {int(limit) >> 20} MiB")
+        reliability.add("memory", test=f"put flood of 3x capacity, {value_size >> 10} KiB values", capacity=capacity,
+                        peak_rss=peak, limit=int(limit))
         assert peak < limit
     finally:
         srv.stop()

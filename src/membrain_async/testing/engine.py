@@ -11,7 +11,10 @@ spec: {"model": path, "engine": {LLM kwargs}, "phases": [{"name", "prompts": [{"
 "reset_prefix_cache": true empties vLLM's local prefix cache before the phase.
 Each phase prints {"phase", "results": [{"tokens", "text", "num_cached_tokens", "ttft_s"}], "metrics"}.
 With "wait_for_go", the engine prints {"ready": phase} and waits for a line on stdin before running it,
-so a test can act (kill a server, add a node) between phases.
+so a test can act (kill a server, add a node) between phases. "batch": true generates all prompts of the
+phase in one call (throughput); the report's "wall_s" is the phase's generation time.
+With "interactive": true in the spec, after the listed phases the engine prints {"ready": "interactive"}
+and runs each JSON phase it reads from stdin, until "quit" or end of input.
 """
 
 from __future__ import annotations
@@ -42,8 +45,7 @@ def _metrics(llm) -> dict[str, float]:
 
 
 def run(spec: dict) -> None:
-    from vllm import LLM, SamplingParams
-    from vllm.lora.request import LoRARequest
+    from vllm import LLM
 
     t0 = time.perf_counter()
     # Stats on: per-request first-token latency and the Prometheus counters we report.
@@ -53,34 +55,59 @@ def run(spec: dict) -> None:
         if phase.get("wait_for_go"):
             print(json.dumps({"ready": phase["name"]}), flush=True)
             sys.stdin.readline()
-        if phase.get("reset_prefix_cache"):
-            # Forget local prefix-cache blocks, so a repeat can only hit through Membrain.
-            llm.reset_prefix_cache()
-        params = SamplingParams(temperature=0.0, max_tokens=phase.get("max_tokens", 8), ignore_eos=True)
-        results = []
-        for p in phase["prompts"]:
+        run_phase(llm, phase)
+    if spec.get("interactive"):
+        # Phases decided on the fly (a chat whose next prompt holds the last answer): one JSON line each.
+        print(json.dumps({"ready": "interactive"}), flush=True)
+        for line in sys.stdin:
+            if not line.strip() or line.strip() == "quit":
+                break
+            run_phase(llm, json.loads(line))
+
+
+def run_phase(llm, phase: dict) -> None:
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    if phase.get("reset_prefix_cache"):
+        # Forget local prefix-cache blocks, so a repeat can only hit through Membrain.
+        llm.reset_prefix_cache()
+    params = SamplingParams(temperature=0.0, max_tokens=phase.get("max_tokens", 8), ignore_eos=True)
+    prompts = []
+    for p in phase["prompts"]:
+        prompt = {"prompt": p["text"]}
+        if p.get("cache_salt"):
+            prompt["cache_salt"] = p["cache_salt"]
+        lora = p.get("lora")
+        prompts.append((prompt, LoRARequest(lora["name"], lora["id"], lora["path"]) if lora else None))
+    results = []
+    t_phase = time.perf_counter()
+    if phase.get("batch"):
+        # All prompts at once, as a server under load sees them: for throughput, not per-request latency.
+        outs = llm.generate([p for p, _ in prompts], params, use_tqdm=False,
+                            lora_request=[lr for _, lr in prompts] if any(lr for _, lr in prompts) else None)
+        results = [_result(out, None) for out in outs]
+    else:
+        for prompt, lora_request in prompts:
             # One prompt at a time: time to first token per request, and a clean order of saves.
-            prompt = {"prompt": p["text"]}
-            if p.get("cache_salt"):
-                prompt["cache_salt"] = p["cache_salt"]
-            lora = p.get("lora")
-            lora_request = LoRARequest(lora["name"], lora["id"], lora["path"]) if lora else None
             t = time.perf_counter()
             out = llm.generate([prompt], params, use_tqdm=False, lora_request=lora_request)[0]
-            latency = time.perf_counter() - t
-            ttft = getattr(out.metrics, "first_token_latency", None) if out.metrics is not None else None
-            results.append(
-                {
-                    "tokens": list(out.outputs[0].token_ids),
-                    "text": out.outputs[0].text,
-                    "num_cached_tokens": out.num_cached_tokens,
-                    "prompt_tokens": len(out.prompt_token_ids),
-                    "ttft_s": ttft,
-                    "latency_s": latency,
-                }
-            )
-        time.sleep(phase.get("settle_s", 0.5))  # let the write-behind queue upload before reporting
-        print(json.dumps({"phase": phase["name"], "results": results, "metrics": _metrics(llm)}), flush=True)
+            results.append(_result(out, time.perf_counter() - t))
+    wall = time.perf_counter() - t_phase
+    time.sleep(phase.get("settle_s", 0.5))  # let the write-behind queue upload before reporting
+    print(json.dumps({"phase": phase["name"], "results": results, "wall_s": wall, "metrics": _metrics(llm)}), flush=True)
+
+
+def _result(out, latency: float | None) -> dict:
+    ttft = getattr(out.metrics, "first_token_latency", None) if out.metrics is not None else None
+    return {
+        "tokens": list(out.outputs[0].token_ids),
+        "text": out.outputs[0].text,
+        "num_cached_tokens": out.num_cached_tokens,
+        "prompt_tokens": len(out.prompt_token_ids),
+        "ttft_s": ttft,
+        "latency_s": latency,
+    }
 
 
 if __name__ == "__main__":

