@@ -61,6 +61,9 @@ async def _measure(driver, size: int, batch: int, seconds: float, prefix: str) -
     await driver.open(size, batch)
     out: dict = {}
     written: list[list[str]] = []
+    # Gets cycle over the batches put last; at most 128 MiB of them per client, so 4 clients' windows fit
+    # in a 1 GiB store that evicts least recently used values.
+    window = max(1, min(16, (128 << 20) // (batch * size)))
     for op in ("put", "get"):
         lat: list[float] = []
         t0 = time.perf_counter()
@@ -70,7 +73,7 @@ async def _measure(driver, size: int, batch: int, seconds: float, prefix: str) -
                 keys = [f"{prefix}-{i}-{j}" for j in range(batch)]
                 written.append(keys)
             else:
-                keys = written[i % min(len(written), 16)]  # keys written moments ago, still stored
+                keys = written[-1 - i % min(len(written), window)]  # written moments ago, still stored
             t = time.perf_counter()
             await (driver.put(keys) if op == "put" else driver.get(keys))
             lat.append(time.perf_counter() - t)
