@@ -35,7 +35,7 @@ from membrain_async.testing.driver import EngineProcess
 MODEL = {"layers": 20, "hidden": 1024, "heads": 16, "kv_heads": 4, "intermediate": 3072, "vocab_size": 1024}
 
 
-CHAT_CONTEXT = 1024  # words (about one token each) of context per chat session
+CHAT_CONTEXT = 512  # words (about one token each) of context per chat session
 
 
 def param_count(m: dict, vocab: int) -> int:
@@ -190,10 +190,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=MODEL["layers"])
     ap.add_argument("--hidden", type=int, default=MODEL["hidden"])
     ap.add_argument("--heads", type=int, default=MODEL["heads"])
-    ap.add_argument("--rounds", type=int, default=4, help="no-reuse throughput rounds (each: off and on)")
-    ap.add_argument("--prompts", type=int, default=16, help="prompts per no-reuse batch")
-    ap.add_argument("--sessions", type=int, default=4)
-    ap.add_argument("--turns", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=2, help="no-reuse throughput rounds per workload (each: off and on)")
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per no-reuse round")
+    ap.add_argument("--sessions", type=int, default=3)
+    ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--kv-space-gib", type=int, default=2)
     ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "membrain-bench-model"))
     ap.add_argument("--json", default=None)
@@ -210,7 +210,10 @@ def main() -> None:
     logs = tempfile.mkdtemp(prefix="membrain-e2e-bench-")
     server = start_subprocess_server({"port": 0, "capacity": "6GiB"})
     base = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_MEMBRAIN_")}
-    base.update({"VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib), "PYTHONUNBUFFERED": "1"})
+    # Every engine, with or without the connector, computes on every core (vLLM would otherwise reserve
+    # cores for its scheduler process, and more of them when a connector is configured).
+    base.update({"VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib), "PYTHONUNBUFFERED": "1",
+                 "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
     on_env = {**base, "VLLM_MEMBRAIN_ENABLED": "1", "VLLM_MEMBRAIN_ENDPOINT": server.url}
     # Room for the longest prompt: a TTFT prefix, a no-reuse prompt, or a chat at its last turn.
     max_len = max(max(args.sizes) + 256, 1024 + 256, CHAT_CONTEXT + args.turns * 192 + 256)
@@ -240,7 +243,7 @@ def main() -> None:
         results["ttft"] = ttft_bench(cold, alive[0], alive[1], args.sizes, bw, kv_per_token, bar)
         stop_all(alive)
         alive = start("off-1", "on-1")
-        results["no_reuse"] = no_reuse_bench(alive[0], alive[1], args.rounds, args.prompts, 512, bar)
+        results["no_reuse"] = no_reuse_bench(alive[0], alive[1], args.rounds, args.prompts, 256, bar)
         stop_all(alive)
         alive = start("off-1", "off-2")
         without = chat_bench(alive, "without", args.sessions, args.turns, CHAT_CONTEXT, bar)

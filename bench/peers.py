@@ -240,7 +240,7 @@ class MembrainDriver(Driver):
         if not hasattr(self, "client"):
             from membrain_async.client import MembrainClient
 
-            self.client = MembrainClient(self.params["url"], use_bulk=self.params["use_bulk"], timeout=60, retries=0)
+            self.client = MembrainClient(self.params["url"], use_bulk=self.params["use_bulk"], timeout=60)  # default retries, as in vLLM
 
     async def put(self, keys):
         stored = await self.client.put_many(keys, self.payloads[: len(keys)])

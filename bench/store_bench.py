@@ -61,9 +61,9 @@ async def _measure(driver, size: int, batch: int, seconds: float, prefix: str) -
     await driver.open(size, batch)
     out: dict = {}
     written: list[list[str]] = []
-    # Gets cycle over the batches put last; at most 128 MiB of them per client, so 4 clients' windows fit
-    # in a 1 GiB store that evicts least recently used values.
-    window = max(1, min(16, (128 << 20) // (batch * size)))
+    # Gets cycle over the batches put last; at most 64 MiB of them per client, so 4 clients' windows fit
+    # well inside a 1 GiB store that evicts (approximately, for Redis) least recently used values.
+    window = max(1, min(16, (64 << 20) // (batch * size)))
     for op in ("put", "get"):
         lat: list[float] = []
         t0 = time.perf_counter()
