@@ -197,3 +197,16 @@ async def test_get_many_into_caller_buffers(server, use_bulk):
         assert sizes == [100, -1, 10, -1]  # "big" does not fit its 200-byte buffer: reported as a miss
         assert bytes(bufs[0][:100]) == b"x" * 100 and bytes(bufs[2][:10]) == b"y" * 10
         assert await c.get("a") is not None  # the connection is still in step after the skipped value
+
+
+@pytest.mark.anyio
+async def test_connections_the_server_closed_while_idle_are_redialled_not_failed():
+    from membrain_async.server import embedded_server
+
+    with embedded_server(idle_timeout=0.3) as srv:
+        async with MembrainClient(srv.url, retries=0) as c:
+            assert await c.put_many(["a", "b"], [b"x" * 5000, b"y" * 5000]) == 2
+            await anyio.sleep(0.8)  # the server closes the pooled connections
+            assert await c.put_many(["c"], [b"z" * 5000]) == 1
+            assert [bytes(v) for v in await c.get_many(["a", "c"])] == [b"x" * 5000, b"z" * 5000]
+            assert c.stats.failures == 0

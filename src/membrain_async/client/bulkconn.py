@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import socket
 import ssl
+import time
 
 import anyio
 
@@ -15,12 +16,26 @@ from .errors import MembrainRequestError
 
 
 class BulkConnection:
-    __slots__ = ("sock", "reader", "_ids")
+    __slots__ = ("sock", "reader", "_ids", "idle_since")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.reader = FrameReader()
         self._ids = itertools.count(1)
+        self.idle_since = time.monotonic()
+
+    def looks_alive(self) -> bool:
+        """False if the server closed this idle connection (its idle timeout): cheaper than a failed call,
+        which would also count against the circuit breaker."""
+        if isinstance(self.sock, ssl.SSLSocket):
+            return True  # no peek through TLS; the pool's age limit covers it
+        try:
+            self.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return True  # nothing to read: the normal state of an idle connection
+        except OSError:
+            return False
+        return False  # EOF, or bytes nobody asked for: either way not a usable connection
 
     async def call(self, op: int, head: dict, body: list | tuple = ()) -> Frame:
         """Send one frame and read the reply's header and head; the caller then reads the reply body."""
@@ -54,7 +69,14 @@ class BulkConnection:
 
 
 class BulkPool:
-    """At most `size` connections; idle ones are reused (LIFO: the warmest socket first)."""
+    """At most `size` connections; idle ones are reused (LIFO: the warmest socket first).
+
+    Idle connections the server has closed, or that sat idle longer than `max_idle` (below the server's
+    default idle timeout), are dropped when taken, not used: after a quiet spell the first calls would
+    otherwise fail one by one and trip the circuit breaker.
+    """
+
+    max_idle = 30.0
 
     def __init__(self, host: str, port: int, token: str | None, size: int = 8, tls: ssl.SSLContext | None = None):
         self.host, self.port, self.token, self.tls = host, port, token, tls
@@ -76,7 +98,15 @@ class BulkPool:
     async def run(self, fn):
         """Run `fn(conn)` on a pooled connection; a connection that saw any error is closed, not reused."""
         async with self._slots:
-            conn = self._idle.pop() if self._idle else await self._open()
+            conn = None
+            while self._idle:
+                candidate = self._idle.pop()
+                if time.monotonic() - candidate.idle_since < self.max_idle and candidate.looks_alive():
+                    conn = candidate
+                    break
+                candidate.close()
+            if conn is None:
+                conn = await self._open()
             ok = False
             try:
                 result = await fn(conn)
@@ -84,6 +114,7 @@ class BulkPool:
                 return result
             finally:
                 if ok:
+                    conn.idle_since = time.monotonic()
                     self._idle.append(conn)
                 else:
                     conn.close()
