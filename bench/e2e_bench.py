@@ -233,6 +233,13 @@ def main() -> None:
         return group
 
     alive: list[Instance] = []
+
+    def save() -> None:  # after every stage, so a run cut short still leaves what it measured
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+
     try:
         # TTFT: the three instances one after another (each first serves its warm-up prompt).
         alive = start("off-1")
@@ -241,9 +248,11 @@ def main() -> None:
         stop_all(alive)
         alive = start("on-1", "on-2")
         results["ttft"] = ttft_bench(cold, alive[0], alive[1], args.sizes, bw, kv_per_token, bar)
+        save()
         stop_all(alive)
         alive = start("off-1", "on-1")
         results["no_reuse"] = no_reuse_bench(alive[0], alive[1], args.rounds, args.prompts, 256, bar)
+        save()
         stop_all(alive)
         alive = start("off-1", "off-2")
         without = chat_bench(alive, "without", args.sessions, args.turns, CHAT_CONTEXT, bar)
@@ -255,10 +264,7 @@ def main() -> None:
         bar.close()
         stop_all(alive)
         server.stop()
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        save()
 
 
 if __name__ == "__main__":

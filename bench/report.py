@@ -141,7 +141,8 @@ def chart(store: dict | None, e2e: dict | None, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [p for p in ("store", "ttft", "chat") if (store if p == "store" else e2e)]
+    panels = [p for p in ("store", "ttft", "chat")
+              if (store and "cells" in store if p == "store" else e2e and e2e.get(p))]
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
