@@ -74,3 +74,17 @@ def test_pool_respects_its_limit():
     pool.release(bytearray(80))
     pool.release(bytearray(80))
     assert pool.free_bytes == 80
+
+
+def test_buffers_of_a_size_no_longer_used_give_way_to_the_size_in_use():
+    pool = BufferPool(1 << 20)
+    for _ in range(16):
+        pool.release(bytearray(64 << 10))  # the pool is full of an old size
+    big = bytearray(512 << 10)
+    big_id = id(big)
+    pool.release(big)
+    del big  # nobody else holds it, so the pool may hand it out again
+    assert pool.free_bytes <= 1 << 20
+    assert id(pool.acquire(512 << 10)) == big_id  # kept, and reused rather than faulting in fresh memory
+    pool.acquire(64 << 10)
+    assert pool.reused == 2 and pool.allocated == 0
