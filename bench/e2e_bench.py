@@ -196,7 +196,8 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--kv-space-gib", type=int, default=2)
     ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "membrain-bench-model"))
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--stages", nargs="+", default=["ttft", "no_reuse", "chat"], choices=["ttft", "no_reuse", "chat"])
+    ap.add_argument("--json", default=None, help="results file; stages not run here keep what it already holds")
     args = ap.parse_args()
     from tqdm import tqdm
 
@@ -219,8 +220,17 @@ def main() -> None:
     max_len = max(max(args.sizes) + 256, 1024 + 256, CHAT_CONTEXT + args.turns * 192 + 256)
     steps = 3 + 4 * len(args.sizes) + 4 * args.rounds + 2 * args.sessions * args.turns
     bar = tqdm(total=steps, desc="e2e bench", unit="step")
-    results = {"model": {**m, "parameters": param_count(m, vocab), "kv_bytes_per_token": kv_per_token},
-               "memcpy_gbps": bw, "logs": logs}
+    results = {}
+    if args.json and os.path.exists(args.json):
+        with open(args.json) as f:
+            results = json.load(f)
+    model_facts = {**m, "parameters": param_count(m, vocab), "kv_bytes_per_token": kv_per_token}
+    results.update({"memcpy_gbps": bw, "logs": logs})
+    models = results.setdefault("models", {})
+    if "model" in results and "ttft" in results and "ttft" not in models:
+        models["ttft"] = results["model"]  # written by a run before stages were recorded separately
+    models.update({stage: model_facts for stage in args.stages})
+    results["model"] = results["models"].get("ttft", model_facts)
     envs = {"off-1": base, "on-1": on_env, "on-2": on_env, "off-2": base}
 
     def start(*names: str) -> list[Instance]:
@@ -241,25 +251,29 @@ def main() -> None:
                 json.dump(results, f, indent=2)
 
     try:
-        # TTFT: the three instances one after another (each first serves its warm-up prompt).
-        alive = start("off-1")
-        cold = {n: alive[0].run(f"cold-{n}", [ttft_prompt(i, n)])["results"][0] for i, n in enumerate(args.sizes)}
-        bar.update(len(args.sizes))
-        stop_all(alive)
-        alive = start("on-1", "on-2")
-        results["ttft"] = ttft_bench(cold, alive[0], alive[1], args.sizes, bw, kv_per_token, bar)
-        save()
-        stop_all(alive)
-        alive = start("off-1", "on-1")
-        results["no_reuse"] = no_reuse_bench(alive[0], alive[1], args.rounds, args.prompts, 256, bar)
-        save()
-        stop_all(alive)
-        alive = start("off-1", "off-2")
-        without = chat_bench(alive, "without", args.sessions, args.turns, CHAT_CONTEXT, bar)
-        stop_all(alive)
-        alive = start("on-1", "on-2")
-        results["chat"] = {"sessions": args.sessions, "turns": args.turns, "context_words": CHAT_CONTEXT,
-                           "without": without, "with": chat_bench(alive, "with", args.sessions, args.turns, CHAT_CONTEXT, bar)}
+        if "ttft" in args.stages:
+            # TTFT: off-1 alone, then the two instances with the connector.
+            alive = start("off-1")
+            cold = {n: alive[0].run(f"cold-{n}", [ttft_prompt(i, n)])["results"][0] for i, n in enumerate(args.sizes)}
+            bar.update(len(args.sizes))
+            stop_all(alive)
+            alive = start("on-1", "on-2")
+            results["ttft"] = ttft_bench(cold, alive[0], alive[1], args.sizes, bw, kv_per_token, bar)
+            save()
+            stop_all(alive)
+        if "no_reuse" in args.stages:
+            alive = start("off-1", "on-1")
+            results["no_reuse"] = no_reuse_bench(alive[0], alive[1], args.rounds, args.prompts, 256, bar)
+            save()
+            stop_all(alive)
+        if "chat" in args.stages:
+            alive = start("off-1", "off-2")
+            without = chat_bench(alive, "without", args.sessions, args.turns, CHAT_CONTEXT, bar)
+            stop_all(alive)
+            alive = start("on-1", "on-2")
+            results["chat"] = {"sessions": args.sessions, "turns": args.turns, "context_words": CHAT_CONTEXT,
+                               "without": without,
+                               "with": chat_bench(alive, "with", args.sessions, args.turns, CHAT_CONTEXT, bar)}
     finally:
         bar.close()
         stop_all(alive)
