@@ -111,8 +111,9 @@ def e2e_lines(e2e: dict) -> list[str]:
         lines.append(f"| {r['prefix_tokens']} | {r['cold_ttft_s']:.2f} s | {r['cold_with_connector_ttft_s']:.2f} s | "
                      f"{r['warm_ttft_s']:.3f} s | {r['speedup']:.1f}× | {r['limit_s']:.3f} s | {r['limit_speedup']:.1f}× | "
                      f"{r['warm_over_limit']:.2f} | {r['loaded_bytes'] / 1e6:.0f} | {r['tokens_equal']} |")
+    bw = e2e.get("ttft_memcpy_gbps", e2e.get("memcpy_gbps"))
     lines += ["", "The limit is the same instance's TTFT with the prefix in its own KV cache (the uncached tail's compute "
-              "and the engine's step) plus the loaded KV bytes at the memcpy bandwidth of this run."]
+              f"and the engine's step) plus the loaded KV bytes at the memcpy bandwidth measured in that run ({bw:.1f} GB/s)."]
     nr = e2e.get("no_reuse")
     if nr:
         lines += ["", "### No reuse: throughput cost of the connector", "",
@@ -195,6 +196,8 @@ def main() -> None:
         lines += store_lines(store)
     if e2e:
         lines += e2e_lines(e2e)
+        if e2e.get("notes"):
+            lines += [f"Conditions: {e2e['notes']}", ""]
     if cluster:
         lines += ["## Cluster", "", "```", json.dumps(cluster.get("summary", cluster), indent=1)[:2000], "```", ""]
     lines += ["![benchmarks](bench.png)", ""]

@@ -42,8 +42,11 @@ class EngineProcess:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self.log.write(line)
-            self.log.flush()
+            try:
+                self.log.write(line)
+                self.log.flush()
+            except ValueError:  # finish() closed the log while the engine printed its last lines
+                pass
             self.lines.append(line)
             if line.startswith("{"):
                 try:
