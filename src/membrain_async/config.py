@@ -211,11 +211,17 @@ class ConnectorConfig(_Settings):
     write_behind_bytes: int = _setting(
         256 << 20,
         "VLLM_MEMBRAIN_WRITE_BEHIND_BYTES",
-        "Bytes of saves queued for upload; saves beyond it are dropped and counted, never waited for.",
+        "Bytes of saves a worker holds (copied out, awaiting their step's verdict, queued, uploading); saves beyond it are dropped and counted, never waited for.",
         parse_size,
     )
     prefetch_bytes: int = _setting(
         256 << 20, "VLLM_MEMBRAIN_PREFETCH_BYTES", "Bytes of pages a worker may prefetch into staging memory.", parse_size
+    )
+    step_load_bytes: int = _setting(
+        256 << 20,
+        "VLLM_MEMBRAIN_STEP_LOAD_BYTES",
+        "Bytes of pages one step may load into a worker (its in-flight fetches); hits past it wait a step.",
+        parse_size,
     )
     batch_bytes: int = _setting(
         16 << 20, "VLLM_MEMBRAIN_BATCH_BYTES", "Target bytes per bulk frame when batching saves.", parse_size

@@ -6,9 +6,16 @@ stream, ordered after the forward pass with an event (never a device-wide sync).
 way: one contiguous host-to-device copy, then per layer an `index_copy_` into the cache, each layer
 followed by its own event so attention for layer l waits only for layer l (`wait_for_layer_load`).
 
+Saves never read a block vLLM may have reused: the compute stream waits (on the GPU, the CPU does not
+block) for the save stream's gather before it runs anything else, so the next step's forward cannot
+overwrite a freed block before its pages were copied out; only the device-to-host copy of the gathered
+buffer overlaps the next forward. Buffers used on a side stream are marked with `record_stream`, so the
+caching allocator never hands their memory to another stream while that stream's work is pending.
+
 Buffers (device and pinned host) are allocated once, at the largest batch seen so far, and reused.
 On a CPU device the same code runs with no streams or events (everything is already ordered), which is
-how the layout logic is tested on machines without a GPU.
+how the layout logic is tested on machines without a GPU. Every stream operation goes through one seam
+(`StreamOps`), so a test can also replay the ordering on CPU and check it.
 """
 
 from __future__ import annotations
@@ -45,6 +52,27 @@ class _DoneEvent:
         pass
 
 
+class StreamOps:
+    """The stream calls the mover makes. CUDA: torch.cuda's; elsewhere: no-ops (work is synchronous)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def new_stream(self):
+        return torch.cuda.Stream(device=self.device) if self.cuda else _NoStream()
+
+    def current_stream(self):
+        return torch.cuda.current_stream(self.device) if self.cuda else _NoStream()
+
+    def on(self, stream):
+        return torch.cuda.stream(stream) if self.cuda else _NoStream()
+
+    def record_stream(self, tensor: torch.Tensor, stream) -> None:
+        if self.cuda:
+            tensor.record_stream(stream)
+
+
 @dataclass
 class PendingSave:
     """Pages on their way to host memory; `ready()` turns true once the copy finished (poll, never block)."""
@@ -54,6 +82,8 @@ class PendingSave:
     block_ids: list[int]
     hashes: list[str]
     req_id: str
+    nbytes: int = 0  # host bytes accounted for in the worker's staging bound
+    discard: bool = False  # its step's verdict refused it: release the buffer once the copy finished
 
     def ready(self) -> bool:
         return self.event.query()
@@ -65,15 +95,13 @@ class PendingLoad:
 
 
 class DevicePageMover:
-    def __init__(self, layout: PageLayout, device: torch.device):
+    def __init__(self, layout: PageLayout, device: torch.device, ops: StreamOps | None = None):
         self.layout = layout
         self.device = device
         self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.save_stream = torch.cuda.Stream(device=device)
-            self.load_stream = torch.cuda.Stream(device=device)
-        else:
-            self.save_stream = self.load_stream = _NoStream()
+        self.ops = ops or StreamOps(device)
+        self.save_stream = self.ops.new_stream()
+        self.load_stream = self.ops.new_stream()
         # One device buffer per direction: a save's gather must never overwrite a load being scattered.
         self._dev: dict[str, torch.Tensor] = {}
         self._host_bufs: list[torch.Tensor] = []  # free pinned buffers of _cap payloads
@@ -117,19 +145,20 @@ class DevicePageMover:
         n = len(block_ids)
         host = self.host_buffer(n)
         dev = self._device_buf("save", n)
-        if self.cuda:
-            after_forward = torch.cuda.current_stream(self.device).record_event()
-            self.save_stream.wait_event(after_forward)
-            ctx = torch.cuda.stream(self.save_stream)
-        else:
-            ctx = _NoStream()
-        with ctx:
+        ops, compute = self.ops, self.ops.current_stream()
+        self.save_stream.wait_event(compute.record_event())  # after this step's forward wrote the pages
+        with ops.on(self.save_stream):
             idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
             for layer, kv in enumerate(self.layout.block_major):
                 dev[:, layer].copy_(kv.index_select(0, idx).reshape(n, -1))
+            gathered = self.save_stream.record_event()
             flat = dev.reshape(-1).view(torch.uint8)
             host[: flat.numel()].copy_(flat, non_blocking=self.cuda)
             event = self.save_stream.record_event()
+        # Nothing on the compute stream (the next step's forward, vLLM's zeroing of reused blocks) runs
+        # before the pages are gathered: the blocks may be freed and reused as soon as this step ends.
+        compute.wait_event(gathered)
+        ops.record_stream(dev, self.save_stream)
         return PendingSave(event, host, list(block_ids), list(hashes), req_id)
 
     def payload_of(self, pending: PendingSave, i: int) -> torch.Tensor:
@@ -157,14 +186,12 @@ class DevicePageMover:
         size = self.layout.payload_bytes
         dev = self._device_buf("load", n)
         pending = PendingLoad()
-        if self.cuda:
-            # After everything already queued on the compute stream: vLLM zeroes newly allocated blocks
-            # there just before start_load_kv, and a scatter that ran first would be zeroed away.
-            self.load_stream.wait_event(torch.cuda.current_stream(self.device).record_event())
-            ctx = torch.cuda.stream(self.load_stream)
-        else:
-            ctx = _NoStream()
-        with ctx:
+        ops = self.ops
+        # After everything already queued on the compute stream: vLLM zeroes newly allocated blocks
+        # there just before start_load_kv, and a scatter that ran first would be zeroed away.
+        self.load_stream.wait_event(ops.current_stream().record_event())
+        ops.record_stream(dev, self.load_stream)
+        with ops.on(self.load_stream):
             dev.reshape(-1).view(torch.uint8).copy_(host[: n * size], non_blocking=self.cuda)
             copied = self.load_stream.record_event()
             idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
@@ -178,5 +205,5 @@ class DevicePageMover:
     def wait_layer(self, pending: PendingLoad, layer_name: str) -> None:
         """Order the compute stream after this layer's load (a GPU-side wait; the CPU does not block)."""
         event = pending.layer_events.get(layer_name)
-        if event is not None and self.cuda:
-            torch.cuda.current_stream(self.device).wait_event(event)
+        if event is not None:
+            self.ops.current_stream().wait_event(event)

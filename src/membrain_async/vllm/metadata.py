@@ -1,14 +1,17 @@
-"""The only thing the connector's scheduler half and worker half share: vLLM's per-step metadata object.
+"""What the connector's scheduler half and worker half share: vLLM's per-step metadata objects.
 
-Built by the scheduler half in `build_connector_meta`, pickled by vLLM into the SchedulerOutput,
-read by every worker. Plain lists of ints and strings: cheap to pickle, nothing process-local.
+`MembrainConnectorMetadata` is built by the scheduler half in `build_connector_meta`, pickled by vLLM into
+the SchedulerOutput and read by every worker. `MembrainWorkerMetadata` goes the other way: each worker
+says which step it ran, vLLM aggregates the ranks' copies and hands the result to the scheduler half
+(`update_connector_output`) in the same output as that step's invalid block ids. Plain lists of ints and
+strings: cheap to pickle, nothing process-local.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
 
 @dataclass
@@ -24,13 +27,38 @@ class BlockTransfer:
 
 
 @dataclass
+class SaveVerdict:
+    """The scheduler's word on the saves workers staged in `step`: upload all but `discard`'s requests.
+
+    A staged save is uploaded only after this arrives, i.e. after the scheduler has seen every rank's
+    invalid block ids for that step: a request whose blocks included one computed over unfilled KV.
+    """
+
+    step: int
+    discard: list[str] = field(default_factory=list)
+
+
+@dataclass
 class MembrainConnectorMetadata(KVConnectorMetadata):
+    step: int = 0
     loads: list[BlockTransfer] = field(default_factory=list)
     saves: list[BlockTransfer] = field(default_factory=list)
     # Requests seen for the first time, with the blocks they may load: workers start fetching early.
     prefetch: list[BlockTransfer] = field(default_factory=list)
     # Requests that finished or were aborted: drop what workers staged for them.
     finished: list[str] = field(default_factory=list)
+    verdicts: list[SaveVerdict] = field(default_factory=list)
 
     def is_empty(self) -> bool:
-        return not (self.loads or self.saves or self.prefetch or self.finished)
+        return not (self.loads or self.saves or self.prefetch or self.finished or self.verdicts)
+
+
+@dataclass
+class MembrainWorkerMetadata(KVConnectorWorkerMetadata):
+    """The steps whose metadata a worker ran (merged across ranks: every rank runs every step)."""
+
+    steps: list[int] = field(default_factory=list)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> "MembrainWorkerMetadata":
+        steps = set(self.steps) | set(getattr(other, "steps", ()))
+        return MembrainWorkerMetadata(sorted(steps))

@@ -98,32 +98,71 @@ class PageLayout:
 
 
 class StagingPool:
-    """Reusable host buffers for saves: header + payload, one size per model.
+    """Host memory for saves, bounded: reusable header + payload buffers, one size per model.
 
+    Everything a save holds between the gather and the end of its upload (staged awaiting its verdict,
+    queued for write-behind, on the wire) lives in buffers from here, so `limit` bounds all of it, free
+    buffers included. A save that would pass the limit is not gathered at all (dropped and counted).
     Fresh memory costs a page fault per 4 KiB (measured at ~250-700 us per MiB here); reusing buffers
-    keeps that off the forward pass. A buffer goes back to the pool when its upload finished (or was
-    dropped), from the runtime thread, hence the lock.
+    keeps that off the forward pass. A buffer comes back when its upload finished (or was dropped or
+    discarded), from the runtime thread, hence the lock.
     """
 
     def __init__(self, limit_bytes: int):
         self.limit = limit_bytes
         self._free: dict[int, list[bytearray]] = defaultdict(list)
         self._free_bytes = 0
+        self.held = 0  # bytes handed out and not yet released (buffers or reservations)
+        self.peak = 0
         self._lock = threading.Lock()
 
-    def acquire(self, size: int) -> bytearray:
+    def acquire(self, size: int) -> bytearray | None:
+        """A buffer of `size` bytes, or None if holding it would pass the limit."""
         with self._lock:
             free = self._free.get(size)
             if free:
                 self._free_bytes -= size
+                self._hold(size)
                 return free.pop()
+            while self._free_bytes and self.held + self._free_bytes + size > self.limit:
+                self._drop_one_free()
+            if self.held + size > self.limit:
+                return None
+            self._hold(size)
         return bytearray(size)
 
     def release(self, buf: bytearray) -> None:
         with self._lock:
-            if self._free_bytes + len(buf) <= self.limit:
+            self.held -= len(buf)
+            if self.held + self._free_bytes + len(buf) <= self.limit:
                 self._free[len(buf)].append(buf)
                 self._free_bytes += len(buf)
+
+    def reserve(self, size: int) -> bool:
+        """Account for `size` bytes held elsewhere (the device path's pinned buffers); False: over the limit."""
+        with self._lock:
+            while self._free_bytes and self.held + self._free_bytes + size > self.limit:
+                self._drop_one_free()
+            if self.held + size > self.limit:
+                return False
+            self._hold(size)
+            return True
+
+    def unreserve(self, size: int) -> None:
+        with self._lock:
+            self.held -= size
+
+    def _hold(self, size: int) -> None:
+        self.held += size
+        if self.held > self.peak:
+            self.peak = self.held
+
+    def _drop_one_free(self) -> None:
+        for size, bufs in self._free.items():
+            if bufs:
+                bufs.pop()
+                self._free_bytes -= size
+                return
 
 
 def gather_block(layout: PageLayout, block_id: int, buf: bytearray) -> memoryview:

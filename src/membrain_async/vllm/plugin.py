@@ -87,7 +87,8 @@ def activate(engine_args) -> bool:
             return False
         if explicit.kv_load_failure_policy != "recompute":
             log.warning("Membrain: kv_load_failure_policy=%s: a failed load will fail its request", explicit.kv_load_failure_policy)
-        log.info("Membrain: active (explicit --kv-transfer-config). %s", self_check(config))
+        where, infos = self_check(config)
+        log.info("Membrain: active (explicit --kv-transfer-config). %s; %s", where, leave_memory_room(engine_args, config, infos))
         return True
     if getattr(engine_args, "kv_offloading_size", None):
         log.warning("Membrain: not active: --kv-offloading-size configures vLLM's own offloading connector")
@@ -100,8 +101,38 @@ def activate(engine_args) -> bool:
         kv_connector_extra_config=config.to_extra_config(),
     )
     keep_cpu_cores(engine_args)
-    log.info("Membrain: active. %s", self_check(config))
+    where, infos = self_check(config)
+    log.info("Membrain: active. %s; %s", where, leave_memory_room(engine_args, config, infos))
     return True
+
+
+def _ranks(engine_args) -> int:
+    return max(1, int(getattr(engine_args, "tensor_parallel_size", 1) or 1)) * max(
+        1, int(getattr(engine_args, "pipeline_parallel_size", 1) or 1))
+
+
+def leave_memory_room(engine_args, config: ConnectorConfig, infos: dict[str, dict]) -> str:
+    """Announce the worker buffers' bound; on CPU with an auto-sized KV cache, leave room for them and a
+    local server's capacity (see memory_budget). Returns the start-up line's memory part."""
+    from . import memory_budget as mb
+
+    buffers = sum(mb.worker_buffers(config).values())
+    line = mb.describe_buffers(config)
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return line
+    if getattr(engine_args, "kv_cache_memory_bytes", None) or os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return f"{line}; KV cache size set explicitly: leave room for Membrain yourself"
+    import psutil
+
+    local = sum(int(info.get("limits", {}).get("capacity", 0)) for url, info in infos.items() if mb.is_local_endpoint(url))
+    room = mb.plan_kv_room(engine_args.gpu_memory_utilization, psutil.virtual_memory().total, local, buffers,
+                           _ranks(engine_args))
+    if not room.fits:
+        log.warning("Membrain: %s", room.message)
+    engine_args.gpu_memory_utilization = room.fraction
+    return f"{line}; {room.message}"
 
 
 def keep_cpu_cores(engine_args) -> None:
@@ -115,26 +146,32 @@ def keep_cpu_cores(engine_args) -> None:
     """
     if "VLLM_CPU_NUM_OF_RESERVED_CPU" in os.environ:
         return
-    ranks = max(1, int(getattr(engine_args, "tensor_parallel_size", 1) or 1)) * max(
-        1, int(getattr(engine_args, "pipeline_parallel_size", 1) or 1))
-    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(ranks)
+    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(_ranks(engine_args))
 
 
-def self_check(config: ConnectorConfig) -> str:
-    """One probe of the first endpoint, so the start-up log says whether the server answers."""
+def self_check(config: ConnectorConfig) -> tuple[str, dict[str, dict]]:
+    """One probe of each endpoint, so the start-up log says whether the servers answer.
+
+    Returns the log text and each answering endpoint's /v1/info (capacity, for the memory room).
+    """
     import httpx
 
     from ..tls import connector_context
 
-    url = config.endpoint[0]
     where = f"endpoint {','.join(config.endpoint)}, namespace {config.namespace!r}"
-    try:
-        verify = connector_context(config) or True
-        r = httpx.get(url.rstrip("/") + "/v1/info", timeout=1.0, verify=verify)
-        if r.status_code == 200:
-            info = r.json()
-            return f"{where}; server {info.get('server', '?')} {info.get('version', '?')} reachable"
-        r = httpx.get(url.rstrip("/") + "/healthz", timeout=1.0, verify=verify)
-        return f"{where}; server answered {r.status_code}"
-    except httpx.HTTPError as exc:
-        return f"{where}; server unreachable now ({type(exc).__name__}): requests compute as plain vLLM until it answers"
+    infos: dict[str, dict] = {}
+    status = ""
+    verify = connector_context(config) or True
+    for url in config.endpoint:
+        try:
+            r = httpx.get(url.rstrip("/") + "/v1/info", timeout=1.0, verify=verify)
+            if r.status_code == 200:
+                infos[url] = info = r.json()
+                status = status or f"server {info.get('server', '?')} {info.get('version', '?')} reachable"
+                continue
+            r = httpx.get(url.rstrip("/") + "/healthz", timeout=1.0, verify=verify)
+            status = status or f"server answered {r.status_code}"
+        except httpx.HTTPError as exc:
+            status = status or (f"server unreachable now ({type(exc).__name__}): requests compute as plain vLLM "
+                                "until it answers")
+    return f"{where}; {status}", infos

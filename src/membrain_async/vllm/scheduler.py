@@ -4,6 +4,11 @@ It never waits on the network: a request's lookup is submitted to the runtime wh
 `get_num_new_matched_tokens` answers from the lookup's future (None while pending, so vLLM asks again
 next step) and the runtime thread does the rest. What to load and what to save reaches the workers only
 through `MembrainConnectorMetadata`.
+
+Saves are two-phase: workers stage the pages a step's plan names, and upload them only when a later
+step's metadata carries that step's verdict (`SaveLedger`), issued once vLLM has handed back every
+rank's invalid block ids for it. Invalid blocks are also evicted from vLLM's prefix cache at once, with
+every block computed after them, so no later request can reuse pages that were never filled.
 """
 
 from __future__ import annotations
@@ -19,17 +24,17 @@ from ..config import ConnectorConfig
 from ..runtime import MembrainFuture, get_runtime
 from . import identity
 from .blockhash import BlockHashes
-from .metadata import BlockTransfer, MembrainConnectorMetadata
+from .metadata import BlockTransfer, MembrainConnectorMetadata, MembrainWorkerMetadata
+from .save_ledger import PlannedSave, SaveLedger
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
-    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
 log = logging.getLogger("membrain.connector")
-
-_RECENT_SAVES = 1 << 16  # hashes this instance saved lately: a shared prefix is uploaded once
 
 
 @dataclass
@@ -39,6 +44,7 @@ class _RequestState:
     lookup: MembrainFuture | None = None
     lookup_started: float = 0.0
     lookup_blocks: int = 0  # how many leading blocks the lookup asked about
+    lookup_seq: int | None = None  # the save ledger's clock when the lookup was sent (None: no answer)
     stored_blocks: int | None = None  # leading blocks the server holds (None: not known yet)
     local_tokens: int = 0  # block-aligned local hit, as vLLM last told us
     saved_upto: int = 0  # blocks before this index are saved, stored or not to be saved
@@ -58,10 +64,16 @@ class MembrainScheduler:
         self._loads: list[BlockTransfer] = []
         self._prefetch: list[BlockTransfer] = []
         self._finished: list[str] = []
-        self._recent_saves: OrderedDict[str, None] = OrderedDict()
+        self._step = 0
+        self._ledger = SaveLedger()
+        self._kv_cache_manager: "KVCacheManager | None" = None
         # Hashes this instance recently loaded or saved: what the workers' hot tiers hold (an estimate;
         # a block a worker has since dropped is fetched from the server, or recomputed).
-        self._hot_capacity = config.local_cache_bytes // identity.payload_bytes(vllm_config) if config.local_cache_bytes else 0
+        block_bytes = identity.payload_bytes(vllm_config)
+        self._hot_capacity = config.local_cache_bytes // block_bytes if config.local_cache_bytes else 0
+        # Loads granted in the step being scheduled: bounds what a worker fetches and holds at once.
+        self._step_load_limit = max(1, config.step_load_bytes // block_bytes)
+        self._step_load_blocks = 0
         self._hot: OrderedDict[str, None] = OrderedDict()
         self._stats: dict[str, float] = {}
 
@@ -97,6 +109,7 @@ class MembrainScheduler:
             self._count("hot_lookups")
             return
         st.lookup_started = time.monotonic()
+        st.lookup_seq = self._ledger.now()
         st.lookup = self.runtime.lookup(self.keys_for(hashes), tag=request.request_id)
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -113,14 +126,24 @@ class MembrainScheduler:
                     return None, False  # ask again next step; the engine keeps running
                 fut.cancel()
                 self._count("lookup_timeouts")
+            if fut.result_or(None) is None:
+                st.lookup_seq = None  # no answer: "missing" is not known, so it proves nothing
             st.stored_blocks = max(st.hot_blocks, min(fut.result_or(0), st.lookup_blocks))
             self._count("lookup_ms", 1e3 * (time.monotonic() - st.lookup_started))
             self._count("lookups")
             if fut.exception() is not None:
                 self._count("lookup_errors")
         hit_blocks = min(st.stored_blocks, self._loadable_blocks(request))
-        external = hit_blocks * self.block_size - num_computed_tokens
-        return max(0, external), False
+        local_blocks = num_computed_tokens // self.block_size
+        load_blocks = hit_blocks - local_blocks
+        if load_blocks <= 0:
+            return 0, False
+        if self._step_load_blocks + load_blocks > self._step_load_limit:
+            if self._step_load_blocks:
+                self._count("loads_deferred")
+                return None, False  # this step's loads are at the limit: ask again next step
+            load_blocks = self._step_load_limit  # alone in the step: load what the limit allows
+        return load_blocks * self.block_size, False
 
     def _queue_prefetch(self, st: _RequestState, local_tokens: int) -> None:
         """While the lookup is pending, let workers start fetching the blocks the local cache lacks."""
@@ -143,6 +166,7 @@ class MembrainScheduler:
             self._count("miss_blocks", max(0, st.lookup_blocks - first))
             return
         n = num_external_tokens // self.block_size
+        self._step_load_blocks += n
         block_ids = blocks.get_block_ids()[0][first : first + n]
         self._loads.append(BlockTransfer(request.request_id, list(block_ids), st.chain.hashes[first : first + n]))
         self._remember_hot(st.chain.hashes[first : first + n])
@@ -151,11 +175,68 @@ class MembrainScheduler:
         self._count("miss_blocks", max(0, st.lookup_blocks - first - n))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> MembrainConnectorMetadata:
+        self._step += 1
+        self._step_load_blocks = 0
         meta = MembrainConnectorMetadata(
-            loads=self._loads, saves=self._plan_saves(scheduler_output), prefetch=self._prefetch, finished=self._finished
+            step=self._step,
+            loads=self._loads,
+            saves=self._plan_saves(scheduler_output),
+            prefetch=self._prefetch,
+            finished=self._finished,
+            verdicts=self._ledger.take_verdicts(),
         )
         self._loads, self._prefetch, self._finished = [], [], []
         return meta
+
+    # ------------------------------------------------------------------ what each step's output says
+
+    def bind_kv_cache_manager(self, kv_cache_manager: "KVCacheManager") -> None:
+        self._kv_cache_manager = kv_cache_manager
+
+    def update_connector_output(self, output: "KVConnectorOutput") -> None:
+        """Every rank's invalid blocks of a step: evict them locally, and settle that step's staged saves."""
+        invalid = set(output.invalid_block_ids or ())
+        if invalid:
+            self._evict_unfilled(invalid)
+        worker_meta = output.kv_connector_worker_meta
+        for step in worker_meta.steps if isinstance(worker_meta, MembrainWorkerMetadata) else ():
+            for discarded in self._ledger.settle(step, invalid):
+                self._replan(discarded)
+
+    def _evict_unfilled(self, invalid: set[int]) -> None:
+        """Drop blocks that failed to load, and every block computed after them, from vLLM's prefix cache.
+
+        Under the recompute policy vLLM keeps them cached, expecting the failed request to refill them;
+        if it is aborted or preempted first, or another request is scheduled before the refill, they
+        would be served as if valid. Requests that hold them keep them (eviction only drops the hash).
+        """
+        manager = self._kv_cache_manager
+        if manager is None:
+            return
+        evict = set(invalid)
+        for req_id in list(self._requests):
+            try:
+                table = manager.get_block_ids(req_id)[0]
+            except (KeyError, IndexError, AssertionError):
+                continue
+            first = next((i for i, b in enumerate(table) if b in invalid), None)
+            if first is not None:
+                evict.update(table[first:])
+        manager.evict_blocks(evict)
+        self._count("evicted_unfilled_blocks", len(evict))
+
+    def _replan(self, discarded: PlannedSave) -> None:
+        """A staged save was computed over an unfilled block: plan it again once vLLM has recomputed."""
+        for h in discarded.hashes:
+            self._hot.pop(h, None)
+        st = self._requests.get(discarded.req_id)
+        if st is not None:
+            st.saved_upto = min(st.saved_upto, discarded.first_block)
+        self._count("saves_discarded_unfilled", len(discarded.hashes))
+
+    def has_pending_push_work(self) -> bool:
+        # A step's verdict rides on the next step's metadata: an idle engine steps once more to send it.
+        return self._ledger.verdicts_pending()
 
     def _plan_saves(self, scheduler_output: "SchedulerOutput") -> list[BlockTransfer]:
         """Blocks that are full once this step's forward has run, not yet saved, not known stored."""
@@ -185,20 +266,20 @@ class MembrainScheduler:
                 continue
             block_ids = ids[0]
             plan_ids, plan_hashes = [], []
+            first_planned = None
             for b in range(start, min(full, len(block_ids))):
                 h = hashes[b]
-                # Blocks the lookup covered were just reported missing (server restarted, evicted, or our
-                # upload failed): save them even if this instance uploaded them before.
-                if b >= st.lookup_blocks and h in self._recent_saves:
-                    self._recent_saves.move_to_end(h)
+                # A block the lookup covered and reported missing (server restarted, evicted, our upload
+                # failed) is saved again, unless this instance planned it after that lookup was sent.
+                if not self._ledger.wanted(h, st.lookup_seq if b < st.lookup_blocks else None):
                     continue
-                self._recent_saves[h] = None
+                if first_planned is None:
+                    first_planned = b
                 plan_ids.append(block_ids[b])
                 plan_hashes.append(h)
-            while len(self._recent_saves) > _RECENT_SAVES:
-                self._recent_saves.popitem(last=False)
             st.saved_upto = max(st.saved_upto, min(full, len(block_ids)))
             if plan_ids:
+                self._ledger.plan(self._step, req_id, first_planned, plan_hashes, block_ids)
                 saves.append(BlockTransfer(req_id, plan_ids, plan_hashes))
                 self._remember_hot(plan_hashes)
                 self._count("save_blocks_planned", len(plan_ids))
@@ -218,8 +299,9 @@ class MembrainScheduler:
         if computed_blocks >= loaded_upto:
             return
         st.stored_blocks = computed_blocks
-        for h in st.chain.hashes[computed_blocks : max(st.saved_upto, loaded_upto)]:
-            self._recent_saves.pop(h, None)
+        hashes = st.chain.hashes[computed_blocks : max(st.saved_upto, loaded_upto)]
+        self._ledger.forget(hashes)
+        for h in hashes:
             self._hot.pop(h, None)
         st.saved_upto = min(st.saved_upto, computed_blocks)
         self._count("reloads_recomputed")
@@ -244,7 +326,8 @@ class MembrainScheduler:
         if st is not None and st.lookup is not None and not st.lookup.done():
             self.runtime.cancel(request.request_id)
         self._finished.append(request.request_id)
-        # Saves copy pages out in the same step they are planned, so blocks can be freed at once.
+        # Workers copy pages out in the step that plans them (CPU: in wait_for_save; CUDA: the compute
+        # stream waits for the gather), so blocks can be freed at once.
         return False, None
 
     def take_stats(self) -> dict[str, float]:
@@ -252,7 +335,7 @@ class MembrainScheduler:
         return stats
 
     def reset_cache(self) -> None:
-        self._recent_saves.clear()
+        self._ledger.clear()
 
     def shutdown(self) -> None:
         self.runtime.shutdown()

@@ -36,6 +36,24 @@ COUNTERS = {
         "vllm:membrain_saves_skipped_after_load_error",
         "Blocks not saved because a load of the same request failed in that step (their KV is recomputed)",
     ),
+    "saves_discarded_unfilled": (
+        "vllm:membrain_saves_discarded_unfilled",
+        "Planned saves never uploaded: their request's blocks included one that failed to load, on some rank",
+    ),
+    "save_copies_discarded": (
+        "vllm:membrain_save_copies_discarded",
+        "Staged page copies (per rank) thrown away by their step's verdict",
+    ),
+    "saves_unconfirmed": (
+        "vllm:membrain_saves_unconfirmed", "Staged saves dropped because their step's verdict never came (or at shutdown)"
+    ),
+    "evicted_unfilled_blocks": (
+        "vllm:membrain_evicted_unfilled_blocks",
+        "Blocks dropped from vLLM's prefix cache after a failed load (the failed blocks and all computed after them)",
+    ),
+    "loads_deferred": (
+        "vllm:membrain_loads_deferred", "Hits held back a step because the step's loads reached VLLM_MEMBRAIN_STEP_LOAD_BYTES"
+    ),
     "uploaded_blocks": ("vllm:membrain_uploaded_blocks", "Saved blocks the server acknowledged (or already held)"),
     "upload_failed_blocks": ("vllm:membrain_upload_failed_blocks", "Saved blocks whose upload failed (server down, refused)"),
 }

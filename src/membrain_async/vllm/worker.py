@@ -5,8 +5,12 @@ checked (header, checksum, shape) and copied whole into the KV cache before the 
 is missing, late past the load deadline or corrupt is reported through `get_block_ids_with_load_errors`,
 and vLLM recomputes it.
 
-Saves: after the forward pass, newly full pages are copied into reusable staging buffers and handed to
-the runtime's write-behind queue; the forward pass never waits on the network.
+Saves: after the forward pass, newly full pages are copied into bounded staging buffers (so vLLM may
+reuse the blocks at once) and held there, staged under the step that computed them. They are handed to
+the runtime's write-behind queue only when a later step's metadata carries that step's verdict: the
+scheduler half has then seen every rank's invalid blocks for the step, and names the requests whose KV
+was computed over a block that was never filled. Their copies are discarded, never uploaded.
+The forward pass never waits on the network.
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 from .. import codec, keys
 from ..config import ConnectorConfig
 from ..runtime import get_runtime
 from . import identity
-from .metadata import BlockTransfer, MembrainConnectorMetadata
+from .metadata import BlockTransfer, MembrainConnectorMetadata, MembrainWorkerMetadata, SaveVerdict
 from .pages import (
     PageLayout,
     StagingPool,
@@ -36,6 +41,24 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 log = logging.getLogger("membrain.connector")
+
+# Steps a staged save waits for its verdict before it is dropped (the scheduler stopped tracking it).
+STAGED_STEPS_MAX = 16
+
+
+@dataclass
+class _StagedBlock:
+    """One block's payload gathered into a staging buffer, waiting for its step's verdict."""
+
+    req_id: str
+    key: str
+    payload: memoryview
+    release: Callable[[], None]
+    prepare: Callable[[], None]
+
+    @property
+    def size(self) -> int:
+        return self.payload.nbytes
 
 
 class MembrainWorker:
@@ -54,7 +77,8 @@ class MembrainWorker:
         self.layout: PageLayout | None = None
         self.staging = StagingPool(config.write_behind_bytes)
         self.mover = None  # DevicePageMover on accelerators (batched, streams and events)
-        self._pending_saves: list = []
+        self._pending_saves: list = []  # device saves committed, waiting for their copy to finish
+        self._staged: dict[int, list] = {}  # step -> _StagedBlock | PendingSave awaiting the verdict
         self._pending_load = None
         self._load_errors: set[int] = set()
         # Requests whose load failed this step: their forward ran without the missing pages, so whatever
@@ -95,6 +119,8 @@ class MembrainWorker:
     def start_load_kv(self, meta: MembrainConnectorMetadata) -> None:
         self._pending_load = None
         self._failed_requests = set()
+        self._apply_verdicts(meta.verdicts)
+        self._expire_staged(meta.step)
         self._flush_ready_saves()
         for finished in meta.finished:
             self.runtime.cancel(finished)
@@ -188,13 +214,22 @@ class MembrainWorker:
             self._flush_ready_saves()
             return
         t0 = time.perf_counter()
+        # This rank's own failed loads: the scheduler would discard these anyway, so skip the copy.
         saves = [s for s in meta.saves if s.req_id not in self._failed_requests]
         if len(saves) < len(meta.saves):
             self._count("saves_skipped_after_load_error", sum(len(s.block_ids) for s in meta.saves) - sum(len(s.block_ids) for s in saves))
+        staged = self._staged.setdefault(meta.step, [])
         if self.mover is not None:
-            # Queued behind this step's forward on the save stream; handed to the uploader once copied.
+            # The gather is ordered after this step's forward and before the next one (start_save); the
+            # copy to host finishes in the background.
             for save in saves:
-                self._pending_saves.append(self.mover.start_save(save.block_ids, save.hashes, save.req_id))
+                nbytes = len(save.block_ids) * self.layout.payload_bytes
+                if not self.staging.reserve(nbytes):
+                    self._count("dropped_saves", len(save.block_ids))
+                    continue
+                pending = self.mover.start_save(save.block_ids, save.hashes, save.req_id)
+                pending.nbytes = nbytes
+                staged.append(pending)
             self._flush_ready_saves()
             self._count("save_copy_ms", 1e3 * (time.perf_counter() - t0))
             return
@@ -202,11 +237,52 @@ class MembrainWorker:
         for save in saves:
             for block_id, block_hash in zip(save.block_ids, save.hashes):
                 buf = self.staging.acquire(size)
+                if buf is None:  # staging and write-behind are full: a future miss, never a wait
+                    self._count("dropped_saves")
+                    continue
                 payload = gather_block(self.layout, block_id, buf)  # the checksum is computed by the uploader
                 key = self._key(block_hash)
-                self._queue_save(key, [payload], save.req_id, lambda b=buf: self.staging.release(b), size,
-                                 prepare=lambda p=payload, layout=self.layout, k=key: write_header(layout, p, k))
+                staged.append(_StagedBlock(
+                    save.req_id, key, payload, lambda b=buf: self.staging.release(b),
+                    lambda p=payload, layout=self.layout, k=key: write_header(layout, p, k),
+                ))
         self._count("save_copy_ms", 1e3 * (time.perf_counter() - t0))
+
+    def worker_meta(self, meta: MembrainConnectorMetadata | None) -> MembrainWorkerMetadata | None:
+        """Which step this output belongs to, for the scheduler to settle that step's staged saves."""
+        if meta is None or not meta.saves:
+            return None
+        return MembrainWorkerMetadata([meta.step])
+
+    def _apply_verdicts(self, verdicts: list[SaveVerdict]) -> None:
+        for verdict in verdicts:
+            discard = set(verdict.discard)
+            for item in self._staged.pop(verdict.step, ()):
+                if item.req_id in discard:
+                    self._drop_staged(item, "save_copies_discarded")
+                else:
+                    self._commit(item)
+
+    def _expire_staged(self, step: int) -> None:
+        for stale in [s for s in self._staged if s < step - STAGED_STEPS_MAX]:
+            for item in self._staged.pop(stale):
+                self._drop_staged(item, "saves_unconfirmed")
+
+    def _commit(self, item) -> None:
+        if isinstance(item, _StagedBlock):
+            self._queue_save(item.key, [item.payload], item.req_id, item.release, item.size, prepare=item.prepare)
+        else:
+            self._pending_saves.append(item)  # uploaded by _flush_ready_saves once its copy finished
+
+    def _drop_staged(self, item, counter: str) -> None:
+        if isinstance(item, _StagedBlock):
+            item.release()
+            self._count(counter)
+            return
+        # A device copy may still be writing its host buffer: release it only once it finished.
+        item.discard = True
+        self._pending_saves.append(item)
+        self._count(counter, len(item.block_ids))
 
     def _queue_save(self, key: str, parts: list, req_id: str, release, size: int, prepare=None) -> None:
         if self.runtime.save(key, parts, tag=req_id, on_done=release, prepare=prepare):
@@ -226,13 +302,18 @@ class MembrainWorker:
             if not pending.ready():
                 still.append(pending)
                 continue
+            mover, staging = self.mover, self.staging
+            if pending.discard:
+                mover.release_host(pending.host)
+                staging.unreserve(pending.nbytes)
+                continue
             remaining = [len(pending.block_ids)]
-            mover = self.mover
 
             def release(p=pending, left=remaining) -> None:
                 left[0] -= 1
                 if left[0] == 0:
                     mover.release_host(p.host)
+                    staging.unreserve(p.nbytes)
 
             for i, block_hash in enumerate(pending.hashes):
                 body = memoryview(self.mover.payload_of(pending, i).numpy())
@@ -254,6 +335,10 @@ class MembrainWorker:
         return stats
 
     def shutdown(self) -> None:
+        # Saves still waiting for a verdict are dropped: unconfirmed KV is never uploaded.
+        for step in list(self._staged):
+            for item in self._staged.pop(step):
+                self._drop_staged(item, "saves_unconfirmed")
         for pending in self._pending_saves:
             pending.event.synchronize()  # shutting down: the last saves may wait for their copies
         self._flush_ready_saves()
