@@ -58,11 +58,15 @@ PROMPTS = {
     "x": tinymodel.prompt_words(160, seed=41),
     "y": tinymodel.prompt_words(160, seed=42),
     "z": tinymodel.prompt_words(160, seed=43),
+    # Never-poison scenarios: pairs sharing a 256-word prefix, one prefix per scenario.
+    **{f"s{i}{t}": tinymodel.prompt_words(256, seed=200 + i) + " " + tinymodel.prompt_words(72, seed=300 + 10 * i + k)
+       for i in range(1, 6) for k, t in enumerate("xy")},
     # One fresh prompt per fault scenario, so nothing an earlier scenario stored can help or hurt it.
     **{f"f{i}": tinymodel.prompt_words(160, seed=100 + i) for i in range(1, 10)},
 }
 # "name@salt" is the prompt with that cache_salt.
-BASELINE_NAMES = ["a1", "b1", "salted@alice", "salted@bob", "x", "y", "z", *(f"f{i}" for i in range(1, 10))]
+BASELINE_NAMES = ["a1", "b1", "salted@alice", "salted@bob", "x", "y", "z", *(f"f{i}" for i in range(1, 10)),
+                  *(f"s{i}{t}" for i in range(1, 6) for t in "xy")]
 
 
 def P(name: str, salt: str | None = None) -> dict:

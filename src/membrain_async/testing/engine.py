@@ -13,6 +13,10 @@ Each phase prints {"phase", "results": [{"tokens", "text", "num_cached_tokens", 
 With "wait_for_go", the engine prints {"ready": phase} and waits for a line on stdin before running it,
 so a test can act (kill a server, add a node) between phases. "batch": true generates all prompts of the
 phase in one call (throughput); the report's "wall_s" is the phase's generation time.
+"n": k asks for k sequences per prompt (vLLM wants "temperature" > 0 then; "seed" makes them repeatable). "abort_after_failed_load":
+true needs an in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0): it adds the phase's prompts, steps the
+engine until Membrain's scheduler half has seen a failed load, aborts every request, and reports
+{"aborted": n, "steps": k} instead of results.
 With "interactive": true in the spec, after the listed phases the engine prints {"ready": "interactive"}
 and runs each JSON phase it reads from stdin, until "quit" or end of input.
 """
@@ -72,7 +76,8 @@ def run_phase(llm, phase: dict) -> None:
     if phase.get("reset_prefix_cache"):
         # Forget local prefix-cache blocks, so a repeat can only hit through Membrain.
         llm.reset_prefix_cache()
-    params = SamplingParams(temperature=0.0, max_tokens=phase.get("max_tokens", 8), ignore_eos=True)
+    params = SamplingParams(temperature=phase.get("temperature", 0.0), seed=phase.get("seed"),
+                            max_tokens=phase.get("max_tokens", 8), ignore_eos=True, n=phase.get("n", 1))
     prompts = []
     for p in phase["prompts"]:
         prompt = {"prompt": p["text"]}
@@ -82,6 +87,10 @@ def run_phase(llm, phase: dict) -> None:
         prompts.append((prompt, LoRARequest(lora["name"], lora["id"], lora["path"]) if lora else None))
     results = []
     t_phase = time.perf_counter()
+    if phase.get("abort_after_failed_load"):
+        print(json.dumps({"phase": phase["name"], **_abort_after_failed_load(llm, prompts, params),
+                          "metrics": _metrics(llm)}), flush=True)
+        return
     if phase.get("batch"):
         # All prompts at once, as a server under load sees them: for throughput, not per-request latency.
         outs = llm.generate([p for p, _ in prompts], params, use_tqdm=False,
@@ -98,10 +107,27 @@ def run_phase(llm, phase: dict) -> None:
     print(json.dumps({"phase": phase["name"], "results": results, "wall_s": wall, "metrics": _metrics(llm)}), flush=True)
 
 
+def _abort_after_failed_load(llm, prompts, params) -> dict:
+    """Abort every request right after the step in which a load failed, before vLLM recomputes it."""
+    engine = llm.llm_engine
+    connector = engine.engine_core.engine_core.scheduler.connector  # in-process engine only
+    ids = [f"abort-{i}" for i in range(len(prompts))]
+    for rid, (prompt, lora_request) in zip(ids, prompts):
+        engine.add_request(rid, prompt, params, lora_request=lora_request)
+    for step in range(1, 500):
+        engine.step()
+        if connector._scheduler.load_failures:
+            engine.abort_request(ids)
+            return {"aborted": len(ids), "steps": step}
+        time.sleep(0.01)  # the lookup is answered on the runtime thread
+    raise RuntimeError("no load failed within 500 steps")
+
+
 def _result(out, latency: float | None) -> dict:
     ttft = getattr(out.metrics, "first_token_latency", None) if out.metrics is not None else None
     return {
         "tokens": list(out.outputs[0].token_ids),
+        "all_tokens": [list(o.token_ids) for o in out.outputs],
         "text": out.outputs[0].text,
         "num_cached_tokens": out.num_cached_tokens,
         "prompt_tokens": len(out.prompt_token_ids),

@@ -67,6 +67,7 @@ class MembrainScheduler:
         self._step = 0
         self._ledger = SaveLedger()
         self._kv_cache_manager: "KVCacheManager | None" = None
+        self.load_failures = 0  # requests seen holding a block that failed to load (tests and logs)
         # Hashes this instance recently loaded or saved: what the workers' hot tiers hold (an estimate;
         # a block a worker has since dropped is fetched from the server, or recomputed).
         block_bytes = identity.payload_bytes(vllm_config)
@@ -222,6 +223,7 @@ class MembrainScheduler:
             first = next((i for i, b in enumerate(table) if b in invalid), None)
             if first is not None:
                 evict.update(table[first:])
+                self.load_failures += 1
         manager.evict_blocks(evict)
         self._count("evicted_unfilled_blocks", len(evict))
 
