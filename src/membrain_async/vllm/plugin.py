@@ -124,15 +124,24 @@ def leave_memory_room(engine_args, config: ConnectorConfig, infos: dict[str, dic
         return line
     if getattr(engine_args, "kv_cache_memory_bytes", None) or os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         return f"{line}; KV cache size set explicitly: leave room for Membrain yourself"
-    import psutil
-
     local = sum(int(info.get("limits", {}).get("capacity", 0)) for url, info in infos.items() if mb.is_local_endpoint(url))
-    room = mb.plan_kv_room(engine_args.gpu_memory_utilization, psutil.virtual_memory().total, local, buffers,
-                           _ranks(engine_args))
+    room = mb.plan_kv_room(engine_args.gpu_memory_utilization, _cpu_worker_memory(), local, buffers, _ranks(engine_args))
     if not room.fits:
         log.warning("Membrain: %s", room.message)
     engine_args.gpu_memory_utilization = room.fraction
     return f"{line}; {room.message}"
+
+
+def _cpu_worker_memory() -> int:
+    """The total vLLM's CPU worker takes its memory fraction of: its memory node's (cgroup-aware), not the host's."""
+    try:
+        from vllm.utils.cpu_resource_utils import get_allowed_cpu_list, get_memory_node_info
+
+        return get_memory_node_info(get_allowed_cpu_list()[0].numa_node).total_memory
+    except Exception:  # an older or newer vLLM: the host's memory is the closest figure
+        import psutil
+
+        return psutil.virtual_memory().total
 
 
 def keep_cpu_cores(engine_args) -> None:
