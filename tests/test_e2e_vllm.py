@@ -88,7 +88,10 @@ def test_another_model_never_hits(shared, other_model, e2e_server, logs):
 def test_server_down_killed_mid_load_and_restarted(model, baseline, logs, reliability):
     port = free_port()
     with FaultProxy(port) as proxy:
-        env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=proxy.url, VLLM_MEMBRAIN_BREAKER_COOLDOWN="0.5")
+        # No prefetch: the only payload on the wire is then the load itself, sent after the lookup was
+        # answered, so the server is killed mid-load and not, by a race, before it answered the lookup.
+        env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=proxy.url, VLLM_MEMBRAIN_BREAKER_COOLDOWN="0.5",
+                         VLLM_MEMBRAIN_PREFETCH_BYTES="0")
         phases = [
             {"name": "down", "prompts": [P("x")], "max_tokens": 12},
             {"name": "prep", "prompts": [P("y")], "max_tokens": 12, "wait_for_go": True, "settle_s": 2},

@@ -69,6 +69,14 @@ def test_submit_returns_at_once_and_completions_land_in_the_ring(runtime):
     assert bytes(got[0]) == b"hdrpayload" and got[1] is None
 
 
+def test_lookups_of_requests_arriving_together_complete_together(runtime):
+    for key in ("a", "b"):
+        assert runtime.save(key, [b"v"])
+    assert runtime.flush(10)
+    fut = runtime.lookup_many([["a", "b", "x"], ["a"], ["y", "a"], []])
+    assert fut.wait(10) and fut.result() == [2, 1, 0, 0]
+
+
 def test_write_behind_keeps_order_last_write_wins(runtime, server):
     for i in range(20):
         assert runtime.save("same", [f"v{i}".encode()])

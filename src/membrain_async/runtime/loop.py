@@ -231,6 +231,29 @@ class MembrainRuntime:
             attributes={"membrain.keys": len(keys)},
         )
 
+    def lookup_many(self, key_lists: Sequence[Sequence[str]], *, tag: Any = None) -> MembrainFuture:
+        """Several prefix lookups in one job, run concurrently; one future completes them all at once.
+
+        For requests that arrive together: their answers reach the scheduler in the same step, so a
+        request sharing another's prefix is scheduled beside it. Result: list[int], one per key list.
+        """
+        lists = [list(keys) for keys in key_lists]
+        self.stats.lookups += len(lists)
+
+        async def go(client) -> list[int]:
+            counts = [0] * len(lists)
+
+            async def one(i: int) -> None:
+                counts[i] = await self._lookup(client, lists[i])
+
+            async with anyio.create_task_group() as tg:
+                for i in range(len(lists)):
+                    tg.start_soon(one, i)
+            return counts
+
+        return self.submit("lookup", go, tag=tag, deadline=self.config.lookup_deadline,
+                           attributes={"membrain.keys": sum(map(len, lists))})
+
     def fetch(
         self, keys: Sequence[str], *, tag: Any = None, ring: CompletionRing | None = None, deadline: float | None = None
     ) -> MembrainFuture:
@@ -705,6 +728,8 @@ def _backend_options(config: ConnectorConfig) -> dict:
 def _result_attributes(kind: str, value: Any) -> dict:
     if kind == "lookup" and isinstance(value, int):
         return {"membrain.hit_keys": value, "membrain.hit": value > 0}
+    if kind == "lookup" and isinstance(value, list):
+        return {"membrain.hit_keys": sum(value), "membrain.lookups": len(value)}
     if kind == "fetch" and isinstance(value, list):
         return {
             "membrain.bytes": sum(len(v) for v in value if v is not None),

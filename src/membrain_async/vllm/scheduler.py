@@ -37,11 +37,33 @@ if TYPE_CHECKING:
 log = logging.getLogger("membrain.connector")
 
 
+class _LookupSlot:
+    """One request's answer inside a batched lookup future (the future's interface, for one index)."""
+
+    __slots__ = ("future", "index")
+
+    def __init__(self, future: MembrainFuture, index: int):
+        self.future, self.index = future, index
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def cancel(self) -> bool:
+        return self.future.cancel()
+
+    def exception(self):
+        return self.future.exception()
+
+    def result_or(self, default):
+        counts = self.future.result_or(None)
+        return default if counts is None else counts[self.index]
+
+
 @dataclass
 class _RequestState:
     request: "Request"
     chain: BlockHashes
-    lookup: MembrainFuture | None = None
+    lookup: MembrainFuture | _LookupSlot | None = None
     lookup_started: float = 0.0
     lookup_blocks: int = 0  # how many leading blocks the lookup asked about
     lookup_seq: int | None = None  # the save ledger's clock when the lookup was sent (None: no answer)
@@ -64,6 +86,7 @@ class MembrainScheduler:
         self._loads: list[BlockTransfer] = []
         self._prefetch: list[BlockTransfer] = []
         self._finished: list[str] = []
+        self._unsent_lookups: list[tuple[_RequestState, list[str]]] = []
         self._step = 0
         self._ledger = SaveLedger()
         self._kv_cache_manager: "KVCacheManager | None" = None
@@ -111,9 +134,28 @@ class MembrainScheduler:
             return
         st.lookup_started = time.monotonic()
         st.lookup_seq = self._ledger.now()
-        st.lookup = self.runtime.lookup(self.keys_for(hashes), tag=request.request_id)
+        # Sent when vLLM next schedules, with every request that arrived meanwhile (see _send_lookups).
+        self._unsent_lookups.append((st, self.keys_for(hashes)))
+
+    def _send_lookups(self) -> None:
+        """Requests that arrived together are looked up in one job, so their answers land in one step.
+
+        A request sharing another's prefix is then scheduled beside it and takes its blocks from vLLM's
+        prefix cache, instead of loading the same blocks again a step later.
+        """
+        pending = [(st, keys) for st, keys in self._unsent_lookups if self._requests.get(st.request.request_id) is st]
+        self._unsent_lookups = []
+        if len(pending) == 1:
+            st, keys = pending[0]
+            st.lookup = self.runtime.lookup(keys, tag=st.request.request_id)
+        elif pending:
+            batch = self.runtime.lookup_many([keys for _, keys in pending])
+            for i, (st, _) in enumerate(pending):
+                st.lookup = _LookupSlot(batch, i)
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        if self._unsent_lookups:
+            self._send_lookups()
         st = self._requests.get(request.request_id)
         if st is None:  # not seen by on_new_request (should not happen): behave as a miss
             return 0, False
@@ -176,6 +218,7 @@ class MembrainScheduler:
         self._count("miss_blocks", max(0, st.lookup_blocks - first - n))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> MembrainConnectorMetadata:
+        self._send_lookups()  # requests this step did not reach: their lookups go out now
         self._step += 1
         self._step_load_blocks = 0
         meta = MembrainConnectorMetadata(
