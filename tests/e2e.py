@@ -71,3 +71,12 @@ BASELINE_NAMES = ["a1", "b1", "salted@alice", "salted@bob", "x", "y", "z", *(f"f
 
 def P(name: str, salt: str | None = None) -> dict:
     return {"text": PROMPTS[name], **({"cache_salt": salt} if salt else {})}
+
+
+def proc_status(pid: int, field: str) -> int:
+    """A /proc/<pid>/status size field in bytes (VmHWM: the kernel's own record of peak RSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(field)

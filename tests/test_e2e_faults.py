@@ -75,10 +75,14 @@ class Phases:
 
     def finish(self) -> dict:
         report = self.engine.phase()
-        metrics = report["metrics"]
-        report["delta"] = {k: v - self.last.get(k, 0) for k, v in metrics.items() if isinstance(v, (int, float))}
-        self.last = metrics
+        report["delta"] = metric_deltas(report["metrics"], self.last)
+        self.last = report["metrics"]
         return report
+
+
+def metric_deltas(metrics: dict, last: dict) -> dict:
+    """What a phase added to the engine's cumulative counters."""
+    return {k: v - last.get(k, 0) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def phase(name: str, prompt: str, reset: bool = False, settle: float = 0.5) -> dict:

@@ -21,7 +21,7 @@ import pytest
 
 from membrain_async.server.embed import start_subprocess_server
 
-from .e2e import engine_env
+from .e2e import engine_env, proc_status
 from .test_e2e_vllm import free_port
 
 pytest.importorskip("vllm")
@@ -38,14 +38,6 @@ if __name__ == "__main__":
     add_cli_args(parser)
     main(parser.parse_args(sys.argv[1:]))
 """
-
-
-def vm_hwm(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def test_vllms_benchmark_client_with_default_kv_sizing_and_a_local_server(model, logs, tmp_path):
@@ -93,8 +85,8 @@ def test_vllms_benchmark_client_with_default_kv_sizing_and_a_local_server(model,
         assert result["completed"] == 24 and result.get("failed", 0) == 0, result
         assert api.poll() is None, "the OpenAI server died"
         # The local server within its own bound, the worker within its announced buffers.
-        assert vm_hwm(srv.process.pid) <= CAPACITY * 1.1 + (64 << 20)
-        grown = vm_hwm(worker.pid) - worker_start
+        assert proc_status(srv.process.pid, "VmHWM") <= CAPACITY * 1.1 + (64 << 20)
+        grown = proc_status(worker.pid, "VmHWM") - worker_start
         assert grown <= buffers, f"the worker grew {grown >> 20} MiB, more than its announced {buffers / (1 << 20):.0f} MiB"
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         # One instance: the repeats hit vLLM's own prefix cache; what it computed filled the Membrain server.

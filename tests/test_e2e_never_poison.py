@@ -23,7 +23,7 @@ from membrain_async.testing.proxy import FaultProxy
 from membrain_async.testing.driver import EngineProcess
 
 from .e2e import BLOCK, ENGINE_KWARGS, PROMPTS, P, engine_env
-from .test_e2e_faults import NS, flip_a_bit, rewrite, stored_keys
+from .test_e2e_faults import NS, flip_a_bit, metric_deltas, rewrite, stored_keys
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
@@ -91,9 +91,8 @@ class Live:
         if during:
             during()
         report = self.engine.phase()
-        metrics = report["metrics"]
-        report["delta"] = {k: v - self.last.get(k, 0) for k, v in metrics.items() if isinstance(v, (int, float))}
-        self.last = metrics
+        report["delta"] = metric_deltas(report["metrics"], self.last)
+        self.last = report["metrics"]
         return report
 
     def finish(self) -> None:

@@ -17,6 +17,7 @@ import httpx
 
 from membrain_async.client import MembrainClient
 from membrain_async.server.embed import start_subprocess_server
+from .e2e import proc_status
 
 _HEAD = struct.Struct("<QQ")  # version, length
 
@@ -32,14 +33,6 @@ def check_value(key: str, value) -> None:
     version, size = _HEAD.unpack_from(value)
     assert len(value) == size, f"{key}: torn value ({len(value)} of {size} bytes)"
     assert value == make_value(key, version, size), f"{key}: wrong payload for version {version}"
-
-
-def _status(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def test_mixed_concurrent_clients_never_see_a_wrong_payload_and_memory_stays_bounded(reliability):
@@ -79,7 +72,7 @@ def test_mixed_concurrent_clients_never_see_a_wrong_payload_and_memory_stays_bou
     try:
         anyio.run(main)
         stats = httpx.get(f"{srv.url}/v1/stats", timeout=5).json()
-        peak = _status(srv.process.pid, "VmHWM")  # the kernel's own record of peak RSS
+        peak = proc_status(srv.process.pid, "VmHWM")  # the kernel's own record of peak RSS
         evictions = sum(ns["evictions"] for ns in stats["namespaces"].values())
         limit = capacity * 1.10 + (64 << 20)
         reliability.add("memory", test="mixed concurrent clients", capacity=capacity, peak_rss=peak, limit=int(limit),
