@@ -217,6 +217,12 @@ class ConnectorConfig(_Settings):
     prefetch_bytes: int = _setting(
         256 << 20, "VLLM_MEMBRAIN_PREFETCH_BYTES", "Bytes of pages a worker may prefetch into staging memory.", parse_size
     )
+    load_mode: str = _setting(
+        "async",
+        "VLLM_MEMBRAIN_LOAD_MODE",
+        "async: a hit waits in vLLM's WAITING_FOR_REMOTE_KVS while its pages load, and the batch runs on. sync: pages load inside the step, before the forward (every running request waits).",
+        str,
+    )
     step_load_bytes: int = _setting(
         256 << 20,
         "VLLM_MEMBRAIN_STEP_LOAD_BYTES",
@@ -254,6 +260,8 @@ class ConnectorConfig(_Settings):
     def validate(self) -> None:
         if self.async_backend not in ("asyncio", "trio"):
             raise ConfigError(f"VLLM_MEMBRAIN_ASYNC_BACKEND must be asyncio or trio, got {self.async_backend!r}")
+        if self.load_mode not in ("async", "sync"):
+            raise ConfigError(f"VLLM_MEMBRAIN_LOAD_MODE must be async or sync, got {self.load_mode!r}")
         if not self.endpoint:
             raise ConfigError("VLLM_MEMBRAIN_ENDPOINT is empty")
         for url in self.endpoint:

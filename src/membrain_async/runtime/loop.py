@@ -268,6 +268,37 @@ class MembrainRuntime:
             attributes={"membrain.keys": len(keys)},
         )
 
+    def load(
+        self,
+        keys: Sequence[str],
+        apply: Callable[[list], Any],
+        *,
+        tag: Any = None,
+        ring: CompletionRing | None = None,
+        deadline: float | None = None,
+    ) -> MembrainFuture:
+        """Fetch keys, then run `apply(values)` on a worker thread (off the loop and off the caller).
+
+        For copying fetched pages into their destination without the caller waiting: `apply` checks
+        and copies (torch copies and checksums release the GIL). It is never abandoned once started: a
+        deadline or cancellation that arrives meanwhile waits for it, so nothing writes into the
+        destination after the future is done. Result: what `apply` returns.
+        """
+        keys = list(keys)
+
+        async def go(client) -> Any:
+            values = await self._fetch(client, keys)
+            return await anyio.to_thread.run_sync(apply, values)
+
+        return self.submit(
+            "load",
+            go,
+            tag=tag,
+            ring=ring,
+            deadline=deadline or self.config.load_deadline,
+            attributes={"membrain.keys": len(keys)},
+        )
+
     def prefetch(self, keys: Sequence[str], *, tag: Any = None) -> MembrainFuture:
         """Start fetching keys into staging memory; a later fetch() of them is served from there."""
         keys = list(keys)
