@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import anyio
 import pytest
 
-from membrain_async.client import CircuitBreaker, MembrainClient, MembrainRequestError
+from membrain_async.client import CircuitBreaker, MembrainClient, MembrainRequestError, MembrainUnavailable
 from membrain_async.protocol import bulk
 from membrain_async.server import embedded_server
 
@@ -64,19 +64,22 @@ async def test_concurrent_calls_share_the_pool(server):
         assert c._pool.opened <= 4
 
 
-async def test_breaker_fast_misses_then_recovers():
+async def test_breaker_fails_fast_then_recovers():
     with embedded_server() as srv:
         port = srv.port
         async with MembrainClient(srv.url, timeout=0.5, retries=0, breaker=CircuitBreaker(threshold=2, cooldown=0.3)) as c:
             assert await c.put("k", b"v")
             srv.stop()
             for _ in range(2):
-                assert await c.get("k") is None  # a miss, not an exception
+                with pytest.raises(MembrainUnavailable):  # not a miss: the client does not guess
+                    await c.get("k")
             assert not c.available
             t = time.perf_counter()
             for _ in range(100):
-                assert await c.get("k") is None
-                assert await c.lookup(["k"]) == 0
+                with pytest.raises(MembrainUnavailable, match="circuit open"):
+                    await c.get("k")
+                with pytest.raises(MembrainUnavailable, match="circuit open"):
+                    await c.lookup(["k"])
             assert c.stats.fast_fails >= 200
             fast = time.perf_counter() - t
             with embedded_server(port=port):
@@ -85,6 +88,38 @@ async def test_breaker_fast_misses_then_recovers():
                 assert c.available
                 assert bytes(await c.get("k")) == b"back"
     assert fast < 5  # 200 calls with the server down did not each wait for a timeout
+
+
+@pytest.mark.parametrize("use_bulk", [True, False], ids=["bulk", "http-batch"])
+async def test_a_stopped_server_is_unavailable_and_a_missing_key_is_a_miss(use_bulk):
+    with embedded_server() as srv:
+        async with MembrainClient(srv.url, timeout=0.5, retries=0, use_bulk=use_bulk,
+                                  breaker=CircuitBreaker(threshold=100)) as c:
+            assert await c.put("k", b"v")
+            # A live server: a missing key is a miss, in every call.
+            assert await c.get("nope") is None
+            assert await c.get_many(["k", "nope"]) == [b"v", None]
+            assert await c.get_many_into(["nope"], [memoryview(bytearray(8))]) == [-1]
+            assert await c.lookup(["nope", "k"]) == 0
+            assert await c.exists(["nope"]) == [False]
+            assert await c.delete("nope") is False
+            srv.stop()
+            # A stopped server: every call says so.
+            calls = [
+                lambda: c.get("k"),
+                lambda: c.get_many(["k"]),
+                lambda: c.get_many_into(["k"], [memoryview(bytearray(8))]),
+                lambda: c.lookup(["k"]),
+                lambda: c.exists(["k"]),
+                lambda: c.put("k", b"w"),
+                lambda: c.put_many(["k"], [b"w"]),
+                lambda: c.delete("k"),
+            ]
+            for call in calls:
+                with pytest.raises(MembrainUnavailable):
+                    await call()
+            assert c.stats.fast_fails == 0  # each call reached for the dead server, the breaker stayed closed
+            assert await c.health() is False
 
 
 def test_breaker_state_machine():

@@ -143,3 +143,40 @@ async def test_lookup_asks_the_replica_when_a_node_just_died():
             srv[0].stop()
             assert await c.lookup(keys) == 40
             assert await c.exists(keys) == [True] * 40
+
+
+async def test_cluster_raises_unavailable_only_when_no_node_answers():
+    from membrain_async.client import MembrainUnavailable
+
+    with nodes(3) as srv:
+        async with MembrainCluster([s.url for s in srv], replicas=1, timeout=0.5, breaker_threshold=1, breaker_cooldown=30) as c:
+            keys = [f"k{i}" for i in range(60)]
+            assert await c.put_many(keys, [b"v"] * 60) == 60
+            assert await c.get("nope") is None  # a real miss
+            srv[0].stop()
+            # Some nodes answer: their keys are hits, the dead node's keys come back as misses.
+            got = await c.get_many(keys)
+            lost = {k for k in keys if c.placement(k)[0] == 0}
+            assert lost and all((v is None) == (k in lost) for k, v in zip(keys, got))
+            assert 0 < await c.put_many(keys, [b"w"] * 60) < 60
+            alive = next(k for k in keys if k not in lost)
+            assert await c.delete(alive) is True
+            srv[1].stop()
+            srv[2].stop()
+            for call in (lambda: c.get_many(keys), lambda: c.lookup(keys), lambda: c.exists(keys),
+                         lambda: c.put_many(keys, [b"x"] * 60), lambda: c.delete(alive)):
+                with pytest.raises(MembrainUnavailable):
+                    await call()
+
+
+async def test_cluster_fails_over_to_a_replica_for_every_call():
+    with nodes(2) as srv:
+        async with MembrainCluster([s.url for s in srv], replicas=2, timeout=0.5, breaker_threshold=1, breaker_cooldown=30) as c:
+            keys = [f"k{i}" for i in range(20)]
+            assert await c.put_many(keys, [b"v"] * 20) == 20
+            srv[0].stop()
+            assert [bytes(v) for v in await c.get_many(keys)] == [b"v"] * 20
+            assert await c.lookup(keys) == 20
+            assert await c.put_many(["new"], [b"n"]) == 1
+            assert await c.delete("k0") is True
+            assert await c.get("k0") is None

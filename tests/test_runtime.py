@@ -154,14 +154,16 @@ def test_slow_server_times_out_at_the_deadline(server, backend):
         rt.shutdown(drain=0)
 
 
-def test_server_down_is_a_miss(backend):
+def test_server_down_is_an_error_not_a_miss(backend):
+    from membrain_async.client import MembrainUnavailable
+
     with embedded_server() as srv:
         url = srv.url
     rt = make_runtime(url, backend, timeout=0.5)
     fut = rt.lookup(["a", "b"])
-    assert fut.wait(10) and fut.result() == 0
+    assert fut.wait(10) and isinstance(fut.exception(), MembrainUnavailable)
     fut = rt.fetch(["a"])
-    assert fut.wait(10) and fut.result() == [None]
+    assert fut.wait(10) and isinstance(fut.exception(), MembrainUnavailable)
     rt.shutdown(drain=0)
 
 

@@ -17,7 +17,7 @@ def doctor(args: argparse.Namespace) -> int:
     from vllm.engine.arg_utils import EngineArgs
 
     from . import keys
-    from .client import MembrainClient
+    from .client import MembrainClient, MembrainUnavailable
     from .config import ConnectorConfig
     from .tls import connector_context
     from vllm.sampling_params import SamplingParams
@@ -49,8 +49,10 @@ def doctor(args: argparse.Namespace) -> int:
     async def ask():
         async with MembrainClient(config.endpoint[0], namespace=config.namespace, token=config.token or None,
                                   tls=connector_context(config)) as c:
-            present = await c.exists(block_keys) if block_keys else []
-            return present, c.available
+            try:
+                return (await c.exists(block_keys) if block_keys else []), True
+            except MembrainUnavailable:
+                return [False] * len(block_keys), False
 
     present, reachable = anyio.run(ask)
     print("namespace fingerprint:", fingerprint)

@@ -9,8 +9,12 @@ node list.
 - get: each key is read from the first healthy node of its ranking; a replica is tried if that one misses;
 - lookup (leading keys present): keys are grouped by the node that would serve them, every group asked in
   parallel, and the answers combined into "how many leading keys can be loaded";
-- a node whose circuit breaker is open is skipped, so a dead node costs misses, not timeouts; its breaker
+- a node whose circuit breaker is open is skipped, so a dead node costs no timeouts; its breaker
   probe (after the cool-down) or `check_health()` brings it back.
+
+Failover: a node that cannot be reached is routed around (its keys go to their next replica). An operation
+raises `MembrainUnavailable` only when no node could answer it at all; when some nodes answered, a key
+none of whose replicas could be reached comes back as a miss.
 """
 
 from __future__ import annotations
@@ -156,14 +160,24 @@ class MembrainCluster:
                 if self._up(i):
                     groups.setdefault(i, []).append(k)
         stored_on: list[int] = [0] * len(keys)
+        answered: list[int] = []
+        last: list[MembrainUnavailable] = []
 
         async def call(i: int, idx: list[int]) -> None:
-            n = await self.nodes[i].put_many([keys[k] for k in idx], [values[k] for k in idx], ns=ns)
+            try:
+                n = await self.nodes[i].put_many([keys[k] for k in idx], [values[k] for k in idx], ns=ns)
+            except MembrainUnavailable as exc:
+                last.append(exc)
+                return
+            answered.append(i)
             if n == len(idx):
                 for k in idx:
                     stored_on[k] += 1
 
-        await self._fan_out(groups, call)
+        if keys:
+            await self._fan_out(groups, call)
+            if not answered:
+                raise _none_answered(last)
         return sum(1 for s in stored_on if s)
 
     async def put(self, key: str, value: PutValue, *, ns: str | None = None) -> bool:
@@ -177,7 +191,17 @@ class MembrainCluster:
 
     async def _across_replicas(self, keys: Sequence[str], ask, retry) -> None:
         """Ask each key's first up replica, all nodes in parallel; keys for which `retry(k)` holds after
-        the answer (the node failed, or the key missed) go to their next replica, up to R rounds."""
+        the answer (the node failed, or the key missed) go to their next replica, up to R rounds.
+        MembrainUnavailable if no node answered at all."""
+        if not keys:
+            return
+        answered: list[int] = []
+        last: list[MembrainUnavailable] = []
+        await self._replica_rounds(keys, ask, retry, answered, last)
+        if not answered:
+            raise _none_answered(last)
+
+    async def _replica_rounds(self, keys, ask, retry, answered: list[int], last: list) -> None:
         tried: list[set[int]] = [set() for _ in keys]
         todo = list(range(len(keys)))
         for round_ in range(self.replicas):
@@ -194,8 +218,11 @@ class MembrainCluster:
             async def call(i: int, idx: list[int]) -> None:
                 try:
                     await ask(i, idx)
-                except MembrainUnavailable:
+                except MembrainUnavailable as exc:
+                    last.append(exc)
                     failed.extend(idx)
+                else:
+                    answered.append(i)
 
             await self._fan_out(groups, call)
             todo = sorted(set(failed) | {k for k in todo if k not in failed and retry(k)})
@@ -209,7 +236,7 @@ class MembrainCluster:
         out: list[memoryview | None] = [None] * len(keys)
 
         async def ask(i: int, idx: list[int]) -> None:
-            values = await self.nodes[i].get_many([keys[k] for k in idx], ns=ns, raise_unavailable=True)
+            values = await self.nodes[i].get_many([keys[k] for k in idx], ns=ns)
             for k, v in zip(idx, values):
                 out[k] = v
 
@@ -224,7 +251,7 @@ class MembrainCluster:
         present = [False] * len(keys)
 
         async def ask(i: int, idx: list[int]) -> None:
-            for k, p in zip(idx, await self.nodes[i].exists([keys[k] for k in idx], ns=ns, raise_unavailable=True)):
+            for k, p in zip(idx, await self.nodes[i].exists([keys[k] for k in idx], ns=ns)):
                 present[k] = p
 
         await self._across_replicas(keys, ask, lambda k: False)
@@ -241,5 +268,25 @@ class MembrainCluster:
         return n
 
     async def delete(self, key: str, *, ns: str | None = None) -> bool:
-        results = await self._fan_out({i: [0] for i in self.placement(key)}, lambda i, _: self.nodes[i].delete(key, ns=ns))
+        """Deleted from every replica that answered; True if any of them held it."""
+        last: list[MembrainUnavailable] = []
+
+        async def call(i: int, _) -> bool | None:
+            try:
+                return await self.nodes[i].delete(key, ns=ns)
+            except MembrainUnavailable as exc:
+                last.append(exc)
+                return None
+
+        results = await self._fan_out({i: [0] for i in self.placement(key)}, call)
+        if all(r is None for r in results.values()):
+            raise _none_answered(last)
         return any(results.values())
+
+
+def _none_answered(errors: list[MembrainUnavailable]) -> MembrainUnavailable:
+    if errors:
+        exc = MembrainUnavailable(f"no Membrain node could answer: {errors[-1]}")
+        exc.__cause__ = errors[-1]
+        return exc
+    return MembrainUnavailable("no Membrain node could answer: every node concerned is marked down")

@@ -1,4 +1,6 @@
-"""Client errors. Unavailability is not an error for a cache: it surfaces as a miss (see MembrainClient)."""
+"""Client errors. The client reports what happened and never guesses: a miss is None/False/-1, a server that
+cannot be reached is `MembrainUnavailable`. The cache layer decides that "unavailable" is served as a miss,
+and counts it as such."""
 
 
 class MembrainError(Exception):

@@ -1,9 +1,11 @@
 """Async client for one Membrain node: httpx for the HTTP API, the bulk protocol for payloads.
 
 anyio-native (asyncio or trio). Every call has a timeout; idempotent calls are retried with backoff on
-connection errors; a circuit breaker turns a dead server into fast misses. For a cache that is the right
-failure mode: `get` returns None, `lookup` 0, `put` stores nothing; only a refusal by a live server
-(bad input, auth) raises `MembrainRequestError`.
+connection errors; a circuit breaker makes a dead server fail fast. The client never guesses: a server
+that cannot be reached (or whose breaker is open) raises `MembrainUnavailable`, a refusal by a live server
+(bad input, auth) raises `MembrainRequestError`, and only a key the server does not hold is a miss (None,
+False, -1). Whether "unavailable" is then treated as a miss is the cache layer's decision, where it is
+also counted.
 
 Against a server with only `/memory/{ns}/{key}` (no `/v1/info`) the client falls back to per-key calls.
 """
@@ -230,7 +232,7 @@ class MembrainClient:
         return None if n <= step else [range(i, min(n, i + step)) for i in range(0, n, step)]
 
     async def put_many(self, keys: Sequence[str], values: Sequence[PutValue], *, ns: str | None = None) -> int:
-        """Store values; returns how many were stored (0 if the server is unavailable)."""
+        """Store values; returns how many were stored. MembrainUnavailable if the server cannot be reached."""
         if len(keys) != len(values):
             raise ValueError("put_many needs as many values as keys")
         if not keys:
@@ -255,10 +257,7 @@ class MembrainClient:
                 stored += 1
             return stored
 
-        try:
-            stored = await self._call(go)
-        except MembrainUnavailable:
-            return 0
+        stored = await self._call(go)
         self.stats.bytes_put += sum(_vlen(v) for v in values)
         return stored
 
@@ -270,17 +269,15 @@ class MembrainClient:
         frame = await conn.call(Op.PUT, {"ns": ns, "keys": list(keys), "sizes": sizes}, body)
         return int(frame.head.get("stored", 0))
 
-    async def get_many(
-        self, keys: Sequence[str], *, ns: str | None = None, raise_unavailable: bool = False
-    ) -> list[memoryview | None]:
-        """Values (views into one buffer per call) or None for misses; all None if the server is unavailable
-        (or MembrainUnavailable with raise_unavailable, for callers that can ask elsewhere)."""
+    async def get_many(self, keys: Sequence[str], *, ns: str | None = None) -> list[memoryview | None]:
+        """Values (views into one buffer per call) or None for misses. MembrainUnavailable if the server
+        cannot be reached."""
         if not keys:
             return []
         if parts := await self._split(len(keys)):
             out: list[memoryview | None] = []
             for r in parts:
-                out += await self.get_many([keys[i] for i in r], ns=ns, raise_unavailable=raise_unavailable)
+                out += await self.get_many([keys[i] for i in r], ns=ns)
             return out
         ns = ns or self.namespace
 
@@ -295,12 +292,7 @@ class MembrainClient:
                 return values
             return await self._legacy_get_many(ns, keys)
 
-        try:
-            values = await self._call(go)
-        except MembrainUnavailable:
-            if raise_unavailable:
-                raise
-            return [None] * len(keys)
+        values = await self._call(go)
         self.stats.bytes_got += sum(len(v) for v in values if v is not None)
         return values
 
@@ -327,7 +319,7 @@ class MembrainClient:
         """Receive values straight into caller-owned buffers (staging or pinned memory): no allocation.
 
         Returns each value's size, or -1 for a miss (or a value larger than its buffer, which is skipped).
-        All -1 if the server is unavailable.
+        MembrainUnavailable if the server cannot be reached.
         """
         if len(buffers) != len(keys):
             raise ValueError("get_many_into needs one buffer per key")
@@ -338,14 +330,11 @@ class MembrainClient:
         async def go() -> list[int]:
             mode = await self._mode_of_server()
             if mode != "bulk":  # no zero-copy path over HTTP: copy from the fetched values
-                values = await self.get_many(keys, ns=ns, raise_unavailable=True)
+                values = await self.get_many(keys, ns=ns)
                 return [_copy_into(v, b) for v, b in zip(values, buffers)]
             return await self._pool.run(lambda c: self._bulk_get_into(c, ns, keys, buffers))  # type: ignore[union-attr]
 
-        try:
-            sizes = await self._call(go)
-        except MembrainUnavailable:
-            return [-1] * len(keys)
+        sizes = await self._call(go)
         self.stats.bytes_got += sum(s for s in sizes if s > 0)
         return sizes
 
@@ -379,7 +368,8 @@ class MembrainClient:
         return await _per_key(keys, one)
 
     async def lookup(self, keys: Sequence[str], *, ns: str | None = None) -> int:
-        """How many leading keys are stored, in one round trip (0 if the server is unavailable)."""
+        """How many leading keys are stored, in one round trip. MembrainUnavailable if the server cannot be
+        reached."""
         if not keys:
             return 0
         if parts := await self._split(len(keys)):
@@ -407,18 +397,16 @@ class MembrainClient:
                 n += 1
             return n
 
-        try:
-            return await self._call(go)
-        except MembrainUnavailable:
-            return 0
+        return await self._call(go)
 
-    async def exists(self, keys: Sequence[str], *, ns: str | None = None, raise_unavailable: bool = False) -> list[bool]:
+    async def exists(self, keys: Sequence[str], *, ns: str | None = None) -> list[bool]:
+        """Which keys are stored. MembrainUnavailable if the server cannot be reached."""
         if not keys:
             return []
         if parts := await self._split(len(keys)):
             out: list[bool] = []
             for r in parts:
-                out += await self.exists([keys[i] for i in r], ns=ns, raise_unavailable=raise_unavailable)
+                out += await self.exists([keys[i] for i in r], ns=ns)
             return out
         ns = ns or self.namespace
 
@@ -433,12 +421,7 @@ class MembrainClient:
                 return [bool(p) for p in r.json()["present"]]
             return await self._legacy_exists(ns, keys)
 
-        try:
-            return await self._call(go)
-        except MembrainUnavailable:
-            if raise_unavailable:
-                raise
-            return [False] * len(keys)
+        return await self._call(go)
 
     async def _legacy_exists(self, ns: str, keys) -> list[bool]:
         async def one(key: str) -> bool:
@@ -451,6 +434,8 @@ class MembrainClient:
         return await _per_key(keys, one)
 
     async def delete(self, key: str, *, ns: str | None = None) -> bool:
+        """True if the key was deleted, False if it was not stored. MembrainUnavailable if the server cannot
+        be reached."""
         ns = ns or self.namespace
 
         async def go() -> bool:
@@ -460,10 +445,7 @@ class MembrainClient:
             _raise_for_status(r)
             return True
 
-        try:
-            return await self._call(go)
-        except MembrainUnavailable:
-            return False
+        return await self._call(go)
 
 
 async def _per_key(keys, one) -> list:
