@@ -111,14 +111,17 @@ class MembrainConnector(KVConnectorBase_V1):
         self._worker.start_load_kv(self._get_connector_metadata())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        # CPU: loads completed in start_load_kv. CUDA: the compute stream waits for this layer's copy.
-        self._worker.wait_for_layer_load(layer_name)
+        return  # pages are in place before any forward reads them (see worker.py)
 
     def save_kv_layer(self, layer_name: str, kv_layer: "torch.Tensor", attn_metadata: Any, **kwargs: Any) -> None:
         return  # saves copy whole pages of every layer once, in wait_for_save
 
     def wait_for_save(self) -> None:
         self._worker.wait_for_save(self._get_connector_metadata())
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        # Saves never hold blocks past their step (nothing is "sending"); async loads report here.
+        return None, (self._worker.get_finished() if self._worker is not None else None)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.get_block_ids_with_load_errors() if self._worker is not None else set()

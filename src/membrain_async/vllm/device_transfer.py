@@ -202,6 +202,16 @@ class DevicePageMover:
         copied.synchronize()  # the host buffer may be reused from here on; the scatters run on
         return pending
 
+    def finish_load(self, block_ids: list[int], host: torch.Tensor) -> None:
+        """An async load, on a worker thread: copy and scatter on the load stream, and wait for the end.
+
+        vLLM skips zeroing the blocks of an async load and schedules nothing over them until the
+        request is reported finished, so only the load's own completion needs waiting for.
+        """
+        pending = self.start_load(block_ids, host)
+        for event in pending.layer_events.values():
+            event.synchronize()
+
     def wait_layer(self, pending: PendingLoad, layer_name: str) -> None:
         """Order the compute stream after this layer's load (a GPU-side wait; the CPU does not block)."""
         event = pending.layer_events.get(layer_name)

@@ -28,6 +28,7 @@ COUNTERS = {
     "load_errors_timeout": ("vllm:membrain_load_errors_timeout", "Blocks not loaded within VLLM_MEMBRAIN_LOAD_DEADLINE"),
     "load_errors_error": ("vllm:membrain_load_errors_error", "Blocks whose fetch failed (server down, connection lost)"),
     "load_errors_missing": ("vllm:membrain_load_errors_missing", "Blocks gone from the server between lookup and load"),
+    "loads_cancelled": ("vllm:membrain_loads_cancelled", "Loads stopped because their request finished or was aborted first"),
     "save_blocks_planned": ("vllm:membrain_save_blocks_planned", "Newly full blocks planned for saving"),
     "saved_blocks": ("vllm:membrain_saved_blocks", "Blocks handed to the write-behind queue"),
     "saved_bytes": ("vllm:membrain_saved_bytes", "Payload bytes handed to the write-behind queue"),
@@ -59,7 +60,8 @@ COUNTERS = {
 }
 TIMERS = {
     "lookup_ms": ("vllm:membrain_lookup_seconds", "Time from request arrival to lookup answer"),
-    "load_ms": ("vllm:membrain_load_seconds", "Time workers spent loading pages before a forward pass"),
+    "load_ms": ("vllm:membrain_load_seconds", "Time from a load's submission to its pages being in place (fetch, check, copy)"),
+    "load_wait_ms": ("vllm:membrain_load_wait_seconds", "Time sync-mode steps waited for their loads before the forward pass"),
     "save_copy_ms": ("vllm:membrain_save_copy_seconds", "Time workers spent copying pages out for saving"),
 }
 

@@ -1,9 +1,11 @@
 """The connector's worker half (one per worker process and rank).
 
-Loads: the pages for a step's loads are fetched by the runtime thread (started early by prefetch hints),
-checked (header, checksum, shape) and copied whole into the KV cache before the forward pass. A page that
-is missing, late past the load deadline or corrupt is reported through `get_block_ids_with_load_errors`,
-and vLLM recomputes it.
+Loads (`loads.PageLoader`): a request's pages are fetched by the runtime thread (started early by
+prefetch hints), then checked (header, checksum, shape) and copied whole into its blocks on a worker
+thread. In async mode (the default) the request waits in vLLM's WAITING_FOR_REMOTE_KVS meanwhile and is
+reported in `get_finished`; the batch never waits. In sync mode the step waits before its forward. A
+page that is missing, late past the load deadline or corrupt is reported through
+`get_block_ids_with_load_errors` (in the same step as the request), and vLLM recomputes it.
 
 Saves: after the forward pass, newly full pages are copied into bounded staging buffers (so vLLM may
 reuse the blocks at once) and held there, staged under the step that computed them. They are handed to
@@ -25,12 +27,12 @@ from .. import codec, keys
 from ..config import ConnectorConfig
 from ..runtime import get_runtime
 from . import identity
-from .metadata import BlockTransfer, MembrainConnectorMetadata, MembrainWorkerMetadata, SaveVerdict
+from .loads import PageLoader
+from .metadata import MembrainConnectorMetadata, MembrainWorkerMetadata, SaveVerdict
 from .pages import (
     PageLayout,
     StagingPool,
     UnsupportedLayout,
-    decode_block,
     encode_block_header,
     gather_block,
     write_header,
@@ -79,7 +81,9 @@ class MembrainWorker:
         self.mover = None  # DevicePageMover on accelerators (batched, streams and events)
         self._pending_saves: list = []  # device saves committed, waiting for their copy to finish
         self._staged: dict[int, list] = {}  # step -> _StagedBlock | PendingSave awaiting the verdict
-        self._pending_load = None
+        self.loader: PageLoader | None = None
+        self.async_loads = config.load_mode == "async"
+        self._finished_recving: set[str] = set()
         self._load_errors: set[int] = set()
         # Requests whose load failed this step: their forward ran without the missing pages, so whatever
         # it computed after them is wrong and must not be saved (vLLM recomputes it next step).
@@ -108,6 +112,7 @@ class MembrainWorker:
             from .device_transfer import DevicePageMover
 
             self.mover = DevicePageMover(self.layout, first.device)
+        self.loader = PageLoader(self.runtime, self.layout, self._key, self.config.load_deadline, self.mover)
         log.info(
             "Membrain worker rank %s: %d layers, page %s %s, %d bytes per block, %s transfer",
             self.rank, len(self.layout.layer_names), self.layout.page_shape, self.layout.dtype_name,
@@ -117,90 +122,65 @@ class MembrainWorker:
     # ------------------------------------------------------------------ loads
 
     def start_load_kv(self, meta: MembrainConnectorMetadata) -> None:
-        self._pending_load = None
         self._failed_requests = set()
         self._apply_verdicts(meta.verdicts)
         self._expire_staged(meta.step)
         self._flush_ready_saves()
         for finished in meta.finished:
-            self.runtime.cancel(finished)
-        if self.layout is None:
+            self.runtime.cancel(finished)  # its prefetches and its load, if one is still in flight
+            if self.loader is not None:
+                self.loader.cancel(finished)
+        if self.loader is None:  # no usable layout: every load fails, and vLLM recomputes
             for load in meta.loads:
-                self._load_errors.update(load.block_ids)
+                self._fail(load.req_id, load.block_ids, "error")
+                if self.async_loads:
+                    self._finished_recving.add(load.req_id)
             return
         for hint in meta.prefetch:
             self.runtime.prefetch([self._key(h) for h in hint.hashes], tag=hint.req_id)
-        if not meta.loads:
-            return
-        t0 = time.perf_counter()
-        pending = [(load, self.runtime.fetch([self._key(h) for h in load.hashes], tag=load.req_id)) for load in meta.loads]
-        deadline = time.monotonic() + self.config.load_deadline
-        for load, future in pending:
-            # The one place a worker waits: the forward pass needs these pages. Bounded by the deadline;
-            # whatever is late is reported and recomputed.
-            future.wait(max(0.0, deadline - time.monotonic()))
-            values = future.result_or(None)
-            if values is None:
-                late = not future.done() or isinstance(future.exception(), TimeoutError)
-                future.cancel()
-                self._fail(load, 0, "timeout" if late else "error")
-                continue
-            self._apply(load, values)
-        self._count("load_ms", 1e3 * (time.perf_counter() - t0))
+        for load in meta.loads:
+            self.loader.submit(load)  # returns at once: the runtime fetches, a worker thread copies
+        if meta.loads and not self.async_loads:
+            # Sync mode: the forward pass needs these pages, so this step waits for them (bounded by the
+            # deadline; whatever is late is reported and recomputed).
+            t0 = time.perf_counter()
+            self.loader.wait([load.req_id for load in meta.loads], self.config.load_deadline)
+            self._collect_loads()
+            self._count("load_wait_ms", 1e3 * (time.perf_counter() - t0))
 
-    def _apply(self, load: BlockTransfer, values: list) -> None:
-        assert self.layout is not None
-        good_ids, good_pages = [], []
-        for i, (block_id, block_hash, value) in enumerate(zip(load.block_ids, load.hashes, values)):
-            if value is None:
-                self._fail(load, i, "missing")
-                break
-            try:
-                pages = decode_block(self.layout, value, self._key(block_hash))
-            except codec.PayloadError as exc:
-                log.warning("Membrain: block %s of request %s failed its check (%s); recomputing", i, load.req_id, exc)
-                self._fail(load, i, "corrupt")
-                self._forget_corrupt(load, values, i)
-                break
-            good_ids.append(block_id)
-            good_pages.append(pages)
-            self._count("loaded_blocks")
-            self._count("loaded_bytes", len(value))
-        if not good_ids:
-            return
-        if self.mover is None:
-            for block_id, pages in zip(good_ids, good_pages):
-                self.layout.scatter(block_id, pages)
-            return
-        host = self.mover.stage(good_pages)
-        self._pending_load = self.mover.start_load(good_ids, host)
-        self.mover.release_host(host)
+    def _collect_loads(self) -> None:
+        """Account for the loads that ended: finished requests for vLLM, failed blocks to recompute."""
+        assert self.loader is not None
+        for outcome in self.loader.drain():
+            if self.async_loads:
+                self._finished_recving.add(outcome.req_id)
+            self._count("loaded_blocks", outcome.loaded)
+            self._count("loaded_bytes", outcome.loaded_bytes)
+            self._count("load_ms", 1e3 * outcome.seconds)
+            if outcome.corrupt_keys:
+                self.runtime.forget(outcome.corrupt_keys)
+            if outcome.why == "cancelled":  # the request finished or was aborted: nothing to recompute
+                self._count("loads_cancelled")
+            elif outcome.why:
+                self._fail(outcome.req_id, outcome.failed_block_ids, outcome.why)
 
-    def _forget_corrupt(self, load: BlockTransfer, values: list, first_bad: int) -> None:
-        """Drop every corrupt block of this load (checked now, on the failure path only) so saves repair them."""
-        assert self.layout is not None
-        bad = []
-        for block_hash, value in zip(load.hashes[first_bad:], values[first_bad:]):
-            if value is None:
-                continue
-            key = self._key(block_hash)
-            try:
-                decode_block(self.layout, value, key)
-            except codec.PayloadError:
-                bad.append(key)
-        self.runtime.forget(bad)
+    def get_finished(self) -> set[str] | None:
+        """Requests whose async load ended on this rank (loaded, failed or cancelled), for vLLM."""
+        if self.loader is not None:
+            self._collect_loads()
+        self._flush_ready_saves()
+        done, self._finished_recving = self._finished_recving, set()
+        return done or None
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        if self._pending_load is not None and self.mover is not None:
-            self.mover.wait_layer(self._pending_load, layer_name)
+        return  # loads complete before the forward that reads them (sync) or before vLLM schedules it (async)
 
-    def _fail(self, load: BlockTransfer, first_bad: int, why: str) -> None:
+    def _fail(self, req_id: str, block_ids: list[int], why: str) -> None:
         # vLLM truncates the request's computed tokens at the first bad block and recomputes from there.
-        bad = load.block_ids[first_bad:]
-        self._load_errors.update(bad)
-        self._failed_requests.add(load.req_id)
-        self._count(f"load_errors_{why}", len(bad))
-        self._count("load_error_blocks", len(bad))
+        self._load_errors.update(block_ids)
+        self._failed_requests.add(req_id)
+        self._count(f"load_errors_{why}", len(block_ids))
+        self._count("load_error_blocks", len(block_ids))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         self._flush_ready_saves()
@@ -335,6 +315,8 @@ class MembrainWorker:
         return stats
 
     def shutdown(self) -> None:
+        if self.loader is not None:
+            self.loader.cancel_all()
         # Saves still waiting for a verdict are dropped: unconfirmed KV is never uploaded.
         for step in list(self._staged):
             for item in self._staged.pop(step):

@@ -1,0 +1,217 @@
+"""Loading pages into a worker's KV cache: fetched, checked and copied off the forward path.
+
+Each request's load is one runtime job: the runtime thread fetches its pages, then a worker thread checks
+them (header, checksum, key tag, shape) and copies them whole into the request's allocated blocks. Torch
+copies and the checksum release the GIL, so the forward pass runs on meanwhile. The job's outcome lands
+in this worker's completion ring; the worker drains it once per step (`drain`), and vLLM learns which
+requests finished receiving and which blocks failed.
+
+In async mode (the default) vLLM parks the request in WAITING_FOR_REMOTE_KVS until every rank reported
+it, and the batch never waits. In sync mode the worker waits for the step's loads before its forward.
+
+The one rule that keeps reused KV correct: nothing may write into a request's blocks after the request is
+reported finished, because vLLM may then hand those blocks to another request. A `_Ticket` makes the
+report and the copy exclusive: the copy starts only if the load is still wanted, and once it started
+the load is reported only when the copy ended. A deadline or an abort that arrives mid-copy waits for it
+(a copy of one request's pages takes milliseconds; the network wait before it is what deadlines bound).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .. import codec
+from ..runtime import Completion, CompletionRing
+from .metadata import BlockTransfer
+from .pages import PageLayout, decode_block
+
+log = logging.getLogger("membrain.connector")
+
+_WAITING, _COPYING, _DONE = 0, 1, 2
+
+
+@dataclass
+class LoadOutcome:
+    """What became of one request's load on this worker."""
+
+    req_id: str
+    block_ids: list[int]
+    loaded: int = 0  # leading blocks copied in and valid
+    loaded_bytes: int = 0
+    why: str = ""  # for the blocks after `loaded`: "missing" | "corrupt" | "timeout" | "error" | "cancelled"
+    corrupt_keys: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failed_block_ids(self) -> list[int]:
+        return self.block_ids[self.loaded :]
+
+
+class _Ticket:
+    """One load in flight: guards the hand-off between the copying thread and the report."""
+
+    __slots__ = ("load", "lock", "state", "future", "started", "ended", "stop_reason")
+
+    def __init__(self, load: BlockTransfer):
+        self.load = load
+        self.lock = threading.Lock()
+        self.state = _WAITING
+        self.future = None
+        self.started = time.perf_counter()
+        self.ended = threading.Event()
+        self.stop_reason = "cancelled"  # what a stop before the copy is reported as
+
+
+class PageLoader:
+    """Submits, copies, reports and cancels the loads of one worker."""
+
+    def __init__(
+        self,
+        runtime,
+        layout: PageLayout,
+        key_of: Callable[[str], str],
+        deadline: float,
+        mover=None,
+    ):
+        self.runtime = runtime
+        self.layout = layout
+        self.key_of = key_of
+        self.deadline = deadline
+        self.mover = mover  # DevicePageMover on accelerators: host-to-device on the load stream
+        self.ring = CompletionRing()
+        self._inflight: dict[str, _Ticket] = {}
+
+    def __len__(self) -> int:
+        return len(self._inflight)
+
+    def submit(self, load: BlockTransfer) -> None:
+        """Start fetching and copying one request's pages; returns at once."""
+        ticket = _Ticket(load)
+        previous = self._inflight.get(load.req_id)
+        if previous is not None:  # not expected: vLLM loads a request once per admission
+            log.warning("Membrain: request %s loads again while a load is in flight", load.req_id)
+        self._inflight[load.req_id] = ticket
+        keys = [self.key_of(h) for h in load.hashes]
+        ticket.future = self.runtime.load(keys, lambda values: self._copy(ticket, values), tag=load.req_id,
+                                          deadline=self.deadline)
+        ticket.future.add_done_callback(lambda fut: self._ended_without_copy(ticket, fut))
+
+    def cancel(self, req_id: str) -> None:
+        """The request finished or was aborted: stop its fetch (a copy already running completes)."""
+        ticket = self._inflight.get(req_id)
+        if ticket is not None and ticket.future is not None:
+            ticket.future.cancel()
+
+    def wait(self, req_ids: list[str], timeout: float) -> None:
+        """Sync mode: wait (bounded) for these loads; a late one is cancelled, and waited for if copying."""
+        end = time.monotonic() + timeout
+        for req_id in req_ids:
+            ticket = self._inflight.get(req_id)
+            if ticket is None:
+                continue
+            if not ticket.ended.wait(max(0.0, end - time.monotonic())):
+                ticket.stop_reason = "timeout"  # late for the forward that needs it: recomputed
+                ticket.future.cancel()
+                ticket.ended.wait()  # only a running copy is left: it is never abandoned
+
+    def drain(self) -> list[LoadOutcome]:
+        """Loads that ended since the last call (never blocks)."""
+        out = []
+        for completion in self.ring.poll():
+            outcome: LoadOutcome = completion.value
+            if self._inflight.get(outcome.req_id) is completion.tag:
+                del self._inflight[outcome.req_id]
+            out.append(outcome)
+        return out
+
+    def cancel_all(self) -> None:
+        for req_id in list(self._inflight):
+            self.cancel(req_id)
+
+    # ------------------------------------------------------------------ runtime side
+
+    def _finish(self, ticket: _Ticket, outcome: LoadOutcome) -> None:
+        outcome.seconds = time.perf_counter() - ticket.started
+        self.ring.push(Completion("load", ticket, outcome, "ok" if not outcome.why else outcome.why))
+        ticket.ended.set()
+
+    def _ended_without_copy(self, ticket: _Ticket, future) -> None:
+        """The job ended (failed, timed out, cancelled) before any copy started: report it now."""
+        with ticket.lock:
+            if ticket.state != _WAITING:
+                return  # the copy ran, or runs: it reports
+            ticket.state = _DONE
+        if future.cancelled():
+            why = ticket.stop_reason
+        else:
+            exc = future.exception()
+            why = "timeout" if isinstance(exc, TimeoutError) else "error"
+        self._finish(ticket, LoadOutcome(ticket.load.req_id, list(ticket.load.block_ids), why=why))
+
+    def _copy(self, ticket: _Ticket, values: list) -> LoadOutcome | None:
+        """On a worker thread: check the fetched pages and copy the valid leading ones into the blocks."""
+        with ticket.lock:
+            if ticket.state != _WAITING:
+                return None  # cancelled while fetching: the blocks may belong to someone else now
+            ticket.state = _COPYING
+        load = ticket.load
+        outcome = LoadOutcome(load.req_id, list(load.block_ids))
+        try:
+            self._check_and_copy(load, values, outcome)
+        except Exception as exc:  # a bug or a device error: nothing after `loaded` is trusted
+            log.exception("Membrain: copying the pages of request %s failed", load.req_id)
+            outcome.why = outcome.why or "error"
+            del exc
+        finally:
+            with ticket.lock:
+                ticket.state = _DONE
+            self._finish(ticket, outcome)
+        return outcome
+
+    def _check_and_copy(self, load: BlockTransfer, values: list, outcome: LoadOutcome) -> None:
+        good_ids, good_pages = [], []
+        for i, (block_id, block_hash, value) in enumerate(zip(load.block_ids, load.hashes, values)):
+            if value is None:
+                outcome.why = "missing"
+                break
+            key = self.key_of(block_hash)
+            try:
+                pages = decode_block(self.layout, value, key)
+            except codec.PayloadError as exc:
+                log.warning("Membrain: block %s of request %s failed its check (%s); recomputing", i, load.req_id, exc)
+                outcome.why = "corrupt"
+                outcome.corrupt_keys = self._corrupt_keys(load, values, i)
+                break
+            good_ids.append(block_id)
+            good_pages.append(pages)
+            outcome.loaded_bytes += len(value)
+        if len(good_ids) < len(load.block_ids) and not outcome.why:
+            outcome.why = "missing"  # fewer values than blocks
+        if good_ids:
+            if self.mover is None:
+                for block_id, pages in zip(good_ids, good_pages):
+                    self.layout.scatter(block_id, pages)
+            else:
+                host = self.mover.stage(good_pages)
+                try:
+                    self.mover.finish_load(good_ids, host)
+                finally:
+                    self.mover.release_host(host)
+        outcome.loaded = len(good_ids)
+
+    def _corrupt_keys(self, load: BlockTransfer, values: list, first_bad: int) -> list[str]:
+        """Every corrupt block of this load (checked now, on the failure path only), so saves repair them."""
+        bad = []
+        for block_hash, value in zip(load.hashes[first_bad:], values[first_bad:]):
+            if value is None:
+                continue
+            key = self.key_of(block_hash)
+            try:
+                decode_block(self.layout, value, key)
+            except codec.PayloadError:
+                bad.append(key)
+        return bad
