@@ -231,7 +231,9 @@ class MembrainRuntime:
             attributes={"membrain.keys": len(keys)},
         )
 
-    def lookup_many(self, key_lists: Sequence[Sequence[str]], *, tag: Any = None) -> MembrainFuture:
+    def lookup_many(
+        self, key_lists: Sequence[Sequence[str]], *, tag: Any = None, ring: CompletionRing | None = None
+    ) -> MembrainFuture:
         """Several prefix lookups in one job, run concurrently; one future completes them all at once.
 
         For requests that arrive together: their answers reach the scheduler in the same step, so a
@@ -251,7 +253,7 @@ class MembrainRuntime:
                     tg.start_soon(one, i)
             return counts
 
-        return self.submit("lookup", go, tag=tag, deadline=self.config.lookup_deadline,
+        return self.submit("lookup", go, tag=tag, ring=ring, deadline=self.config.lookup_deadline,
                            attributes={"membrain.keys": sum(map(len, lists))})
 
     def fetch(

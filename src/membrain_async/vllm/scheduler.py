@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import keys
 from ..config import ConnectorConfig
-from ..runtime import MembrainFuture, get_runtime
+from ..runtime import CompletionRing, get_runtime
 from . import identity
 from .blockhash import BlockHashes
 from .metadata import BlockTransfer, MembrainConnectorMetadata, MembrainWorkerMetadata
@@ -37,33 +37,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("membrain.connector")
 
 
-class _LookupSlot:
-    """One request's answer inside a batched lookup future (the future's interface, for one index)."""
-
-    __slots__ = ("future", "index")
-
-    def __init__(self, future: MembrainFuture, index: int):
-        self.future, self.index = future, index
-
-    def done(self) -> bool:
-        return self.future.done()
-
-    def cancel(self) -> bool:
-        return self.future.cancel()
-
-    def exception(self):
-        return self.future.exception()
-
-    def result_or(self, default):
-        counts = self.future.result_or(None)
-        return default if counts is None else counts[self.index]
-
-
 @dataclass
 class _RequestState:
     request: "Request"
     chain: BlockHashes
-    lookup: MembrainFuture | _LookupSlot | None = None
+    answer: int | None = None  # leading blocks the lookup found (None: no answer yet, or it failed)
+    answer_outcome: str = ""  # the lookup job's outcome once it ended ("ok", "error", "timeout", ...)
     lookup_started: float = 0.0
     lookup_blocks: int = 0  # how many leading blocks the lookup asked about
     lookup_seq: int | None = None  # the save ledger's clock when the lookup was sent (None: no answer)
@@ -72,12 +51,14 @@ class _RequestState:
     saved_upto: int = 0  # blocks before this index are saved, stored or not to be saved
     hot_blocks: int = 0  # leading blocks in this instance's hot tier
     prefetch_sent: bool = False
+    loading: bool = False  # an async load was planned; vLLM calls update_state_after_alloc again after it
 
 
 class MembrainScheduler:
     def __init__(self, vllm_config: "VllmConfig", config: ConnectorConfig):
         self.config = config
         self.block_size = vllm_config.cache_config.block_size
+        self.async_loads = config.load_mode == "async"
         self.fingerprint = identity.fingerprint(vllm_config, config)
         # Lookups ask about the first shard; every shard saves and loads the same blocks.
         self.rank = identity.rank_label(0, 0)
@@ -87,6 +68,7 @@ class MembrainScheduler:
         self._prefetch: list[BlockTransfer] = []
         self._finished: list[str] = []
         self._unsent_lookups: list[tuple[_RequestState, list[str]]] = []
+        self._answers = CompletionRing()  # lookup answers, drained by the scheduler thread
         self._step = 0
         self._ledger = SaveLedger()
         self._kv_cache_manager: "KVCacheManager | None" = None
@@ -145,13 +127,26 @@ class MembrainScheduler:
         """
         pending = [(st, keys) for st, keys in self._unsent_lookups if self._requests.get(st.request.request_id) is st]
         self._unsent_lookups = []
+        if not pending:
+            return
+        # Answers come back through the completion ring, tagged with the request ids they answer.
+        tag = tuple(st.request.request_id for st, _ in pending)
         if len(pending) == 1:
-            st, keys = pending[0]
-            st.lookup = self.runtime.lookup(keys, tag=st.request.request_id)
-        elif pending:
-            batch = self.runtime.lookup_many([keys for _, keys in pending])
-            for i, (st, _) in enumerate(pending):
-                st.lookup = _LookupSlot(batch, i)
+            self.runtime.lookup(pending[0][1], tag=tag, ring=self._answers)
+        else:
+            self.runtime.lookup_many([keys for _, keys in pending], tag=tag, ring=self._answers)
+
+    def _take_answers(self) -> None:
+        """Lookup answers that landed since the last call (never waits)."""
+        for done in self._answers.poll():
+            counts = done.value if done.outcome == "ok" else None
+            for i, req_id in enumerate(done.tag):
+                st = self._requests.get(req_id)
+                if st is None or st.answer_outcome:
+                    continue  # finished meanwhile, or already given up on at the deadline
+                st.answer_outcome = done.outcome
+                if counts is not None:
+                    st.answer = counts if isinstance(counts, int) else counts[i]
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         if self._unsent_lookups:
@@ -161,20 +156,20 @@ class MembrainScheduler:
             return 0, False
         st.local_tokens = num_computed_tokens
         if st.stored_blocks is None:
-            fut = st.lookup
-            assert fut is not None
-            if not fut.done():
+            self._take_answers()
+            if not st.answer_outcome:
                 if time.monotonic() - st.lookup_started < self.config.lookup_deadline:
                     self._queue_prefetch(st, num_computed_tokens)
                     return None, False  # ask again next step; the engine keeps running
-                fut.cancel()
-                self._count("lookup_timeouts")
-            if fut.result_or(None) is None:
+                st.answer_outcome = "timeout"  # a late answer is ignored
+            if st.answer is None:
                 st.lookup_seq = None  # no answer: "missing" is not known, so it proves nothing
-            st.stored_blocks = max(st.hot_blocks, min(fut.result_or(0), st.lookup_blocks))
+            st.stored_blocks = max(st.hot_blocks, min(st.answer or 0, st.lookup_blocks))
             self._count("lookup_ms", 1e3 * (time.monotonic() - st.lookup_started))
             self._count("lookups")
-            if fut.exception() is not None:
+            if st.answer_outcome == "timeout":
+                self._count("lookup_timeouts")
+            elif st.answer_outcome != "ok":
                 self._count("lookup_errors")
         hit_blocks = min(st.stored_blocks, self._loadable_blocks(request))
         local_blocks = num_computed_tokens // self.block_size
@@ -186,7 +181,9 @@ class MembrainScheduler:
                 self._count("loads_deferred")
                 return None, False  # this step's loads are at the limit: ask again next step
             load_blocks = self._step_load_limit  # alone in the step: load what the limit allows
-        return load_blocks * self.block_size, False
+        # Async: vLLM parks the request in WAITING_FOR_REMOTE_KVS with its blocks allocated until every
+        # worker reports the load finished, and runs the rest of the batch meanwhile.
+        return load_blocks * self.block_size, self.async_loads
 
     def _queue_prefetch(self, st: _RequestState, local_tokens: int) -> None:
         """While the lookup is pending, let workers start fetching the blocks the local cache lacks."""
@@ -202,6 +199,9 @@ class MembrainScheduler:
         st = self._requests.get(request.request_id)
         if st is None:
             return
+        if st.loading and num_external_tokens <= 0:
+            st.loading = False  # back from WAITING_FOR_REMOTE_KVS: the load was planned and counted
+            return
         first = st.local_tokens // self.block_size
         queried = max(0, request.num_tokens - st.local_tokens)
         self._count("query_tokens", queried)
@@ -209,6 +209,7 @@ class MembrainScheduler:
             self._count("miss_blocks", max(0, st.lookup_blocks - first))
             return
         n = num_external_tokens // self.block_size
+        st.loading = self.async_loads
         self._step_load_blocks += n
         block_ids = blocks.get_block_ids()[0][first : first + n]
         self._loads.append(BlockTransfer(request.request_id, list(block_ids), st.chain.hashes[first : first + n]))
@@ -267,6 +268,7 @@ class MembrainScheduler:
             if first is not None:
                 evict.update(table[first:])
                 self.load_failures += 1
+                self._rewind_failed_load(self._requests[req_id], first)
         manager.evict_blocks(evict)
         self._count("evicted_unfilled_blocks", len(evict))
 
@@ -331,24 +333,29 @@ class MembrainScheduler:
         return saves
 
     def _notice_failed_load(self, st: _RequestState) -> None:
-        """A failed load sends the request back to the block it failed at: save from there again.
+        """A failed load sends the request back to the block it failed at: save from there again."""
+        self._rewind_failed_load(st, st.request.num_computed_tokens // self.block_size)
+
+    def _rewind_failed_load(self, st: _RequestState, valid_blocks: int) -> None:
+        """Only the first `valid_blocks` of the request hold loaded KV; the rest is recomputed.
 
         vLLM truncates `num_computed_tokens` to the first bad block and recomputes. Those blocks, and any
         the worker declined to save in the failing step, are then saved like fresh ones (a corrupt copy on
-        the server is overwritten: the worker asked the runtime to forget it).
+        the server is overwritten: the worker asked the runtime to forget it). Lowering `stored_blocks`
+        also keeps a request whose async load failed from loading the same blocks again when vLLM
+        re-admits it.
         """
         if not st.stored_blocks:
             return
         loaded_upto = min(st.stored_blocks, self._loadable_blocks(st.request))
-        computed_blocks = st.request.num_computed_tokens // self.block_size
-        if computed_blocks >= loaded_upto:
+        if valid_blocks >= loaded_upto:
             return
-        st.stored_blocks = computed_blocks
-        hashes = st.chain.hashes[computed_blocks : max(st.saved_upto, loaded_upto)]
+        st.stored_blocks = valid_blocks
+        hashes = st.chain.hashes[valid_blocks : max(st.saved_upto, loaded_upto)]
         self._ledger.forget(hashes)
         for h in hashes:
             self._hot.pop(h, None)
-        st.saved_upto = min(st.saved_upto, computed_blocks)
+        st.saved_upto = min(st.saved_upto, valid_blocks)
         self._count("reloads_recomputed")
 
     def _hot_leading(self, hashes: list[str]) -> int:
@@ -367,9 +374,7 @@ class MembrainScheduler:
             self._hot.popitem(last=False)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        st = self._requests.pop(request.request_id, None)
-        if st is not None and st.lookup is not None and not st.lookup.done():
-            self.runtime.cancel(request.request_id)
+        self._requests.pop(request.request_id, None)  # a lookup still in flight ends by its deadline
         self._finished.append(request.request_id)
         # Workers copy pages out in the step that plans them (CPU: in wait_for_save; CUDA: the compute
         # stream waits for the gather), so blocks can be freed at once.
