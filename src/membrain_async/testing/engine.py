@@ -19,6 +19,9 @@ engine until Membrain's scheduler half has seen a failed load, aborts every requ
 {"aborted": n, "steps": k} instead of results.
 With "interactive": true in the spec, after the listed phases the engine prints {"ready": "interactive"}
 and runs each JSON phase it reads from stdin, until "quit" or end of input.
+"abort_while_loading_s": s (in-process engine too) adds the prompts, waits until every request waits in
+WAITING_FOR_REMOTE_KVS, steps s seconds more, aborts them all and steps until vLLM let their blocks go;
+it reports {"aborted", "steps", "still_held", "free_blocks_before", "free_blocks_after"}.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ def _metrics(llm) -> dict[str, float]:
     try:
         for m in llm.get_metrics():
             name = m.name
-            if not (name.startswith("vllm:membrain") or "prefix_cache" in name or "cached" in name):
+            if not (name.startswith("vllm:membrain") or "prefix_cache" in name or "cached" in name
+                    or "preemption" in name):
                 continue
             value = getattr(m, "value", None)
             if value is None:
@@ -91,6 +95,11 @@ def run_phase(llm, phase: dict) -> None:
         print(json.dumps({"phase": phase["name"], **_abort_after_failed_load(llm, prompts, params),
                           "metrics": _metrics(llm)}), flush=True)
         return
+    if phase.get("abort_while_loading_s") is not None:
+        print(json.dumps({"phase": phase["name"], **_abort_while_loading(llm, prompts, params,
+                                                                         phase["abort_while_loading_s"]),
+                          "metrics": _metrics(llm)}), flush=True)
+        return
     if phase.get("batch"):
         # All prompts at once, as a server under load sees them: for throughput, not per-request latency.
         outs = llm.generate([p for p, _ in prompts], params, use_tqdm=False,
@@ -121,6 +130,41 @@ def _abort_after_failed_load(llm, prompts, params) -> dict:
             return {"aborted": len(ids), "steps": step}
         time.sleep(0.01)  # the lookup is answered on the runtime thread
     raise RuntimeError("no load failed within 500 steps")
+
+
+def _abort_while_loading(llm, prompts, params, hold_s: float) -> dict:
+    """Abort every request `hold_s` seconds after all of them wait for their async loads, then step until
+    vLLM has given their blocks back (a load is reported finished once nothing can write into them)."""
+    from vllm.v1.request import RequestStatus
+
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler  # in-process engine only
+    pool = scheduler.kv_cache_manager.block_pool
+    free_before = pool.get_num_free_blocks()
+    ids = [f"abort-load-{i}" for i in range(len(prompts))]
+    for rid, (prompt, lora_request) in zip(ids, prompts):
+        engine.add_request(rid, prompt, params, lora_request=lora_request)
+    parked_at, steps = None, 0
+    while parked_at is None or time.monotonic() - parked_at < hold_s:
+        engine.step()
+        steps += 1
+        if steps > 5000:
+            raise RuntimeError("the requests never waited for remote KV")
+        # (vLLM keys its requests by internal ids; this engine runs nothing else meanwhile)
+        held = list(scheduler.requests.values())
+        if parked_at is None and len(held) == len(ids) and all(
+            r.status == RequestStatus.WAITING_FOR_REMOTE_KVS for r in held
+        ):
+            parked_at = time.monotonic()
+        time.sleep(0.01)
+    engine.abort_request(ids)
+    for _ in range(5000):
+        if not scheduler.requests:
+            break
+        engine.step()
+        time.sleep(0.01)
+    return {"aborted": len(ids), "steps": steps, "still_held": len(scheduler.requests),
+            "free_blocks_before": free_before, "free_blocks_after": pool.get_num_free_blocks()}
 
 
 def _result(out, latency: float | None) -> dict:
