@@ -1,7 +1,9 @@
-"""The event-loop-thread runtime: one per process, started lazily, safe across fork and spawn.
+"""The executor: one background event-loop thread per store, jobs with deadlines and cancel scopes,
+futures and completion rings. It knows nothing of KV blocks; the cache layer (`membrain_async.cache`)
+is built on it.
 
-    rt = get_runtime(config)
-    fut = rt.lookup(keys, tag=req_id, ring=my_ring)   # returns at once
+    store = get_runtime(config)                       # the process's BlockStore (membrain_async.cache)
+    fut = store.lookup(keys, tag=req_id, ring=my_ring)   # returns at once
     ... later, on the same thread, never blocking:
     for completion in my_ring.poll(): ...
     fut.result_or(None)
@@ -9,19 +11,15 @@
 
 from __future__ import annotations
 
-import atexit
-import os
-import threading
-
-from ..config import ConnectorConfig
+from .executor import Executor
 from .future import Cancelled, MembrainFuture, NotReady
-from .loop import MembrainRuntime, RuntimeStats
 from .ring import Completion, CompletionRing
 
 __all__ = [
     "Cancelled",
     "Completion",
     "CompletionRing",
+    "Executor",
     "MembrainFuture",
     "MembrainRuntime",
     "NotReady",
@@ -30,41 +28,19 @@ __all__ = [
     "shutdown_all",
 ]
 
-_lock = threading.Lock()
-_runtimes: dict[tuple, MembrainRuntime] = {}
+# The cache layer's names, as this package exported them before the split (vllm/, embedding hosts).
+# Imported on first use: the cache layer imports this package, not the other way round.
+_FROM_CACHE = {
+    "MembrainRuntime": "BlockStore",
+    "RuntimeStats": "StoreStats",
+    "get_runtime": "open_store",
+    "shutdown_all": "shutdown_all",
+}
 
 
-def _key(config: ConnectorConfig) -> tuple:
-    return (config.endpoint, config.namespace, config.token, config.async_backend)
+def __getattr__(name: str):
+    if name in _FROM_CACHE:
+        from .. import cache
 
-
-def get_runtime(config: ConnectorConfig) -> MembrainRuntime:
-    """The process's runtime for this endpoint/namespace (created, not yet started, on first use)."""
-    key = _key(config)
-    rt = _runtimes.get(key)
-    if rt is None:
-        with _lock:
-            rt = _runtimes.get(key)
-            if rt is None:
-                rt = _runtimes[key] = MembrainRuntime(config)
-    return rt
-
-
-def shutdown_all(drain: float | None = None) -> None:
-    with _lock:
-        runtimes = list(_runtimes.values())
-        _runtimes.clear()
-    for rt in runtimes:
-        rt.shutdown(drain)
-
-
-def _forget_after_fork() -> None:
-    # The child has the parent's objects but not its threads: start afresh, lazily.
-    global _lock
-    _lock = threading.Lock()
-    _runtimes.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_after_fork)
-atexit.register(shutdown_all)
+        return getattr(cache, _FROM_CACHE[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

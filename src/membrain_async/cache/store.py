@@ -1,0 +1,472 @@
+"""BlockStore: the one thing vLLM's halves (and embedding hosts) call for Membrain I/O.
+
+    store = open_store(config)                        # shared per process; store.close() when done
+    fut = store.lookup(keys, tag=req_id, ring=ring)   # returns at once
+    ... later, never blocking: ring.poll(), fut.result_or(None)
+
+Every call returns at once (a `MembrainFuture`, or a bool for `save`); the work runs on the executor's
+thread (`runtime.Executor`). Behind the facade the tiers stack, nearest first:
+
+    reads:  hot tier (cache.hot) -> prefetch staging (cache.staging) -> remote (cache.remote)
+    writes: write-behind queue (cache.write_behind) -> remote, and the hot tier keeps a copy
+
+This is the one place that decides what an unreachable server means, and counts every outcome
+(`StoreStats`), so a dead server, a miss and a corrupt page are told apart. An unreachable server is
+never passed off as "not stored":
+
+- lookup, fetch, load: the future fails with `MembrainUnavailable` (its ring Completion's outcome is
+  "unavailable"), and `future.result_or(miss)` is how a caller serves it as a miss (the scheduler
+  recomputes, the worker reports the blocks as load errors, not as missing). Counted `lookups_unavailable` / `fetch_unavailable` (keys). A real miss is
+  a short count or None in the result (`fetch_misses`); any other failure fails the future with its
+  error (`lookup_errors`, `fetch_errors`); a deadline with TimeoutError (`lookup_timeouts`,
+  `fetch_timeouts`). What this process holds (the hot tier, prefetch staging) answers without the
+  server, alive or not.
+- prefetch: stages nothing (`prefetch_unavailable`); nobody waits on a prefetch.
+- save: never waits; a full queue drops (`saves_dropped`); an upload to an unreachable server fails
+  (`saves_failed`, of which `saves_unavailable`).
+- corrupt pages are found by the reader (the payload check needs the KV layout); `forget()` is how it
+  tells the store (`forgotten`), and the next save of such a key overwrites it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import anyio
+
+from .. import telemetry
+from ..client.errors import MembrainUnavailable
+from ..config import ConnectorConfig
+from ..runtime.executor import Executor
+from ..runtime.future import MembrainFuture
+from ..runtime.ring import CompletionRing
+from .hot import HotTier
+from .remote import RemoteTier, make_client
+from .staging import PrefetchStaging
+from .stats import StoreStats
+from .write_behind import Buffer, PendingSave, WriteBehind
+
+log = logging.getLogger("membrain.runtime")
+
+FORCE_UPLOAD_MAX = 65536  # keys found corrupt and not re-saved by then are simply forgotten
+
+
+class BlockStore:
+    def __init__(
+        self, config: ConnectorConfig, client_factory: Callable[[], Any] | None = None, meter_provider: Any = None
+    ):
+        self.config = config
+        self.stats = StoreStats()
+        self.hot = HotTier(config.local_cache_bytes) if config.local_cache_bytes > 0 else None
+        self.staging = PrefetchStaging(config.prefetch_bytes)
+        self.write_behind = WriteBehind(config.write_behind_bytes, config.batch_bytes)
+        self.remote = RemoteTier(client_factory or (lambda: make_client(config)))
+        self._force_upload: set[str] = set()  # keys found corrupt: their next save skips the "already stored" check
+        self.metrics = telemetry.RuntimeMetrics(self._observe, meter_provider)
+        self.executor = Executor(
+            backend=config.async_backend,
+            default_deadline=config.timeout,
+            drain_deadline=config.shutdown_drain,
+            resident=_OnLoop(self),
+            observer=self._job_ended,
+            span_attributes={"membrain.namespace": config.namespace},
+            describe=_result_attributes,
+        )
+        self._pid = self.executor.pid
+        # Who holds this store: its creator, plus one per open_store() that shared it. The last close()
+        # stops it (after draining the write-behind queue within the drain deadline).
+        self._holders = 1
+        self._holders_lock = threading.Lock()
+        self._on_stop: Callable[["BlockStore"], None] | None = None
+
+    # ------------------------------------------------------------------ lifetime
+
+    @property
+    def running(self) -> bool:
+        return self.executor.running
+
+    @property
+    def client(self) -> Any:
+        return self.remote.client
+
+    def start(self) -> None:
+        """Start the runtime thread now (otherwise the first call does)."""
+        self.executor.start()
+
+    def acquire(self) -> bool:
+        """Take one more hold on a live store (see `open_store`); False if it is already stopping."""
+        with self._holders_lock:
+            if self._holders == 0:
+                return False
+            self._holders += 1
+            return True
+
+    def close(self, drain: float | None = None, join_timeout: float | None = None) -> None:
+        """Give back this holder's hold; the last one drains the write-behind queue (within `drain`
+        seconds, default VLLM_MEMBRAIN_SHUTDOWN_DRAIN) and stops the thread."""
+        with self._holders_lock:
+            if self._holders == 0:
+                return
+            self._holders -= 1
+            last = self._holders == 0
+        if last:
+            self._stop(drain, join_timeout)
+
+    # The name every caller used before stores were shared explicitly; the same as close().
+    shutdown = close
+
+    def stop_now(self, drain: float | None = None, join_timeout: float | None = None) -> None:
+        """Stop whatever holds remain (process exit)."""
+        with self._holders_lock:
+            was, self._holders = self._holders, 0
+        if was:
+            self._stop(drain, join_timeout)
+
+    def _stop(self, drain: float | None, join_timeout: float | None) -> None:
+        if self._on_stop is not None:
+            self._on_stop(self)
+        self.write_behind.close()
+        self.executor.shutdown(drain, join_timeout)
+
+    # ------------------------------------------------------------------ reads (caller threads)
+
+    def lookup(self, keys: Sequence[str], *, tag: Any = None, ring: CompletionRing | None = None) -> MembrainFuture:
+        """How many leading keys are stored (one round trip, none if the hot tier has them all). Result: int.
+        Fails with MembrainUnavailable when the server is needed and unreachable."""
+        keys = list(keys)
+        self.stats.lookups += 1
+        return self.executor.submit(
+            "lookup", lambda: self._lookup(keys), tag=tag, ring=ring, deadline=self.config.lookup_deadline,
+            attributes={"membrain.keys": len(keys)},
+        )
+
+    def lookup_many(
+        self, key_lists: Sequence[Sequence[str]], *, tag: Any = None, ring: CompletionRing | None = None
+    ) -> MembrainFuture:
+        """Several prefix lookups in one job, run concurrently; one future completes them all at once.
+
+        For requests that arrive together: their answers reach the scheduler in the same step, so a
+        request sharing another's prefix is scheduled beside it. Result: list[int], one per key list.
+        """
+        lists = [list(keys) for keys in key_lists]
+        self.stats.lookups += len(lists)
+
+        async def go() -> list[int]:
+            counts = [0] * len(lists)
+
+            async def one(i: int) -> None:
+                counts[i] = await self._lookup(lists[i])
+
+            async with anyio.create_task_group() as tg:
+                for i in range(len(lists)):
+                    tg.start_soon(one, i)
+            return counts
+
+        return self.executor.submit("lookup", go, tag=tag, ring=ring, deadline=self.config.lookup_deadline,
+                                    attributes={"membrain.keys": sum(map(len, lists))})
+
+    def fetch(
+        self, keys: Sequence[str], *, tag: Any = None, ring: CompletionRing | None = None, deadline: float | None = None
+    ) -> MembrainFuture:
+        """Values for keys (None: the server does not hold it). Result: list. Fails with
+        MembrainUnavailable when the server is needed and unreachable."""
+        keys = list(keys)
+        return self.executor.submit(
+            "fetch", lambda: self._fetch(keys), tag=tag, ring=ring, deadline=deadline or self.config.load_deadline,
+            attributes={"membrain.keys": len(keys)},
+        )
+
+    def load(
+        self,
+        keys: Sequence[str],
+        apply: Callable[[list], Any],
+        *,
+        tag: Any = None,
+        ring: CompletionRing | None = None,
+        deadline: float | None = None,
+    ) -> MembrainFuture:
+        """Fetch keys, then run `apply(values)` on a worker thread (off the loop and off the caller).
+
+        For copying fetched pages into their destination without the caller waiting: `apply` checks
+        and copies (torch copies and checksums release the GIL). It is never abandoned once started: a
+        deadline or cancellation that arrives meanwhile waits for it, so nothing writes into the
+        destination after the job ends. Fails as fetch() does before `apply` runs. Result: what
+        `apply` returns.
+        """
+        keys = list(keys)
+
+        async def go() -> Any:
+            values = await self._fetch(keys)
+            return await anyio.to_thread.run_sync(apply, values)
+
+        return self.executor.submit(
+            "load", go, tag=tag, ring=ring, deadline=deadline or self.config.load_deadline,
+            attributes={"membrain.keys": len(keys)},
+        )
+
+    def prefetch(self, keys: Sequence[str], *, tag: Any = None) -> MembrainFuture:
+        """Start fetching keys into staging memory; a later fetch() of them is served from there.
+        Result: how many pages were staged."""
+        keys = list(keys)
+        self.stats.prefetches += 1
+        return self.executor.submit(
+            "prefetch", lambda: self._prefetch(keys, tag), tag=tag, deadline=self.config.load_deadline,
+            attributes={"membrain.keys": len(keys)},
+        )
+
+    def cancel(self, tag: Any) -> None:
+        """Cancel every pending job of `tag` and drop its staged prefetches (request finished or aborted)."""
+        self.executor.cancel_tag(tag, then=lambda: self.staging.drop(tag))
+
+    # ------------------------------------------------------------------ writes (caller threads)
+
+    def save(
+        self,
+        key: str,
+        parts: Sequence[Buffer],
+        *,
+        tag: Any = None,
+        on_done: Callable[[], None] | None = None,
+        prepare: Callable[[], None] | None = None,
+    ) -> bool:
+        """Queue a save (bytes already copied out of the KV cache). False if dropped: the queue is full.
+
+        `on_done()` runs on the runtime thread once the bytes are no longer needed (uploaded, skipped,
+        failed or dropped at shutdown), so the caller can reuse the buffer. Not called when False is returned.
+        `prepare()` runs before the upload, off the caller's thread (e.g. checksumming the payload).
+        """
+        nbytes = sum(memoryview(p).nbytes for p in parts)
+        if not self.executor.stopping:
+            self.executor.start()
+        save = PendingSave(key, parts, nbytes, tag, telemetry.capture_context(), on_done, prepare)
+        if self.executor.stopping or not self.write_behind.offer(save):
+            self.stats.saves_dropped += 1
+            self.metrics.dropped.add(1)
+            return False
+        self.stats.saves_queued += 1
+        self.executor.call_soon(self.write_behind.kick)
+        return True
+
+    def forget(self, keys: Sequence[str]) -> MembrainFuture:
+        """Drop keys whose payload failed its check, locally and on the server, so the next save repairs them.
+
+        Saves skip keys the server already holds; without this a corrupt block would be refused on every
+        load and never rewritten. Result: how many the server deleted.
+        """
+        keys = list(keys)
+        self.stats.forgotten += len(keys)
+
+        async def go() -> int:
+            if len(self._force_upload) > FORCE_UPLOAD_MAX:
+                self._force_upload.clear()
+            self._force_upload.update(keys)  # even if the delete fails, the next save overwrites
+            if self.hot is not None:
+                for key in keys:
+                    self.hot.discard(key)
+            deleted = 0
+            for key in keys:
+                try:
+                    deleted += bool(await self.remote.delete(key))
+                except MembrainUnavailable:
+                    break  # the forced overwrite repairs them once the server is back
+            return deleted
+
+        return self.executor.submit("forget", go, deadline=max(5.0, 3 * self.config.timeout),
+                                    attributes={"membrain.keys": len(keys)})
+
+    def flush(self, timeout: float) -> bool:
+        """Explicitly wait (blocking, with a deadline) until the write-behind queue is empty."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.write_behind.idle:
+                return True
+            time.sleep(0.005)
+        return self.write_behind.idle
+
+    # ------------------------------------------------------------------ what it counts
+
+    def _observe(self) -> dict[str, float]:
+        return {
+            "write_behind_bytes": self.write_behind.bytes,
+            "write_behind_items": len(self.write_behind),
+            "staging_bytes": self.staging.used,
+            "inflight_jobs": self.executor.inflight,
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        out: dict[str, Any] = self.stats.counters()
+        out.update(self.executor.stats.__dict__)
+        out.update(self._observe())
+        out.update(self.stats.percentiles())
+        return out
+
+    def _job_ended(self, kind: str, outcome: str, value: Any, latency: float) -> str:
+        """Executor observer (runtime thread), before the job's future is set. Returns the outcome the
+        completion ring reports: "unavailable" for a job the unreachable server failed."""
+        if outcome == "error" and isinstance(value, MembrainUnavailable):
+            outcome = "unavailable"
+        elif outcome == "timeout":
+            if kind == "lookup":
+                self.stats.lookup_timeouts += 1
+            elif kind in ("fetch", "load"):
+                self.stats.fetch_timeouts += 1
+        self.stats.record_latency(kind, latency)
+        self.metrics.latency.record(latency, {"op": kind})
+        self.metrics.outcomes.add(1, {"op": kind, "outcome": outcome})
+        return outcome
+
+    # ------------------------------------------------------------------ the tiers (runtime thread)
+
+    async def _lookup(self, keys: list[str]) -> int:
+        local = self.hot.leading(keys) if self.hot is not None else 0
+        if local == len(keys):
+            return local  # every block is in this process: no round trip
+        try:
+            return local + await self.remote.lookup(keys[local:])
+        except MembrainUnavailable:
+            # Not "0 stored": the scheduler must not take it as proof that its saved blocks are gone.
+            self.stats.lookups_unavailable += 1
+            raise
+        except Exception:
+            self.stats.lookup_errors += 1
+            raise
+
+    async def _fetch(self, keys: list[str]) -> list[memoryview | None]:
+        out: list[memoryview | None] = [None] * len(keys)
+        missing = list(range(len(keys)))
+        if self.hot is not None:
+            before = len(missing)
+            missing = self.hot.fill(keys, out, missing)
+            self.stats.hot_hits += before - len(missing)
+        if missing:
+            before = len(missing)
+            missing = await self.staging.fill(keys, out, missing)
+            self.stats.prefetch_used += before - len(missing)
+        if missing:
+            try:
+                values = await self.remote.get_many([keys[i] for i in missing])
+            except MembrainUnavailable:
+                self.stats.fetch_unavailable += len(missing)
+                raise  # not a miss: the caller must not report these blocks as gone
+            except Exception:
+                self.stats.fetch_errors += len(missing)
+                raise
+            for i, value in zip(missing, values):
+                out[i] = value
+                if value is not None and self.hot is not None:
+                    self.hot.put(keys[i], value)
+        got = sum(len(v) for v in out if v is not None)
+        self.stats.fetch_misses += out.count(None)
+        self.stats.fetched_bytes += got
+        self.metrics.bytes.add(got, {"direction": "load"})
+        return out
+
+    async def _prefetch(self, keys: list[str], tag: Any) -> int:
+        try:
+            result = await self.staging.prefetch(keys, tag, self.remote.get_many)
+        except MembrainUnavailable:
+            self.stats.prefetch_unavailable += 1
+            return 0
+        if result.skipped:
+            self.stats.prefetch_skipped += 1
+        return result.staged
+
+    async def _upload(self, saves: list[PendingSave], size: int) -> None:
+        """One write-behind batch (one save per key): skip what the server holds, put the rest."""
+        by_key = {s.key: s for s in saves}
+        keys = list(by_key)
+        todo = keys
+        stored = 0
+        t0 = time.perf_counter()
+        attrs = {"membrain.namespace": self.config.namespace, "membrain.keys": len(keys), "membrain.bytes": size}
+        with telemetry.span("membrain.save_batch", saves[0].parent, attrs) as sp:
+            try:
+                with anyio.fail_after(max(5.0, 3 * self.config.timeout)):
+                    present = await self.remote.exists(keys)
+                    todo = [k for k, p in zip(keys, present) if not p or k in self._force_upload]
+                    self._force_upload.difference_update(todo)
+                    self.stats.saves_skipped_present += len(keys) - len(todo)
+                    if todo:
+                        stored = await self.remote.put_many(todo, [by_key[k].parts for k in todo])
+            except MembrainUnavailable:
+                outcome = "unavailable"
+                self.stats.saves_unavailable += len(todo)
+            except Exception as exc:  # TimeoutError, refusals: a save is best effort
+                log.debug("membrain save batch failed: %r", exc)
+                outcome = "error"
+            else:
+                outcome = "ok" if stored == len(todo) else "partial"
+            if self.hot is not None:
+                for k in keys:
+                    parts = by_key[k].parts
+                    self.hot.put(k, parts[0] if len(parts) == 1 else b"".join(parts))
+            self.stats.saves_uploaded += stored
+            self.stats.saves_failed += len(todo) - stored
+            self.stats.upload_batches += 1
+            nbytes = sum(by_key[k].nbytes for k in todo) if stored == len(todo) else 0
+            self.stats.saved_bytes += nbytes
+            self.metrics.bytes.add(nbytes, {"direction": "save"})
+            self.metrics.outcomes.add(1, {"op": "save_batch", "outcome": outcome})
+            telemetry.set_attributes(sp, **{"membrain.outcome": outcome, "membrain.stored": stored,
+                                            "membrain.skipped": len(keys) - len(todo)})
+        latency = time.perf_counter() - t0
+        self.stats.record_latency("save_batch", latency)
+        self.metrics.latency.record(latency, {"op": "save_batch"})
+
+    def _lost(self, saves: list[PendingSave]) -> None:
+        self.stats.saves_failed += len(saves)
+
+    # ------------------------------------------------------------------ compatibility
+
+    def submit(self, kind: str, fn: Callable[[Any], Any], **kwargs) -> MembrainFuture:
+        """Run `await fn(client)` as a job (the runtime's old, client-level entry point)."""
+        return self.executor.submit(kind, lambda: fn(self.remote.client), **kwargs)
+
+
+class _OnLoop:
+    """The store's part of the executor's life (runtime thread): open the client and start the
+    uploader, drain the queue at shutdown, close the client, give up what is left."""
+
+    def __init__(self, store: BlockStore):
+        self.store = store
+
+    async def start(self, task_group) -> None:
+        self.store.remote.open()
+        task_group.start_soon(self.store.write_behind.run, self.store._upload, self.store._lost)
+
+    async def drain(self) -> None:
+        await self.store.write_behind.drain()
+
+    async def close(self) -> None:
+        await self.store.remote.aclose()
+
+    def abandon(self) -> None:
+        store = self.store
+        dropped = store.write_behind.abandon()
+        if dropped:
+            store.stats.saves_dropped += dropped
+            store.metrics.dropped.add(dropped)
+            log.warning("membrain shutdown dropped %d queued saves (drain deadline %.1fs)",
+                        dropped, store.executor.drain_deadline)
+
+
+def _result_attributes(kind: str, value: Any) -> dict:
+    if kind == "lookup" and isinstance(value, int):
+        return {"membrain.hit_keys": value, "membrain.hit": value > 0}
+    if kind == "lookup" and isinstance(value, list):
+        return {"membrain.hit_keys": sum(value), "membrain.lookups": len(value)}
+    if kind == "fetch" and isinstance(value, list):
+        return {
+            "membrain.bytes": sum(len(v) for v in value if v is not None),
+            "membrain.missing": sum(1 for v in value if v is None),
+        }
+    if kind == "prefetch" and isinstance(value, int):
+        return {"membrain.staged": value}
+    return {}
+
+
+# The name embedding hosts and older code know it by.
+MembrainRuntime = BlockStore
