@@ -1,0 +1,104 @@
+"""The executor alone: jobs, deadlines, cancellation, the completion ring and shutdown, with no cache
+layer and no network (what the BlockStore builds on)."""
+
+import threading
+
+import anyio
+import pytest
+
+from membrain_async.runtime import Cancelled, CompletionRing, Executor
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def executor(request):
+    ex = Executor(backend=request.param, default_deadline=10.0)
+    yield ex
+    ex.shutdown(drain=1)
+
+
+def wait_ring(ring, n):
+    got = []
+    for _ in range(2000):  # bounded; nothing here measures time
+        got += ring.poll()
+        if len(got) >= n:
+            break
+        threading.Event().wait(0.005)
+    return got
+
+
+def test_a_job_runs_on_the_loop_thread_and_lands_in_the_ring(executor):
+    ring = CompletionRing()
+
+    async def job():
+        await anyio.sleep(0)
+        return threading.current_thread().name
+
+    future = executor.submit("probe", job, tag="t", ring=ring)
+    (c,) = wait_ring(ring, 1)
+    assert (c.kind, c.tag, c.value, c.outcome) == ("probe", "t", "membrain-runtime", "ok")
+    assert future.result() == "membrain-runtime" and executor.stats.jobs_ok == 1
+
+
+def test_deadline_error_and_cancel_outcomes(executor):
+    ring = CompletionRing()
+
+    async def forever():
+        await anyio.sleep(3600)
+
+    async def broken():
+        raise ValueError("bug")
+
+    timed = executor.submit("slow", forever, deadline=0.1, ring=ring)
+    failed = executor.submit("broken", broken, ring=ring)
+    cancelled = executor.submit("held", forever, tag="req", ring=ring)
+    executor.cancel_tag("req")
+    outcomes = {c.kind: c.outcome for c in wait_ring(ring, 3)}
+    assert outcomes == {"slow": "timeout", "broken": "error", "held": "cancelled"}
+    assert isinstance(timed.exception(), TimeoutError) and isinstance(failed.exception(), ValueError)
+    with pytest.raises(Cancelled):
+        cancelled.result()
+
+
+def test_calls_run_in_order_with_submissions_and_after_a_cancel(executor):
+    seen = []
+    executor.call_soon(lambda: seen.append("first"))
+    executor.cancel_tag("req", then=lambda: seen.append("after cancel"))
+    future = executor.submit("probe", lambda: anyio.sleep(0))
+    assert future.wait(10)
+    assert seen == ["first", "after cancel"]
+
+
+class Resident:
+    def __init__(self):
+        self.events = []
+        self.release = threading.Event()
+
+    async def start(self, task_group):
+        self.events.append("start")
+
+    async def drain(self):
+        self.events.append("drain")
+        while not self.release.is_set():
+            await anyio.sleep(0.01)
+        self.events.append("drained")
+
+    async def close(self):
+        self.events.append("close")
+
+    def abandon(self):
+        self.events.append("abandon")
+
+
+@pytest.mark.parametrize("drained", [True, False])
+def test_shutdown_gives_the_resident_its_drain_deadline_then_closes(drained):
+    resident = Resident()
+    ex = Executor(resident=resident)
+    ex.start()
+    if drained:
+        resident.release.set()
+    ex.shutdown(drain=0.2)
+    assert not ex.running
+    expected = ["start", "drain", "drained", "close", "abandon"] if drained else ["start", "drain", "close", "abandon"]
+    assert resident.events == expected
+    late = ex.submit("late", lambda: anyio.sleep(0))
+    assert isinstance(late.exception(), Cancelled)
