@@ -102,3 +102,9 @@ def test_shutdown_gives_the_resident_its_drain_deadline_then_closes(drained):
     assert resident.events == expected
     late = ex.submit("late", lambda: anyio.sleep(0))
     assert isinstance(late.exception(), Cancelled)
+
+
+def test_an_unhashable_tag_is_refused_at_submit_not_on_the_loop(executor):
+    with pytest.raises(TypeError):
+        executor.submit("probe", lambda: anyio.sleep(0), tag=["not", "hashable"])
+    assert executor.submit("probe", lambda: anyio.sleep(0), tag=("fine",)).wait(10) and executor.running

@@ -192,7 +192,11 @@ class Executor:
         ring: CompletionRing | None = None,
         attributes: dict | None = None,
     ) -> MembrainFuture:
-        """Run `await fn()` on the loop under a deadline; returns at once with a future."""
+        """Run `await fn()` on the loop under a deadline; returns at once with a future.
+
+        `tag` must be hashable (it is what cancel_tag finds jobs by); checked here, where the caller can
+        see the mistake, not on the loop, where it would stop every job."""
+        hash(tag)
         future = MembrainFuture(tag)
         if self._stopping:
             future.set_exception(Cancelled("membrain runtime is shut down"))
