@@ -8,7 +8,8 @@ Every call returns at once (a `MembrainFuture`, or a bool for `save`); the work 
 thread (`runtime.Executor`). Behind the facade the tiers stack, nearest first:
 
     reads:  hot tier (cache.hot) -> prefetch staging (cache.staging) -> remote (cache.remote)
-    writes: write-behind queue (cache.write_behind) -> remote, and the hot tier keeps a copy
+    writes: write-behind queue (cache.write_behind) -> uploader (cache.upload) -> remote; the hot tier
+            keeps a copy
 
 This is the one place that decides what an unreachable server means, and counts every outcome
 (`StoreStats`), so a dead server, a miss and a corrupt page are told apart. An unreachable server is
@@ -47,11 +48,10 @@ from .hot import HotTier
 from .remote import RemoteTier, make_client
 from .staging import PrefetchStaging
 from .stats import StoreStats
+from .upload import Uploader
 from .write_behind import Buffer, PendingSave, WriteBehind
 
 log = logging.getLogger("membrain.runtime")
-
-FORCE_UPLOAD_MAX = 65536  # keys found corrupt and not re-saved by then are simply forgotten
 
 
 class BlockStore:
@@ -64,8 +64,8 @@ class BlockStore:
         self.staging = PrefetchStaging(config.prefetch_bytes)
         self.write_behind = WriteBehind(config.write_behind_bytes, config.batch_bytes)
         self.remote = RemoteTier(client_factory or (lambda: make_client(config)))
-        self._force_upload: set[str] = set()  # keys found corrupt: their next save skips the "already stored" check
         self.metrics = telemetry.RuntimeMetrics(self._observe, meter_provider)
+        self.uploader = Uploader(config, self.remote, self.hot, self.stats, self.metrics)
         self.executor = Executor(
             backend=config.async_backend,
             default_deadline=config.timeout,
@@ -260,9 +260,7 @@ class BlockStore:
         self.stats.forgotten += len(keys)
 
         async def go() -> int:
-            if len(self._force_upload) > FORCE_UPLOAD_MAX:
-                self._force_upload.clear()
-            self._force_upload.update(keys)  # even if the delete fails, the next save overwrites
+            self.uploader.overwrite(keys)  # even if the delete fails, the next save overwrites
             if self.hot is not None:
                 for key in keys:
                     self.hot.discard(key)
@@ -374,51 +372,6 @@ class BlockStore:
             self.stats.prefetch_skipped += 1
         return result.staged
 
-    async def _upload(self, saves: list[PendingSave], size: int) -> None:
-        """One write-behind batch (one save per key): skip what the server holds, put the rest."""
-        by_key = {s.key: s for s in saves}
-        keys = list(by_key)
-        todo = keys
-        stored = 0
-        t0 = time.perf_counter()
-        attrs = {"membrain.namespace": self.config.namespace, "membrain.keys": len(keys), "membrain.bytes": size}
-        with telemetry.span("membrain.save_batch", saves[0].parent, attrs) as sp:
-            try:
-                with anyio.fail_after(max(5.0, 3 * self.config.timeout)):
-                    present = await self.remote.exists(keys)
-                    todo = [k for k, p in zip(keys, present) if not p or k in self._force_upload]
-                    self._force_upload.difference_update(todo)
-                    self.stats.saves_skipped_present += len(keys) - len(todo)
-                    if todo:
-                        stored = await self.remote.put_many(todo, [by_key[k].parts for k in todo])
-            except MembrainUnavailable:
-                outcome = "unavailable"
-                self.stats.saves_unavailable += len(todo)
-            except Exception as exc:  # TimeoutError, refusals: a save is best effort
-                log.debug("membrain save batch failed: %r", exc)
-                outcome = "error"
-            else:
-                outcome = "ok" if stored == len(todo) else "partial"
-            if self.hot is not None:
-                for k in keys:
-                    parts = by_key[k].parts
-                    self.hot.put(k, parts[0] if len(parts) == 1 else b"".join(parts))
-            self.stats.saves_uploaded += stored
-            self.stats.saves_failed += len(todo) - stored
-            self.stats.upload_batches += 1
-            nbytes = sum(by_key[k].nbytes for k in todo) if stored == len(todo) else 0
-            self.stats.saved_bytes += nbytes
-            self.metrics.bytes.add(nbytes, {"direction": "save"})
-            self.metrics.outcomes.add(1, {"op": "save_batch", "outcome": outcome})
-            telemetry.set_attributes(sp, **{"membrain.outcome": outcome, "membrain.stored": stored,
-                                            "membrain.skipped": len(keys) - len(todo)})
-        latency = time.perf_counter() - t0
-        self.stats.record_latency("save_batch", latency)
-        self.metrics.latency.record(latency, {"op": "save_batch"})
-
-    def _lost(self, saves: list[PendingSave]) -> None:
-        self.stats.saves_failed += len(saves)
-
     # ------------------------------------------------------------------ compatibility
 
     def submit(self, kind: str, fn: Callable[[Any], Any], **kwargs) -> MembrainFuture:
@@ -435,7 +388,7 @@ class _OnLoop:
 
     async def start(self, task_group) -> None:
         self.store.remote.open()
-        task_group.start_soon(self.store.write_behind.run, self.store._upload, self.store._lost)
+        task_group.start_soon(self.store.write_behind.run, self.store.uploader.upload, self.store.uploader.lost)
 
     async def drain(self) -> None:
         await self.store.write_behind.drain()
