@@ -112,6 +112,7 @@ def test_server_down_killed_mid_load_and_restarted(model, baseline, logs, reliab
             down = ph()
             assert tokens(down) == [baseline["x"]] and down["results"][0]["num_cached_tokens"] == 0
             assert "unreachable" in engine.output()
+            assert down["metrics"]["vllm:membrain_lookup_unavailable"] >= 1  # a dead server, not a miss
 
             # 2. The server comes up: saves land, and after the local cache is emptied, hits come from it.
             srv = start_subprocess_server({"port": port})
@@ -138,6 +139,10 @@ def test_server_down_killed_mid_load_and_restarted(model, baseline, logs, reliab
             killed = ph()
             assert tokens(killed) == [baseline["y"]]
             assert killed["metrics"]["vllm:membrain_load_error_blocks"] > 0
+            # Counted as what it was: the server went away mid-reply; the blocks were not missing.
+            m = killed["metrics"]
+            assert m["vllm:membrain_load_errors_unavailable"] + m["vllm:membrain_load_errors_error"] > 0
+            assert m["vllm:membrain_load_errors_missing"] == 0
 
             # 4. A new server on the same address: hits resume with no restart of vLLM.
             srv = start_subprocess_server({"port": port})

@@ -7,6 +7,7 @@ writes into a request's blocks after its load is reported, because vLLM may then
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -192,3 +193,18 @@ def test_sync_mode_waits_for_its_loads_and_a_late_one_is_failed_within_the_deadl
             assert block_fill(layout, 2) == {0.0}
         finally:
             rt.shutdown(drain=2)
+
+
+
+def test_a_server_that_cannot_be_reached_is_unavailable_not_missing(layout):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rt = make_runtime(f"http://127.0.0.1:{port}", timeout=1.0)
+    try:
+        loader = PageLoader(rt, layout, key_of, deadline=5.0)
+        loader.submit(BlockTransfer("r1", [1, 2], ["a", "b"]))
+        (outcome,) = drain_until(loader)
+        assert (outcome.why, outcome.loaded, outcome.failed_block_ids) == ("unavailable", 0, [1, 2])
+    finally:
+        rt.shutdown(drain=1)

@@ -1,6 +1,6 @@
 """Loading pages into a worker's KV cache: fetched, checked and copied off the forward path.
 
-Each request's load is one runtime job: the runtime thread fetches its pages, then a worker thread checks
+Each request's load is one job of the block store: the runtime thread fetches its pages, then a worker thread checks
 them (header, checksum, key tag, shape) and copies them whole into the request's allocated blocks. Torch
 copies and the checksum release the GIL, so the forward pass runs on meanwhile. The job's outcome lands
 in this worker's completion ring; the worker drains it once per step (`drain`), and vLLM learns which
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .. import codec
+from ..client.errors import MembrainUnavailable
 from ..runtime import Completion, CompletionRing
 from .metadata import BlockTransfer
 from .pages import PageLayout, decode_block
@@ -42,7 +43,7 @@ class LoadOutcome:
     block_ids: list[int]
     loaded: int = 0  # leading blocks copied in and valid
     loaded_bytes: int = 0
-    why: str = ""  # for the blocks after `loaded`: "missing" | "corrupt" | "timeout" | "error" | "cancelled"
+    why: str = ""  # for the blocks after `loaded`: missing | corrupt | timeout | unavailable | error | cancelled
     corrupt_keys: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -71,13 +72,13 @@ class PageLoader:
 
     def __init__(
         self,
-        runtime,
+        store,
         layout: PageLayout,
         key_of: Callable[[str], str],
         deadline: float,
         mover=None,
     ):
-        self.runtime = runtime
+        self.store = store  # the cache layer: fetches, then runs the copy on a worker thread
         self.layout = layout
         self.key_of = key_of
         self.deadline = deadline
@@ -96,7 +97,7 @@ class PageLoader:
             log.warning("Membrain: request %s loads again while a load is in flight", load.req_id)
         self._inflight[load.req_id] = ticket
         keys = [self.key_of(h) for h in load.hashes]
-        ticket.future = self.runtime.load(keys, lambda values: self._copy(ticket, values), tag=load.req_id,
+        ticket.future = self.store.load(keys, lambda values: self._copy(ticket, values), tag=load.req_id,
                                           deadline=self.deadline)
         ticket.future.add_done_callback(lambda fut: self._ended_without_copy(ticket, fut))
 
@@ -149,7 +150,12 @@ class PageLoader:
             why = ticket.stop_reason
         else:
             exc = future.exception()
-            why = "timeout" if isinstance(exc, TimeoutError) else "error"
+            if isinstance(exc, TimeoutError):
+                why = "timeout"
+            elif isinstance(exc, MembrainUnavailable):
+                why = "unavailable"  # the server could not be reached: not a miss, not a corrupt page
+            else:
+                why = "error"
         self._finish(ticket, LoadOutcome(ticket.load.req_id, list(ticket.load.block_ids), why=why))
 
     def _copy(self, ticket: _Ticket, values: list) -> LoadOutcome | None:

@@ -1,6 +1,6 @@
 """The connector's scheduler half (EngineCore process).
 
-It never waits on the network: a request's lookup is submitted to the runtime when the request arrives;
+It never waits on the network: a request's lookup is submitted to the block store when the request arrives;
 `get_num_new_matched_tokens` answers from the lookup's future (None while pending, so vLLM asks again
 next step) and the runtime thread does the rest. What to load and what to save reaches the workers only
 through `MembrainConnectorMetadata`.
@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from .. import keys
 from ..config import ConnectorConfig
-from ..runtime import CompletionRing, get_runtime
+from ..cache import open_store
+from ..runtime import CompletionRing
 from . import identity
 from .blockhash import BlockHashes
 from .metadata import BlockTransfer, MembrainConnectorMetadata, MembrainWorkerMetadata
@@ -62,7 +63,7 @@ class MembrainScheduler:
         self.fingerprint = identity.fingerprint(vllm_config, config)
         # Lookups ask about the first shard; every shard saves and loads the same blocks.
         self.rank = identity.rank_label(0, 0)
-        self.runtime = get_runtime(config)
+        self.store = open_store(config)  # held until shutdown()
         self._requests: dict[str, _RequestState] = {}
         self._loads: list[BlockTransfer] = []
         self._prefetch: list[BlockTransfer] = []
@@ -132,9 +133,9 @@ class MembrainScheduler:
         # Answers come back through the completion ring, tagged with the request ids they answer.
         tag = tuple(st.request.request_id for st, _ in pending)
         if len(pending) == 1:
-            self.runtime.lookup(pending[0][1], tag=tag, ring=self._answers)
+            self.store.lookup(pending[0][1], tag=tag, ring=self._answers)
         else:
-            self.runtime.lookup_many([keys for _, keys in pending], tag=tag, ring=self._answers)
+            self.store.lookup_many([keys for _, keys in pending], tag=tag, ring=self._answers)
 
     def _take_answers(self) -> None:
         """Lookup answers that landed since the last call (never waits)."""
@@ -169,6 +170,8 @@ class MembrainScheduler:
             self._count("lookups")
             if st.answer_outcome == "timeout":
                 self._count("lookup_timeouts")
+            elif st.answer_outcome == "unavailable":
+                self._count("lookup_unavailable")
             elif st.answer_outcome != "ok":
                 self._count("lookup_errors")
         hit_blocks = min(st.stored_blocks, self._loadable_blocks(request))
@@ -388,4 +391,6 @@ class MembrainScheduler:
         self._ledger.clear()
 
     def shutdown(self) -> None:
-        self.runtime.shutdown()
+        store, self.store = self.store, None  # one hold, given back once
+        if store is not None:
+            store.close()

@@ -16,7 +16,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorProm
 COUNTERS = {
     "lookups": ("vllm:membrain_lookups", "Prefix lookups answered by Membrain"),
     "lookup_timeouts": ("vllm:membrain_lookup_timeouts", "Lookups that missed the lookup deadline (treated as misses)"),
-    "lookup_errors": ("vllm:membrain_lookup_errors", "Lookups that failed (server down or refused)"),
+    "lookup_unavailable": (
+        "vllm:membrain_lookup_unavailable", "Lookups the server could not answer (unreachable or breaker open); served as misses"
+    ),
+    "lookup_errors": ("vllm:membrain_lookup_errors", "Lookups refused or failed otherwise; served as misses"),
     "query_tokens": ("vllm:membrain_query_tokens", "Prompt tokens asked about (beyond the local prefix cache)"),
     "hit_tokens": ("vllm:membrain_hit_tokens", "Prompt tokens loaded from Membrain instead of computed"),
     "hit_blocks": ("vllm:membrain_hit_blocks", "Blocks loaded from Membrain"),
@@ -26,7 +29,10 @@ COUNTERS = {
     "load_error_blocks": ("vllm:membrain_load_error_blocks", "Blocks that failed to load (missing, late, corrupt) and were recomputed"),
     "load_errors_corrupt": ("vllm:membrain_load_errors_corrupt", "Blocks refused on load: bad header, length, checksum or key"),
     "load_errors_timeout": ("vllm:membrain_load_errors_timeout", "Blocks not loaded within VLLM_MEMBRAIN_LOAD_DEADLINE"),
-    "load_errors_error": ("vllm:membrain_load_errors_error", "Blocks whose fetch failed (server down, connection lost)"),
+    "load_errors_unavailable": (
+        "vllm:membrain_load_errors_unavailable", "Blocks whose server could not be reached (down, breaker open)"
+    ),
+    "load_errors_error": ("vllm:membrain_load_errors_error", "Blocks whose fetch failed otherwise (connection lost mid-reply, refused)"),
     "load_errors_missing": ("vllm:membrain_load_errors_missing", "Blocks gone from the server between lookup and load"),
     "loads_cancelled": ("vllm:membrain_loads_cancelled", "Loads stopped because their request finished or was aborted first"),
     "save_blocks_planned": ("vllm:membrain_save_blocks_planned", "Newly full blocks planned for saving"),

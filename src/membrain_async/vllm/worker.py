@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .. import codec, keys
 from ..config import ConnectorConfig
-from ..runtime import get_runtime
+from ..cache import open_store
 from . import identity
 from .loads import PageLoader
 from .metadata import MembrainConnectorMetadata, MembrainWorkerMetadata, SaveVerdict
@@ -75,7 +75,7 @@ class MembrainWorker:
         except (AssertionError, AttributeError):  # groups not initialised (single process tools)
             tp_rank, pp_rank = 0, 0
         self.rank = identity.rank_label(tp_rank, pp_rank)
-        self.runtime = get_runtime(config)
+        self.store = open_store(config)  # held until shutdown()
         self.layout: PageLayout | None = None
         self.staging = StagingPool(config.write_behind_bytes)
         self.mover = None  # DevicePageMover on accelerators (batched, streams and events)
@@ -112,7 +112,7 @@ class MembrainWorker:
             from .device_transfer import DevicePageMover
 
             self.mover = DevicePageMover(self.layout, first.device)
-        self.loader = PageLoader(self.runtime, self.layout, self._key, self.config.load_deadline, self.mover)
+        self.loader = PageLoader(self.store, self.layout, self._key, self.config.load_deadline, self.mover)
         log.info(
             "Membrain worker rank %s: %d layers, page %s %s, %d bytes per block, %s transfer",
             self.rank, len(self.layout.layer_names), self.layout.page_shape, self.layout.dtype_name,
@@ -127,7 +127,7 @@ class MembrainWorker:
         self._expire_staged(meta.step)
         self._flush_ready_saves()
         for finished in meta.finished:
-            self.runtime.cancel(finished)  # its prefetches and its load, if one is still in flight
+            self.store.cancel(finished)  # its prefetches and its load, if one is still in flight
             if self.loader is not None:
                 self.loader.cancel(finished)
         if self.loader is None:  # no usable layout: every load fails, and vLLM recomputes
@@ -137,7 +137,7 @@ class MembrainWorker:
                     self._finished_recving.add(load.req_id)
             return
         for hint in meta.prefetch:
-            self.runtime.prefetch([self._key(h) for h in hint.hashes], tag=hint.req_id)
+            self.store.prefetch([self._key(h) for h in hint.hashes], tag=hint.req_id)
         for load in meta.loads:
             self.loader.submit(load)  # returns at once: the runtime fetches, a worker thread copies
         if meta.loads and not self.async_loads:
@@ -158,7 +158,7 @@ class MembrainWorker:
             self._count("loaded_bytes", outcome.loaded_bytes)
             self._count("load_ms", 1e3 * outcome.seconds)
             if outcome.corrupt_keys:
-                self.runtime.forget(outcome.corrupt_keys)
+                self.store.forget(outcome.corrupt_keys)
             if outcome.why == "cancelled":  # the request finished or was aborted: nothing to recompute
                 self._count("loads_cancelled")
             elif outcome.why:
@@ -265,7 +265,7 @@ class MembrainWorker:
         self._count(counter, len(item.block_ids))
 
     def _queue_save(self, key: str, parts: list, req_id: str, release, size: int, prepare=None) -> None:
-        if self.runtime.save(key, parts, tag=req_id, on_done=release, prepare=prepare):
+        if self.store.save(key, parts, tag=req_id, on_done=release, prepare=prepare):
             self._count("saved_blocks")
             self._count("saved_bytes", size)
         else:
@@ -304,7 +304,7 @@ class MembrainWorker:
 
     def take_stats(self) -> dict[str, float]:
         # Upload outcomes are known on the runtime thread only; report them as deltas since the last call.
-        rs = self.runtime.stats
+        rs = self.store.stats
         for name, total in (("uploaded_blocks", rs.saves_uploaded + rs.saves_skipped_present),
                             ("upload_failed_blocks", rs.saves_failed)):
             delta = total - self._reported.get(name, 0)
@@ -324,4 +324,6 @@ class MembrainWorker:
         for pending in self._pending_saves:
             pending.event.synchronize()  # shutting down: the last saves may wait for their copies
         self._flush_ready_saves()
-        self.runtime.shutdown()
+        store, self.store = self.store, None  # one hold, given back once
+        if store is not None:
+            store.close()
