@@ -318,6 +318,20 @@ def test_an_upload_to_an_unreachable_server_fails_and_is_counted(make_store, rem
     assert store.stats.saves_failed == 1 and store.stats.saves_unavailable == 1 and store.stats.saves_uploaded == 0
 
 
+def test_each_save_reports_its_own_outcome_through_the_ring(make_store, remote):
+    store = make_store()
+    ring = CompletionRing()
+    assert store.save("a", [b"1"], tag="r1", ring=ring) and store.flush(10)
+    assert store.save("a", [b"1"], tag="r2", ring=ring) and store.flush(10)  # the server holds it now
+    remote.down = True
+    assert store.save("b", [b"2"], tag="r3", ring=ring) and store.flush(10)
+    remote.down, remote.refuse = False, True
+    assert store.save("c", [b"3"], tag="r4", ring=ring) and store.flush(10)
+    got = [(c.kind, c.tag, c.value, c.outcome) for c in ring.poll()]
+    assert got == [("save", "r1", "a", "ok"), ("save", "r2", "a", "present"), ("save", "r3", "b", "unavailable"),
+                   ("save", "r4", "c", "failed")]
+
+
 # ------------------------------------------------------------------ load: fetch, then copy off the loop
 
 

@@ -231,8 +231,12 @@ class BlockStore:
         tag: Any = None,
         on_done: Callable[[], None] | None = None,
         prepare: Callable[[], None] | None = None,
+        ring: CompletionRing | None = None,
     ) -> bool:
         """Queue a save (bytes already copied out of the KV cache). False if dropped: the queue is full.
+
+        With `ring`, the save's end lands there as Completion("save", tag, key, outcome), outcome one
+        of ok, present (the server already held it), failed, unavailable, dropped (never sent).
 
         `on_done()` runs on the runtime thread once the bytes are no longer needed (uploaded, skipped,
         failed or dropped at shutdown), so the caller can reuse the buffer. Not called when False is returned.
@@ -241,7 +245,7 @@ class BlockStore:
         nbytes = sum(memoryview(p).nbytes for p in parts)
         if not self.executor.stopping:
             self.executor.start()
-        save = PendingSave(key, parts, nbytes, tag, telemetry.capture_context(), on_done, prepare)
+        save = PendingSave(key, parts, nbytes, tag, telemetry.capture_context(), on_done, prepare, ring)
         if self.executor.stopping or not self.write_behind.offer(save):
             self.stats.saves_dropped += 1
             self.metrics.dropped.add(1)

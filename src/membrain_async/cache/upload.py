@@ -67,6 +67,14 @@ class Uploader:
                 outcome = "error"
             else:
                 outcome = "ok" if stored == len(todo) else "partial"
+            # Each save's own outcome, for its submitter's ring. put_many reports only how many it stored:
+            # in a partial batch the first `stored` are taken as the stored ones (the counts are exact).
+            sent = set(todo)
+            for i, k in enumerate(todo):
+                by_key[k].outcome = "ok" if i < stored else ("unavailable" if outcome == "unavailable" else "failed")
+            for k in keys:
+                if k not in sent:
+                    by_key[k].outcome = "present"
             if self.hot is not None:
                 for k in keys:
                     parts = by_key[k].parts
@@ -87,3 +95,5 @@ class Uploader:
     def lost(self, saves: list[PendingSave]) -> None:
         """A batch never uploaded (its prepare hook failed): counted as failed."""
         self.stats.saves_failed += len(saves)
+        for item in saves:
+            item.outcome = "failed"

@@ -18,6 +18,8 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import anyio
 
+from ..runtime.ring import Completion
+
 log = logging.getLogger("membrain.runtime")
 
 Buffer = bytes | bytearray | memoryview
@@ -36,6 +38,9 @@ class PendingSave:
     parent: Any  # the submitter's tracing context
     on_done: Callable[[], None] | None  # the caller's bytes are free again
     prepare: Callable[[], None] | None  # runs before the upload, off the caller's thread
+    ring: Any = None  # CompletionRing: gets Completion("save", tag, key, outcome) when the save ended
+    # ok | present (the server held it) | failed | unavailable | dropped (never sent: shutdown, a bad hook)
+    outcome: str = ""
 
 
 # upload(saves, nbytes): one batch, one save per key; must not raise for a failed upload (it counts it).
@@ -110,7 +115,8 @@ class WriteBehind:
                 continue
             batch, size = self.next_batch()
             self._uploading += 1
-            unique = list({item.key: item for item in batch}.values())  # last write of a key wins
+            last = {item.key: item for item in batch}  # last write of a key wins
+            unique = list(last.values())
             try:
                 try:
                     await _prepare(batch, size)
@@ -123,6 +129,8 @@ class WriteBehind:
                 self._uploading -= 1
                 with self._lock:
                     self._bytes -= size
+                for item in batch:  # an earlier write of a key shares the fate of the one sent
+                    item.outcome = item.outcome or last[item.key].outcome or "dropped"
                 release(batch)
 
     async def drain(self) -> None:
@@ -135,6 +143,8 @@ class WriteBehind:
     def abandon(self) -> int:
         """The thread is ending: release whatever is still queued; returns how many saves that was."""
         dropped = len(self._queue)
+        for item in self._queue:
+            item.outcome = "dropped"
         release(self._queue)
         self._queue.clear()
         with self._lock:
@@ -143,7 +153,10 @@ class WriteBehind:
 
 
 def release(saves) -> None:
+    """The saves' bytes are free again, and their outcomes go to their submitters' rings."""
     for item in saves:
+        if item.ring is not None:
+            item.ring.push(Completion("save", item.tag, item.key, item.outcome or "dropped"))
         if item.on_done is not None:
             try:
                 item.on_done()

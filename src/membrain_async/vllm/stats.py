@@ -63,6 +63,7 @@ COUNTERS = {
     ),
     "uploaded_blocks": ("vllm:membrain_uploaded_blocks", "Saved blocks the server acknowledged (or already held)"),
     "upload_failed_blocks": ("vllm:membrain_upload_failed_blocks", "Saved blocks whose upload failed (server down, refused)"),
+    "uploads_dropped": ("vllm:membrain_uploads_dropped", "Queued saves never sent: still queued when the drain deadline of a shutdown passed"),
 }
 TIMERS = {
     "lookup_ms": ("vllm:membrain_lookup_seconds", "Time from request arrival to lookup answer"),

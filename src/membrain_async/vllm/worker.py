@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable
 from .. import codec, keys
 from ..config import ConnectorConfig
 from ..cache import open_store
+from ..runtime import CompletionRing
 from . import identity
 from .loads import PageLoader
 from .metadata import MembrainConnectorMetadata, MembrainWorkerMetadata, SaveVerdict
@@ -89,7 +90,7 @@ class MembrainWorker:
         # it computed after them is wrong and must not be saved (vLLM recomputes it next step).
         self._failed_requests: set[str] = set()
         self._stats: dict[str, float] = {}
-        self._reported: dict[str, int] = {}
+        self._upload_ring = CompletionRing()  # the end of each save handed to the store
 
     def _key(self, block_hash: str) -> str:
         return keys.block_key(self.fingerprint, self.rank, block_hash)
@@ -265,7 +266,7 @@ class MembrainWorker:
         self._count(counter, len(item.block_ids))
 
     def _queue_save(self, key: str, parts: list, req_id: str, release, size: int, prepare=None) -> None:
-        if self.store.save(key, parts, tag=req_id, on_done=release, prepare=prepare):
+        if self.store.save(key, parts, tag=req_id, on_done=release, prepare=prepare, ring=self._upload_ring):
             self._count("saved_blocks")
             self._count("saved_bytes", size)
         else:
@@ -303,14 +304,14 @@ class MembrainWorker:
         self._pending_saves = still
 
     def take_stats(self) -> dict[str, float]:
-        # Upload outcomes are known on the runtime thread only; report them as deltas since the last call.
-        rs = self.store.stats
-        for name, total in (("uploaded_blocks", rs.saves_uploaded + rs.saves_skipped_present),
-                            ("upload_failed_blocks", rs.saves_failed)):
-            delta = total - self._reported.get(name, 0)
-            if delta:
-                self._count(name, delta)
-                self._reported[name] = total
+        # Upload outcomes come back through this worker's completion ring (never waited for).
+        for done in self._upload_ring.poll():
+            if done.outcome in ("ok", "present"):
+                self._count("uploaded_blocks")
+            elif done.outcome == "dropped":
+                self._count("uploads_dropped")
+            else:
+                self._count("upload_failed_blocks")
         stats, self._stats = self._stats, {}
         return stats
 
