@@ -143,19 +143,24 @@ def no_reuse_bench(off: Instance, on: Instance, rounds: int, n_prompts: int, pro
                 toks = sum(x["prompt_tokens"] + len(x["tokens"]) for x in rep["results"])
                 row[inst.name] = {"tokens_per_s": toks / rep["wall_s"], "wall_s": rep["wall_s"],
                                   "membrain_hit_tokens": rep["delta"].get("vllm:membrain_hit_tokens", 0),
-                                  "saved_blocks": rep["delta"].get("vllm:membrain_saved_blocks", 0)}
+                                  "saved_blocks": rep["delta"].get("vllm:membrain_saved_blocks", 0),
+                                  # The save gather runs inside the step (pages copied out before vLLM may
+                                  # reuse the blocks): its share of the wall time is its cost to throughput.
+                                  "save_copy_share": rep["delta"].get("vllm:membrain_save_copy_seconds", 0) / rep["wall_s"]}
                 bar.update()
             pairs.append(row)
         off_tps = [p[off.name]["tokens_per_s"] for p in pairs]
         on_tps = [p[on.name]["tokens_per_s"] for p in pairs]
         ratios = [b / a for a, b in zip(off_tps, on_tps)]
         out[mode] = {"rounds": pairs, "off_tokens_per_s_median": statistics.median(off_tps),
+                     "save_copy_share_median": statistics.median(p[on.name]["save_copy_share"] for p in pairs),
                      "on_tokens_per_s_median": statistics.median(on_tps),
                      "overhead_pct_median_of_pairs": 100 * (1 - statistics.median(ratios)),
                      "overhead_pct_pairs": [100 * (1 - x) for x in ratios]}
         m = out[mode]
         bar.write(f"no reuse, {mode}: {m['off_tokens_per_s_median']:.0f} tok/s without, {m['on_tokens_per_s_median']:.0f} with "
-                  f"(overhead {m['overhead_pct_median_of_pairs']:.1f} %, pairs {[round(x, 1) for x in m['overhead_pct_pairs']]})")
+                  f"(overhead {m['overhead_pct_median_of_pairs']:.1f} %, pairs {[round(x, 1) for x in m['overhead_pct_pairs']]}; "
+                  f"save gather {100 * m['save_copy_share_median']:.2f} % of the wall time)")
     return out
 
 
