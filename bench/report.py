@@ -2,7 +2,7 @@
 
     python bench/report.py [--dir bench/results]
 
-Reads store.json (store_bench.py), e2e.json (e2e_bench.py) and cluster.json if present; every figure in
+Reads store.json (store_bench.py), e2e.json (e2e_bench.py), stall.json (stall_bench.py) and cluster.json if present; every figure in
 the report is a ratio to a baseline measured in the same run, next to the absolute value of that run.
 """
 
@@ -138,7 +138,57 @@ def e2e_lines(e2e: dict) -> list[str]:
     return lines + [""]
 
 
-def chart(store: dict | None, e2e: dict | None, path: str) -> None:
+ARM_LABELS = {"off": "no Membrain (recompute)", "sync": "Membrain, sync loads", "async": "Membrain, async loads"}
+
+
+def stall_rows(stall: dict) -> tuple[dict | None, dict[str, dict], list[dict]]:
+    """The no-arrival reference, each Membrain arm's no-arrival run, and the runs with arrivals."""
+    runs = stall.get("runs", [])
+    ref = next((r for r in runs if r["arm"] == "reference"), None)
+    idle = {r["arm"].removesuffix("-idle"): r for r in runs if r["arm"].endswith("-idle")}
+    return ref, idle, [r for r in runs if r["arrivals"]]
+
+
+def rate_label(rate: float | None) -> str:
+    if not rate:
+        return "-"
+    return f"{rate / 1e9:g} GB/s" if rate >= 1e9 else f"{rate / 1e6:g} MB/s"
+
+
+def stall_lines(stall: dict) -> list[str]:
+    c = stall["config"]
+    ref, idle, hits = stall_rows(stall)
+    link = stall.get("link", {})
+    lines = ["## Decode stalls while cached prefixes load", "",
+             f"{c['streams']} decode streams generate while {c['arrivals']} requests with {c['prefix_words']}-token cached "
+             f"prefixes (~{c['prefix_kv_mb']:.0f} MB of KV each) arrive {c['spacing']:g} s apart and load them from "
+             "Membrain through a bandwidth-shaping proxy (`bench/stall_bench.py`). Gaps are the streams' inter-token "
+             "gaps from the first arrival until the last one finished; TTFT is each arrival's.", ""]
+    if link:
+        lines += ["Link as measured (a 48 MiB get through the proxy): " + ", ".join(
+            f"{rate_label(float(k)) if k != 'unshaped' else 'unshaped'} {v['mb_per_s']:.0f} MB/s" for k, v in link.items()) + ".", ""]
+    lines += ["| arm | link | gap p50 | gap p99 | gap max | p99 / reference p50 | hit TTFT (each) | tokens loaded |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    ref50 = ref["gap_p50_ms"] if ref else None
+    if ref:
+        lines.append(f"| reference: no arrivals, no Membrain | - | {ref['gap_p50_ms']:.0f} ms | {ref['gap_p99_ms']:.0f} ms | "
+                     f"{ref['gap_max_ms']:.0f} ms | {ref['gap_p99_ms'] / ref50:.1f}× | - | - |")
+    for mode, r in idle.items():
+        ratio = f"{r['gap_p99_ms'] / ref50:.1f}×" if ref50 else "-"
+        lines.append(f"| {ARM_LABELS.get(mode, mode)}, no arrivals | - | {r['gap_p50_ms']:.0f} ms | {r['gap_p99_ms']:.0f} ms | "
+                     f"{r['gap_max_ms']:.0f} ms | {ratio} | - | - |")
+    for r in hits:
+        ttft = ", ".join(f"{x:.2f}" for x in r["hit_ttft_s"])
+        ratio = f"{r['gap_p99_ms'] / ref50:.1f}×" if ref50 else "-"
+        lines.append(f"| {ARM_LABELS.get(r['arm'], r['arm'])} | {rate_label(r['rate'])} | {r['gap_p50_ms']:.0f} ms | "
+                     f"{r['gap_p99_ms']:.0f} ms | {r['gap_max_ms']:.0f} ms | {ratio} | {ttft} s | "
+                     f"{', '.join(str(x) for x in r['hit_cached_tokens'])} |")
+    lines += ["", "Aim: decode p99 gap while hits load at 100 MB/s ≤ 2× the reference p50; median gap with Membrain within "
+              "5 % of the gap without it (the reference)."]
+    return lines + [""]
+
+
+def chart(store: dict | None, e2e: dict | None, path: str, stall: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,6 +196,8 @@ def chart(store: dict | None, e2e: dict | None, path: str) -> None:
 
     panels = [p for p in ("store", "ttft", "chat")
               if (store and "cells" in store if p == "store" else e2e and e2e.get(p))]
+    if stall and stall.get("runs"):
+        panels.append("stall")
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
@@ -173,6 +225,8 @@ def chart(store: dict | None, e2e: dict | None, path: str) -> None:
             ax.set_ylabel("TTFT (s, log)")
             ax.set_title("Time to first token")
             ax.legend(fontsize=8)
+        elif panel == "stall":
+            stall_panel(ax, stall)
         else:
             chat = e2e["chat"]
             data = [chat["without"]["ttfts"], chat["with"]["ttfts"]]
@@ -184,11 +238,40 @@ def chart(store: dict | None, e2e: dict | None, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def stall_panel(ax, stall: dict) -> None:
+    """Gap p99 per arm and link (bars), p50 and max as markers, the reference p50 and twice it as lines."""
+    ref, _idle, hits = stall_rows(stall)
+    rates = sorted({r["rate"] for r in hits if r["rate"]})
+    groups = [("off", None)] + [(m, rate) for rate in rates for m in ("sync", "async")]
+    xs, labels, seen = [], [], set()
+    colors = {"off": "tab:gray", "sync": "tab:red", "async": "tab:green"}
+    for i, (mode, rate) in enumerate(groups):
+        rs = [r for r in hits if r["arm"] == mode and (rate is None or r["rate"] == rate)]
+        if not rs:
+            continue
+        r = rs[0]
+        xs.append(i)
+        labels.append(f"{mode}\n{rate_label(rate)}" if rate else "no\nMembrain")
+        ax.bar(i, r["gap_p99_ms"], 0.6, color=colors.get(mode, "tab:blue"),
+               label=ARM_LABELS.get(mode, mode) if mode not in seen else None)
+        seen.add(mode)
+        ax.plot([i], [r["gap_max_ms"]], "kv", markersize=5)
+        ax.plot([i], [r["gap_p50_ms"]], "k_", markersize=14)
+    if ref:
+        ax.axhline(ref["gap_p50_ms"], color="k", linestyle=":", linewidth=1, label=f"reference p50 ({ref['gap_p50_ms']:.0f} ms)")
+        ax.axhline(2 * ref["gap_p50_ms"], color="tab:green", linestyle="--", linewidth=1, label="aim: 2× reference p50")
+    ax.set_xticks(xs, labels, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("decode inter-token gap, ms (bar p99, ▼ max, — p50)")
+    ax.set_title("Decode gaps while cached prefixes load")
+    ax.legend(fontsize=7)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default="bench/results")
     args = ap.parse_args()
-    store, e2e, cluster = (load(args.dir, n) for n in ("store.json", "e2e.json", "cluster.json"))
+    store, e2e, cluster, stall = (load(args.dir, n) for n in ("store.json", "e2e.json", "cluster.json", "stall.json"))
     lines = ["# Membrain benchmarks", "",
              "Written by `nox -s bench` (`bench/report.py`). Ratios compare figures measured in the same run.", ""]
     lines += machine_lines(store, e2e)
@@ -198,12 +281,14 @@ def main() -> None:
         lines += e2e_lines(e2e)
         if e2e.get("notes"):
             lines += [f"Conditions: {e2e['notes']}", ""]
+    if stall and stall.get("runs"):
+        lines += stall_lines(stall)
     if cluster:
         lines += ["## Cluster", "", "```", json.dumps(cluster.get("summary", cluster), indent=1)[:2000], "```", ""]
     lines += ["![benchmarks](bench.png)", ""]
     with open(os.path.join(args.dir, "REPORT.md"), "w") as f:
         f.write("\n".join(lines))
-    chart(store, e2e, os.path.join(args.dir, "bench.png"))
+    chart(store, e2e, os.path.join(args.dir, "bench.png"), stall)
     print("\n".join(lines))
 
 

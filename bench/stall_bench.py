@@ -322,13 +322,17 @@ def main() -> None:
                "arrivals": [{"at": 0.5 + j * args.spacing, "text": t} for j, t in enumerate(prefix_sets[key])]
                if with_arrivals else [],
                "stream_max_tokens": 6000, "hit_max_tokens": 8, "lead_tokens": 16, "duration_s": args.duration}
+        load_before = os.getloadavg()[0]
         rep = eng.send(cmd, "run")
-        row = {"arm": arm, "rate": rate, "repeat": k, "arrivals": with_arrivals, **summarize(rep), "raw": rep}
+        # The machine may be shared: the load average says how much (2 cores: above 2, others ran too).
+        row = {"arm": arm, "rate": rate, "repeat": k, "arrivals": with_arrivals, **summarize(rep),
+               "loadavg_1m": [load_before, os.getloadavg()[0]], "raw": rep}
         results["runs"].append(row)
         ttft = ", ".join(f"{x:.2f}" for x in row["hit_ttft_s"])
         print(f"  {arm:<10} {('%g B/s' % rate) if rate else '':<10} gap p50 {row['gap_p50_ms']:.0f} ms, "
               f"p99 {row['gap_p99_ms']:.0f} ms, max {row['gap_max_ms']:.0f} ms ({row['gaps']} gaps)"
-              + (f"; hit TTFT {ttft} s, cached {row['hit_cached_tokens']}" if with_arrivals else ""), flush=True)
+              + (f"; hit TTFT {ttft} s, cached {row['hit_cached_tokens']}" if with_arrivals else "")
+              + f" [load {row['loadavg_1m'][1]:.1f}]", flush=True)
         save()
 
     server = start_subprocess_server({"port": 0, "capacity": "4GiB"}, log_path=os.path.join(logs, "server.log"))
