@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import queue
+import signal
 import statistics
 import subprocess
 import sys
@@ -275,6 +276,8 @@ def main() -> None:
     ap.add_argument("--kv-space-gib", type=int, default=2)
     ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "membrain-stall-model"))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="record each arm's engine (and its engine-core process) with py-spy into DIR while it runs")
     args = ap.parse_args()
 
     from membrain_async.server.embed import start_subprocess_server
@@ -362,6 +365,12 @@ def main() -> None:
             eng = alive[0]
             proxy.rate(0.0)
             warm_up(eng)
+            spy = None
+            if args.profile:
+                os.makedirs(args.profile, exist_ok=True)
+                spy = subprocess.Popen(["py-spy", "record", "--pid", str(eng.proc.pid), "--subprocesses", "--nonblocking",
+                                        "--format", "raw", "--rate", "200", "-o", os.path.join(args.profile, f"{mode}.txt")],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             run(eng, "reference" if mode == "off" else f"{mode}-idle", None, None, False)
             for key in prefix_sets:
                 if mode == "off":
@@ -371,6 +380,9 @@ def main() -> None:
                 else:
                     proxy.rate(key[0])
                     run(eng, mode, key[0], key, True)
+            if spy:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(timeout=60)
             alive.pop().stop()
     finally:
         for eng in alive:
