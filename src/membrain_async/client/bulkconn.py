@@ -58,11 +58,16 @@ class BulkConnection:
 
     async def read_body(self, targets: list) -> None:
         body = BodyReader(targets)
+        since_yield = 0
         while not body.done:
             n = await sockio.recv_into(self.sock, body.want())
             if n == 0:
                 raise sockio.PeerClosed("server closed the bulk connection mid-body")
             body.advance(n)
+            since_yield += n
+            if since_yield >= sockio.FAIR_SHARE and not body.done:
+                since_yield = 0
+                await anyio.lowlevel.checkpoint()
 
     def close(self) -> None:
         sockio.close(self.sock)

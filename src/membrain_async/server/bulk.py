@@ -79,8 +79,15 @@ class BulkConnection:
 
     async def _read_body(self, targets: list) -> None:
         body = BodyReader(targets)
+        since_yield = 0
         while not body.done:
-            body.advance(await self._recv(body.want()))
+            n = await self._recv(body.want()[: sockio.FAIR_SHARE])
+            body.advance(n)
+            since_yield += n
+            if since_yield >= sockio.FAIR_SHARE and not body.done:
+                # Data keeps coming without a wait: let the other connections' small requests in.
+                since_yield = 0
+                await anyio.lowlevel.checkpoint()
 
     async def _discard_body(self, frame: Frame) -> None:
         cfg = self.service.config
