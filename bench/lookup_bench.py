@@ -109,9 +109,9 @@ class Engine(threading.Thread):
 class Saver(threading.Thread):
     """Keeps the write-behind queue full of 1-16 MiB saves, as vLLM's worker does under load."""
 
-    def __init__(self, rt: MembrainRuntime, sizes_mib: list[int]):
+    def __init__(self, rt: MembrainRuntime, sizes_mib: list[int], rate: float = 0.0):
         super().__init__(daemon=True)
-        self.rt = rt
+        self.rt, self.rate = rt, rate
         self.payloads = {s: os.urandom(s << 20) for s in sizes_mib}
         self.stop = threading.Event()
         self.queued = 0
@@ -121,7 +121,11 @@ class Saver(threading.Thread):
         rng = random.Random(7)
         sizes = list(self.payloads)
         i = 0
+        t0 = time.perf_counter()
         while not self.stop.is_set():
+            if self.rate and self.queued_bytes > self.rate * (time.perf_counter() - t0):
+                time.sleep(0.002)  # paced: --save-rate bytes/s
+                continue
             size = rng.choice(sizes)
             if self.rt.save(f"save-{os.getpid()}-{i}", [self.payloads[size]]):
                 self.queued += 1
@@ -132,7 +136,7 @@ class Saver(threading.Thread):
 
 
 def measure(rt: MembrainRuntime, args, stored: list[str], saving: bool, engine: float = 0.0) -> dict:
-    saver = Saver(rt, args.save_mib) if saving else None
+    saver = Saver(rt, args.save_mib, args.save_rate * 1e6) if saving else None
     busy = Engine(engine) if engine > 0 else None
     before = dict(rt.snapshot())
     if busy is not None:
@@ -176,6 +180,7 @@ def main() -> None:
     ap.add_argument("--engine-gil", type=float, default=0.5,
                     help="share of time an engine thread holds the GIL in the third phase (0 skips it)")
     ap.add_argument("--save-mib", default="1,4,16", help="sizes of the saved blocks, MiB")
+    ap.add_argument("--save-rate", type=float, default=0.0, help="MB/s of saves (0: as fast as they upload)")
     ap.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

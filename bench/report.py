@@ -2,8 +2,8 @@
 
     python bench/report.py [--dir bench/results]
 
-Reads store.json (store_bench.py), e2e.json (e2e_bench.py), stall.json (stall_bench.py) and cluster.json if present; every figure in
-the report is a ratio to a baseline measured in the same run, next to the absolute value of that run.
+Reads store.json (store_bench.py), e2e.json (e2e_bench.py), stall.json (stall_bench.py), cluster.json and
+lookup.json (lookup_bench.py) if present; every figure in the report is a ratio to a baseline measured in the same run, next to the absolute value of that run.
 """
 
 from __future__ import annotations
@@ -267,6 +267,19 @@ def stall_panel(ax, stall: dict) -> None:
     ax.legend(fontsize=7)
 
 
+def lookup_lines(lookup: dict) -> list[str]:
+    cfg = lookup.get("config", {})
+    out = ["## Lookups under load (`bench/lookup_bench.py`)", "",
+           f"{cfg.get('streams')} streams x {cfg.get('keys')} keys; saves of {cfg.get('save_mib')} MiB blocks.", "",
+           "| phase | p50 ms | p99 ms | max ms | lookups/s | uploads MB/s |", "| --- | --- | --- | --- | --- | --- |"]
+    for phase in ("idle", "saving", "saving+engine"):
+        r = lookup.get(phase)
+        if r:
+            out.append(f"| {phase} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.1f} | "
+                       f"{r['lookups_per_s']:.0f} | {r['upload_MBps']:.0f} |")
+    return out + [""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default="bench/results")
@@ -285,6 +298,9 @@ def main() -> None:
         lines += stall_lines(stall)
     if cluster:
         lines += ["## Cluster", "", "```", json.dumps(cluster.get("summary", cluster), indent=1)[:2000], "```", ""]
+    lookup = load(args.dir, "lookup.json")
+    if lookup:
+        lines += lookup_lines(lookup)
     lines += ["![benchmarks](bench.png)", ""]
     with open(os.path.join(args.dir, "REPORT.md"), "w") as f:
         f.write("\n".join(lines))

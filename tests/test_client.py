@@ -61,7 +61,7 @@ async def test_concurrent_calls_share_the_pool(server):
         async with anyio.create_task_group() as tg:
             for i in range(32):
                 tg.start_soon(worker, i)
-        assert c._pool.opened <= 4
+        assert c._transport.payloads.opened <= 4
 
 
 async def test_breaker_fails_fast_then_recovers():

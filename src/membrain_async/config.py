@@ -245,7 +245,7 @@ class ConnectorConfig(_Settings):
         parse_size,
     )
     connections: int = _setting(
-        16, "VLLM_MEMBRAIN_CONNECTIONS", "Bulk connections per server and purpose (payloads; lookups have their own).", int
+        16, "VLLM_MEMBRAIN_CONNECTIONS", "Bulk connections per server for payloads (one transfer each); lookups and exists share up to 4 more, pipelined.", int
     )
     shutdown_drain: float = _setting(
         5.0, "VLLM_MEMBRAIN_SHUTDOWN_DRAIN", "Seconds shutdown spends uploading queued saves before dropping them.", float

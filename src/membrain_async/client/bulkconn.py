@@ -1,11 +1,19 @@
-"""Client side of the bulk protocol: a small pool of raw TCP connections, one request in flight each."""
+"""Client side of the bulk protocol: pipelined connections and the pools that hand them out.
+
+A connection carries several requests at once. Every frame has a request id; replies are matched to their
+requests by it, in whatever order they come. There is no background reader task (nothing outlives its
+caller): whichever waiting caller finds nobody reading becomes the reader, reads replies (its own and
+others', bodies straight into each request's own buffers) until its own has come, then hands reading over
+to a caller still waiting. A connection whose byte stream is lost (closed, reset, a reply half read)
+fails exactly the requests in flight on it, and is never used again.
+"""
 
 from __future__ import annotations
 
-import itertools
 import socket
 import ssl
 import time
+from typing import Callable
 
 import anyio
 
@@ -14,19 +22,51 @@ from ..protocol import bulk
 from ..protocol.bulk import BodyReader, Frame, FrameReader, Op
 from .errors import MembrainRequestError
 
+# A request's body sink: given its reply's frame, the buffers the body is received into, in order
+# (an int entry discards that many bytes). None: the body (if any) is discarded.
+Sink = Callable[[Frame], list]
+
+
+class ConnectionLost(sockio.PeerClosed):
+    """The connection a request was in flight on can no longer carry it (closed, reset, framing lost)."""
+
+
+class _Pending:
+    __slots__ = ("sink", "frame", "error", "done", "wake")
+
+    def __init__(self, sink: Sink | None):
+        self.sink = sink
+        self.frame: Frame | None = None
+        self.error: BaseException | None = None
+        self.done = False
+        self.wake = anyio.Event()
+
+    def finish(self, frame: Frame | None = None, error: BaseException | None = None) -> None:
+        if not self.done:
+            self.frame, self.error, self.done = frame, error, True
+            self.wake.set()
+
 
 class BulkConnection:
-    __slots__ = ("sock", "reader", "_ids", "idle_since")
-
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.reader = FrameReader()
-        self._ids = itertools.count(1)
+        self._next_id = 0
+        self._pending: dict[int, _Pending] = {}
+        self._send_lock = anyio.Lock()
+        self._reading = False
+        self.broken: BaseException | None = None
         self.idle_since = time.monotonic()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._pending)
 
     def looks_alive(self) -> bool:
         """False if the server closed this idle connection (its idle timeout): cheaper than a failed call,
         which would also count against the circuit breaker."""
+        if self.broken is not None:
+            return False
         if isinstance(self.sock, ssl.SSLSocket):
             return True  # no peek through TLS; the pool's age limit covers it
         try:
@@ -37,44 +77,141 @@ class BulkConnection:
             return False
         return False  # EOF, or bytes nobody asked for: either way not a usable connection
 
-    async def call(self, op: int, head: dict, body: list | tuple = ()) -> Frame:
-        """Send one frame and read the reply's header and head; the caller then reads the reply body."""
-        rid = next(self._ids) & 0xFFFFFFFF
-        header = bulk.encode_frame(op, rid, head, sum(len(b) for b in body))
-        await sockio.send_all(self.sock, [header, *body])
+    def _new_id(self) -> int:
         while True:
-            n = await sockio.recv_into(self.sock, self.reader.want())
-            if n == 0:
-                raise sockio.PeerClosed("server closed the bulk connection")
-            frame = self.reader.advance(n)
-            if frame is not None:
-                break
-        if frame.request_id != rid and frame.request_id != 0:
-            raise bulk.ProtocolError(f"reply for request {frame.request_id}, expected {rid}")
+            self._next_id = (self._next_id % 0xFFFFFFFF) + 1  # 1..2^32-1; 0 is the server's "no request"
+            if self._next_id not in self._pending:
+                return self._next_id
+
+    async def call(self, op: int, head: dict, body: list | tuple = (), sink: Sink | None = None) -> Frame:
+        """Send one request and wait for its reply. The reply body goes where `sink(frame)` says.
+
+        MembrainRequestError if the server refused it (the connection stays usable); ConnectionLost (or
+        another OSError) if the connection failed while the request was in flight.
+        """
+        if self.broken is not None:
+            raise ConnectionLost(f"bulk connection is closed: {self.broken!r}") from self.broken
+        rid = self._new_id()
+        pending = _Pending(sink)
+        self._pending[rid] = pending
+        try:
+            header = bulk.encode_frame(op, rid, head, sum(len(b) for b in body))
+            async with self._send_lock:
+                if self.broken is not None:
+                    raise ConnectionLost(f"bulk connection is closed: {self.broken!r}") from self.broken
+                try:
+                    await sockio.send_all(self.sock, [header, *body])
+                except BaseException as exc:
+                    self._break(exc)  # a frame may be half sent: the stream's framing is lost
+                    raise
+            await self._wait(pending)
+        finally:
+            if self._pending.get(rid) is pending:
+                del self._pending[rid]  # gave up (cancelled, timed out): its reply will be discarded
+            if not self._pending:
+                self.idle_since = time.monotonic()
+        if pending.error is not None:
+            raise pending.error
+        frame = pending.frame
+        assert frame is not None
         if frame.status:
-            await self.read_body([frame.body_len])
             raise MembrainRequestError(frame.status, str(frame.head.get("error", "bulk request refused")))
         return frame
 
-    async def read_body(self, targets: list) -> None:
+    async def _wait(self, pending: _Pending) -> None:
+        while not pending.done:
+            if not self._reading:
+                self._reading = True
+                try:
+                    while not pending.done:
+                        await self._read_one()
+                finally:
+                    self._reading = False
+                    self._hand_over(pending)
+            else:
+                await pending.wake.wait()
+                if not pending.done:
+                    pending.wake = anyio.Event()  # woken to take over reading
+
+    def _hand_over(self, reader: _Pending) -> None:
+        for other in self._pending.values():
+            if other is not reader and not other.done:
+                other.wake.set()
+                return
+
+    async def _read_one(self) -> None:
+        """Read one reply frame, head and body, and complete its request."""
+        while True:
+            n = await sockio.recv_into(self.sock, self.reader.want())  # cancelled here: nothing is lost
+            if n == 0:
+                self._break(ConnectionLost("server closed the bulk connection"))
+                return
+            try:
+                frame = self.reader.advance(n)
+            except bulk.ProtocolError as exc:
+                self._break(exc)
+                return
+            if frame is not None:
+                break
+        if frame.request_id == 0 and frame.status:
+            # The server lost this connection's framing (or refused it as a whole) and is closing it.
+            self._break(MembrainRequestError(frame.status, str(frame.head.get("error", "bulk connection refused"))))
+            return
+        pending = self._pending.pop(frame.request_id, None)
+        if pending is not None and not frame.status and pending.sink is not None:
+            try:
+                targets = pending.sink(frame)
+            except bulk.ProtocolError as exc:
+                self._break(exc)  # a reply that does not add up: the body length cannot be trusted either
+                pending.finish(error=exc)
+                return
+        else:
+            targets = [frame.body_len]  # an error's message, a request that gave up, or no body wanted
+        try:
+            await self._read_body(targets)
+        except BaseException as exc:
+            self._break(exc)  # a body half read: the stream's framing is lost
+            if pending is not None:
+                pending.finish(error=self.broken)
+            raise
+        if pending is not None:
+            pending.finish(frame)
+
+    async def _read_body(self, targets: list) -> None:
         body = BodyReader(targets)
         since_yield = 0
         while not body.done:
             n = await sockio.recv_into(self.sock, body.want())
             if n == 0:
-                raise sockio.PeerClosed("server closed the bulk connection mid-body")
+                raise ConnectionLost("server closed the bulk connection mid-body")
             body.advance(n)
             since_yield += n
             if since_yield >= sockio.FAIR_SHARE and not body.done:
                 since_yield = 0
                 await anyio.lowlevel.checkpoint()
 
+    def _break(self, exc: BaseException) -> None:
+        """The byte stream is lost: fail every request in flight, close the socket, never reuse it."""
+        if self.broken is None:
+            if isinstance(exc, (OSError, MembrainRequestError, bulk.ProtocolError)):
+                self.broken = exc
+            else:  # a cancelled or failed reader/sender: the others see a lost connection and may retry
+                self.broken = ConnectionLost(f"bulk connection abandoned mid-frame ({type(exc).__name__})")
+            sockio.close(self.sock)
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            p.finish(error=self.broken)
+
     def close(self) -> None:
-        sockio.close(self.sock)
+        self._break(ConnectionLost("bulk connection closed by the client"))
 
 
 class BulkPool:
-    """At most `size` connections; idle ones are reused (LIFO: the warmest socket first).
+    """At most `size` connections to one server, each carrying at most `depth` requests at once.
+
+    depth 1 (payloads): a request has a connection to itself, so a 16 MiB body never delays another
+    request's reply. depth > 1 (lookups, exists): requests share connections, filling one before
+    opening the next, so a burst of small requests needs few connections and few syscalls.
 
     Idle connections the server has closed, or that sat idle longer than `max_idle` (below the server's
     default idle timeout), are dropped when taken, not used: after a quiet spell the first calls would
@@ -82,11 +219,17 @@ class BulkPool:
     """
 
     max_idle = 30.0
+    check_after = 0.05  # a connection idle for less than this was alive a moment ago: no peek needed
 
-    def __init__(self, host: str, port: int, token: str | None, size: int = 8, tls: ssl.SSLContext | None = None):
+    def __init__(self, host: str, port: int, token: str | None, size: int = 8, tls: ssl.SSLContext | None = None,
+                 depth: int = 1):
         self.host, self.port, self.token, self.tls = host, port, token, tls
-        self._idle: list[BulkConnection] = []
-        self._slots = anyio.Semaphore(size)
+        self.size, self.depth = size, depth
+        self._conns: list[BulkConnection] = []  # most recently used last
+        self._slots = anyio.Semaphore(size * depth)
+        self._opening = 0
+        self._wanting = 0  # callers waiting for a connection
+        self._opened_event = anyio.Event()
         self.opened = 0
 
     async def _open(self) -> BulkConnection:
@@ -100,30 +243,57 @@ class BulkPool:
                 raise
         return conn
 
-    async def run(self, fn):
-        """Run `fn(conn)` on a pooled connection; a connection that saw any error is closed, not reused."""
-        async with self._slots:
-            conn = None
-            while self._idle:
-                candidate = self._idle.pop()
-                if time.monotonic() - candidate.idle_since < self.max_idle and candidate.looks_alive():
-                    conn = candidate
-                    break
-                candidate.close()
-            if conn is None:
-                conn = await self._open()
-            ok = False
-            try:
-                result = await fn(conn)
-                ok = True
-                return result
-            finally:
-                if ok:
-                    conn.idle_since = time.monotonic()
-                    self._idle.append(conn)
-                else:
+    def _pick(self) -> BulkConnection | None:
+        """The least busy connection with room (the warmest among equals); drops dead and stale ones."""
+        while True:
+            now = time.monotonic()
+            best = None
+            live = []
+            for conn in self._conns:
+                if conn.broken is not None or (not conn.inflight and now - conn.idle_since >= self.max_idle):
                     conn.close()
+                    continue
+                live.append(conn)
+                if conn.inflight < self.depth and (best is None or conn.inflight <= best.inflight):
+                    best = conn
+            self._conns = live
+            if best is None or best.inflight or now - best.idle_since < self.check_after or best.looks_alive():
+                return best
+            best.close()  # the server closed it while it sat idle
+
+    async def _take(self) -> BulkConnection:
+        self._wanting += 1
+        try:
+            while True:
+                conn = self._pick()
+                if conn is not None:
+                    return conn
+                # Open another connection only for demand the ones already opening cannot carry.
+                capacity = (len(self._conns) + self._opening) * self.depth
+                demand = sum(c.inflight for c in self._conns) + self._wanting
+                if len(self._conns) + self._opening < self.size and (not self._opening or demand > capacity):
+                    self._opening += 1
+                    try:
+                        conn = await self._open()
+                    finally:
+                        self._opening -= 1
+                        self._opened_event.set()
+                        self._opened_event = anyio.Event()
+                    self._conns.append(conn)
+                    return conn
+                await self._opened_event.wait()
+        finally:
+            self._wanting -= 1
+
+    async def run(self, fn):
+        """Run `fn(conn)` on a pooled connection (opened if none has room)."""
+        async with self._slots:
+            conn = await self._take()
+            if conn in self._conns:  # most recently used last
+                self._conns.remove(conn)
+                self._conns.append(conn)
+            return await fn(conn)
 
     def close(self) -> None:
-        while self._idle:
-            self._idle.pop().close()
+        while self._conns:
+            self._conns.pop().close()

@@ -7,7 +7,9 @@ that cannot be reached (or whose breaker is open) raises `MembrainUnavailable`, 
 False, -1). Whether "unavailable" is then treated as a miss is the cache layer's decision, where it is
 also counted.
 
-Against a server with only `/memory/{ns}/{key}` (no `/v1/info`) the client falls back to per-key calls.
+The operations go through one transport (store.py's protocol), chosen on first contact from /v1/info:
+bulk frames, HTTP batch endpoints, or per-key calls against a server with only `/memory/{ns}/{key}`.
+Batches are split to the transport's limits here, once, for every operation.
 """
 
 from __future__ import annotations
@@ -21,22 +23,18 @@ from urllib.parse import urlsplit
 
 import anyio
 import httpx
-import orjson
 
 from .. import sockio
-from ..protocol import api, bulk
-from ..protocol.bulk import Op
+from ..protocol import bulk
 from ..protocol.names import validate_namespace
 from .breaker import CircuitBreaker
-from .bulkconn import BulkConnection, BulkPool
 from .errors import MembrainRequestError, MembrainUnavailable
+from .store import Limits, PutValue, Transport, split, value_len
+from .transports import BulkTransport, HttpBatchTransport, PerKeyTransport, raise_for_status
 
 log = logging.getLogger("membrain.client")
 
 T = TypeVar("T")
-Buffer = bytes | bytearray | memoryview
-# A value to put may be one buffer or a sequence of buffers sent back to back (header + payload).
-PutValue = Buffer | Sequence[Buffer]
 
 _TRANSIENT = (OSError, TimeoutError, httpx.TransportError, sockio.PeerClosed, bulk.ProtocolError)
 
@@ -50,16 +48,6 @@ class ClientStats:
     bytes_put: int = 0
     bytes_got: int = 0
     errors_by_kind: dict = field(default_factory=dict)
-
-
-def _vlen(v: PutValue) -> int:
-    if isinstance(v, (bytes, bytearray, memoryview)):
-        return memoryview(v).nbytes
-    return sum(memoryview(b).nbytes for b in v)
-
-
-def _parts(v: PutValue) -> list[Buffer]:
-    return [v] if isinstance(v, (bytes, bytearray, memoryview)) else list(v)
 
 
 class MembrainClient:
@@ -93,10 +81,7 @@ class MembrainClient:
         self._use_bulk = use_bulk
         self._bulk_connections = bulk_connections
         self._http: httpx.AsyncClient | None = None
-        self._pool: BulkPool | None = None  # payload transfers
-        self._control: BulkPool | None = None  # lookups and exists: never queued behind a multi-MiB transfer
-        self._mode: str | None = None  # "bulk" | "batch" | "legacy", found from /v1/info
-        self._batch_keys = 1024  # the server's max_batch_keys, once /v1/info has told us
+        self._transport: Transport | None = None  # chosen on first contact, from /v1/info
         self._closed = False
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -109,9 +94,8 @@ class MembrainClient:
 
     async def aclose(self) -> None:
         self._closed = True
-        for pool in (self._pool, self._control):
-            if pool is not None:
-                pool.close()
+        if self._transport is not None:
+            self._transport.close()
         if self._http is not None:
             await self._http.aclose()
 
@@ -126,6 +110,11 @@ class MembrainClient:
                 verify=self.tls if self.tls is not None else True,
             )
         return self._http
+
+    @property
+    def _mode(self) -> str | None:
+        """"bulk" | "batch" | "legacy" once the server has been reached."""
+        return self._transport.name if self._transport is not None else None
 
     @property
     def available(self) -> bool:
@@ -163,31 +152,39 @@ class MembrainClient:
             return result
         raise MembrainUnavailable(f"{self.url} unavailable: {_describe(last)}") from last
 
-    async def _mode_of_server(self) -> str:
-        if self._mode is None:
+    async def _get_transport(self) -> Transport:
+        if self._transport is None:
             info = await self._fetch_info()
-            if info is not None:
-                self._batch_keys = int((info.get("limits") or {}).get("max_batch_keys", self._batch_keys))
             if info is None:
-                self._mode = "legacy"
-            elif self._use_bulk and "bulk" in info.get("capabilities", []):
+                self._transport = PerKeyTransport(self._http_client())
+                return self._transport
+            limits = info.get("limits") or {}
+            max_keys = int(limits.get("max_batch_keys", 1024))
+            if self._use_bulk and "bulk" in info.get("capabilities", []):
                 bulk_info = info.get("bulk") or {}
                 # Same port: dial the port we reached the server on, which survives proxies and NAT;
                 # the server only knows the port it bound.
                 port = self.port if bulk_info.get("same_port", True) else bulk_info.get("port") or self.port
-                self._pool = BulkPool(self.host, port, self.token, self._bulk_connections, tls=self.tls)
-                self._control = BulkPool(self.host, port, self.token, self._bulk_connections, tls=self.tls)
-                self._mode = "bulk"
+                self._transport = BulkTransport(self.host, port, self.token, self._bulk_connections, self.tls,
+                                                Limits(max_keys))
             else:
-                self._mode = "batch"
-        return self._mode
+                # A batch put's whole body is bounded by max_value_bytes; leave room for its head.
+                max_bytes = int(limits.get("max_value_bytes", 64 << 20))
+                self._transport = HttpBatchTransport(self._http_client(), Limits(max_keys, max(1, max_bytes - (64 << 10))))
+        return self._transport
 
     async def _fetch_info(self) -> dict | None:
         r = await self._http_client().get("/v1/info")
         if r.status_code == 404:
             return None
-        _raise_for_status(r)
+        raise_for_status(r)
         return r.json()
+
+    async def _batches(self, keys: Sequence[str], sizes: Sequence[int] | None = None) -> tuple[Transport, list[range]]:
+        """The transport, and the caller's keys split to its limits (by key count, and by bytes for puts)."""
+        transport = self._transport or await self._call(self._get_transport)
+        parts = split(len(keys), transport.limits, sizes)
+        return transport, parts
 
     # --- public API -------------------------------------------------------------------------------
 
@@ -210,10 +207,12 @@ class MembrainClient:
     async def server_stats(self) -> dict:
         async def go():
             r = await self._http_client().get("/v1/stats")
-            _raise_for_status(r)
+            raise_for_status(r)
             return r.json()
 
         return await self._call(go)
+
+    # Every operation below raises MembrainUnavailable if the server cannot be reached.
 
     async def put(self, key: str, value: PutValue, *, ns: str | None = None) -> bool:
         return await self.put_many([key], [value], ns=ns) == 1
@@ -221,244 +220,80 @@ class MembrainClient:
     async def get(self, key: str, *, ns: str | None = None) -> memoryview | None:
         return (await self.get_many([key], ns=ns))[0]
 
-    async def _split(self, n: int) -> list[range] | None:
-        """Ranges of at most the server's batch size, or None when one request will do."""
-        if self._mode is None and n > 1:
-            try:
-                await self._call(self._mode_of_server)  # learn the server's limits first
-            except MembrainUnavailable:
-                pass
-        step = max(1, self._batch_keys)
-        return None if n <= step else [range(i, min(n, i + step)) for i in range(0, n, step)]
-
     async def put_many(self, keys: Sequence[str], values: Sequence[PutValue], *, ns: str | None = None) -> int:
-        """Store values; returns how many were stored. MembrainUnavailable if the server cannot be reached."""
+        """Store values; returns how many were stored."""
         if len(keys) != len(values):
             raise ValueError("put_many needs as many values as keys")
         if not keys:
             return 0
-        if parts := await self._split(len(keys)):
-            return sum([await self.put_many([keys[i] for i in r], [values[i] for i in r], ns=ns) for r in parts])
         ns = ns or self.namespace
-
-        async def go() -> int:
-            mode = await self._mode_of_server()
-            if mode == "bulk":
-                return await self._pool.run(lambda c: self._bulk_put(c, ns, keys, values))  # type: ignore[union-attr]
-            if mode == "batch":
-                body = api.encode_batch(list(keys), [b"".join(_parts(v)) for v in values])
-                r = await self._http_client().post(f"/v1/batch/put/{ns}", content=b"".join(body))
-                _raise_for_status(r)
-                return int(r.json()["stored"])
-            stored = 0
-            for k, v in zip(keys, values):
-                r = await self._http_client().put(api.memory_path(ns, k), content=b"".join(_parts(v)))
-                _raise_for_status(r)
-                stored += 1
-            return stored
-
-        stored = await self._call(go)
-        self.stats.bytes_put += sum(_vlen(v) for v in values)
+        sizes = [value_len(v) for v in values]
+        t, parts = await self._batches(keys, sizes)
+        stored = 0
+        for r in parts:
+            stored += await self._call(lambda: t.put(ns, [keys[i] for i in r], [values[i] for i in r]))
+            self.stats.bytes_put += sum(sizes[i] for i in r)
         return stored
 
-    async def _bulk_put(self, conn: BulkConnection, ns: str, keys, values) -> int:
-        sizes = [_vlen(v) for v in values]
-        body: list[Buffer] = []
-        for v in values:
-            body.extend(_parts(v))
-        frame = await conn.call(Op.PUT, {"ns": ns, "keys": list(keys), "sizes": sizes}, body)
-        return int(frame.head.get("stored", 0))
-
     async def get_many(self, keys: Sequence[str], *, ns: str | None = None) -> list[memoryview | None]:
-        """Values (views into one buffer per call) or None for misses. MembrainUnavailable if the server
-        cannot be reached."""
+        """Values (views into one buffer per batch) or None for misses."""
         if not keys:
             return []
-        if parts := await self._split(len(keys)):
-            out: list[memoryview | None] = []
-            for r in parts:
-                out += await self.get_many([keys[i] for i in r], ns=ns)
-            return out
         ns = ns or self.namespace
-
-        async def go() -> list[memoryview | None]:
-            mode = await self._mode_of_server()
-            if mode == "bulk":
-                return await self._pool.run(lambda c: self._bulk_get(c, ns, keys))  # type: ignore[union-attr]
-            if mode == "batch":
-                r = await self._http_client().post(f"/v1/batch/get/{ns}", content=orjson.dumps({"keys": list(keys)}))
-                _raise_for_status(r)
-                _, values = api.decode_batch(r.content)
-                return values
-            return await self._legacy_get_many(ns, keys)
-
-        values = await self._call(go)
-        self.stats.bytes_got += sum(len(v) for v in values if v is not None)
-        return values
-
-    async def _bulk_get(self, conn: BulkConnection, ns: str, keys) -> list[memoryview | None]:
-        frame = await conn.call(Op.GET, {"ns": ns, "keys": list(keys)})
-        sizes = frame.head.get("sizes")
-        if not isinstance(sizes, list) or len(sizes) != len(keys) or sum(max(s, 0) for s in sizes) != frame.body_len:
-            raise bulk.ProtocolError("GET reply sizes do not match its body")
-        # One allocation per call; values are views into it, received in place.
-        body = bytearray(frame.body_len)
-        view = memoryview(body)
-        await conn.read_body([view])
+        t, parts = await self._batches(keys)
         out: list[memoryview | None] = []
-        offset = 0
-        for s in sizes:
-            if s < 0:
-                out.append(None)
-            else:
-                out.append(view[offset : offset + s])
-                offset += s
+        for r in parts:
+            out += await self._call(lambda: t.get(ns, [keys[i] for i in r]))
+        self.stats.bytes_got += sum(len(v) for v in out if v is not None)
         return out
 
     async def get_many_into(self, keys: Sequence[str], buffers: Sequence[memoryview], *, ns: str | None = None) -> list[int]:
         """Receive values straight into caller-owned buffers (staging or pinned memory): no allocation.
 
         Returns each value's size, or -1 for a miss (or a value larger than its buffer, which is skipped).
-        MembrainUnavailable if the server cannot be reached.
         """
         if len(buffers) != len(keys):
             raise ValueError("get_many_into needs one buffer per key")
         if not keys:
             return []
         ns = ns or self.namespace
-
-        async def go() -> list[int]:
-            mode = await self._mode_of_server()
-            if mode != "bulk":  # no zero-copy path over HTTP: copy from the fetched values
-                values = await self.get_many(keys, ns=ns)
-                return [_copy_into(v, b) for v, b in zip(values, buffers)]
-            return await self._pool.run(lambda c: self._bulk_get_into(c, ns, keys, buffers))  # type: ignore[union-attr]
-
-        sizes = await self._call(go)
-        self.stats.bytes_got += sum(s for s in sizes if s > 0)
-        return sizes
-
-    async def _bulk_get_into(self, conn: BulkConnection, ns: str, keys, buffers) -> list[int]:
-        frame = await conn.call(Op.GET, {"ns": ns, "keys": list(keys)})
-        sizes = frame.head.get("sizes")
-        if not isinstance(sizes, list) or len(sizes) != len(keys) or sum(max(s, 0) for s in sizes) != frame.body_len:
-            raise bulk.ProtocolError("GET reply sizes do not match its body")
-        targets: list = []
-        out = []
-        for s, buf in zip(sizes, buffers):
-            if s < 0:
-                out.append(-1)
-            elif s <= len(buf):
-                targets.append(memoryview(buf)[:s])
-                out.append(s)
-            else:
-                targets.append(s)  # too big for its buffer: read past it, report a miss
-                out.append(-1)
-        await conn.read_body(targets)
+        t, parts = await self._batches(keys)
+        out: list[int] = []
+        for r in parts:
+            out += await self._call(lambda: t.get_into(ns, [keys[i] for i in r], [buffers[i] for i in r]))
+        self.stats.bytes_got += sum(s for s in out if s > 0)
         return out
 
-    async def _legacy_get_many(self, ns: str, keys) -> list[memoryview | None]:
-        async def one(key: str) -> memoryview | None:
-            r = await self._http_client().get(api.memory_path(ns, key))
-            if r.status_code == 404:
-                return None
-            _raise_for_status(r)
-            return memoryview(r.content)
-
-        return await _per_key(keys, one)
-
     async def lookup(self, keys: Sequence[str], *, ns: str | None = None) -> int:
-        """How many leading keys are stored, in one round trip. MembrainUnavailable if the server cannot be
-        reached."""
+        """How many leading keys are stored (one round trip per batch of the server's max_batch_keys)."""
         if not keys:
             return 0
-        if parts := await self._split(len(keys)):
-            total = 0
-            for r in parts:
-                n = await self.lookup([keys[i] for i in r], ns=ns)
-                total += n
-                if n < len(r):
-                    break
-            return total
         ns = ns or self.namespace
-
-        async def go() -> int:
-            mode = await self._mode_of_server()
-            if mode == "bulk":
-                frame = await self._control.run(lambda c: c.call(Op.LOOKUP, {"ns": ns, "keys": list(keys)}))  # type: ignore[union-attr]
-                return int(frame.head["count"])
-            if mode == "batch":
-                r = await self._http_client().post(f"/v1/lookup/{ns}", content=orjson.dumps({"keys": list(keys)}))
-                _raise_for_status(r)
-                return int(r.json()["count"])
-            present = await self._legacy_exists(ns, keys)
-            n = 0
-            while n < len(present) and present[n]:
-                n += 1
-            return n
-
-        return await self._call(go)
+        t, parts = await self._batches(keys)
+        total = 0
+        for r in parts:
+            n = await self._call(lambda: t.lookup(ns, [keys[i] for i in r]))
+            total += n
+            if n < len(r):
+                break
+        return total
 
     async def exists(self, keys: Sequence[str], *, ns: str | None = None) -> list[bool]:
-        """Which keys are stored. MembrainUnavailable if the server cannot be reached."""
+        """Which keys are stored."""
         if not keys:
             return []
-        if parts := await self._split(len(keys)):
-            out: list[bool] = []
-            for r in parts:
-                out += await self.exists([keys[i] for i in r], ns=ns)
-            return out
         ns = ns or self.namespace
-
-        async def go() -> list[bool]:
-            mode = await self._mode_of_server()
-            if mode == "bulk":
-                frame = await self._control.run(lambda c: c.call(Op.EXISTS, {"ns": ns, "keys": list(keys)}))  # type: ignore[union-attr]
-                return [bool(p) for p in frame.head["present"]]
-            if mode == "batch":
-                r = await self._http_client().post(f"/v1/exists/{ns}", content=orjson.dumps({"keys": list(keys)}))
-                _raise_for_status(r)
-                return [bool(p) for p in r.json()["present"]]
-            return await self._legacy_exists(ns, keys)
-
-        return await self._call(go)
-
-    async def _legacy_exists(self, ns: str, keys) -> list[bool]:
-        async def one(key: str) -> bool:
-            r = await self._http_client().head(api.memory_path(ns, key))
-            if r.status_code == 404:
-                return False
-            _raise_for_status(r)
-            return True
-
-        return await _per_key(keys, one)
+        t, parts = await self._batches(keys)
+        out: list[bool] = []
+        for r in parts:
+            out += await self._call(lambda: t.exists(ns, [keys[i] for i in r]))
+        return out
 
     async def delete(self, key: str, *, ns: str | None = None) -> bool:
-        """True if the key was deleted, False if it was not stored. MembrainUnavailable if the server cannot
-        be reached."""
+        """True if the key was deleted, False if it was not stored."""
         ns = ns or self.namespace
-
-        async def go() -> bool:
-            r = await self._http_client().delete(api.memory_path(ns, key))
-            if r.status_code == 404:
-                return False
-            _raise_for_status(r)
-            return True
-
-        return await self._call(go)
-
-
-async def _per_key(keys, one) -> list:
-    """Per-key calls for servers without batch endpoints, all in flight at once, results in key order."""
-    out: list = [None] * len(keys)
-
-    async def run(i: int, key: str) -> None:
-        out[i] = await one(key)
-
-    async with anyio.create_task_group() as tg:
-        for i, k in enumerate(keys):
-            tg.start_soon(run, i, k)
-    return out
+        t, _ = await self._batches([key])
+        return await self._call(lambda: t.delete(ns, [key])) > 0
 
 
 def _describe(exc: BaseException | None) -> str:
@@ -472,20 +307,3 @@ def _describe(exc: BaseException | None) -> str:
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return " <- ".join(parts)
-
-
-def _copy_into(value: memoryview | None, buf: memoryview) -> int:
-    if value is None or len(value) > len(buf):
-        return -1
-    memoryview(buf)[: len(value)] = value
-    return len(value)
-
-
-def _raise_for_status(r: httpx.Response) -> None:
-    if r.status_code < 400:
-        return
-    try:
-        message = r.json().get("error", r.text)
-    except (ValueError, AttributeError):
-        message = r.text[:200]
-    raise MembrainRequestError(r.status_code, message)

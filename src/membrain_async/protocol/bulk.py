@@ -217,3 +217,16 @@ def keys_and_sizes(frame: Frame) -> tuple[str, list[str], list[int]]:
     if not isinstance(sizes, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
         raise ProtocolError("'sizes' must be a list of integers")
     return ns, keys, sizes
+
+
+def reply_sizes(frame: Frame, n_keys: int) -> list[int]:
+    """The value sizes of a GET reply (-1 for a miss), checked against its key count and body length."""
+    sizes = frame.head.get("sizes")
+    if (
+        not isinstance(sizes, list)
+        or len(sizes) != n_keys
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= -1 for s in sizes)
+        or sum(max(s, 0) for s in sizes) != frame.body_len
+    ):
+        raise ProtocolError("GET reply sizes do not match its body")
+    return sizes

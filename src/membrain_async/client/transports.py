@@ -1,0 +1,233 @@
+"""The Membrain transports behind the store protocol (see store.py): bulk frames, HTTP batch, per-key HTTP."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Sequence
+
+import anyio
+import httpx
+import orjson
+
+from ..protocol import api, bulk
+from ..protocol.bulk import Frame, Op
+from .bulkconn import BulkConnection, BulkPool
+from .errors import MembrainRequestError
+from .store import Buffer, Limits, PutValue, copy_into, value_len, value_parts
+
+# Lookups and exists requests share connections, this many at once on each (see BulkPool).
+CONTROL_DEPTH = 32
+
+
+class BulkTransport:
+    """Binary frames on raw TCP (or TLS). Payloads get connections of their own, one request each, so a
+    lookup never waits behind a multi-MiB body; lookups and exists are pipelined on a few connections."""
+
+    name = "bulk"
+
+    def __init__(self, host: str, port: int, token: str | None, connections: int, tls: ssl.SSLContext | None,
+                 limits: Limits):
+        self.limits = limits
+        self.payloads = BulkPool(host, port, token, connections, tls=tls)
+        self.control = BulkPool(host, port, token, max(1, min(connections, 4)), tls=tls, depth=CONTROL_DEPTH)
+
+    async def lookup(self, ns: str, keys: list[str]) -> int:
+        frame = await self.control.run(lambda c: c.call(Op.LOOKUP, {"ns": ns, "keys": keys}))
+        return int(frame.head["count"])
+
+    async def exists(self, ns: str, keys: list[str]) -> list[bool]:
+        frame = await self.control.run(lambda c: c.call(Op.EXISTS, {"ns": ns, "keys": keys}))
+        return [bool(p) for p in frame.head["present"]]
+
+    async def delete(self, ns: str, keys: list[str]) -> int:
+        frame = await self.control.run(lambda c: c.call(Op.DELETE, {"ns": ns, "keys": keys}))
+        return int(frame.head.get("deleted", 0))
+
+    async def put(self, ns: str, keys: list[str], values: Sequence[PutValue]) -> int:
+        sizes = [value_len(v) for v in values]
+        body: list[Buffer] = []
+        for v in values:
+            body.extend(value_parts(v))
+        head = {"ns": ns, "keys": keys, "sizes": sizes}
+        frame = await self.payloads.run(lambda c: c.call(Op.PUT, head, body))
+        return int(frame.head.get("stored", 0))
+
+    async def get(self, ns: str, keys: list[str]) -> list[memoryview | None]:
+        out: list[memoryview | None] = []
+
+        def sink(frame: Frame) -> list:
+            sizes = bulk.reply_sizes(frame, len(keys))
+            view = memoryview(bytearray(frame.body_len))  # one allocation per call; values are views into it
+            offset = 0
+            for s in sizes:
+                if s < 0:
+                    out.append(None)
+                else:
+                    out.append(view[offset : offset + s])
+                    offset += s
+            return [view]
+
+        await self.payloads.run(lambda c: c.call(Op.GET, {"ns": ns, "keys": keys}, sink=sink))
+        return out
+
+    async def get_into(self, ns: str, keys: list[str], buffers: Sequence[memoryview]) -> list[int]:
+        out: list[int] = []
+
+        def sink(frame: Frame) -> list:
+            targets: list = []
+            for s, buf in zip(bulk.reply_sizes(frame, len(keys)), buffers):
+                if s < 0:
+                    out.append(-1)
+                elif s <= len(buf):
+                    targets.append(memoryview(buf)[:s])
+                    out.append(s)
+                else:
+                    targets.append(s)  # too big for its buffer: read past it, report a miss
+                    out.append(-1)
+            return targets
+
+        await self.payloads.run(lambda c: c.call(Op.GET, {"ns": ns, "keys": keys}, sink=sink))
+        return out
+
+    def close(self) -> None:
+        self.payloads.close()
+        self.control.close()
+
+
+class HttpBatchTransport:
+    """The HTTP API's batch endpoints: one request per batch. A batch put's body is bounded by the
+    server's max_value_bytes, hence the byte limit."""
+
+    name = "batch"
+
+    def __init__(self, http: httpx.AsyncClient, limits: Limits):
+        self.http = http
+        self.limits = limits
+
+    async def _post_json(self, path: str, keys: list[str]) -> httpx.Response:
+        r = await self.http.post(path, content=orjson.dumps({"keys": keys}))
+        raise_for_status(r)
+        return r
+
+    async def lookup(self, ns: str, keys: list[str]) -> int:
+        return int((await self._post_json(f"/v1/lookup/{ns}", keys)).json()["count"])
+
+    async def exists(self, ns: str, keys: list[str]) -> list[bool]:
+        return [bool(p) for p in (await self._post_json(f"/v1/exists/{ns}", keys)).json()["present"]]
+
+    async def get(self, ns: str, keys: list[str]) -> list[memoryview | None]:
+        _, values = api.decode_batch((await self._post_json(f"/v1/batch/get/{ns}", keys)).content)
+        return values
+
+    async def get_into(self, ns: str, keys: list[str], buffers: Sequence[memoryview]) -> list[int]:
+        return [copy_into(v, b) for v, b in zip(await self.get(ns, keys), buffers)]  # no zero-copy over HTTP
+
+    async def put(self, ns: str, keys: list[str], values: Sequence[PutValue]) -> int:
+        body = api.encode_batch(keys, [b"".join(value_parts(v)) for v in values])
+        r = await self.http.post(f"/v1/batch/put/{ns}", content=b"".join(body))
+        raise_for_status(r)
+        return int(r.json()["stored"])
+
+    async def delete(self, ns: str, keys: list[str]) -> int:
+        return await PerKeyTransport(self.http).delete(ns, keys)
+
+    def close(self) -> None:
+        pass
+
+
+class PerKeyTransport:
+    """A server with only /memory/{ns}/{key}: one HTTP call per key, all of a batch in flight at once."""
+
+    name = "legacy"
+    limits = Limits(max_keys=64)  # concurrent calls per batch
+
+    def __init__(self, http: httpx.AsyncClient):
+        self.http = http
+
+    async def lookup(self, ns: str, keys: list[str]) -> int:
+        present = await self.exists(ns, keys)
+        n = 0
+        while n < len(present) and present[n]:
+            n += 1
+        return n
+
+    async def exists(self, ns: str, keys: list[str]) -> list[bool]:
+        async def one(key: str) -> bool:
+            r = await self.http.head(api.memory_path(ns, key))
+            if r.status_code == 404:
+                return False
+            raise_for_status(r)
+            return True
+
+        return await _per_key(keys, one)
+
+    async def get(self, ns: str, keys: list[str]) -> list[memoryview | None]:
+        async def one(key: str) -> memoryview | None:
+            r = await self.http.get(api.memory_path(ns, key))
+            if r.status_code == 404:
+                return None
+            raise_for_status(r)
+            return memoryview(r.content)
+
+        return await _per_key(keys, one)
+
+    async def get_into(self, ns: str, keys: list[str], buffers: Sequence[memoryview]) -> list[int]:
+        return [copy_into(v, b) for v, b in zip(await self.get(ns, keys), buffers)]
+
+    async def put(self, ns: str, keys: list[str], values: Sequence[PutValue]) -> int:
+        async def one(i: int) -> bool:
+            r = await self.http.put(api.memory_path(ns, keys[i]), content=b"".join(value_parts(values[i])))
+            raise_for_status(r)
+            return True
+
+        return sum(await _per_key(range(len(keys)), one))
+
+    async def delete(self, ns: str, keys: list[str]) -> int:
+        async def one(key: str) -> bool:
+            r = await self.http.delete(api.memory_path(ns, key))
+            if r.status_code == 404:
+                return False
+            raise_for_status(r)
+            return True
+
+        return sum(await _per_key(keys, one))
+
+    def close(self) -> None:
+        pass
+
+
+async def _per_key(items, one) -> list:
+    """One call per item, all in flight at once, results in order."""
+    items = list(items)
+    out: list = [None] * len(items)
+
+    async def run(i: int) -> None:
+        out[i] = await one(items[i])
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(len(items)):
+                tg.start_soon(run, i)
+    except BaseExceptionGroup as group:  # the first failure says what happened (refused, unreachable)
+        raise _first(group) from None
+    return out
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def raise_for_status(r: httpx.Response) -> None:
+    if r.status_code < 400:
+        return
+    try:
+        message = r.json().get("error", r.text)
+    except (ValueError, AttributeError):
+        message = r.text[:200]
+    raise MembrainRequestError(r.status_code, message)
+
+
+__all__ = ["BulkConnection", "BulkTransport", "HttpBatchTransport", "PerKeyTransport", "raise_for_status"]
