@@ -40,7 +40,7 @@ def test_rendezvous_placement_is_balanced_and_moves_about_one_nth():
 
 async def test_replicas_survive_a_node_loss():
     with nodes(3) as srv:
-        async with MembrainCluster([s.url for s in srv], replicas=2, timeout=0.5, breaker_threshold=1, breaker_cooldown=30) as c:
+        async with MembrainCluster([s.url for s in srv], replicas=2, timeout=2.0, breaker_threshold=1, breaker_cooldown=30) as c:
             keys = [f"k{i}" for i in range(60)]
             values = [os.urandom(2000) for _ in keys]
             assert await c.put_many(keys, values) == 60
@@ -149,7 +149,7 @@ async def test_cluster_raises_unavailable_only_when_no_node_answers():
     from membrain_async.client import MembrainUnavailable
 
     with nodes(3) as srv:
-        async with MembrainCluster([s.url for s in srv], replicas=1, timeout=0.5, breaker_threshold=1, breaker_cooldown=30) as c:
+        async with MembrainCluster([s.url for s in srv], replicas=1, timeout=2.0, breaker_threshold=1, breaker_cooldown=30) as c:
             keys = [f"k{i}" for i in range(60)]
             assert await c.put_many(keys, [b"v"] * 60) == 60
             assert await c.get("nope") is None  # a real miss
@@ -171,7 +171,7 @@ async def test_cluster_raises_unavailable_only_when_no_node_answers():
 
 async def test_cluster_fails_over_to_a_replica_for_every_call():
     with nodes(2) as srv:
-        async with MembrainCluster([s.url for s in srv], replicas=2, timeout=0.5, breaker_threshold=1, breaker_cooldown=30) as c:
+        async with MembrainCluster([s.url for s in srv], replicas=2, timeout=2.0, breaker_threshold=1, breaker_cooldown=30) as c:
             keys = [f"k{i}" for i in range(20)]
             assert await c.put_many(keys, [b"v"] * 20) == 20
             srv[0].stop()
