@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 
 AIMS = {"raw": 0.9, "redis": 2.0, "mooncake": 1.5}
 
@@ -23,7 +24,7 @@ def load(d: str, name: str) -> dict | None:
         return json.load(f)
 
 
-def machine_lines(store: dict | None, e2e: dict | None) -> list[str]:
+def machine_lines(store: dict | None, e2e: dict | None, stall: dict | None = None) -> list[str]:
     m = (store or {}).get("machine", {})
     lines = ["## Machine", ""]
     if m:
@@ -32,6 +33,13 @@ def machine_lines(store: dict | None, e2e: dict | None) -> list[str]:
         versions = ", ".join(f"{k} {v}" for k, v in m.items()
                              if k not in ("cpus", "cpu", "memory_bytes", "python", "platform") and v)
         lines.append(f"Versions: {versions}.")
+    if not m and stall:
+        sm = stall.get("machine", {})
+        lines.append(f"{sm.get('cpus')} CPUs, Python {sm.get('python')}, {sm.get('platform')}.")
+    if stall:
+        mod = stall["config"]["model"]
+        lines.append(f"Stall bench model: generated random-weight Llama ({mod['layers']} layers, hidden {mod['hidden']}, "
+                     f"{mod['kv_heads']} KV heads), {stall['config']['kv_bytes_per_token']} KV bytes per token.")
     if e2e:
         models = e2e.get("models") or {"ttft": e2e["model"]}
         for stage, mod in models.items():
@@ -155,6 +163,10 @@ def rate_label(rate: float | None) -> str:
     return f"{rate / 1e9:g} GB/s" if rate >= 1e9 else f"{rate / 1e6:g} MB/s"
 
 
+def load_avg(run: dict) -> str:
+    return f"{run['loadavg_1m'][1]:.1f}" if run.get("loadavg_1m") else "-"
+
+
 def stall_lines(stall: dict) -> list[str]:
     c = stall["config"]
     ref, idle, hits = stall_rows(stall)
@@ -163,32 +175,45 @@ def stall_lines(stall: dict) -> list[str]:
              f"{c['streams']} decode streams generate while {c['arrivals']} requests with {c['prefix_words']}-token cached "
              f"prefixes (~{c['prefix_kv_mb']:.0f} MB of KV each) arrive {c['spacing']:g} s apart and load them from "
              "Membrain through a bandwidth-shaping proxy (`bench/stall_bench.py`). Gaps are the streams' inter-token "
-             "gaps from the first arrival until the last one finished; TTFT is each arrival's.", ""]
+             "gaps from the first arrival until the last one finished; TTFT is each arrival's. The load average (1 min, "
+             "after the run) says how much else the 2 cores ran: above 2, other jobs shared them.", ""]
     if link:
         lines += ["Link as measured (a 48 MiB get through the proxy): " + ", ".join(
             f"{rate_label(float(k)) if k != 'unshaped' else 'unshaped'} {v['mb_per_s']:.0f} MB/s" for k, v in link.items()) + ".", ""]
-    lines += ["| arm | link | gap p50 | gap p99 | gap max | p99 / reference p50 | hit TTFT (each) | tokens loaded |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["| arm | link | gap p50 | gap p99 | gap max | p99 / reference p50 | hit TTFT (each) | tokens loaded | load avg |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     ref50 = ref["gap_p50_ms"] if ref else None
     if ref:
         lines.append(f"| reference: no arrivals, no Membrain | - | {ref['gap_p50_ms']:.0f} ms | {ref['gap_p99_ms']:.0f} ms | "
-                     f"{ref['gap_max_ms']:.0f} ms | {ref['gap_p99_ms'] / ref50:.1f}× | - | - |")
+                     f"{ref['gap_max_ms']:.0f} ms | {ref['gap_p99_ms'] / ref50:.1f}× | - | - | {load_avg(ref)} |")
     for mode, r in idle.items():
         ratio = f"{r['gap_p99_ms'] / ref50:.1f}×" if ref50 else "-"
         lines.append(f"| {ARM_LABELS.get(mode, mode)}, no arrivals | - | {r['gap_p50_ms']:.0f} ms | {r['gap_p99_ms']:.0f} ms | "
-                     f"{r['gap_max_ms']:.0f} ms | {ratio} | - | - |")
+                     f"{r['gap_max_ms']:.0f} ms | {ratio} | - | - | {load_avg(r)} |")
     for r in hits:
         ttft = ", ".join(f"{x:.2f}" for x in r["hit_ttft_s"])
         ratio = f"{r['gap_p99_ms'] / ref50:.1f}×" if ref50 else "-"
         lines.append(f"| {ARM_LABELS.get(r['arm'], r['arm'])} | {rate_label(r['rate'])} | {r['gap_p50_ms']:.0f} ms | "
                      f"{r['gap_p99_ms']:.0f} ms | {r['gap_max_ms']:.0f} ms | {ratio} | {ttft} s | "
-                     f"{', '.join(str(x) for x in r['hit_cached_tokens'])} |")
+                     f"{', '.join(str(x) for x in r['hit_cached_tokens'])} | {load_avg(r)} |")
     lines += ["", "Aim: decode p99 gap while hits load at 100 MB/s ≤ 2× the reference p50; median gap with Membrain within "
-              "5 % of the gap without it (the reference)."]
+              "5 % of the gap without it (the reference).", "", "![decode stalls](stall.png)"]
     return lines + [""]
 
 
-def chart(store: dict | None, e2e: dict | None, path: str, stall: dict | None = None) -> None:
+def stall_chart(stall: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 1, figsize=(7, 4.5))
+    stall_panel(ax, stall)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def chart(store: dict | None, e2e: dict | None, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,8 +221,6 @@ def chart(store: dict | None, e2e: dict | None, path: str, stall: dict | None = 
 
     panels = [p for p in ("store", "ttft", "chat")
               if (store and "cells" in store if p == "store" else e2e and e2e.get(p))]
-    if stall and stall.get("runs"):
-        panels.append("stall")
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
@@ -225,8 +248,6 @@ def chart(store: dict | None, e2e: dict | None, path: str, stall: dict | None = 
             ax.set_ylabel("TTFT (s, log)")
             ax.set_title("Time to first token")
             ax.legend(fontsize=8)
-        elif panel == "stall":
-            stall_panel(ax, stall)
         else:
             chat = e2e["chat"]
             data = [chat["without"]["ttfts"], chat["with"]["ttfts"]]
@@ -249,7 +270,7 @@ def stall_panel(ax, stall: dict) -> None:
         rs = [r for r in hits if r["arm"] == mode and (rate is None or r["rate"] == rate)]
         if not rs:
             continue
-        r = rs[0]
+        r = {k: statistics.median(x[k] for x in rs) for k in ("gap_p50_ms", "gap_p99_ms", "gap_max_ms")}
         xs.append(i)
         labels.append(f"{mode}\n{rate_label(rate)}" if rate else "no\nMembrain")
         ax.bar(i, r["gap_p99_ms"], 0.6, color=colors.get(mode, "tab:blue"),
@@ -263,7 +284,7 @@ def stall_panel(ax, stall: dict) -> None:
     ax.set_xticks(xs, labels, fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("decode inter-token gap, ms (bar p99, ▼ max, — p50)")
-    ax.set_title("Decode gaps while cached prefixes load")
+    ax.set_title("Decode gaps while cached prefixes load" + (" (median of runs)" if stall["config"].get("repeats", 1) > 1 else ""))
     ax.legend(fontsize=7)
 
 
@@ -280,6 +301,31 @@ def lookup_lines(lookup: dict) -> list[str]:
     return out + [""]
 
 
+def carried_over(path: str, new: list[str]) -> list[str]:
+    """Sections of the previous report that this run has no JSON for (a benchmark not re-run), kept and marked
+    as such rather than lost."""
+    if not os.path.exists(path):
+        return []
+    blocks: list[list[str]] = []
+    for line in open(path).read().splitlines():
+        if line.startswith(("## ", "### ")) or not blocks:
+            blocks.append([])
+        blocks[-1].append(line)
+    headings = {line for line in new if line.startswith(("## ", "### "))}
+    marker = "## Carried over from an earlier report"
+    kept = [b for b in blocks if b[0].startswith(("## ", "### ")) and b[0] not in headings and b[0] != marker
+            and not b[0].startswith("## Machine")]
+    if not kept:
+        return []
+    out = [marker, "", "Not re-run since; their JSON was not kept then (bench/results/*.json was ignored). "
+           "`nox -s bench` measures them again.", ""]
+    machine = next((b for b in blocks if b[0].startswith("## Machine")), [])
+    out += [line for line in machine[1:] if line.strip() and line not in new] + [""]
+    for b in kept:
+        out += [line for line in b if not line.startswith("![")]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default="bench/results")
@@ -287,7 +333,7 @@ def main() -> None:
     store, e2e, cluster, stall = (load(args.dir, n) for n in ("store.json", "e2e.json", "cluster.json", "stall.json"))
     lines = ["# Membrain benchmarks", "",
              "Written by `nox -s bench` (`bench/report.py`). Ratios compare figures measured in the same run.", ""]
-    lines += machine_lines(store, e2e)
+    lines += machine_lines(store, e2e, stall)
     if store and "cells" in store:
         lines += store_lines(store)
     if e2e:
@@ -301,10 +347,13 @@ def main() -> None:
     lookup = load(args.dir, "lookup.json")
     if lookup:
         lines += lookup_lines(lookup)
+    lines += carried_over(os.path.join(args.dir, "REPORT.md"), lines)
     lines += ["![benchmarks](bench.png)", ""]
     with open(os.path.join(args.dir, "REPORT.md"), "w") as f:
         f.write("\n".join(lines))
-    chart(store, e2e, os.path.join(args.dir, "bench.png"), stall)
+    chart(store, e2e, os.path.join(args.dir, "bench.png"))
+    if stall and stall.get("runs"):
+        stall_chart(stall, os.path.join(args.dir, "stall.png"))
     print("\n".join(lines))
 
 

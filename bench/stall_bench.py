@@ -138,9 +138,12 @@ def stall_run(llm, cmd: dict) -> dict:
     for v in times.values():
         gaps += [b - a for a, b in zip(v, v[1:]) if w0 < b <= w1]
     hits = [{"ttft_s": first[r] - added[r], "latency_s": done[r] - added[r], "num_cached_tokens": cached[r],
-             "added_at_s": added[r] - start} for r in sorted(added)]
+             "added_at_s": added[r] - start, "first_token_at_s": first[r] - start} for r in sorted(added)]
     return {"gaps_s": gaps, "window_s": w1 - w0, "hits": hits, "steps": steps,
-            "stream_tokens": {r: len(v) for r, v in times.items()}}
+            "stream_tokens": {r: len(v) for r, v in times.items()},
+            # When each step's tokens came, from the start (one stream: all streams decode in the same steps),
+            # to place a long gap against the arrivals' add and first-token times.
+            "step_times_s": [round(x - start, 4) for x in times[streams[0]] if x >= start] if streams else []}
 
 
 # ---------------------------------------------------------------- orchestration
