@@ -13,6 +13,10 @@ driver's polling does not count. Phases, in the same run:
 - saving+engine: the same while another thread holds the GIL half of the time, as the engine's Python does
   between its torch calls (`--engine-gil`).
 
+Each phase also reports, for the client process (runtime and driver threads) and the server process, the
+share of the phase spent on a CPU and runnable but waiting for one (/proc/PID/task/*/schedstat): on a
+machine whose cores are busy, that wait is where a lookup's time goes.
+
     python bench/lookup_bench.py [--streams 16] [--seconds 8] [--keys 64] [--json out.json]
 """
 
@@ -135,6 +139,20 @@ class Saver(threading.Thread):
                 time.sleep(0.002)  # the queue is full: the worker drops the save and moves on
 
 
+def schedstat(pid: int | str) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of every thread of a process (Linux)."""
+    on = wait = 0.0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                a, b, _ = f.read().split()
+            on += int(a) / 1e9
+            wait += int(b) / 1e9
+    except (OSError, ValueError):
+        pass
+    return on, wait
+
+
 def measure(rt: MembrainRuntime, args, stored: list[str], saving: bool, engine: float = 0.0) -> dict:
     saver = Saver(rt, args.save_mib, args.save_rate * 1e6) if saving else None
     busy = Engine(engine) if engine > 0 else None
@@ -145,9 +163,12 @@ def measure(rt: MembrainRuntime, args, stored: list[str], saving: bool, engine: 
         saver.start()
         time.sleep(0.5)  # let the queue fill before timing
     streams = Streams(rt, args.streams, args.keys, stored, args.think_ms / 1e3)
+    pids = {"client": os.getpid(), "server": args.server_pid}
+    sched0 = {name: schedstat(pid) for name, pid in pids.items()}
     t0 = time.perf_counter()
     streams.run(args.seconds)
     wall = time.perf_counter() - t0
+    sched1 = {name: schedstat(pid) for name, pid in pids.items()}
     if saver is not None:
         saver.stop.set()
         saver.join()
@@ -166,6 +187,9 @@ def measure(rt: MembrainRuntime, args, stored: list[str], saving: bool, engine: 
         "mean_ms": sum(lat) / len(lat) * 1e3 if lat else float("nan"),
         "lookups_per_s": len(lat) / wall,
         "upload_MBps": uploaded / wall / 1e6,
+        # Share of the phase each process spent on a CPU, and runnable but waiting for one (all threads).
+        **{f"{name}_cpu": (sched1[name][0] - sched0[name][0]) / wall for name in pids},
+        **{f"{name}_runqueue_wait": (sched1[name][1] - sched0[name][1]) / wall for name in pids},
     }
     rt.flush(60)
     return out
@@ -187,6 +211,7 @@ def main() -> None:
     args.save_mib = [int(s) for s in args.save_mib.split(",")]
 
     with embedded_server(mode="subprocess", capacity="1GiB", max_value_bytes="32MiB") as srv:
+        args.server_pid = srv.process.pid
         cfg = ConnectorConfig.from_sources(env={}, overrides={"endpoint": srv.url, "async_backend": args.backend})
         rt = MembrainRuntime(cfg)
         try:
@@ -196,7 +221,8 @@ def main() -> None:
             assert rt.flush(30)
             rt.lookup(stored[:4]).wait(10)  # connect and learn the server's mode before timing
             results = {
-                "config": {k: v for k, v in vars(args).items() if k != "json"},
+                "config": {k: v for k, v in vars(args).items() if k not in ("json", "server_pid")},
+                "load_average": os.getloadavg(),
                 "idle": measure(rt, args, stored, saving=False),
                 "saving": measure(rt, args, stored, saving=True),
             }
@@ -212,6 +238,8 @@ def main() -> None:
         print(f"  {name:>13}: p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:7.2f} ms  max {r['max_ms']:7.1f} ms  "
               f"mean {r['mean_ms']:6.2f} ms  ({r['lookups']} lookups, {r['lookups_per_s']:.0f}/s, "
               f"{r['errors']} errors; uploads {r['upload_MBps']:.0f} MB/s)")
+        print(f"  {'':>13}  CPU used / waited for: client {r['client_cpu']:.2f} / {r['client_runqueue_wait']:.2f}, "
+              f"server {r['server_cpu']:.2f} / {r['server_runqueue_wait']:.2f}")
     print(f"  p99 while saving / p99 idle = {results['p99_ratio_saving_to_idle']:.1f}x")
     if args.json:
         with open(args.json, "wb") as f:

@@ -287,3 +287,45 @@ async def test_every_operation_is_split_to_the_transports_limits():
     assert await c.delete("k0") is True and await c.delete("k0") is False
     assert c.stats.bytes_put == 35
     await c.aclose()
+
+
+async def test_payload_bodies_pause_while_a_small_request_is_in_flight(monkeypatch):
+    from membrain_async.client import transports
+    from membrain_async.client.store import Limits
+    from membrain_async.client.transports import BulkTransport
+
+    monkeypatch.setattr(transports, "PACE_LIMIT", 60.0)  # the pause is bounded; here only its order is checked
+    t = BulkTransport("127.0.0.1", 1, None, 2, None, Limits())
+    events = []
+    release = anyio.Event()
+
+    class Control:
+        async def run(self, fn):
+            events.append("small sent")
+            await release.wait()
+            events.append("small answered")
+            return bulk.Frame(Op.LOOKUP | bulk.REPLY_BIT, 0, 1, {"count": 3}, 0)
+
+        def close(self):
+            pass
+
+    t.control = Control()
+    counts = []
+
+    async def lookup():
+        counts.append(await t.lookup("d", ["a"]))
+
+    async def body_chunk():
+        await t._pace()  # what a payload body awaits between its chunks
+        events.append("chunk")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lookup)
+        await anyio.sleep(0.001)
+        tg.start_soon(body_chunk)
+        await anyio.sleep(0.001)
+        release.set()
+    assert counts == [3]
+    assert events == ["small sent", "small answered", "chunk"]  # the chunk waited for the answer
+    await body_chunk()  # nothing in flight: no wait
+    t.close()

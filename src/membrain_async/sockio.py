@@ -59,10 +59,11 @@ async def recv_exactly_into(sock: socket.socket, buf: memoryview) -> None:
         buf = buf[n:]
 
 
-async def send_all(sock: socket.socket, buffers) -> None:
+async def send_all(sock: socket.socket, buffers, pace=None) -> None:
     """Send every buffer in order with scatter-gather I/O; no buffer is copied or joined.
 
-    At most FAIR_SHARE bytes go per syscall, and the loop runs other tasks between them."""
+    At most FAIR_SHARE bytes go per syscall, and the loop runs other tasks between them (`await pace()`
+    if given, a plain checkpoint otherwise)."""
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
     if isinstance(sock, ssl.SSLSocket):
         await _send_all_tls(sock, views)
@@ -92,7 +93,8 @@ async def send_all(sock: socket.socket, buffers) -> None:
                 views[i] = head[sent:]
                 sent = 0
         if moved >= FAIR_SHARE // 2 and i < len(views):
-            await anyio.lowlevel.checkpoint()  # a big body: let replies to small requests go out between its chunks
+            # A big body: let small requests and their replies go between its chunks.
+            await (pace() if pace is not None else anyio.lowlevel.checkpoint())
 
 
 async def _send_all_tls(sock: ssl.SSLSocket, views: list[memoryview]) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 import ssl
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 import anyio
 
@@ -48,8 +48,9 @@ class _Pending:
 
 
 class BulkConnection:
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, pace: Callable[[], Awaitable[None]] | None = None):
         self.sock = sock
+        self.pace = pace  # awaited between the 1 MiB chunks of a body, both ways
         self.reader = FrameReader()
         self._next_id = 0
         self._pending: dict[int, _Pending] = {}
@@ -100,7 +101,7 @@ class BulkConnection:
                 if self.broken is not None:
                     raise ConnectionLost(f"bulk connection is closed: {self.broken!r}") from self.broken
                 try:
-                    await sockio.send_all(self.sock, [header, *body])
+                    await sockio.send_all(self.sock, [header, *body], self.pace)
                 except BaseException as exc:
                     self._break(exc)  # a frame may be half sent: the stream's framing is lost
                     raise
@@ -188,7 +189,7 @@ class BulkConnection:
             since_yield += n
             if since_yield >= sockio.FAIR_SHARE and not body.done:
                 since_yield = 0
-                await anyio.lowlevel.checkpoint()
+                await (self.pace() if self.pace is not None else anyio.lowlevel.checkpoint())
 
     def _break(self, exc: BaseException) -> None:
         """The byte stream is lost: fail every request in flight, close the socket, never reuse it."""
@@ -222,8 +223,8 @@ class BulkPool:
     check_after = 0.05  # a connection idle for less than this was alive a moment ago: no peek needed
 
     def __init__(self, host: str, port: int, token: str | None, size: int = 8, tls: ssl.SSLContext | None = None,
-                 depth: int = 1):
-        self.host, self.port, self.token, self.tls = host, port, token, tls
+                 depth: int = 1, pace: Callable[[], Awaitable[None]] | None = None):
+        self.host, self.port, self.token, self.tls, self.pace = host, port, token, tls, pace
         self.size, self.depth = size, depth
         self._conns: list[BulkConnection] = []  # most recently used last
         self._slots = anyio.Semaphore(size * depth)
@@ -233,7 +234,7 @@ class BulkPool:
         self.opened = 0
 
     async def _open(self) -> BulkConnection:
-        conn = BulkConnection(await sockio.connect(self.host, self.port, self.tls))
+        conn = BulkConnection(await sockio.connect(self.host, self.port, self.tls), self.pace)
         self.opened += 1
         if self.token:
             try:

@@ -17,31 +17,59 @@ from .store import Buffer, Limits, PutValue, copy_into, value_len, value_parts
 
 # Lookups and exists requests share connections, this many at once on each (see BulkPool).
 CONTROL_DEPTH = 32
+# Longest a payload body waits, between two of its 1 MiB chunks, for small requests in flight to be
+# answered (see BulkTransport._pace).
+PACE_LIMIT = 0.005
 
 
 class BulkTransport:
     """Binary frames on raw TCP (or TLS). Payloads get connections of their own, one request each, so a
-    lookup never waits behind a multi-MiB body; lookups and exists are pipelined on a few connections."""
+    lookup never waits behind a multi-MiB body; lookups and exists are pipelined on a few connections.
+
+    Small requests first: while a lookup (or exists, delete) is in flight, payload bodies pause between
+    their 1 MiB chunks, up to PACE_LIMIT each time. On a machine whose cores are all busy (vLLM's own
+    threads), a lookup otherwise waits for the CPU behind the copies of uploads on both sides: the
+    client's sends and the server's receives of the very same bytes.
+    """
 
     name = "bulk"
 
     def __init__(self, host: str, port: int, token: str | None, connections: int, tls: ssl.SSLContext | None,
                  limits: Limits):
         self.limits = limits
-        self.payloads = BulkPool(host, port, token, connections, tls=tls)
+        self._small_inflight = 0
+        self._small_done = anyio.Event()
+        self.paused_s = 0.0  # how long payloads waited for small requests, in all
+        self.payloads = BulkPool(host, port, token, connections, tls=tls, pace=self._pace)
         self.control = BulkPool(host, port, token, max(1, min(connections, 4)), tls=tls, depth=CONTROL_DEPTH)
 
+    async def _pace(self) -> None:
+        if not self._small_inflight:
+            await anyio.lowlevel.checkpoint()
+            return
+        t0 = anyio.current_time()
+        with anyio.move_on_after(PACE_LIMIT):
+            await self._small_done.wait()
+        self.paused_s += anyio.current_time() - t0
+
+    async def _small(self, op: int, head: dict) -> Frame:
+        self._small_inflight += 1
+        try:
+            return await self.control.run(lambda c: c.call(op, head))
+        finally:
+            self._small_inflight -= 1
+            if not self._small_inflight:
+                self._small_done.set()
+                self._small_done = anyio.Event()
+
     async def lookup(self, ns: str, keys: list[str]) -> int:
-        frame = await self.control.run(lambda c: c.call(Op.LOOKUP, {"ns": ns, "keys": keys}))
-        return int(frame.head["count"])
+        return int((await self._small(Op.LOOKUP, {"ns": ns, "keys": keys})).head["count"])
 
     async def exists(self, ns: str, keys: list[str]) -> list[bool]:
-        frame = await self.control.run(lambda c: c.call(Op.EXISTS, {"ns": ns, "keys": keys}))
-        return [bool(p) for p in frame.head["present"]]
+        return [bool(p) for p in (await self._small(Op.EXISTS, {"ns": ns, "keys": keys})).head["present"]]
 
     async def delete(self, ns: str, keys: list[str]) -> int:
-        frame = await self.control.run(lambda c: c.call(Op.DELETE, {"ns": ns, "keys": keys}))
-        return int(frame.head.get("deleted", 0))
+        return int((await self._small(Op.DELETE, {"ns": ns, "keys": keys})).head.get("deleted", 0))
 
     async def put(self, ns: str, keys: list[str], values: Sequence[PutValue]) -> int:
         sizes = [value_len(v) for v in values]
