@@ -59,7 +59,7 @@ class MembrainConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             from .scheduler import MembrainScheduler
 
-            self._scheduler = MembrainScheduler(vllm_config, self.config)
+            self._scheduler = MembrainScheduler.from_vllm_config(vllm_config, self.config)
         else:
             from .worker import MembrainWorker
 

@@ -56,11 +56,11 @@ class _RequestState:
 
 
 class MembrainScheduler:
-    def __init__(self, vllm_config: "VllmConfig", config: ConnectorConfig):
+    def __init__(self, config: ConnectorConfig, *, block_size: int, fingerprint: str, block_bytes: int):
         self.config = config
-        self.block_size = vllm_config.cache_config.block_size
+        self.block_size = block_size
         self.async_loads = config.load_mode == "async"
-        self.fingerprint = identity.fingerprint(vllm_config, config)
+        self.fingerprint = fingerprint
         # Lookups ask about the first shard; every shard saves and loads the same blocks.
         self.rank = identity.rank_label(0, 0)
         self.store = open_store(config)  # held until shutdown()
@@ -76,13 +76,18 @@ class MembrainScheduler:
         self.load_failures = 0  # requests seen holding a block that failed to load (tests and logs)
         # Hashes this instance recently loaded or saved: what the workers' hot tiers hold (an estimate;
         # a block a worker has since dropped is fetched from the server, or recomputed).
-        block_bytes = identity.payload_bytes(vllm_config)
         self._hot_capacity = config.local_cache_bytes // block_bytes if config.local_cache_bytes else 0
         # Loads granted in the step being scheduled: bounds what a worker fetches and holds at once.
         self._step_load_limit = max(1, config.step_load_bytes // block_bytes)
         self._step_load_blocks = 0
         self._hot: OrderedDict[str, None] = OrderedDict()
         self._stats: dict[str, float] = {}
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: "VllmConfig", config: ConnectorConfig) -> "MembrainScheduler":
+        return cls(config, block_size=vllm_config.cache_config.block_size,
+                   fingerprint=identity.fingerprint(vllm_config, config),
+                   block_bytes=identity.payload_bytes(vllm_config))
 
     # ------------------------------------------------------------------ block hashes and keys
 
