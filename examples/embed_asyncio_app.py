@@ -17,13 +17,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from membrain_async.cache import BlockStore
+from membrain_async.client import MembrainUnavailable
 from membrain_async.config import ConnectorConfig
-from membrain_async.runtime import MembrainRuntime
 from membrain_async.runtime.aio import wait_async
 
 
 def build_app(membrain_url: str) -> Starlette:
-    runtime = MembrainRuntime(ConnectorConfig.from_sources(env={}, overrides={"endpoint": membrain_url}))
+    runtime = BlockStore(ConnectorConfig.from_sources(env={}, overrides={"endpoint": membrain_url}))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -37,12 +38,18 @@ def build_app(membrain_url: str) -> Starlette:
 
     async def load(request: Request) -> JSONResponse:
         key = request.path_params["key"]
-        (value,) = await wait_async(runtime.fetch([key]))
+        try:
+            (value,) = await wait_async(runtime.fetch([key]))
+        except MembrainUnavailable:  # the server is down: say so, rather than "not found"
+            return JSONResponse({"error": "membrain unavailable"}, status_code=503)
         return JSONResponse({"found": value is not None, "bytes": 0 if value is None else len(value)})
 
     async def lookup(request: Request) -> JSONResponse:
         keys = (await request.json())["keys"]
-        return JSONResponse({"count": await wait_async(runtime.lookup(keys))})
+        try:
+            return JSONResponse({"count": await wait_async(runtime.lookup(keys))})
+        except MembrainUnavailable:
+            return JSONResponse({"error": "membrain unavailable"}, status_code=503)
 
     async def flush(request: Request) -> JSONResponse:
         return JSONResponse({"flushed": runtime.flush(5)})

@@ -12,12 +12,26 @@ import os
 
 import trio
 
+from membrain_async.cache import BlockStore
+from membrain_async.client import MembrainUnavailable
 from membrain_async.config import ConnectorConfig
-from membrain_async.runtime import MembrainRuntime
 from membrain_async.runtime.aio import wait_async
 
 
-def make_handler(runtime: MembrainRuntime):
+async def answer(runtime: BlockStore, words: list[str]) -> str:
+    if words[0] == "SAVE":
+        ok = runtime.save(words[1], [words[2].encode()])
+        ok = ok and runtime.flush(5)
+        return "OK" if ok else "DROPPED"
+    if words[0] == "LOAD":
+        (value,) = await wait_async(runtime.fetch([words[1]]))
+        return "MISS" if value is None else f"VALUE {bytes(value).decode()}"
+    if words[0] == "LOOKUP":
+        return f"COUNT {await wait_async(runtime.lookup(words[1:]))}"
+    return "ERR unknown command"
+
+
+def make_handler(runtime: BlockStore):
     async def handle(stream: trio.SocketStream) -> None:
         buf = b""
         async for chunk in stream:
@@ -27,17 +41,10 @@ def make_handler(runtime: MembrainRuntime):
                 words = line.decode().split()
                 if not words:
                     continue
-                if words[0] == "SAVE":
-                    ok = runtime.save(words[1], [words[2].encode()])
-                    ok = ok and runtime.flush(5)
-                    reply = "OK" if ok else "DROPPED"
-                elif words[0] == "LOAD":
-                    (value,) = await wait_async(runtime.fetch([words[1]]))
-                    reply = "MISS" if value is None else f"VALUE {bytes(value).decode()}"
-                elif words[0] == "LOOKUP":
-                    reply = f"COUNT {await wait_async(runtime.lookup(words[1:]))}"
-                else:
-                    reply = "ERR unknown command"
+                try:
+                    reply = await answer(runtime, words)
+                except MembrainUnavailable:  # the server is down: say so, rather than "MISS"
+                    reply = "UNAVAILABLE"
                 await stream.send_all(reply.encode() + b"\n")
 
     return handle
@@ -45,7 +52,7 @@ def make_handler(runtime: MembrainRuntime):
 
 async def serve(membrain_url: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     cfg = ConnectorConfig.from_sources(overrides={"endpoint": membrain_url})
-    runtime = MembrainRuntime(cfg)
+    runtime = BlockStore(cfg)
     try:
         listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
         task_status.started(listeners[0].socket.getsockname()[1])

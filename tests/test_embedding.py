@@ -35,6 +35,26 @@ def test_asyncio_starlette_app(server):
         app.state.runtime.shutdown()
 
 
+def test_asyncio_app_says_unavailable_when_the_server_is_down():
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = load_example("embed_asyncio_app").build_app(f"http://127.0.0.1:{port}")
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as c:
+            for reply in (await c.get("/load/blk0"), await c.post("/lookup", json={"keys": ["blk0"]})):
+                assert reply.status_code == 503 and reply.json() == {"error": "membrain unavailable"}
+
+    try:
+        anyio.run(main, backend="asyncio")
+    finally:
+        app.state.runtime.shutdown()
+
+
 @pytest.mark.parametrize("runtime_backend", ["asyncio", "trio"])
 def test_trio_server_app(server, runtime_backend, monkeypatch):
     import trio
