@@ -59,6 +59,7 @@ def bench(session: nox.Session) -> None:
 RELIABILITY_TESTS = [
     "tests/test_e2e_faults.py",
     "tests/test_e2e_never_poison.py",
+    "tests/test_e2e_async_loads.py",
     "tests/test_e2e_vllm.py",
     "tests/test_fuzz.py",
     "tests/test_server_robustness.py",
