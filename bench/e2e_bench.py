@@ -203,6 +203,8 @@ def main() -> None:
     ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "membrain-bench-model"))
     ap.add_argument("--stages", nargs="+", default=["ttft", "no_reuse", "chat"], choices=["ttft", "no_reuse", "chat"])
     ap.add_argument("--json", default=None, help="results file; stages not run here keep what it already holds")
+    ap.add_argument("--load-mode", choices=["async", "sync"], default=None,
+                    help="VLLM_MEMBRAIN_LOAD_MODE of the instances with Membrain (default: the setting's default, async)")
     args = ap.parse_args()
     from tqdm import tqdm
 
@@ -221,6 +223,8 @@ def main() -> None:
     base.update({"VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib), "PYTHONUNBUFFERED": "1",
                  "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
     on_env = {**base, "VLLM_MEMBRAIN_ENABLED": "1", "VLLM_MEMBRAIN_ENDPOINT": server.url}
+    if args.load_mode:
+        on_env["VLLM_MEMBRAIN_LOAD_MODE"] = args.load_mode
     # Room for the longest prompt: a TTFT prefix, a no-reuse prompt, or a chat at its last turn.
     max_len = max(max(args.sizes) + 256, 1024 + 256, CHAT_CONTEXT + args.turns * 192 + 256)
     steps = (("ttft" in args.stages) * (2 + 4 * len(args.sizes)) + ("no_reuse" in args.stages) * (1 + 4 * args.rounds)
@@ -232,6 +236,7 @@ def main() -> None:
             results = json.load(f)
     model_facts = {**m, "parameters": param_count(m, vocab), "kv_bytes_per_token": kv_per_token}
     results.update({"memcpy_gbps": bw, "logs": logs})
+    results.setdefault("load_modes", {}).update({stage: args.load_mode or "async" for stage in args.stages})
     models = results.setdefault("models", {})
     if "model" in results and "ttft" in results and "ttft" not in models:
         models["ttft"] = results["model"]  # written by a run before stages were recorded separately

@@ -207,10 +207,37 @@ def stall_chart(stall: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 1, figsize=(7, 4.5))
-    stall_panel(ax, stall)
+    _ref, _idle, hits = stall_rows(stall)
+    timeline = any(r["raw"].get("step_times_s") for r in hits)
+    fig, axes = plt.subplots(1, 2 if timeline else 1, figsize=(13 if timeline else 7, 4.5))
+    axes = list(axes) if timeline else [axes]
+    stall_panel(axes[0], stall)
+    if timeline:
+        timeline_panel(axes[1], stall)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def timeline_panel(ax, stall: dict) -> None:
+    """The streams' gaps over time in the first run of each arm at the lowest link rate, arrivals marked."""
+    _ref, _idle, hits = stall_rows(stall)
+    rates = sorted({r["rate"] for r in hits if r["rate"]})
+    colors = {"off": "tab:gray", "sync": "tab:red", "async": "tab:green"}
+    for mode in ("off", "sync", "async"):
+        r = next((x for x in hits if x["arm"] == mode and (mode == "off" or x["rate"] == rates[0])), None)
+        ts = r["raw"].get("step_times_s") if r else None
+        if not ts:
+            continue
+        # A gap spans the time from one token to the next: drawn as a step over that span.
+        ax.step(ts[1:], [1e3 * (b - a) for a, b in zip(ts, ts[1:])], where="pre", color=colors[mode], linewidth=1,
+                label=ARM_LABELS[mode] + (f", {rate_label(rates[0])}" if mode != "off" else ""))
+        for h in r["raw"]["hits"]:
+            ax.axvline(h["added_at_s"], color=colors[mode], linestyle=":", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("seconds from the streams' start (dotted: an arrival)")
+    ax.set_ylabel("inter-token gap, ms")
+    ax.set_title("One run's gaps over time")
+    ax.legend(fontsize=7)
 
 
 def chart(store: dict | None, e2e: dict | None, path: str) -> None:

@@ -75,13 +75,20 @@ async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link:
 async def serve(upstream: tuple[str, int], rate: float) -> None:
     links = {"up": Link(rate), "down": Link(rate)}
 
+    live: set = set()  # asyncio holds connection tasks weakly: one collected mid-transfer broke a connection
+
     async def handle(client_r, client_w) -> None:
+        task = asyncio.current_task()
+        live.add(task)
         try:
-            server_r, server_w = await asyncio.open_connection(*upstream)
-        except OSError:
-            client_w.close()
-            return
-        await asyncio.gather(pump(client_r, server_w, links["up"]), pump(server_r, client_w, links["down"]))
+            try:
+                server_r, server_w = await asyncio.open_connection(*upstream)
+            except OSError:
+                client_w.close()
+                return
+            await asyncio.gather(pump(client_r, server_w, links["up"]), pump(server_r, client_w, links["down"]))
+        finally:
+            live.discard(task)
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
