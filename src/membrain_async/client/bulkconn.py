@@ -50,7 +50,7 @@ class _Pending:
 class BulkConnection:
     def __init__(self, sock: socket.socket, pace: Callable[[], Awaitable[None]] | None = None):
         self.sock = sock
-        self.pace = pace  # awaited between the 1 MiB chunks of a body, both ways
+        self.pace = pace  # awaited between the 1 MiB chunks of a request body sent (uploads)
         self.reader = FrameReader()
         self._next_id = 0
         self._pending: dict[int, _Pending] = {}
@@ -189,7 +189,7 @@ class BulkConnection:
             since_yield += n
             if since_yield >= sockio.FAIR_SHARE and not body.done:
                 since_yield = 0
-                await (self.pace() if self.pace is not None else anyio.lowlevel.checkpoint())
+                await anyio.lowlevel.checkpoint()  # a load is waited for: it does not pace
 
     def _break(self, exc: BaseException) -> None:
         """The byte stream is lost: fail every request in flight, close the socket, never reuse it."""

@@ -26,8 +26,8 @@ class BulkTransport:
     """Binary frames on raw TCP (or TLS). Payloads get connections of their own, one request each, so a
     lookup never waits behind a multi-MiB body; lookups and exists are pipelined on a few connections.
 
-    Small requests first: while a lookup (or exists, delete) is in flight, payload bodies pause between
-    their 1 MiB chunks, up to PACE_LIMIT each time. On a machine whose cores are all busy (vLLM's own
+    Small requests first: while a lookup (or exists, delete) is in flight, upload bodies pause between
+    their 1 MiB chunks, up to PACE_LIMIT each time. Loads do not: a request is waiting for them. On a machine whose cores are all busy (vLLM's own
     threads), a lookup otherwise waits for the CPU behind the copies of uploads on both sides: the
     client's sends and the server's receives of the very same bytes.
     """
