@@ -168,6 +168,13 @@ def test_an_unreachable_server_is_a_miss_counted_as_unavailable():
         assert answer(sched, req) == (0, False)
         stats = sched.take_stats()
         assert stats["lookup_unavailable"] == 1 and "lookup_errors" not in stats
+        # Two arriving together are looked up in one job: both unavailable, not "errors".
+        a, b = request("a"), request("b", 3 * BS + 9)
+        sched.on_new_request(a)
+        sched.on_new_request(b)
+        assert answer(sched, a) == (0, False) and answer(sched, b) == (0, False)
+        stats = sched.take_stats()
+        assert stats["lookup_unavailable"] == 2 and "lookup_errors" not in stats
     finally:
         sched.shutdown()
 

@@ -160,9 +160,17 @@ class BlockStore:
             async def one(i: int) -> None:
                 counts[i] = await self._lookup(lists[i])
 
-            async with anyio.create_task_group() as tg:
-                for i in range(len(lists)):
-                    tg.start_soon(one, i)
+            try:
+                async with anyio.create_task_group() as tg:
+                    for i in range(len(lists)):
+                        tg.start_soon(one, i)
+            except BaseExceptionGroup as group:
+                # The job fails with one error, as a single lookup would: an unreachable server is
+                # "unavailable" for all of them, whatever else failed alongside.
+                first = group.subgroup(MembrainUnavailable) or group
+                while isinstance(first, BaseExceptionGroup):
+                    first = first.exceptions[0]
+                raise first from group
             return counts
 
         return self.executor.submit("lookup", go, tag=tag, ring=ring, deadline=self.config.lookup_deadline,
