@@ -146,6 +146,9 @@ class MembrainScheduler:
         """Lookup answers that landed since the last call (never waits)."""
         for done in self._answers.poll():
             counts = done.value if done.outcome == "ok" else None
+            # The round trip itself, apart from the steps the request waited for it (lookup_ms).
+            self._count("lookup_rtt_ms", 1e3 * done.latency_s)
+            self._count("lookup_jobs")
             for i, req_id in enumerate(done.tag):
                 st = self._requests.get(req_id)
                 if st is None or st.answer_outcome:

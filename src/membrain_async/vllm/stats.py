@@ -19,6 +19,7 @@ COUNTERS = {
     "lookup_unavailable": (
         "vllm:membrain_lookup_unavailable", "Lookups the server could not answer (unreachable or breaker open); served as misses"
     ),
+    "lookup_jobs": ("vllm:membrain_lookup_jobs", "Lookup jobs sent (requests that arrive together share one)"),
     "lookup_errors": ("vllm:membrain_lookup_errors", "Lookups refused or failed otherwise; served as misses"),
     "query_tokens": ("vllm:membrain_query_tokens", "Prompt tokens asked about (beyond the local prefix cache)"),
     "hit_tokens": ("vllm:membrain_hit_tokens", "Prompt tokens loaded from Membrain instead of computed"),
@@ -66,7 +67,8 @@ COUNTERS = {
     "uploads_dropped": ("vllm:membrain_uploads_dropped", "Queued saves never sent: still queued when the drain deadline of a shutdown passed"),
 }
 TIMERS = {
-    "lookup_ms": ("vllm:membrain_lookup_seconds", "Time from request arrival to lookup answer"),
+    "lookup_ms": ("vllm:membrain_lookup_seconds", "Time from request arrival to the step that used its lookup's answer"),
+    "lookup_rtt_ms": ("vllm:membrain_lookup_rtt_seconds", "Time lookup jobs took on the Membrain thread (one job per arrival batch)"),
     "load_ms": ("vllm:membrain_load_seconds", "Time from a load's submission to its pages being in place (fetch, check, copy)"),
     "load_wait_ms": ("vllm:membrain_load_wait_seconds", "Time sync-mode steps waited for their loads before the forward pass"),
     "save_copy_ms": ("vllm:membrain_save_copy_seconds", "Time workers spent copying pages out for saving"),
@@ -89,6 +91,8 @@ class MembrainConnectorStats(KVConnectorStats):
         out: dict[str, int | float] = {k: d[k] for k in COUNTERS if d.get(k)}
         if d.get("lookups"):
             out["avg_lookup_ms"] = round(d.get("lookup_ms", 0) / d["lookups"], 3)
+        if d.get("lookup_jobs"):
+            out["avg_lookup_rtt_ms"] = round(d.get("lookup_rtt_ms", 0) / d["lookup_jobs"], 3)
         if d.get("load_ms"):
             out["load_ms"] = round(d["load_ms"], 3)
         queried = d.get("query_tokens", 0)
