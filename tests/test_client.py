@@ -64,6 +64,22 @@ async def test_concurrent_calls_share_the_pool(server):
         assert c._transport.payloads.opened <= 4
 
 
+async def test_a_lookup_given_up_on_does_not_hold_up_the_next_one(server):
+    """A reply still owed (late) on a pipelined connection: later requests go elsewhere, not behind it."""
+    from membrain_async.testing.proxy import FaultProxy
+
+    with FaultProxy(server.port) as proxy:
+        async with MembrainClient(proxy.url, timeout=10) as c:
+            assert await c.put("k", b"v") and await c.lookup(["k"]) == 1
+            proxy.delay = 3.0
+            with anyio.move_on_after(0.3) as scope:  # the caller's deadline: it gives up
+                await c.lookup(["k"])
+            assert scope.cancelled_caught
+            proxy.delay = 0.0
+            with anyio.fail_after(2.0):  # the late reply arrives at 3 s
+                assert await c.lookup(["k"]) == 1
+
+
 async def test_breaker_fails_fast_then_recovers():
     with embedded_server() as srv:
         port = srv.port

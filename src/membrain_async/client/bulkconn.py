@@ -57,6 +57,10 @@ class BulkConnection:
         self._send_lock = anyio.Lock()
         self._reading = False
         self.broken: BaseException | None = None
+        # A request gave up before its reply came (a deadline, a cancelled job): that reply is still owed,
+        # maybe late, and anything sent after it would wait behind it. No new request is placed here;
+        # the connection closes once its last request in flight ended.
+        self.retired = False
         self.idle_since = time.monotonic()
 
     @property
@@ -108,9 +112,12 @@ class BulkConnection:
             await self._wait(pending)
         finally:
             if self._pending.get(rid) is pending:
-                del self._pending[rid]  # gave up (cancelled, timed out): its reply will be discarded
+                del self._pending[rid]  # gave up (cancelled, timed out): its reply will never be read
+                self.retired = True
             if not self._pending:
                 self.idle_since = time.monotonic()
+                if self.retired:
+                    self.close()
         if pending.error is not None:
             raise pending.error
         frame = pending.frame
@@ -253,6 +260,8 @@ class BulkPool:
             for conn in self._conns:
                 if conn.broken is not None or (not conn.inflight and now - conn.idle_since >= self.max_idle):
                     conn.close()
+                    continue
+                if conn.retired:  # closes itself when its last request ends; it takes no new ones
                     continue
                 live.append(conn)
                 if conn.inflight < self.depth and (best is None or conn.inflight <= best.inflight):
