@@ -81,7 +81,7 @@ def blocks(ids: list[int]) -> KVCacheBlocks:
 
 
 def step(sched: MembrainScheduler):
-    return sched.build_connector_meta(SimpleNamespace(kv_connector_block_state=None, num_scheduled_tokens={}))
+    return sched.build_connector_meta(SimpleNamespace(kv_connector_block_state=None, num_scheduled_tokens={}, total_num_scheduled_tokens=0))
 
 
 @pytest.fixture
@@ -100,6 +100,7 @@ def test_a_hit_loads_asynchronously_and_vllms_second_call_after_the_load_is_not_
     sched.update_state_after_alloc(req, blocks(ids), 3 * BS)
     meta = step(sched)
     assert meta.loads == [BlockTransfer("r1", [7, 3, 9], hashes[:3])]
+    assert meta.idle  # nothing scheduled: workers may rest while the load is in flight
     counted = dict(sched.take_stats())
     # Back from WAITING_FOR_REMOTE_KVS, vLLM allocates again with no external tokens: nothing new to count.
     sched.update_state_after_alloc(req, blocks(ids), 0)

@@ -84,6 +84,7 @@ class PageLoader:
         self.deadline = deadline
         self.mover = mover  # DevicePageMover on accelerators: host-to-device on the load stream
         self.ring = CompletionRing()
+        self.ended = threading.Event()  # set whenever a load ended (for an idle step's short wait)
         self._inflight: dict[str, _Ticket] = {}
 
     def __len__(self) -> int:
@@ -119,8 +120,18 @@ class PageLoader:
                 ticket.future.cancel()
                 ticket.ended.wait()  # only a running copy is left: it is never abandoned
 
+    def idle_wait(self, timeout: float) -> None:
+        """A step with nothing to compute: rest briefly (until a load ends) instead of spinning.
+
+        vLLM steps an engine whose only requests wait for their KV in a tight loop; spinning holds the
+        GIL and a core the copying thread needs. Only called when the step had no work, so nothing waits.
+        """
+        if self._inflight and not len(self.ring):
+            self.ended.wait(timeout)
+
     def drain(self) -> list[LoadOutcome]:
         """Loads that ended since the last call (never blocks)."""
+        self.ended.clear()
         out = []
         for completion in self.ring.poll():
             outcome: LoadOutcome = completion.value
@@ -139,6 +150,7 @@ class PageLoader:
         outcome.seconds = time.perf_counter() - ticket.started
         self.ring.push(Completion("load", ticket, outcome, "ok" if not outcome.why else outcome.why))
         ticket.ended.set()
+        self.ended.set()
 
     def _ended_without_copy(self, ticket: _Ticket, future) -> None:
         """The job ended (failed, timed out, cancelled) before any copy started: report it now."""
@@ -199,8 +211,7 @@ class PageLoader:
             outcome.why = "missing"  # fewer values than blocks
         if good_ids:
             if self.mover is None:
-                for block_id, pages in zip(good_ids, good_pages):
-                    self.layout.scatter(block_id, pages)
+                self.layout.scatter_many(good_ids, good_pages)
             else:
                 host = self.mover.stage(good_pages)
                 try:

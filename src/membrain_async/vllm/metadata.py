@@ -48,6 +48,8 @@ class MembrainConnectorMetadata(KVConnectorMetadata):
     # Requests that finished or were aborted: drop what workers staged for them.
     finished: list[str] = field(default_factory=list)
     verdicts: list[SaveVerdict] = field(default_factory=list)
+    # The step schedules no tokens: workers may rest briefly while loads are in flight (never spin).
+    idle: bool = False
 
     def is_empty(self) -> bool:
         return not (self.loads or self.saves or self.prefetch or self.finished or self.verdicts)

@@ -92,6 +92,21 @@ class PageLayout:
         for layer, kv in enumerate(self.block_major):
             kv[block_id].copy_(src[layer])
 
+    def scatter_many(self, block_ids: list[int], payloads: list[torch.Tensor]) -> None:
+        """Copy payloads into their blocks with one copy per layer (plus one to gather them).
+
+        Each torch call releases the GIL and must win it back: on a loaded process (vLLM's loop spinning
+        on an idle engine) every hand-back can wait a switch interval (5 ms), so a load copied page by
+        page (blocks x layers calls) took up to half a second. This makes it layers + 1 calls.
+        """
+        if len(block_ids) == 1:
+            self.scatter(block_ids[0], payloads[0])
+            return
+        stacked = torch.stack(payloads)  # [n, layers, *page]
+        idx = torch.tensor(block_ids, dtype=torch.long)
+        for layer, kv in enumerate(self.block_major):
+            kv.index_copy_(0, idx, stacked[:, layer])
+
     def payload_view(self, buf) -> torch.Tensor:
         """A `[layers, *page_shape]` tensor over a payload's bytes (no copy)."""
         return torch.frombuffer(buf, dtype=torch.uint8).view(self.dtype).view(self.payload_shape)

@@ -240,6 +240,7 @@ class MembrainScheduler:
             prefetch=self._prefetch,
             finished=self._finished,
             verdicts=self._ledger.take_verdicts(),
+            idle=not scheduler_output.total_num_scheduled_tokens,
         )
         self._loads, self._prefetch, self._finished = [], [], []
         return meta

@@ -47,6 +47,8 @@ log = logging.getLogger("membrain.connector")
 
 # Steps a staged save waits for its verdict before it is dropped (the scheduler stopped tracking it).
 STAGED_STEPS_MAX = 16
+# How long a step with nothing to compute rests while loads are in flight (ends early when one ends).
+IDLE_STEP_WAIT_S = 0.002
 
 
 @dataclass
@@ -85,6 +87,7 @@ class MembrainWorker:
         self.loader: PageLoader | None = None
         self.async_loads = config.load_mode == "async"
         self._finished_recving: set[str] = set()
+        self._idle_step = False
         self._load_errors: set[int] = set()
         # Requests whose load failed this step: their forward ran without the missing pages, so whatever
         # it computed after them is wrong and must not be saved (vLLM recomputes it next step).
@@ -124,6 +127,7 @@ class MembrainWorker:
 
     def start_load_kv(self, meta: MembrainConnectorMetadata) -> None:
         self._failed_requests = set()
+        self._idle_step = meta.idle
         self._apply_verdicts(meta.verdicts)
         self._expire_staged(meta.step)
         self._flush_ready_saves()
@@ -168,6 +172,8 @@ class MembrainWorker:
     def get_finished(self) -> set[str] | None:
         """Requests whose async load ended on this rank (loaded, failed or cancelled), for vLLM."""
         if self.loader is not None:
+            if self._idle_step:
+                self.loader.idle_wait(IDLE_STEP_WAIT_S)
             self._collect_loads()
         self._flush_ready_saves()
         done, self._finished_recving = self._finished_recving, set()
