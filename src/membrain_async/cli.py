@@ -70,19 +70,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     tg.cancel_scope.cancel()
                     break
 
-    anyio.run(main, backend=args.backend, backend_options=_loop_options(args.backend))
+    from .runtime.aio import loop_options
+
+    anyio.run(main, backend=args.backend, backend_options=loop_options(args.backend))
     return 0
-
-
-def _loop_options(backend: str) -> dict:
-    """uvloop for the asyncio backend when installed (vLLM brings it): less time per wake-up and syscall."""
-    if backend != "asyncio":
-        return {}
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return {}
-    return {"use_uvloop": True}
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -12,6 +12,18 @@ from typing import Any
 from .future import MembrainFuture
 
 
+def loop_options(backend: str) -> dict:
+    """anyio backend options: uvloop for asyncio when installed (vLLM brings it), for less time per
+    wake-up and syscall (and so less GIL time per I/O)."""
+    if backend != "asyncio":
+        return {}
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
+
+
 async def wait_async(future: MembrainFuture) -> Any:
     """`await wait_async(rt.lookup(keys))` inside asyncio or trio code; returns the result or raises."""
     if not future.done():

@@ -27,6 +27,7 @@ from typing import Any, Awaitable, Callable, Protocol
 import anyio
 
 from .. import telemetry
+from .aio import loop_options
 from .future import CANCELLED, Cancelled, MembrainFuture
 from .ring import Completion, CompletionRing
 
@@ -168,7 +169,7 @@ class Executor:
 
     def _thread_main(self) -> None:
         try:
-            anyio.run(self._main, backend=self.backend, backend_options=_backend_options(self.backend))
+            anyio.run(self._main, backend=self.backend, backend_options=loop_options(self.backend))
         except BaseException:  # the thread must never die silently
             log.exception("membrain runtime loop crashed; Membrain is off for this process")
         finally:
@@ -405,13 +406,3 @@ def _write_wake_byte(sock: socket.socket) -> None:
             sock.send(b"\0")
     except (BlockingIOError, OSError):
         pass  # buffer full: a wake-up is already on its way; closed: the loop is gone
-
-
-def _backend_options(backend: str) -> dict:
-    if backend != "asyncio":
-        return {}
-    try:
-        import uvloop  # noqa: F401  (vLLM depends on it; a faster loop means less GIL time per I/O)
-    except ImportError:
-        return {}
-    return {"use_uvloop": True}
