@@ -180,10 +180,9 @@ class PageLoader:
         outcome = LoadOutcome(load.req_id, list(load.block_ids))
         try:
             self._check_and_copy(load, values, outcome)
-        except Exception as exc:  # a bug or a device error: nothing after `loaded` is trusted
+        except Exception:  # a bug or a device error: nothing after `loaded` is trusted
             log.exception("Membrain: copying the pages of request %s failed", load.req_id)
             outcome.why = outcome.why or "error"
-            del exc
         finally:
             with ticket.lock:
                 ticket.state = _DONE
