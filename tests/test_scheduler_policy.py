@@ -66,12 +66,13 @@ def store_leading(sched: MembrainScheduler, req: Request, n_blocks: int) -> list
 
 
 def answer(sched: MembrainScheduler, req: Request, local_tokens: int = 0, timeout: float = 10.0):
-    """Ask as vLLM does, once per step, until the lookup is answered."""
+    """Ask as vLLM does, once per step (a pass ends with build_connector_meta), until the lookup is answered."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         got = sched.get_num_new_matched_tokens(req, local_tokens)
         if got[0] is not None:
             return got
+        step(sched)
         time.sleep(0.01)
     raise AssertionError("the lookup was never answered")
 
@@ -187,3 +188,27 @@ def test_requests_arriving_together_are_answered_together(sched):
     sched.on_new_request(b)  # same tokens as a's first 4 blocks: both hit
     assert answer(sched, a) == (4 * BS, True)
     assert sched.get_num_new_matched_tokens(b, 0) == (4 * BS, True)  # its answer came in the same job
+
+
+def test_an_answer_landing_between_two_requests_of_one_pass_waits_for_the_next_pass(server):
+    """vLLM asks about each waiting request in turn. Requests looked up in one job must see their answers in
+    the same pass, or one is scheduled a step before the other and no longer shares its blocks."""
+    with FaultProxy(server.port) as proxy:
+        sched = make_scheduler(proxy.url)
+        try:
+            a, b = request("a"), request("b", 4 * BS + 3)
+            store_leading(sched, a, 4)
+            proxy.delay = 0.3
+            sched.on_new_request(a)
+            sched.on_new_request(b)
+            assert sched.get_num_new_matched_tokens(a, 0) == (None, False)  # sent, and pending
+            deadline = time.monotonic() + 10
+            while not len(sched._answers) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(sched._answers), "the lookup was never answered"
+            assert sched.get_num_new_matched_tokens(b, 0) == (None, False)  # same pass: as a saw it
+            step(sched)
+            assert sched.get_num_new_matched_tokens(a, 0) == (4 * BS, True)
+            assert sched.get_num_new_matched_tokens(b, 0) == (4 * BS, True)
+        finally:
+            sched.shutdown()

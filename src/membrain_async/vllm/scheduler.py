@@ -70,6 +70,7 @@ class MembrainScheduler:
         self._finished: list[str] = []
         self._unsent_lookups: list[tuple[_RequestState, list[str]]] = []
         self._answers = CompletionRing()  # lookup answers, drained by the scheduler thread
+        self._answers_taken = False  # drained in this scheduling pass (reset by build_connector_meta)
         self._step = 0
         self._ledger = SaveLedger()
         self._kv_cache_manager: "KVCacheManager | None" = None
@@ -165,7 +166,11 @@ class MembrainScheduler:
             return 0, False
         st.local_tokens = num_computed_tokens
         if st.stored_blocks is None:
-            self._take_answers()
+            # Once per scheduling pass: requests of one pass see the same answers, so two requests looked
+            # up in one job are scheduled in one step even when the answer lands between their calls.
+            if not self._answers_taken:
+                self._answers_taken = True
+                self._take_answers()
             if not st.answer_outcome:
                 if time.monotonic() - st.lookup_started < self.config.lookup_deadline:
                     self._queue_prefetch(st, num_computed_tokens)
@@ -231,6 +236,7 @@ class MembrainScheduler:
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> MembrainConnectorMetadata:
         self._send_lookups()  # requests this step did not reach: their lookups go out now
+        self._answers_taken = False
         self._step += 1
         self._step_load_blocks = 0
         meta = MembrainConnectorMetadata(
