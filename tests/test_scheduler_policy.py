@@ -8,6 +8,7 @@ that records what the scheduler half evicts.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from types import SimpleNamespace
 
@@ -210,5 +211,43 @@ def test_an_answer_landing_between_two_requests_of_one_pass_waits_for_the_next_p
             step(sched)
             assert sched.get_num_new_matched_tokens(a, 0) == (4 * BS, True)
             assert sched.get_num_new_matched_tokens(b, 0) == (4 * BS, True)
+        finally:
+            sched.shutdown()
+
+
+def test_a_lookup_sent_on_arrival_is_answered_in_the_requests_first_pass(sched):
+    """arrival.py: the engine core's input thread sends the lookup while a step runs, before vLLM adds the
+    request. Its answer, landed meanwhile (and drained by a pass for other requests), is in hand at once."""
+    req = request("early")
+    store_leading(sched, req, 3)
+    t = threading.Thread(target=sched.on_request_arriving, args=(req,))
+    t.start()
+    t.join()
+    deadline = time.monotonic() + 10
+    while not len(sched._answers) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    other = request("other", 2 * BS)
+    sched.on_new_request(other)
+    answer(sched, other)  # passes for another request drain the ring before vLLM adds ours
+    drained = sched.take_stats()
+    assert drained["lookup_jobs"] == 2  # both answers drained, ours kept for when vLLM adds the request
+    assert drained["lookup_waits"] >= 1  # other's lookup went out at its first pass: it waited
+    sched.on_new_request(req)
+    assert sched.get_num_new_matched_tokens(req, 0) == (3 * BS, True)  # no pass spent waiting
+    stats = sched.take_stats()
+    assert stats["lookups"] == 1 and "lookup_waits" not in stats
+
+
+def test_a_lookup_sent_on_arrival_and_answered_after_the_request_was_added(server):
+    with FaultProxy(server.port) as proxy:
+        sched = make_scheduler(proxy.url)
+        try:
+            req = request("late")
+            store_leading(sched, req, 2)
+            proxy.delay = 0.3
+            sched.on_request_arriving(req)
+            sched.on_new_request(req)  # before the answer: not looked up a second time
+            assert answer(sched, req) == (2 * BS, True)
+            assert sched.take_stats()["lookup_jobs"] == 1
         finally:
             sched.shutdown()

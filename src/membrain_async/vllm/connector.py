@@ -59,7 +59,10 @@ class MembrainConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             from .scheduler import MembrainScheduler
 
+            from . import arrival
+
             self._scheduler = MembrainScheduler.from_vllm_config(vllm_config, self.config)
+            arrival.install()  # lookups sent from the engine core's input thread (arrival.py)
         else:
             from .worker import MembrainWorker
 
@@ -79,6 +82,10 @@ class MembrainConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         return self._scheduler.build_connector_meta(scheduler_output)
+
+    def on_request_arriving(self, request: "Request") -> None:
+        """Not vLLM's API: called from the engine core's input thread by arrival.py's hook."""
+        self._scheduler.on_request_arriving(request)
 
     def on_new_request(self, request: "Request") -> None:
         self._scheduler.on_new_request(request)
