@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("membrain.connector")
 
+# A step with nothing scheduled while lookups are pending rests this long at most (until an answer
+# lands): vLLM steps such an engine in a tight loop that holds the GIL the Membrain thread needs to
+# read the answer. Nothing waits on an idle step, so the rest costs nothing.
+IDLE_LOOKUP_WAIT_S = 0.002
+
 
 @dataclass
 class _RequestState:
@@ -84,6 +89,7 @@ class MembrainScheduler:
         self._unsent_lookups: list[tuple[_RequestState, list[str]]] = []
         self._answers = CompletionRing()  # lookup answers, drained by the scheduler thread
         self._answers_taken = False  # drained in this scheduling pass (reset by build_connector_meta)
+        self._pass_lookup_waits = 0  # requests of this pass that sat out for their lookup
         # Lookups sent on arrival, by request id, until vLLM adds the request (the only state two threads share).
         self._arrivals: dict[str, _Arrival] = {}
         self._arrivals_lock = threading.Lock()
@@ -225,6 +231,7 @@ class MembrainScheduler:
             if not st.answer_outcome:
                 if time.monotonic() - st.lookup_started < self.config.lookup_deadline:
                     self._count("lookup_waits")
+                    self._pass_lookup_waits += 1
                     self._queue_prefetch(st, num_computed_tokens)
                     return None, False  # ask again next step; the engine keeps running
                 st.answer_outcome = "timeout"  # a late answer is ignored
@@ -301,6 +308,9 @@ class MembrainScheduler:
             idle=not scheduler_output.total_num_scheduled_tokens,
         )
         self._loads, self._prefetch, self._finished = [], [], []
+        if meta.idle and self._pass_lookup_waits:
+            self._answers.wait(IDLE_LOOKUP_WAIT_S)
+        self._pass_lookup_waits = 0
         return meta
 
     # ------------------------------------------------------------------ what each step's output says
