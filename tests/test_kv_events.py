@@ -133,6 +133,10 @@ def test_a_run_after_a_block_saved_earlier_names_its_parent(sched, hasher):
 
 
 def test_a_later_lookup_finding_an_announced_block_gone_removes_it_and_the_resave_announces_it_again(sched, hasher):
+    other = Request("other", list(range(5000, 5000 + 2 * BS)), SamplingParams(max_tokens=4), None, block_hasher=hasher)
+    admit_miss(sched, other, [40, 41, 42])
+    settle(sched, schedule(sched, other, [40, 41, 42]).step)  # the ledger's clock moves on
+    sched.events.take()
     early = request(hasher, "early")
     sched.on_new_request(early)  # its lookup is stamped before r1's save is planned
     first = request(hasher, "r1")
