@@ -24,7 +24,9 @@ from vllm.v1.request import Request  # noqa: E402
 
 from membrain_async.vllm import kv_events  # noqa: E402
 from membrain_async.vllm.kv_events import MembrainKVEvents  # noqa: E402
+from membrain_async.vllm.blockhash import BlockHashes  # noqa: E402
 from membrain_async.vllm.metadata import MembrainWorkerMetadata  # noqa: E402
+from membrain_async.vllm.save_ledger import AWAIT_STEPS_MAX, SaveLedger  # noqa: E402
 
 from .test_scheduler_policy import BS, answer, blocks, make_scheduler  # noqa: E402
 
@@ -195,3 +197,17 @@ def test_nothing_is_built_when_vllms_kv_events_are_off(hasher, server):
         assert sched.events is None
     finally:
         sched.shutdown()
+
+
+def test_a_step_the_ledger_stopped_waiting_for_is_never_announced_even_if_its_output_comes_late(hasher):
+    ledger, events = SaveLedger(), MembrainKVEvents(block_size=BS, fingerprint="fp")
+    old, new = request(hasher, "old"), request(hasher, "new", 3 * BS)
+    old_chain, new_chain = BlockHashes(BS).extend(old, 5), BlockHashes(BS).extend(new, 3)
+    events.planned(ledger.plan(1, "old", 0, old_chain, list(range(5))), old, old_chain)
+    late = 2 + AWAIT_STEPS_MAX
+    events.planned(ledger.plan(late, "new", 0, new_chain, list(range(5, 8))), new, new_chain)
+    events.settled(1, ledger.settle(1, set()))  # step 1's output, past the ledger's patience
+    assert ledger.take_verdicts() == [] and events.take() == []  # no verdict: never uploaded, never announced
+    events.settled(late, ledger.settle(late, set()))
+    (event,) = events.take()
+    assert len(event.block_hashes) == 3 and [v.step for v in ledger.take_verdicts()] == [late]

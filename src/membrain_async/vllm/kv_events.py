@@ -89,6 +89,7 @@ class MembrainKVEvents:
         wanted = set(planned.hashes)
         indices = [b for b in range(planned.first_block, len(chain)) if chain[b] in wanted]
         self._pending.setdefault(planned.step, []).append((planned, self._stored_events(request, chain, indices)))
+        self._expire(planned.step)
 
     def settled(self, step: int, discarded: list[PlannedSave]) -> None:
         """`step`'s verdict was issued: announce its saves but the discarded ones."""
@@ -99,8 +100,13 @@ class MembrainKVEvents:
                 self._events.append(event)
                 for h, external in zip(hashes, event.block_hashes):
                     self._announce(h, external, planned.stamp)
+        self._expire(step)
+
+    def _expire(self, step: int) -> None:
+        """The ledger's rule (SaveLedger._expire, at the same calls): steps it stopped waiting for get no
+        verdict, so their saves are never uploaded, and never announced."""
         for stale in [s for s in self._pending if s < step - AWAIT_STEPS_MAX]:
-            del self._pending[stale]  # the ledger stopped waiting for these: never settled, never announced
+            del self._pending[stale]
 
     def lookup_missing(self, chain: list[str], found: int, covered: int, lookup_seq: int) -> None:
         """A lookup stamped `lookup_seq` found only `found` of the `covered` leading blocks."""
