@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import httpx
 import pytest
 
-from .e2e import BLOCK, P, engine_env, run_engine, tokens
+from .e2e import BLOCK, Engine, P, engine_env, tokens
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
@@ -70,29 +71,55 @@ def blocks_of(events: list, medium: str) -> dict:
     return out
 
 
-def test_a_router_sees_membrain_blocks_stored_with_vllms_hashes(model, e2e_server, logs, baseline):
+def membrain_events(events: list, kind: str) -> list:
+    return [e for e in events if type(e).__name__ == kind and e.medium == "MEMBRAIN"]
+
+
+def test_a_router_sees_membrain_blocks_stored_with_vllms_hashes_and_removed_when_gone(model, e2e_server, logs, baseline):
     port, topic, namespace = free_port(), "kv@membrain-test", "kv-events"  # a namespace no other test fills
+    kv_events_config = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{port}", "topic": topic}
+    env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=e2e_server.url, VLLM_MEMBRAIN_NAMESPACE=namespace)
+    phases = [
+        {"name": "save", "prompts": [P("x"), P("y")], "max_tokens": 12, "settle_s": 2},
+        # The server lost x's blocks (restarted, evicted): the next lookup of x finds them gone.
+        {"name": "gone", "prompts": [P("x")], "max_tokens": 12, "wait_for_go": True, "reset_prefix_cache": True},
+    ]
     sub = Subscriber(port, topic)
     try:
-        kv_events_config = {"enable_kv_cache_events": True, "publisher": "zmq",
-                            "endpoint": f"tcp://*:{port}", "topic": topic}
-        env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=e2e_server.url,
-                         VLLM_MEMBRAIN_NAMESPACE=namespace)
-        (report,) = run_engine(model, [{"name": "kv", "prompts": [P("x"), P("y")], "max_tokens": 12}], env, logs,
-                               "engine-kv-events", {"kv_events_config": kv_events_config})
+        engine = Engine(model, phases, env, logs, "engine-kv-events", {"kv_events_config": kv_events_config})
+        try:
+            saved = engine.phase()
+            engine.next_event("ready")
+            held = httpx.get(f"{e2e_server.url}/v1/keys/{namespace}?limit=1000", timeout=5).json()["keys"]
+            first_phase = list(sub.events)
+            for key in held:
+                httpx.delete(f"{e2e_server.url}/memory/{namespace}/{key}", timeout=5).raise_for_status()
+            engine.go()
+            gone = engine.phase()
+        finally:
+            rc = engine.finish()
+        assert rc == 0, engine.tail()
+        time.sleep(0.5)  # the last batches on their way to the subscriber
     finally:
         sub.close()
-    assert tokens(report) == [baseline["x"], baseline["y"]]
-    held = httpx.get(f"{e2e_server.url}/v1/keys/{namespace}?limit=1000", timeout=5).json()["keys"]
-    membrain, gpu = blocks_of(sub.events, "MEMBRAIN"), blocks_of(sub.events, "GPU")
-    print(f"KV events: {len(membrain)} MEMBRAIN blocks announced, {len(gpu)} GPU blocks, server holds {len(held)}; "
-          f"saved_blocks {report['metrics'].get('vllm:membrain_saved_blocks')}")
+    assert tokens(saved) == [baseline["x"], baseline["y"]] and tokens(gone) == [baseline["x"]]
+    membrain, gpu = blocks_of(first_phase, "MEMBRAIN"), blocks_of(first_phase, "GPU")
+    print(f"KV events: {len(membrain)} MEMBRAIN blocks announced, {len(gpu)} GPU blocks, server held {len(held)}; "
+          f"saved_blocks {saved['metrics'].get('vllm:membrain_saved_blocks')}")
     assert held and gpu
     # Every block the engine uploaded was announced once its save was settled, and nothing more.
     assert len(membrain) == len(held)
     # The same hashes and tokens as vLLM's own events for those blocks: a router matches them directly.
     assert set(membrain) <= set(gpu)
     assert all(membrain[h] == gpu[h] and len(membrain[h]) == BLOCK for h in membrain)
-    stored = [e for e in sub.events if getattr(e, "medium", None) == "MEMBRAIN"]
-    assert {(type(e).__name__, e.locality, e.block_size) for e in stored} == {("BlockStored", "REMOTE", BLOCK)}
-    assert all(e.ownership.startswith("membrain:") for e in stored)
+    stored = membrain_events(sub.events, "BlockStored")
+    assert {(e.locality, e.block_size, e.ownership) for e in stored} == {("REMOTE", BLOCK, stored[0].ownership)}
+    assert stored[0].ownership.startswith("membrain:")
+    # x's lookup in the second phase stopped at its first block: that block is announced gone (a lookup counts
+    # leading blocks, so only the first is known gone), then saved and announced again.
+    x_first = stored[0]
+    assert x_first.parent_block_hash is None
+    later = sub.events[len(first_phase):]
+    (removed,) = membrain_events(later, "BlockRemoved")
+    assert removed.block_hashes == [x_first.block_hashes[0]] and removed.locality == "REMOTE"
+    assert x_first.block_hashes[0] in blocks_of(later, "MEMBRAIN")

@@ -62,8 +62,8 @@ def schedule(sched, req: Request, ids: list[int], tokens: int | None = None):
 
 
 def settle(sched, step: int, invalid=(), missing=()):
-    sched.update_connector_output(KVConnectorOutput(
-        invalid_block_ids=set(invalid), kv_connector_worker_meta=MembrainWorkerMetadata([step] if step else [], list(missing))))
+    worker_meta = MembrainWorkerMetadata([step] if step else [], list(missing))
+    sched.update_connector_output(KVConnectorOutput(invalid_block_ids=set(invalid), kv_connector_worker_meta=worker_meta))
 
 
 def admit_miss(sched, req: Request, ids: list[int]):

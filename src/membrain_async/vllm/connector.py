@@ -60,12 +60,12 @@ class MembrainConnector(KVConnectorBase_V1):
             from .scheduler import MembrainScheduler
 
             from . import arrival
-
             from .kv_events import MembrainKVEvents
 
             self._scheduler = MembrainScheduler.from_vllm_config(vllm_config, self.config)
             # None unless vLLM's KV events are on: then nothing is built for them.
-            self._scheduler.events = MembrainKVEvents.for_vllm(vllm_config, kv_cache_config, self._scheduler.fingerprint)
+            self._scheduler.events = MembrainKVEvents.for_vllm(
+                vllm_config, kv_cache_config, self._scheduler.fingerprint)
             arrival.install()  # lookups sent from the engine core's input thread (arrival.py)
         else:
             from .worker import MembrainWorker
