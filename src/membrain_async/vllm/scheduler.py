@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
+    from .kv_events import MembrainKVEvents
+
 log = logging.getLogger("membrain.connector")
 
 # A step with nothing scheduled while lookups are pending rests this long at most (until an answer
@@ -105,6 +107,7 @@ class MembrainScheduler:
         self._step_load_blocks = 0
         self._hot: OrderedDict[str, None] = OrderedDict()
         self._stats: dict[str, float] = {}
+        self.events: "MembrainKVEvents | None" = None  # set by the connector when vLLM's KV events are on
 
     @classmethod
     def from_vllm_config(cls, vllm_config: "VllmConfig", config: ConnectorConfig) -> "MembrainScheduler":
@@ -238,6 +241,8 @@ class MembrainScheduler:
             if st.answer is None:
                 st.lookup_seq = None  # no answer: "missing" is not known, so it proves nothing
             st.stored_blocks = max(st.hot_blocks, min(st.answer or 0, st.lookup_blocks))
+            if self.events is not None and st.lookup_seq is not None:
+                self.events.lookup_missing(st.chain.hashes, st.answer or 0, st.lookup_blocks, st.lookup_seq)
             self._count("lookup_ms", 1e3 * (time.monotonic() - st.lookup_started))
             self._count("lookups")
             if st.answer_outcome == "timeout":
@@ -325,8 +330,13 @@ class MembrainScheduler:
             self._evict_unfilled(invalid)
         worker_meta = output.kv_connector_worker_meta
         for step in worker_meta.steps if isinstance(worker_meta, MembrainWorkerMetadata) else ():
-            for discarded in self._ledger.settle(step, invalid):
-                self._replan(discarded)
+            discarded = self._ledger.settle(step, invalid)
+            for d in discarded:
+                self._replan(d)
+            if self.events is not None:
+                self.events.settled(step, discarded)
+        if self.events is not None and isinstance(worker_meta, MembrainWorkerMetadata):
+            self.events.load_missing(worker_meta.missing)
 
     def _evict_unfilled(self, invalid: set[int]) -> None:
         """Drop blocks that failed to load, and every block computed after them, from vLLM's prefix cache.
@@ -406,7 +416,9 @@ class MembrainScheduler:
                 plan_hashes.append(h)
             st.saved_upto = max(st.saved_upto, min(full, len(block_ids)))
             if plan_ids:
-                self._ledger.plan(self._step, req_id, first_planned, plan_hashes, block_ids)
+                planned = self._ledger.plan(self._step, req_id, first_planned, plan_hashes, block_ids)
+                if self.events is not None:
+                    self.events.planned(planned, req, st.chain.hashes)
                 saves.append(BlockTransfer(req_id, plan_ids, plan_hashes))
                 self._remember_hot(plan_hashes)
                 self._count("save_blocks_planned", len(plan_ids))
