@@ -222,6 +222,46 @@ async def test_lookups_share_a_pipelined_connection(server):
         assert c._transport.payloads.opened >= 1
 
 
+async def test_a_request_is_in_flight_until_its_reply_body_is_read():
+    """A connection reading a body is not idle: the pool must neither place another payload on it nor peek
+    at it (the peek would see the body's bytes, take the connection for dead and close it under the reader)."""
+    conn, peer = pair()
+    buf = bytearray(1 << 16)
+
+    async def fetch() -> None:
+        await conn.call(Op.GET, {"ns": "d", "keys": ["k"]}, sink=lambda frame: [memoryview(buf)])
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(fetch)
+        request = await peer.read_request()
+        body = bytes(range(256)) * 256
+        await sockio.send_all(peer.sock, [bulk.encode_reply(request, {"sizes": [len(body)]}, len(body)), body[:1000]])
+        await anyio.sleep(0.05)  # the reader has taken the head and the first bytes
+        assert conn.inflight == 1
+        await sockio.send_all(peer.sock, [body[1000:]])
+    assert bytes(buf) == body and conn.inflight == 0
+    conn.close()
+
+
+async def test_concurrent_payload_gets_on_one_client_all_succeed(server):
+    value = bytes(range(256)) * 4096  # 1 MiB
+    async with MembrainClient(server.url, timeout=30) as c:
+        keys = [f"v{i}" for i in range(32)]
+        assert await c.put_many(keys, [value] * len(keys)) == len(keys)
+        got: list[bool] = []
+
+        async def stream(s: int) -> None:
+            for r in range(8):
+                chunk = [keys[(s * 8 + r * 4 + j) % len(keys)] for j in range(8)]
+                got.extend(v is not None and bytes(v) == value for v in await c.get_many(chunk))
+
+        async with anyio.create_task_group() as tg:
+            for s in range(4):
+                tg.start_soon(stream, s)
+        assert got == [True] * 4 * 8 * 8
+        assert c.stats.failures == 0
+
+
 # --- the client over a fake transport: split once -----------------------------------------------------
 
 

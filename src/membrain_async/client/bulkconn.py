@@ -165,13 +165,15 @@ class BulkConnection:
             # The server lost this connection's framing (or refused it as a whole) and is closing it.
             self._break(MembrainRequestError(frame.status, str(frame.head.get("error", "bulk connection refused"))))
             return
-        pending = self._pending.pop(frame.request_id, None)
+        # The request stays in flight until its body is read too: a connection reading a body is not idle,
+        # so the pool neither places another payload on it nor peeks at (and closes) it meanwhile.
+        pending = self._pending.get(frame.request_id)
         if pending is not None and not frame.status and pending.sink is not None:
             try:
                 targets = pending.sink(frame)
             except bulk.ProtocolError as exc:
                 self._break(exc)  # a reply that does not add up: the body length cannot be trusted either
-                pending.finish(error=exc)
+                pending.finish(error=exc)  # (_break already failed it with the same error)
                 return
         else:
             targets = [frame.body_len]  # an error's message, a request that gave up, or no body wanted
@@ -183,6 +185,8 @@ class BulkConnection:
                 pending.finish(error=self.broken)
             raise
         if pending is not None:
+            if self._pending.get(frame.request_id) is pending:
+                del self._pending[frame.request_id]
             pending.finish(frame)
 
     async def _read_body(self, targets: list) -> None:
