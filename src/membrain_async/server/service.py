@@ -14,8 +14,8 @@ from ..config import ServerConfig
 from ..protocol import bulk
 from ..protocol.names import validate_key, validate_namespace
 from .auth import AuthError, Authorizer
-from .buffers import BufferPool
-from .store import Store
+from .arena import Slot
+from .store import Entry, Store
 
 
 class RequestError(Exception):
@@ -41,8 +41,7 @@ class ServerCounters:
 class Service:
     def __init__(self, config: ServerConfig, authorizer: Authorizer | None = None):
         self.config = config
-        self.buffers = BufferPool(min(64 << 20, config.capacity // 8))
-        self.store = Store(config.capacity, recycle=self.buffers.release)
+        self.store = Store(config.capacity)
         self.auth = authorizer or Authorizer.from_file(config.auth_file)
         self.counters = ServerCounters()
         self.bound_port: int | None = None
@@ -80,7 +79,7 @@ class Service:
     # --- operations -------------------------------------------------------------------------------
 
     def begin_put(self, token: str | None, ns: str, keys: list[str], sizes: list[int]) -> str:
-        """Validate a put before its body is read; evicts ahead so memory stays within capacity."""
+        """Validate a put before its body is read."""
         ns = self._ns(ns)
         self._keys(keys)
         if len(sizes) != len(keys):
@@ -88,21 +87,67 @@ class Service:
         for s in sizes:
             self.check_value_size(s)
         self._authorize(token, ns, "write")
-        self.store.reserve(sum(sizes))
         return ns
 
-    def commit_put(self, ns: str, keys: list[str], values: list) -> int:
+    async def alloc_put(self, sizes: list[int]) -> list[Slot | None]:
+        """Arena slots for a put's values, evicting for them; None where a value cannot be stored now
+        (its bytes are then read and dropped). The caller commits or aborts every slot."""
+        slots: list[Slot | None] = []
+        for size in sizes:
+            slot = self.store.alloc(size)
+            if slot is None:
+                self.store.totals.rejected += 0 if self.store.fits(size) else 1
+                self.store.totals.no_room += 1 if self.store.fits(size) else 0
+            slots.append(slot)
+        return slots
+
+    def abort_put(self, slots: list[Slot | None]) -> None:
+        for slot in slots:
+            if slot is not None:
+                self.store.release(slot)
+
+    def commit_put(self, ns: str, keys: list[str], slots: list[Slot | None], sizes: list[int]) -> int:
         stored = 0
-        for key, value in zip(keys, values):
-            if self.store.put(ns, key, value) is not None:
+        for key, slot, size in zip(keys, slots, sizes):
+            if slot is not None:
+                self.store.commit(ns, key, slot, size)
                 stored += 1
         return stored
 
-    def get_many(self, token: str | None, ns: str, keys: list[str]) -> list:
+    async def put_values(self, ns: str, keys: list[str], values: list) -> list[bool | None]:
+        """Copy values in (the HTTP paths, whose bodies arrive in h11's buffers): created / replaced / not stored."""
+        slots = await self.alloc_put([len(v) for v in values])
+        out: list[bool | None] = []
+        for key, slot, value in zip(keys, slots, values):
+            if slot is None:
+                out.append(None)
+                continue
+            slot.view[: len(value)] = value
+            _, old = self.store.commit(ns, key, slot, len(value))
+            out.append(old is None)
+        return out
+
+    async def get_entries(self, token: str | None, ns: str, keys: list[str]) -> list[Entry | None]:
+        """The stored entries (None for a miss), each pinned: its slot cannot be reused until `unpin_all`,
+        so a reply can be sent straight from the arena while other requests evict and overwrite."""
         ns = self._ns(ns)
         self._keys(keys)
         self._authorize(token, ns, "read")
-        return [self.store.get(ns, k) for k in keys]
+        store = self.store
+        out: list[Entry | None] = []
+        for k in keys:
+            entry = store.entry(ns, k)
+            if entry is None:
+                store._ns(ns).misses += 1
+            else:
+                store.pin(entry)
+            out.append(entry)
+        return out
+
+    def unpin_all(self, entries: list[Entry | None]) -> None:
+        for entry in entries:
+            if entry is not None:
+                self.store.unpin(entry)
 
     def lookup(self, token: str | None, ns: str, keys: list[str]) -> int:
         ns = self._ns(ns)
