@@ -15,6 +15,7 @@ from ..protocol import bulk
 from ..protocol.names import validate_key, validate_namespace
 from .auth import AuthError, Authorizer
 from .arena import Slot
+from .disk import DiskTier
 from .store import Entry, Store
 
 
@@ -42,6 +43,10 @@ class Service:
     def __init__(self, config: ServerConfig, authorizer: Authorizer | None = None):
         self.config = config
         self.store = Store(config.capacity)
+        self.disk: DiskTier | None = None
+        if config.disk_path:
+            self.disk = DiskTier(config.disk_path, config.disk_capacity, self.store)
+            self.store.spill = self.disk.spill
         self.auth = authorizer or Authorizer.from_file(config.auth_file)
         self.counters = ServerCounters()
         self.bound_port: int | None = None
@@ -94,7 +99,7 @@ class Service:
         (its bytes are then read and dropped). The caller commits or aborts every slot."""
         slots: list[Slot | None] = []
         for size in sizes:
-            slot = self.store.alloc(size)
+            slot = self.store.alloc(size) if self.disk is None else await self.disk.alloc(size)
             if slot is None:
                 self.store.totals.rejected += 0 if self.store.fits(size) else 1
                 self.store.totals.no_room += 1 if self.store.fits(size) else 0
@@ -110,9 +115,13 @@ class Service:
         stored = 0
         for key, slot, size in zip(keys, slots, sizes):
             if slot is not None:
-                self.store.commit(ns, key, slot, size)
+                self._committed(self.store.commit(ns, key, slot, size)[0])
                 stored += 1
         return stored
+
+    def _committed(self, entry: Entry) -> None:
+        if self.disk is not None:
+            self.disk.queue(entry)
 
     async def put_values(self, ns: str, keys: list[str], values: list) -> list[bool | None]:
         """Copy values in (the HTTP paths, whose bodies arrive in h11's buffers): created / replaced / not stored."""
@@ -123,7 +132,8 @@ class Service:
                 out.append(None)
                 continue
             slot.view[: len(value)] = value
-            _, old = self.store.commit(ns, key, slot, len(value))
+            entry, old = self.store.commit(ns, key, slot, len(value))
+            self._committed(entry)
             out.append(old is None)
         return out
 
@@ -135,13 +145,19 @@ class Service:
         self._authorize(token, ns, "read")
         store = self.store
         out: list[Entry | None] = []
-        for k in keys:
-            entry = store.entry(ns, k)
-            if entry is None:
-                store._ns(ns).misses += 1
-            else:
-                store.pin(entry)
-            out.append(entry)
+        try:
+            for k in keys:
+                entry = store.entry(ns, k)
+                if entry is not None:
+                    store.pin(entry)
+                elif self.disk is not None and self.disk.contains(ns, k):
+                    entry = await self.disk.promote(ns, k)  # pinned already
+                if entry is None:
+                    store._ns(ns).misses += 1
+                out.append(entry)
+        except BaseException:
+            self.unpin_all(out)
+            raise
         return out
 
     def unpin_all(self, entries: list[Entry | None]) -> None:
@@ -153,32 +169,51 @@ class Service:
         ns = self._ns(ns)
         self._keys(keys)
         self._authorize(token, ns, "read")
-        return self.store.prefix_count(ns, keys)
+        return self.store.prefix_count(ns, keys, also=self.disk.contains if self.disk is not None else None)
 
     def exists(self, token: str | None, ns: str, keys: list[str]) -> list[int]:
         ns = self._ns(ns)
         self._keys(keys)
         self._authorize(token, ns, "read")
-        return [1 if self.store.contains(ns, k) else 0 for k in keys]
+        disk = self.disk
+        return [1 if self.store.contains(ns, k) or (disk is not None and disk.contains(ns, k)) else 0 for k in keys]
 
     def list_keys(self, token: str | None, ns: str, limit: int) -> dict:
         """Keys of one namespace, for operators and tests; needs read access to that namespace only."""
         ns = self._ns(ns)
         self._authorize(token, ns, "read")
         keys, truncated = self.store.keys(ns, limit)
+        if self.disk is not None and not truncated:  # then what only the disk holds, in no particular order
+            held = set(keys)
+            for k in self.disk.keys(ns):
+                if k not in held:
+                    if len(keys) == limit:
+                        truncated = True
+                        break
+                    keys.append(k)
         return {"keys": keys, "truncated": truncated}
 
     def head(self, token: str | None, ns: str, key: str) -> int | None:
         ns = self._ns(ns)
         self._keys([key])
         self._authorize(token, ns, "read")
-        return self.store.peek_size(ns, key)
+        size = self.store.peek_size(ns, key)
+        if size is None and self.disk is not None:
+            size = self.disk.size(ns, key)
+        return size
 
     def delete(self, token: str | None, ns: str, keys: list[str]) -> int:
         ns = self._ns(ns)
         self._keys(keys)
         self._authorize(token, ns, "write")
-        return sum(1 for k in keys if self.store.delete(ns, k))
+        deleted = 0
+        for k in keys:
+            here = self.store.delete(ns, k)
+            there = self.disk is not None and self.disk.contains(ns, k)
+            if self.disk is not None:
+                self.disk.delete(ns, k)
+            deleted += int(here or there)
+        return deleted
 
     def stats(self, token: str | None) -> dict:
         try:
@@ -187,6 +222,7 @@ class Service:
             raise RequestError(exc.status, str(exc)) from None
         out = self.store.stats(visible)
         if visible is None:
+            out["tiers"] = self.tier_stats()
             c = self.counters
             out["server"] = {
                 "uptime_s": round(time.time() - c.started_at, 3),
@@ -200,6 +236,16 @@ class Service:
             }
         return out
 
+    def tier_stats(self) -> dict:
+        st = self.store
+        ram = {"capacity": st.capacity, "bytes": st.used, "keys": len(st), "hits": st.totals.hits,
+               "evictions": st.totals.evictions, "mapped": st.arena.mapped}
+        out: dict = {"ram": ram}
+        if self.disk is not None:
+            d = self.disk.stats_dict()
+            out["disk"] = {"bytes": d["used"], **d}
+        return out
+
     def require_server_read(self, token: str | None) -> None:
         self._authorize(token, None, "read")
 
@@ -209,10 +255,11 @@ class Service:
             "server": "membrain",
             "version": __version__,
             "capabilities": ["memory", "batch", "lookup", "exists", "keys", "bulk", "stats", "metrics"]
-            + (["auth"] if self.auth.enabled else []),
+            + (["auth"] if self.auth.enabled else []) + (["disk"] if self.disk is not None else []),
             "put_existing": "overwrite",
             "limits": {
                 "capacity": cfg.capacity,
+                "disk_capacity": cfg.disk_capacity,
                 "max_value_bytes": cfg.max_value_bytes,
                 "max_batch_keys": cfg.max_batch_keys,
                 "max_connections": cfg.max_connections,

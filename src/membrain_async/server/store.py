@@ -127,8 +127,11 @@ class Store:
 
     # --- index ------------------------------------------------------------------------------------
 
-    def commit(self, ns: str, key: str, slot: Slot, size: int, on_disk: bool = False) -> tuple[Entry, Entry | None]:
-        """Index a filled slot under (ns, key); returns the new entry and the one it replaced."""
+    def commit(
+        self, ns: str, key: str, slot: Slot, size: int, on_disk: bool = False, promoted: bool = False
+    ) -> tuple[Entry, Entry | None]:
+        """Index a filled slot under (ns, key); returns the new entry and the one it replaced.
+        `promoted`: read back from disk, not a put (not counted as one)."""
         stats = self._ns(ns)
         old = self._values.pop((ns, key), None)
         if old is not None:
@@ -142,8 +145,9 @@ class Store:
         self.used += size
         stats.keys += 1
         stats.bytes += size
-        stats.puts += 1
-        self.totals.bytes_in += size
+        if not promoted:
+            stats.puts += 1
+            self.totals.bytes_in += size
         return entry, old
 
     def put(self, ns: str, key: str, value) -> bool | None:
@@ -196,6 +200,11 @@ class Store:
             self.totals.hits += 1
             self.totals.bytes_out += entry.size
         return entry
+
+    def count_hit(self, entry: Entry) -> None:
+        """A hit served from another tier (the disk), counted per namespace but not as a RAM hit."""
+        self._ns(entry.ns).hits += 1
+        self.totals.bytes_out += entry.size
 
     def get(self, ns: str, key: str) -> memoryview | None:
         entry = self.entry(ns, key)

@@ -1,0 +1,545 @@
+"""The disk tier: values written behind to append-only segment files, read back (promoted) on a get.
+
+Every stored value is queued for writing as soon as it is put (write-behind), so by the time RAM evicts it
+it is usually on disk already and eviction costs nothing; one evicted before its write keeps its slot
+until the write ends (the store's `spill_pending`), and puts wait a bounded time for that room. Segments
+are reclaimed whole, oldest first, to stay within `--disk-capacity`.
+
+Threads: file I/O and checksums run in worker threads (`anyio.to_thread`), one write job at a time, so the
+event loop never waits on the disk; slots being written are pinned, so their bytes cannot change under the
+writer. All bookkeeping (index, queue, counters) lives on the event loop.
+
+Failure: any error writing (disk full, unwritable, I/O error) degrades the server to RAM-only with one
+logged warning: queued writes are dropped, values already on disk stay readable, nothing reaches a client.
+A read that fails or does not match its checksum is a miss, and the key is forgotten.
+
+Restart: `DiskTier.open` scans the segments' headers (not the values) and serves what they hold; a torn
+tail or corrupt header is skipped, and a value whose checksum fails on read is a miss.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import re
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import anyio
+
+from . import segments
+from .arena import size_class
+from .store import Entry, Store
+
+log = logging.getLogger("membrain.server.disk")
+
+_SEGMENT_NAME = re.compile(r"^seg-(\d{12})\.mbs$")
+_BATCH_BYTES = 16 << 20  # one write job: large enough for sequential speed, small enough to keep the queue moving
+_BATCH_RECORDS = 256
+SPILL_WAIT = 1.0  # seconds a put waits for evicted values to reach disk before dropping them (RAM-only for those)
+
+
+def segment_bytes_for(capacity: int) -> int:
+    """Segment size: an eighth of the disk tier (reclaiming one loses at most 1/8 of it), 1-256 MiB."""
+    return max(1 << 20, min(256 << 20, capacity // 8))
+
+
+@dataclass
+class Loc:
+    seg: int
+    offset: int  # of the value in the segment
+    size: int
+    crc: int
+
+
+@dataclass
+class Segment:
+    id: int
+    path: str
+    bytes: int = 0
+    keys: list = field(default_factory=list)  # (ns, key) of records written here (some since superseded)
+
+
+@dataclass
+class DiskStats:
+    hits: int = 0
+    misses_corrupt: int = 0  # records that failed their checksum (or could not be read) on a get
+    writes: int = 0
+    write_bytes: int = 0
+    evictions: int = 0  # values lost with a reclaimed segment
+    segments_reclaimed: int = 0
+    spill_dropped: int = 0  # values evicted from RAM that never reached disk (slow or failed disk)
+    too_big: int = 0
+    recovered_keys: int = 0
+    recovered_bytes: int = 0
+    recovered_corrupt_headers: int = 0
+    recovered_torn_segments: int = 0
+    reopen_seconds: float = 0.0
+    read_bytes: int = 0
+
+
+class _Tombstone:
+    __slots__ = ("ns", "key")
+
+    def __init__(self, ns: str, key: str):
+        self.ns = ns
+        self.key = key
+
+
+class _SegmentWriter:
+    """The file side of writing, run in a worker thread, one job at a time."""
+
+    def __init__(self, directory: str, segment_bytes: int, next_id: int):
+        self.directory = directory
+        self.segment_bytes = segment_bytes
+        self.next_id = next_id
+        self.fd: int | None = None
+        self.seg_id = -1
+        self.offset = 0
+
+    def path(self, seg_id: int) -> str:
+        return os.path.join(self.directory, f"seg-{seg_id:012d}.mbs")
+
+    def roll(self) -> None:
+        self.close()
+        seg_id = self.next_id
+        fd = os.open(self.path(seg_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        self.next_id += 1
+        self.fd, self.seg_id, self.offset = fd, seg_id, 0
+
+    def close(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+
+    def write(self, unlink: list[str], records: list[tuple[int, bytes, bytes, memoryview | None]], roll_first: bool):
+        """Delete reclaimed segments, then append records; returns (seg, value offset, crc) per record."""
+        for path in unlink:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        if roll_first or self.fd is None:
+            self.roll()
+        out = []
+        parts: list = []
+        start = self.offset
+        pending = 0
+        for kind, ns, key, value in records:
+            size = 0 if value is None else len(value)
+            total = segments.record_bytes(ns, key, size)
+            if self.offset > 0 and self.offset + pending + total > self.segment_bytes:
+                self._writev(parts, pending)
+                parts, pending = [], 0
+                self.roll()
+                start = 0
+            crc = segments.body_crc(ns, key, b"" if value is None else value)
+            parts += [segments.encode_header(kind, ns, key, size, crc), ns, key]
+            if value is not None and size:
+                parts.append(value)
+            out.append((self.seg_id, start + pending + segments.HEADER_BYTES + len(ns) + len(key), crc, total))
+            pending += total
+        self._writev(parts, pending)
+        return out
+
+    def _writev(self, parts: list, total: int) -> None:
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        while views:
+            n = os.writev(self.fd, views[:1024])
+            if n == 0:
+                raise OSError(28, "no progress writing a segment (disk full?)")
+            # A short write is rare, but a filling disk produces them: go on from where it stopped.
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if n:
+                views[0] = views[0][n:]
+        self.offset += total
+
+
+def _read_into(path: str, offset: int, view: memoryview, crc: int, ns: bytes, key: bytes) -> bool:
+    """Worker thread: read one value into its slot and check it. False: unreadable or corrupt."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        got = os.preadv(fd, [view], offset)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return got == len(view) and segments.body_crc(ns, key, view) == crc
+
+
+def _scan_file(path: str) -> tuple[segments.Scan, int]:
+    size = os.path.getsize(path)
+    if size == 0:
+        return segments.Scan(), 0
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        return segments.scan(m), size
+
+
+class DiskTier:
+    def __init__(self, directory: str, capacity: int, store: Store):
+        self.directory = directory
+        self.capacity = capacity
+        self.store = store
+        self.segment_bytes = segment_bytes_for(capacity)
+        self.index: dict[tuple[str, str], Loc] = {}
+        self.segments: OrderedDict[int, Segment] = OrderedDict()
+        self.used = 0
+        self.stats = DiskStats()
+        self.state = "ok"
+        self.reason = ""
+        self._queue: deque = deque()
+        self._queued_bytes = 0
+        self._in_flight: list = []
+        self._wake = anyio.Event()
+        self._progress = anyio.Event()
+        self._roll_next = False
+        self._spilled: dict[tuple[str, str], Entry] = {}  # evicted, waiting for their write
+        self._batch_limit = max(1, min(_BATCH_BYTES, capacity // 4))
+        self._writer: _SegmentWriter | None = None
+        self._open()
+
+    # --- opening and recovery ----------------------------------------------------------------------
+
+    def _open(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            names = sorted(n for n in os.listdir(self.directory) if _SEGMENT_NAME.match(n))
+        except OSError as exc:
+            self._degrade(f"cannot open {self.directory}: {exc}")
+            return
+        next_id = 0
+        for name in names:
+            seg_id = int(_SEGMENT_NAME.match(name).group(1))  # type: ignore[union-attr]
+            path = os.path.join(self.directory, name)
+            next_id = max(next_id, seg_id + 1)
+            try:
+                found, size = _scan_file(path)
+            except (OSError, ValueError) as exc:
+                log.warning("disk tier: skipping unreadable segment %s: %s", path, exc)
+                continue
+            seg = Segment(seg_id, path, size)
+            self.segments[seg_id] = seg
+            self.used += size
+            self.stats.recovered_corrupt_headers += found.corrupt
+            self.stats.recovered_torn_segments += int(found.torn)
+            for rec in found.records:
+                k = (rec.ns, rec.key)
+                if rec.kind == segments.TOMBSTONE:
+                    self.index.pop(k, None)
+                else:
+                    self.index[k] = Loc(seg_id, rec.value_offset, rec.size, rec.crc)
+                    seg.keys.append(k)
+        self.stats.recovered_keys = len(self.index)
+        self.stats.recovered_bytes = sum(loc.size for loc in self.index.values())
+        self.stats.reopen_seconds = time.perf_counter() - t0
+        # New records always go to a new segment: a torn tail of the last one is never appended to.
+        self._writer = _SegmentWriter(self.directory, self.segment_bytes, next_id)
+        if self.index or self.segments:
+            log.info("disk tier: reopened %d values (%d bytes) in %d segments in %.2f s (%d corrupt headers, %d torn)",
+                     self.stats.recovered_keys, self.stats.recovered_bytes, len(self.segments),
+                     self.stats.reopen_seconds, self.stats.recovered_corrupt_headers, self.stats.recovered_torn_segments)
+        probe = os.path.join(self.directory, ".membrain-write-probe")
+        try:  # find out now, not at the first eviction, whether this directory takes writes
+            with open(probe, "wb") as f:
+                f.write(b"ok")
+            os.unlink(probe)
+        except OSError as exc:
+            self._degrade(f"cannot write to {self.directory}: {exc}")
+
+    # --- state -------------------------------------------------------------------------------------
+
+    @property
+    def writable(self) -> bool:
+        return self.state == "ok"
+
+    def _degrade(self, reason: str) -> None:
+        if self.state != "ok":
+            return
+        self.state, self.reason = "degraded", reason
+        log.warning("disk tier: %s; serving from RAM only (values already on disk stay readable)", reason)
+        while self._queue:
+            item = self._queue.popleft()
+            if isinstance(item, Entry):
+                self._unqueue(item)
+        self._queued_bytes = 0
+        self._progress.set()
+
+    def _unqueue(self, entry: Entry) -> None:
+        entry.queued = False
+        if entry.spilled:
+            self.stats.spill_dropped += 1
+            self._release_spill(entry)
+
+    def _release_spill(self, entry: Entry) -> None:
+        if self._spilled.get((entry.ns, entry.key)) is entry:
+            del self._spilled[(entry.ns, entry.key)]
+        self.store.finish_spill(entry)
+
+    # --- what the service calls --------------------------------------------------------------------
+
+    def contains(self, ns: str, key: str) -> bool:
+        return (ns, key) in self.index
+
+    def size(self, ns: str, key: str) -> int | None:
+        loc = self.index.get((ns, key))
+        return None if loc is None else loc.size
+
+    def keys(self, ns: str) -> list[str]:
+        return [k for (n, k) in self.index if n == ns]
+
+    def queue(self, entry: Entry) -> None:
+        """Write a newly stored value behind."""
+        if not self.writable or entry.on_disk:
+            return
+        if segments.record_bytes(entry.ns.encode(), entry.key.encode(), entry.size) > self._batch_limit:
+            self.stats.too_big += 1  # could never fit beside the rest of the tier: stays RAM-only
+            return
+        entry.queued = True
+        self._queue.append(entry)
+        self._queued_bytes += entry.size
+        self._wake.set()
+
+    def spill(self, entry: Entry) -> bool:
+        """The store evicts `entry`: True if its slot must wait for its disk write (we release it then)."""
+        if entry.on_disk:
+            return False
+        if entry.queued and self.writable:
+            self._spilled[(entry.ns, entry.key)] = entry
+            return True
+        self.stats.spill_dropped += 1  # evicted with no disk copy: RAM-only for this one
+        return False
+
+    def delete(self, ns: str, key: str) -> None:
+        was_on_disk = self.index.pop((ns, key), None) is not None
+        spilled = self._spilled.get((ns, key))
+        if spilled is not None:
+            # Evicted and not yet written: it must not be written (and indexed) after this delete.
+            spilled.queued = False
+            if not any(e is spilled for e in self._in_flight):
+                self._release_spill(spilled)
+        pending = any(isinstance(e, Entry) and e.ns == ns and e.key == key for e in self._in_flight)
+        if (was_on_disk or pending) and self.writable:
+            # A tombstone keeps a restart from bringing the value back.
+            self._queue.append(_Tombstone(ns, key))
+            self._wake.set()
+
+    def forget(self, ns: str, key: str) -> None:
+        self.index.pop((ns, key), None)
+
+    async def alloc(self, size: int):
+        """A slot for an incoming value. If RAM is full of evicted values still being written, wait (a
+        bounded time, without blocking the loop) for the writer; past that, drop them: RAM-only for those."""
+        slot = self.store.alloc(size)
+        if slot is not None or not self.store.spill_pending:
+            return slot
+        with anyio.move_on_after(SPILL_WAIT):
+            while slot is None and self.store.spill_pending and self.writable:
+                if self._progress.is_set():
+                    self._progress = anyio.Event()
+                await self._progress.wait()
+                slot = self.store.alloc(size)
+        if slot is None:
+            self._drop_spills()
+            slot = self.store.alloc(size)
+        return slot
+
+    def _drop_spills(self) -> None:
+        """Too slow a disk: give up on the evicted values still queued (not those being written)."""
+        in_flight = {id(e) for e in self._in_flight}
+        for entry in list(self._spilled.values()):
+            if id(entry) not in in_flight:
+                self._unqueue(entry)
+
+    async def promote(self, ns: str, key: str) -> Entry | None:
+        """Read a disk-resident value back into RAM, pinned for the caller; None is a miss."""
+        k = (ns, key)
+        loc = self.index.get(k)
+        seg = None if loc is None else self.segments.get(loc.seg)
+        if seg is None:
+            return None
+        slot = await self.alloc(loc.size)
+        if slot is None:
+            return None
+        try:
+            ok = await anyio.to_thread.run_sync(
+                _read_into, seg.path, loc.offset, slot.view[: loc.size], loc.crc, ns.encode(), key.encode()
+            )
+        except BaseException:
+            self.store.release(slot)
+            raise
+        current = self.store.peek(ns, key)
+        if current is not None or self.index.get(k) is not loc:
+            # Stored again, deleted or reclaimed while we read: the index says what is true now.
+            self.store.release(slot)
+            if current is not None:
+                self.store.entry(ns, key)
+                self.store.pin(current)
+            return current
+        if not ok:
+            self.store.release(slot)
+            self.stats.misses_corrupt += 1
+            del self.index[k]
+            log.warning("disk tier: %s/%s in segment %d failed its read or checksum: served as a miss", ns, key, loc.seg)
+            return None
+        entry, _ = self.store.commit(ns, key, slot, loc.size, on_disk=True, promoted=True)
+        self.stats.hits += 1
+        self.stats.read_bytes += loc.size
+        self.store.count_hit(entry)
+        self.store.pin(entry)
+        return entry
+
+    # --- the writer --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The write-behind task: runs until cancelled (the server's task group owns it)."""
+        while True:
+            if not self._queue or not self.writable:
+                self._wake = anyio.Event()
+                await self._wake.wait()
+                continue
+            await self._write_batch()
+
+    def _take_batch(self) -> list:
+        batch, nbytes = [], 0
+        while self._queue and len(batch) < _BATCH_RECORDS and nbytes < self._batch_limit:
+            item = self._queue.popleft()
+            if isinstance(item, Entry):
+                self._queued_bytes -= item.size
+                if not (item.live or item.spilled) or not item.queued:
+                    item.queued = False
+                    continue  # replaced or deleted before its turn: nothing to write
+                nbytes += segments.record_bytes(item.ns.encode(), item.key.encode(), item.size)
+            batch.append(item)
+        return batch
+
+    def _make_room(self, nbytes: int) -> list[str]:
+        """Reclaim oldest segments until `nbytes` more fit in the capacity; the paths to delete."""
+        unlink = []
+        current = self._writer.seg_id if self._writer else -1
+        while self.used + nbytes > self.capacity and self.segments:
+            oldest_id, oldest = next(iter(self.segments.items()))
+            if oldest_id == current:
+                self._roll_next = True  # the current segment goes too: new records start a new one
+            del self.segments[oldest_id]
+            self.used -= oldest.bytes
+            self.stats.segments_reclaimed += 1
+            unlink.append(oldest.path)
+            for k in oldest.keys:
+                loc = self.index.get(k)
+                if loc is not None and loc.seg == oldest_id:
+                    del self.index[k]
+                    resident = self.store.peek(*k)
+                    if resident is not None and resident.on_disk:
+                        # Still hot in RAM: write it again rather than lose its disk copy.
+                        resident.on_disk = False
+                        self.queue(resident)
+                    else:
+                        self.stats.evictions += 1
+        return unlink
+
+    async def _write_batch(self) -> None:
+        batch = self._take_batch()
+        if not batch:
+            return
+        records = []
+        nbytes = 0
+        for item in batch:
+            ns, key = item.ns.encode(), item.key.encode()
+            if isinstance(item, Entry):
+                self.store.arena.pin(item.slot)  # its bytes cannot change while the thread writes them
+                records.append((segments.VALUE, ns, key, item.view))
+                nbytes += segments.record_bytes(ns, key, item.size)
+            else:
+                records.append((segments.TOMBSTONE, ns, key, None))
+                nbytes += segments.record_bytes(ns, key, 0)
+        written = None
+        self._in_flight = batch
+        try:
+            unlink = self._make_room(nbytes)
+            roll, self._roll_next = self._roll_next, False
+            try:
+                written = await anyio.to_thread.run_sync(self._writer.write, unlink, records, roll)
+            except OSError as exc:
+                self._degrade(f"writing to {self.directory} failed: {exc}")
+        finally:
+            self._in_flight = []
+            for item, res in zip(batch, written or [None] * len(batch)):
+                if res is not None:
+                    self._account(res)
+                if isinstance(item, Entry):
+                    self.store.arena.unpin(item.slot)
+                    self._finish(item, res)
+            self._progress.set()
+
+    def _account(self, res) -> None:
+        seg_id, _, _, total = res
+        seg = self.segments.get(seg_id)
+        if seg is None:
+            seg = self.segments[seg_id] = Segment(seg_id, self._writer.path(seg_id))
+        seg.bytes += total
+        self.used += total
+        self.stats.writes += 1
+        self.stats.write_bytes += total
+
+    def _finish(self, entry: Entry, res) -> None:
+        entry_queued, entry.queued = entry.queued, False
+        if res is not None and entry_queued and (entry.live or entry.spilled):
+            seg_id, offset, crc, _ = res
+            k = (entry.ns, entry.key)
+            self.index[k] = Loc(seg_id, offset, entry.size, crc)
+            self.segments[seg_id].keys.append(k)
+            entry.on_disk = True
+        elif entry.spilled:
+            self.stats.spill_dropped += 1
+        if entry.spilled:
+            self._release_spill(entry)
+
+    async def flush(self) -> int:
+        """Write what RAM holds and the disk does not (SIGTERM); the caller bounds the time. Values written."""
+        if not self.writable:
+            return 0
+        for entry in self.store.entries_lru():
+            if not entry.on_disk and not entry.queued:
+                self.queue(entry)
+        before = self.stats.writes
+        while self._queue and self.writable:
+            await self._write_batch()
+        return self.stats.writes - before
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            try:
+                await anyio.to_thread.run_sync(writer.close)
+            except OSError as exc:
+                log.warning("disk tier: closing the last segment failed: %s", exc)
+
+    def stats_dict(self) -> dict:
+        s = self.stats
+        return {
+            "state": self.state,
+            "reason": self.reason,
+            "path": self.directory,
+            "capacity": self.capacity,
+            "used": self.used,
+            "keys": len(self.index),
+            "segments": len(self.segments),
+            "segment_bytes": self.segment_bytes,
+            "queued_bytes": self._queued_bytes,
+            "spill_pending": self.store.spill_pending,
+            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.__dict__.items()},
+        }
+
+
+__all__ = ["DiskTier", "segment_bytes_for", "SPILL_WAIT", "size_class"]

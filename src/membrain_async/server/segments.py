@@ -1,0 +1,131 @@
+"""The disk tier's record format, sans-IO: bytes in, records out (no files, no threads).
+
+A segment file is a run of records, each a 32-byte header, the namespace, the key and the value:
+
+    magic "MBR1" | kind u8 (0 value, 1 tombstone) | flags u8 | ns_len u16 | key_len u16 | reserved u16
+    | value size u64 | body crc32 u32 (namespace + key + value) | reserved u32 | header crc32 u32
+
+The header has its own checksum, so a torn or overwritten header is never trusted for the lengths that
+find the next record; the body checksum covers the names too, so a value is never served under a key it
+was not written for. Records are only appended; a delete appends a tombstone, and since whole segments are
+reclaimed oldest first, a tombstone always outlives the records it cancels.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+MAGIC = b"MBR1"
+VALUE, TOMBSTONE = 0, 1
+_HEAD = struct.Struct("<4sBBHHHQII")  # everything but the header crc
+_CRC = struct.Struct("<I")
+HEADER_BYTES = _HEAD.size + _CRC.size
+assert HEADER_BYTES == 32
+
+MAX_NAME = 0xFFFF
+
+
+class CorruptRecord(ValueError):
+    pass
+
+
+def body_crc(ns: bytes, key: bytes, value) -> int:
+    return zlib.crc32(value, zlib.crc32(key, zlib.crc32(ns)))
+
+
+def encode_header(kind: int, ns: bytes, key: bytes, size: int, crc: int) -> bytes:
+    if len(ns) > MAX_NAME or len(key) > MAX_NAME:
+        raise ValueError("namespace or key too long for a record")
+    head = _HEAD.pack(MAGIC, kind, 0, len(ns), len(key), 0, size, crc, 0)
+    return head + _CRC.pack(zlib.crc32(head))
+
+
+def record_bytes(ns: bytes, key: bytes, size: int) -> int:
+    return HEADER_BYTES + len(ns) + len(key) + size
+
+
+@dataclass(frozen=True)
+class Header:
+    kind: int
+    ns_len: int
+    key_len: int
+    size: int
+    crc: int
+
+    @property
+    def total(self) -> int:
+        return HEADER_BYTES + self.ns_len + self.key_len + self.size
+
+
+def decode_header(buf) -> Header:
+    """Parse 32 header bytes; CorruptRecord if they are not a header written by encode_header."""
+    if len(buf) < HEADER_BYTES:
+        raise CorruptRecord("short header")
+    head = bytes(buf[: _HEAD.size])
+    (hcrc,) = _CRC.unpack_from(buf, _HEAD.size)
+    if zlib.crc32(head) != hcrc:
+        raise CorruptRecord("header checksum mismatch")
+    magic, kind, _flags, ns_len, key_len, _r16, size, crc, _r32 = _HEAD.unpack(head)
+    if magic != MAGIC or kind not in (VALUE, TOMBSTONE):
+        raise CorruptRecord("not a record header")
+    if kind == TOMBSTONE and size:
+        raise CorruptRecord("tombstone with a value")
+    return Header(kind, ns_len, key_len, size, crc)
+
+
+@dataclass(frozen=True)
+class Record:
+    offset: int  # of the header, in the segment
+    kind: int
+    ns: str
+    key: str
+    size: int
+    crc: int
+
+    @property
+    def value_offset(self) -> int:
+        return self.offset + HEADER_BYTES + len(self.ns.encode()) + len(self.key.encode())
+
+
+@dataclass
+class Scan:
+    records: list[Record] = field(default_factory=list)
+    corrupt: int = 0  # headers that failed their checks (skipped by searching for the next magic)
+    torn: bool = False  # the segment ends inside a record (a write cut short by a crash)
+    end: int = 0  # where the last whole record ends
+
+
+def scan(buf) -> Scan:
+    """Every whole record of a segment image (a bytes-like or an mmap), reading headers and names only.
+
+    Values are not read here (reopening must not read the whole disk): their checksum is checked when
+    they are read back. A bad header costs a search for the next magic; a tail cut short is ignored.
+    """
+    out = Scan()
+    n = len(buf)
+    off = 0
+    while off < n:
+        if n - off < HEADER_BYTES:
+            out.torn = True
+            break
+        try:
+            h = decode_header(buf[off : off + HEADER_BYTES])
+            names_end = off + HEADER_BYTES + h.ns_len + h.key_len
+            if off + h.total > n:
+                out.torn = True
+                break
+            ns = bytes(buf[off + HEADER_BYTES : off + HEADER_BYTES + h.ns_len]).decode()
+            key = bytes(buf[off + HEADER_BYTES + h.ns_len : names_end]).decode()
+        except (CorruptRecord, UnicodeDecodeError):
+            out.corrupt += 1
+            nxt = buf.find(MAGIC, off + 1)
+            if nxt < 0:
+                break
+            off = nxt
+            continue
+        out.records.append(Record(off, h.kind, ns, key, h.size, h.crc))
+        off += h.total
+        out.end = off
+    return out
