@@ -38,6 +38,7 @@ log = logging.getLogger("membrain.server.disk")
 _SEGMENT_NAME = re.compile(r"^seg-(\d{12})\.mbs$")
 _BATCH_BYTES = 16 << 20  # one write job: large enough for sequential speed, small enough to keep the queue moving
 _BATCH_RECORDS = 256
+RETRY_SECONDS = 30.0  # a degraded disk tier probes the directory again this often
 SPILL_WAIT = 1.0  # seconds a put waits for evicted values to reach disk before dropping them (RAM-only for those)
 
 
@@ -103,7 +104,10 @@ class _SegmentWriter:
         return os.path.join(self.directory, f"seg-{seg_id:012d}.mbs")
 
     def roll(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except OSError:
+            pass  # the old segment's last sync failed (a failing disk): its records are checked on read anyway
         seg_id = self.next_id
         fd = os.open(self.path(seg_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         self.next_id += 1
@@ -197,8 +201,8 @@ class DiskTier:
         self.stats = DiskStats()
         self.state = "ok"
         self.reason = ""
-        self._queue: deque = deque()
-        self._queued_bytes = 0
+        self._queue: deque = deque()  # values as they are put, and tombstones
+        self._urgent: deque = deque()  # values evicted before their write: their slots are awaited
         self._in_flight: list = []
         self._wake = anyio.Event()
         self._progress = anyio.Event()
@@ -268,11 +272,11 @@ class DiskTier:
             return
         self.state, self.reason = "degraded", reason
         log.warning("disk tier: %s; serving from RAM only (values already on disk stay readable)", reason)
-        while self._queue:
-            item = self._queue.popleft()
-            if isinstance(item, Entry):
-                self._unqueue(item)
-        self._queued_bytes = 0
+        for q in (self._urgent, self._queue):
+            while q:
+                item = q.popleft()
+                if isinstance(item, Entry):
+                    self._unqueue(item)
         self._progress.set()
 
     def _unqueue(self, entry: Entry) -> None:
@@ -302,23 +306,30 @@ class DiskTier:
         """Write a newly stored value behind."""
         if not self.writable or entry.on_disk:
             return
-        if segments.record_bytes(entry.ns.encode(), entry.key.encode(), entry.size) > self._batch_limit:
-            self.stats.too_big += 1  # could never fit beside the rest of the tier: stays RAM-only
+        if self._too_big(entry):
+            self.stats.too_big += 1  # larger than the whole tier: stays RAM-only
             return
         entry.queued = True
         self._queue.append(entry)
-        self._queued_bytes += entry.size
         self._wake.set()
 
     def spill(self, entry: Entry) -> bool:
         """The store evicts `entry`: True if its slot must wait for its disk write (we release it then)."""
         if entry.on_disk:
             return False
-        if entry.queued and self.writable:
-            self._spilled[(entry.ns, entry.key)] = entry
-            return True
-        self.stats.spill_dropped += 1  # evicted with no disk copy: RAM-only for this one
-        return False
+        if not self.writable or (not entry.queued and self._too_big(entry)):
+            self.stats.spill_dropped += 1  # evicted with no disk copy: RAM-only for this one
+            return False
+        # Written before anything else queued: a put may be waiting for this slot. (A value whose disk copy
+        # was reclaimed while it sat in RAM is written again here, once, on its way out.)
+        entry.queued = True
+        self._urgent.append(entry)
+        self._spilled[(entry.ns, entry.key)] = entry
+        self._wake.set()
+        return True
+
+    def _too_big(self, entry: Entry) -> bool:
+        return segments.record_bytes(entry.ns.encode(), entry.key.encode(), entry.size) > self.capacity
 
     def delete(self, ns: str, key: str) -> None:
         was_on_disk = self.index.pop((ns, key), None) is not None
@@ -404,23 +415,51 @@ class DiskTier:
     async def run(self) -> None:
         """The write-behind task: runs until cancelled (the server's task group owns it)."""
         while True:
-            if not self._queue or not self.writable:
+            if not self.writable:
+                # A full or failing disk may come back (space freed, disk replaced): try again now and then.
+                await anyio.sleep(RETRY_SECONDS)
+                await self._retry()
+                continue
+            if not self._queue and not self._urgent:
                 self._wake = anyio.Event()
                 await self._wake.wait()
                 continue
             await self._write_batch()
 
+    async def _retry(self) -> None:
+        def probe() -> None:
+            os.makedirs(self.directory, exist_ok=True)
+            path = os.path.join(self.directory, ".membrain-write-probe")
+            with open(path, "wb") as f:
+                f.write(b"ok")
+            os.unlink(path)
+
+        try:
+            await anyio.to_thread.run_sync(probe)
+        except OSError:
+            return
+        log.warning("disk tier: %s takes writes again; the disk tier is back (new values are written behind)", self.directory)
+        self.state, self.reason = "ok", ""
+        self._roll_next = True  # a fresh segment: the last one may have been cut short by the failure
+
     def _take_batch(self) -> list:
+        """The next write job: evicted values first, then the rest in put order, up to a batch's bytes."""
         batch, nbytes = [], 0
-        while self._queue and len(batch) < _BATCH_RECORDS and nbytes < self._batch_limit:
-            item = self._queue.popleft()
-            if isinstance(item, Entry):
-                self._queued_bytes -= item.size
-                if not (item.live or item.spilled) or not item.queued:
-                    item.queued = False
-                    continue  # replaced or deleted before its turn: nothing to write
-                nbytes += segments.record_bytes(item.ns.encode(), item.key.encode(), item.size)
-            batch.append(item)
+        for q in (self._urgent, self._queue):
+            while q and len(batch) < _BATCH_RECORDS:
+                item = q[0]
+                if isinstance(item, Entry):
+                    if not (item.live or item.spilled) or not item.queued:
+                        q.popleft()  # replaced, deleted or written already: nothing to write
+                        continue
+                    size = segments.record_bytes(item.ns.encode(), item.key.encode(), item.size)
+                else:
+                    size = segments.record_bytes(item.ns.encode(), item.key.encode(), 0)
+                if batch and nbytes + size > self._batch_limit:
+                    return batch
+                q.popleft()
+                batch.append(item)
+                nbytes += size
         return batch
 
     def _make_room(self, nbytes: int) -> list[str]:
@@ -441,9 +480,7 @@ class DiskTier:
                     del self.index[k]
                     resident = self.store.peek(*k)
                     if resident is not None and resident.on_disk:
-                        # Still hot in RAM: write it again rather than lose its disk copy.
-                        resident.on_disk = False
-                        self.queue(resident)
+                        resident.on_disk = False  # still in RAM: written again if RAM evicts it
                     else:
                         self.stats.evictions += 1
         return unlink
@@ -513,7 +550,7 @@ class DiskTier:
             if not entry.on_disk and not entry.queued:
                 self.queue(entry)
         before = self.stats.writes
-        while self._queue and self.writable:
+        while (self._queue or self._urgent) and self.writable:
             await self._write_batch()
         return self.stats.writes - before
 
@@ -536,7 +573,7 @@ class DiskTier:
             "keys": len(self.index),
             "segments": len(self.segments),
             "segment_bytes": self.segment_bytes,
-            "queued_bytes": self._queued_bytes,
+            "queued": len(self._queue) + len(self._urgent),
             "spill_pending": self.store.spill_pending,
             **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.__dict__.items()},
         }
