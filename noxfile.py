@@ -65,6 +65,7 @@ RELIABILITY_TESTS = [
     "tests/test_server_robustness.py",
     "tests/test_server_process.py",
     "tests/test_server_http.py",
+    "tests/test_disk_tier.py",
     "tests/test_auth.py",
     "tests/test_tls.py",
 ]
@@ -88,5 +89,6 @@ def reliability(session: nox.Session) -> None:
 def fuzz(session: nox.Session) -> None:
     install(session, "dev")
     scale = os.environ.get("MEMBRAIN_FUZZ_SCALE", "20")
-    session.run("pytest", "-q", "tests/test_fuzz.py", "tests/test_server_robustness.py", *session.posargs,
+    session.run("pytest", "-q", "tests/test_fuzz.py", "tests/test_server_robustness.py",
+                "tests/test_disk_tier.py", *session.posargs,
                 env={"MEMBRAIN_FUZZ_SCALE": scale})
