@@ -1,4 +1,11 @@
+import os
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from membrain_async.server.store import Store
+
+SCALE = float(os.environ.get("MEMBRAIN_FUZZ_SCALE", "1"))
 
 
 def test_lru_eviction_keeps_within_capacity():
@@ -89,3 +96,50 @@ def test_an_odd_sized_value_costs_one_slab_not_the_whole_store():
         s.put("ns", f"small{i}", bytes(64 << 10))
     s.put("ns", "odd", bytes(100))
     assert len(s) == 64 + 1 and s.contains("ns", "small127") and s.arena.mapped <= s.capacity
+
+
+_SIZES = [0, 5, 100, 4000, 5000, 64 << 10, 300 << 10]
+
+
+@settings(max_examples=int(150 * SCALE), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["put", "get", "pin", "unpin", "delete"]), st.integers(0, 11),
+                          st.sampled_from(_SIZES)), max_size=120))
+def test_arena_model_pinned_values_never_change_and_gets_see_the_last_put(ops):
+    s = Store(1 << 20)
+    model: dict[str, bytes] = {}
+    pinned: list[tuple] = []  # (entry, bytes it held when pinned)
+    n = 0
+    for op, k, size in ops:
+        key = f"k{k}"
+        if op == "put":
+            n += 1
+            value = (n.to_bytes(4, "little") * (size // 4 + 1))[:size]
+            result = s.put("ns", key, value)
+            if result is None:  # no room: every slot pinned. The old value stays unless it was evicted meanwhile
+                if not s.contains("ns", key):
+                    model.pop(key, None)
+            else:
+                model[key] = value
+        elif op == "get":
+            got = s.get("ns", key)
+            assert got is None or bytes(got) == model.get(key)
+        elif op == "pin":
+            entry = s.entry("ns", key)
+            if entry is not None:
+                s.pin(entry)
+                pinned.append((entry, bytes(entry.view)))
+        elif op == "unpin" and pinned:
+            entry, _ = pinned.pop(0)
+            s.unpin(entry)
+        elif op == "delete":
+            s.delete("ns", key)
+            model.pop(key, None)
+        for entry, held in pinned:
+            assert bytes(entry.view) == held  # a send in flight sees exactly what it started with
+        assert s.arena.mapped <= s.capacity and s.used <= s.capacity
+        for key in list(model):
+            if not s.contains("ns", key):
+                del model[key]  # evicted
+    for entry, _ in pinned:
+        s.unpin(entry)
+    assert all(bytes(s.get("ns", k)) == v for k, v in model.items())
