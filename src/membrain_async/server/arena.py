@@ -96,6 +96,7 @@ class Arena:
         self._slabs: list[Slab] = []
         self._free: dict[int, list[Slot]] = {}  # released slots, reused first (their pages are warm)
         self._fresh: dict[int, list[Slab]] = {}  # slabs with slots never handed out yet
+        self._empty: dict[int, Slab] = {}  # by id: slabs with every slot free, candidates to move to another class
         self.slabs_created = 0
         self.slabs_moved = 0
 
@@ -125,19 +126,23 @@ class Arena:
             if not fresh[-1].fresh:
                 fresh.pop()
         slot.held = True
-        slot.slab.nfree -= 1
+        slab = slot.slab
+        if slab.nfree == slab.count:
+            self._empty.pop(id(slab), None)
+        slab.nfree -= 1
         return slot
 
     def _add_slab(self, slab: Slab) -> None:
         self._slabs.append(slab)
         self.mapped += slab.nbytes
         self._fresh.setdefault(slab.cls, []).append(slab)
+        self._empty[id(slab)] = slab
 
     def reclaim_for(self, size: int) -> bool:
         """Give empty slabs of other classes to `size`'s class; True once alloc(size) can succeed."""
         cls = size_class(size)
-        for slab in list(self._slabs):
-            if slab.cls == cls or not slab.empty:
+        for slab in list(self._empty.values()):  # usually none: this is on the put path of a full arena
+            if slab.cls == cls:
                 continue
             self._remove_slab(slab)
             if slab.nbytes >= cls:
@@ -152,6 +157,7 @@ class Arena:
 
     def _remove_slab(self, slab: Slab) -> None:
         self._slabs.remove(slab)
+        self._empty.pop(id(slab), None)
         self.mapped -= slab.nbytes
         if slab in self._fresh.get(slab.cls, ()):
             self._fresh[slab.cls].remove(slab)
@@ -176,6 +182,8 @@ class Arena:
     def _give_back(self, slot: Slot) -> None:
         slab = slot.slab  # a slab moves only when empty and unpinned, so the slot is still one of its own
         slab.nfree += 1
+        if slab.nfree == slab.count:
+            self._empty[id(slab)] = slab
         self._free.setdefault(slab.cls, []).append(slot)
 
     def stats(self) -> dict:

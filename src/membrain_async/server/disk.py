@@ -348,13 +348,16 @@ class DiskTier:
     def forget(self, ns: str, key: str) -> None:
         self.index.pop((ns, key), None)
 
-    async def alloc(self, size: int):
-        """A slot for an incoming value. If RAM is full of evicted values still being written, wait (a
-        bounded time, without blocking the loop) for the writer; past that, drop them: RAM-only for those."""
+    async def alloc(self, size: int, deadline: float | None = None):
+        """A slot for an incoming value. If RAM is full of evicted values still being written, wait for the
+        writer (without blocking the loop) until `deadline` (one per request: SPILL_WAIT from its first
+        value); past that, drop them: RAM-only for those. Puts thus go at the disk's pace, not past it."""
         slot = self.store.alloc(size)
         if slot is not None or not self.store.spill_pending:
             return slot
-        with anyio.move_on_after(SPILL_WAIT):
+        if deadline is None:
+            deadline = anyio.current_time() + SPILL_WAIT
+        with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
             while slot is None and self.store.spill_pending and self.writable:
                 if self._progress.is_set():
                     self._progress = anyio.Event()

@@ -9,13 +9,15 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import anyio
+
 from .. import __version__
 from ..config import ServerConfig
 from ..protocol import bulk
 from ..protocol.names import validate_key, validate_namespace
 from .auth import AuthError, Authorizer
 from .arena import Slot
-from .disk import DiskTier
+from .disk import SPILL_WAIT, DiskTier
 from .store import Entry, Store
 
 
@@ -98,12 +100,19 @@ class Service:
         """Arena slots for a put's values, evicting for them; None where a value cannot be stored now
         (its bytes are then read and dropped). The caller commits or aborts every slot."""
         slots: list[Slot | None] = []
-        for size in sizes:
-            slot = self.store.alloc(size) if self.disk is None else await self.disk.alloc(size)
-            if slot is None:
-                self.store.totals.rejected += 0 if self.store.fits(size) else 1
-                self.store.totals.no_room += 1 if self.store.fits(size) else 0
-            slots.append(slot)
+        deadline = None if self.disk is None else anyio.current_time() + SPILL_WAIT  # one wait per request
+        try:
+            for size in sizes:
+                slot = self.store.alloc(size) if self.disk is None else await self.disk.alloc(size, deadline)
+                if slot is None:
+                    if self.store.fits(size):
+                        self.store.totals.no_room += 1
+                    else:
+                        self.store.totals.rejected += 1
+                slots.append(slot)
+        except BaseException:
+            self.abort_put(slots)
+            raise
         return slots
 
     def abort_put(self, slots: list[Slot | None]) -> None:
