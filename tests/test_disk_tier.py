@@ -66,8 +66,7 @@ def _segment_files(disk: str) -> list[str]:
 
 
 def _record(ns: bytes, key: bytes, value: bytes, kind: int = segments.VALUE) -> bytes:
-    crc = segments.body_crc(ns, key, value)
-    return segments.encode_header(kind, ns, key, len(value), crc) + ns + key + value
+    return segments.encode_record(kind, ns, key, value)
 
 
 def test_records_scan_back_and_a_torn_tail_is_ignored():
@@ -179,6 +178,15 @@ def test_sigkill_mid_put_flood_then_restart_serves_only_true_values(tmp_path, re
     assert wrong == 0 and ok > 0
 
 
+def test_hints_list_what_a_scan_finds():
+    image = b"".join(segments.encode_record(0, b"ns", f"k{i}".encode(), bytes(i * 1000)) for i in range(5))
+    found = segments.scan(image).records
+    hint = segments.encode_hint(len(image), found)
+    assert segments.decode_hint(hint, len(image)) == found
+    assert segments.decode_hint(hint, len(image) + 1) is None  # the segment grew or shrank: scan it instead
+    assert segments.decode_hint(hint[:-1], len(image)) is None and segments.decode_hint(b"", 0) is None
+
+
 def test_corrupt_and_torn_records_are_misses_never_wrong_bytes(tmp_path):
     disk, log = str(tmp_path / "disk"), str(tmp_path / "server.log")
     values = _values(24, "c")
@@ -214,7 +222,7 @@ def test_a_small_disk_tier_stays_within_its_capacity_and_never_fails_a_client(tm
         anyio.run(_put_all, srv.url, values)
         ok, wrong = anyio.run(_served, srv.url, dict(list(values.items())[-64:]))
         tiers = _tiers(srv)
-        on_disk = sum(os.path.getsize(p) for p in _segment_files(disk))
+        on_disk = sum(os.path.getsize(os.path.join(disk, n)) for n in os.listdir(disk))  # segments and hints
     finally:
         srv.stop()
     assert wrong == 0 and ok > 0

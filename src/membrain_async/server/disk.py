@@ -19,6 +19,7 @@ tail or corrupt header is skipped, and a value whose checksum fails on read is a
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
@@ -39,6 +40,7 @@ _SEGMENT_NAME = re.compile(r"^seg-(\d{12})\.mbs$")
 _BATCH_BYTES = 16 << 20  # one write job: large enough for sequential speed, small enough to keep the queue moving
 _BATCH_RECORDS = 256
 RETRY_SECONDS = 30.0  # a degraded disk tier probes the directory again this often
+READ_THREADS = 4  # concurrent reads of disk-resident values (queue depth for the device)
 SPILL_WAIT = 1.0  # seconds a put waits for evicted values to reach disk before dropping them (RAM-only for those)
 
 
@@ -79,6 +81,8 @@ class DiskStats:
     recovered_torn_segments: int = 0
     reopen_seconds: float = 0.0
     read_bytes: int = 0
+    write_seconds: float = 0.0  # in write jobs (worker thread): write_bytes / write_seconds is the disk's pace
+    read_seconds: float = 0.0
 
 
 class _Tombstone:
@@ -90,7 +94,11 @@ class _Tombstone:
 
 
 class _SegmentWriter:
-    """The file side of writing, run in a worker thread, one job at a time."""
+    """The file side of writing, run in a worker thread, one job at a time.
+
+    O_DIRECT where the filesystem takes it (tmpfs does not): values go from their slots to the device with no
+    copy into the page cache. Header blocks, and values too small for a page-aligned slot, are copied into
+    an aligned staging buffer first."""
 
     def __init__(self, directory: str, segment_bytes: int, next_id: int):
         self.directory = directory
@@ -99,9 +107,23 @@ class _SegmentWriter:
         self.fd: int | None = None
         self.seg_id = -1
         self.offset = 0
+        self.direct = hasattr(os, "O_DIRECT")
+        self._staging = mmap.mmap(-1, 1 << 20)
+        self._records: list[segments.Record] = []  # of the open segment, for its hint file
 
     def path(self, seg_id: int) -> str:
         return os.path.join(self.directory, f"seg-{seg_id:012d}.mbs")
+
+    def _open_fd(self, path: str, create: bool) -> int:
+        flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT | os.O_EXCL if create else 0)
+        if self.direct:
+            try:
+                return os.open(path, flags | os.O_DIRECT, 0o644)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self.direct = False
+        return os.open(path, flags, 0o644)
 
     def roll(self) -> None:
         try:
@@ -109,7 +131,7 @@ class _SegmentWriter:
         except OSError:
             pass  # the old segment's last sync failed (a failing disk): its records are checked on read anyway
         seg_id = self.next_id
-        fd = os.open(self.path(seg_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        fd = self._open_fd(self.path(seg_id), create=True)
         self.next_id += 1
         self.fd, self.seg_id, self.offset = fd, seg_id, 0
 
@@ -120,21 +142,43 @@ class _SegmentWriter:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
+            records, self._records = self._records, []
+            hint = segments.encode_hint(self.offset, records)
+            tmp = hint_path(self.path(self.seg_id)) + ".tmp"
+            with open(tmp, "wb") as f:  # written whole, then renamed: a hint is never seen half-written
+                f.write(hint)
+                f.flush()
+                os.fdatasync(f.fileno())
+            os.replace(tmp, hint_path(self.path(self.seg_id)))
 
-    def write(self, unlink: list[str], records: list[tuple[int, bytes, bytes, memoryview | None]], roll_first: bool):
-        """Delete reclaimed segments, then append records; returns (seg, value offset, crc) per record."""
-        for path in unlink:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+    def _stage(self, nbytes: int) -> memoryview:
+        if len(self._staging) < nbytes:
+            self._staging = mmap.mmap(-1, segments.align(nbytes))
+        return memoryview(self._staging)
+
+    def write(self, unlink: list[str], records: list, roll_first: bool):
+        """Delete reclaimed segments, then append records (kind, ns, key, value, padded slot view or None);
+        returns (segment, value offset, crc, record bytes) per record."""
         if roll_first or self.fd is None:
-            self.roll()
+            self.roll()  # first: closing a segment writes its hint, which the unlinks below may remove
+        for path in unlink:
+            for p in (hint_path(path), path):
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
+        align = segments.align
+        stage_need = sum(
+            segments.header_block_bytes(len(ns), len(key)) + (align(len(v)) if v is not None and padded is None else 0)
+            for _, ns, key, v, padded in records
+        )
+        stage = self._stage(stage_need)
+        used = 0
         out = []
         parts: list = []
         start = self.offset
         pending = 0
-        for kind, ns, key, value in records:
+        for kind, ns, key, value, padded in records:
             size = 0 if value is None else len(value)
             total = segments.record_bytes(ns, key, size)
             if self.offset > 0 and self.offset + pending + total > self.segment_bytes:
@@ -143,10 +187,21 @@ class _SegmentWriter:
                 self.roll()
                 start = 0
             crc = segments.body_crc(ns, key, b"" if value is None else value)
-            parts += [segments.encode_header(kind, ns, key, size, crc), ns, key]
-            if value is not None and size:
-                parts.append(value)
-            out.append((self.seg_id, start + pending + segments.HEADER_BYTES + len(ns) + len(key), crc, total))
+            block = segments.header_block(kind, ns, key, size, crc)
+            stage[used : used + len(block)] = block
+            parts.append(stage[used : used + len(block)])
+            used += len(block)
+            if size:
+                if padded is None:  # not page-aligned in the arena: through the staging buffer
+                    n = align(size)
+                    stage[used : used + size] = value
+                    stage[used + size : used + n] = bytes(n - size)
+                    parts.append(stage[used : used + n])
+                    used += n
+                else:
+                    parts.append(padded)  # the slot itself, its last page included
+            out.append((self.seg_id, start + pending + len(block), crc, total + segments.hint_record_bytes(ns, key)))
+            self._records.append(segments.Record(start + pending, kind, ns.decode(), key.decode(), size, crc))
             pending += total
         self._writev(parts, pending)
         return out
@@ -154,9 +209,18 @@ class _SegmentWriter:
     def _writev(self, parts: list, total: int) -> None:
         views = [memoryview(p).cast("B") for p in parts if len(p)]
         while views:
-            n = os.writev(self.fd, views[:1024])
+            try:
+                n = os.writev(self.fd, views[:1024])
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not self.direct:
+                    raise
+                # This filesystem refuses O_DIRECT after all: go on buffered (same file, same format).
+                self.direct = False
+                fd, self.fd = self.fd, self._open_fd(self.path(self.seg_id), create=False)
+                os.close(fd)
+                continue
             if n == 0:
-                raise OSError(28, "no progress writing a segment (disk full?)")
+                raise OSError(errno.ENOSPC, "no progress writing a segment (disk full?)")
             # A short write is rare, but a filling disk produces them: go on from where it stopped.
             while views and n >= len(views[0]):
                 n -= len(views[0])
@@ -166,25 +230,64 @@ class _SegmentWriter:
         self.offset += total
 
 
-def _read_into(path: str, offset: int, view: memoryview, crc: int, ns: bytes, key: bytes) -> bool:
-    """Worker thread: read one value into its slot and check it. False: unreadable or corrupt."""
+def _read_into(path: str, offset: int, view: memoryview, size: int, direct: bool, crc: int, ns: bytes, key: bytes) -> bool:
+    """Worker thread: read one value into its slot and check it. False: unreadable or corrupt.
+
+    `direct`: `view` is the slot padded to whole pages, so the read can be O_DIRECT, from the device
+    straight into the slot."""
+    fd = -1
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        got = os.preadv(fd, [view], offset)
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    return False
+        if fd < 0:
+            fd = os.open(path, os.O_RDONLY)
+            view = view[:size]
+        try:
+            got = os.preadv(fd, [view], offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                return False
+            os.close(fd)  # O_DIRECT refused at read time: read through the page cache instead
+            fd = os.open(path, os.O_RDONLY)
+            view = view[:size]
+            got = os.preadv(fd, [view], offset)
     except OSError:
         return False
     finally:
-        os.close(fd)
-    return got == len(view) and segments.body_crc(ns, key, view) == crc
+        if fd >= 0:
+            os.close(fd)
+    return got >= size and segments.body_crc(ns, key, view[:size]) == crc
+
+
+def _padded(slot_view: memoryview, size: int) -> memoryview | None:
+    """The slot's first `size` bytes padded to whole pages, if the slot is page-aligned and big enough
+    (classes of 4 KiB and up are page multiples in page-aligned slabs), else None."""
+    n = segments.align(size)
+    if size and len(slot_view) >= n and len(slot_view) % segments.ALIGN == 0:
+        return slot_view[:n]
+    return None
+
+
+def hint_path(segment_path: str) -> str:
+    return segment_path[: -len(".mbs")] + ".hint"
 
 
 def _scan_file(path: str) -> tuple[segments.Scan, int]:
+    """A segment's records: from its hint file if it has a valid one, else by scanning its headers."""
     size = os.path.getsize(path)
     if size == 0:
         return segments.Scan(), 0
+    try:
+        with open(hint_path(path), "rb") as f:
+            listed = segments.decode_hint(f.read(), size)
+        if listed is not None:
+            return segments.Scan(records=listed, end=size), size
+    except OSError:
+        pass
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         return segments.scan(m), size
 
@@ -210,6 +313,7 @@ class DiskTier:
         self._spilled: dict[tuple[str, str], Entry] = {}  # evicted, waiting for their write
         self._batch_limit = max(1, min(_BATCH_BYTES, capacity // 4))
         self._writer: _SegmentWriter | None = None
+        self._read_limiter: anyio.CapacityLimiter | None = None  # made on the loop, at the first read
         self._open()
 
     # --- opening and recovery ----------------------------------------------------------------------
@@ -222,6 +326,13 @@ class DiskTier:
         except OSError as exc:
             self._degrade(f"cannot open {self.directory}: {exc}")
             return
+        present = set(names)
+        for name in os.listdir(self.directory):  # hints of reclaimed segments, a hint cut short while written
+            if name.endswith(".tmp") or (name.endswith(".hint") and name[: -len(".hint")] + ".mbs" not in present):
+                try:
+                    os.unlink(os.path.join(self.directory, name))
+                except OSError:
+                    pass
         next_id = 0
         for name in names:
             seg_id = int(_SEGMENT_NAME.match(name).group(1))  # type: ignore[union-attr]
@@ -232,6 +343,10 @@ class DiskTier:
             except (OSError, ValueError) as exc:
                 log.warning("disk tier: skipping unreadable segment %s: %s", path, exc)
                 continue
+            try:
+                size += os.path.getsize(hint_path(path))  # the hint counts against the capacity too
+            except OSError:
+                pass
             seg = Segment(seg_id, path, size)
             self.segments[seg_id] = seg
             self.used += size
@@ -385,10 +500,17 @@ class DiskTier:
         slot = await self.alloc(loc.size)
         if slot is None:
             return None
+        t0 = time.perf_counter()
+        padded = _padded(slot.view, loc.size)
+        view = slot.view[: loc.size] if padded is None else padded
         try:
+            if self._read_limiter is None:
+                self._read_limiter = anyio.CapacityLimiter(READ_THREADS)
             ok = await anyio.to_thread.run_sync(
-                _read_into, seg.path, loc.offset, slot.view[: loc.size], loc.crc, ns.encode(), key.encode()
+                _read_into, seg.path, loc.offset, view, loc.size, padded is not None, loc.crc, ns.encode(), key.encode(),
+                limiter=self._read_limiter,
             )
+            self.stats.read_seconds += time.perf_counter() - t0
         except BaseException:
             self.store.release(slot)
             raise
@@ -498,18 +620,20 @@ class DiskTier:
             ns, key = item.ns.encode(), item.key.encode()
             if isinstance(item, Entry):
                 self.store.arena.pin(item.slot)  # its bytes cannot change while the thread writes them
-                records.append((segments.VALUE, ns, key, item.view))
-                nbytes += segments.record_bytes(ns, key, item.size)
+                records.append((segments.VALUE, ns, key, item.view, _padded(item.slot.view, item.size)))
+                nbytes += segments.record_bytes(ns, key, item.size) + segments.hint_record_bytes(ns, key)
             else:
-                records.append((segments.TOMBSTONE, ns, key, None))
-                nbytes += segments.record_bytes(ns, key, 0)
+                records.append((segments.TOMBSTONE, ns, key, None, None))
+                nbytes += segments.record_bytes(ns, key, 0) + segments.hint_record_bytes(ns, key)
         written = None
         self._in_flight = batch
         try:
             unlink = self._make_room(nbytes)
             roll, self._roll_next = self._roll_next, False
+            t0 = time.perf_counter()
             try:
                 written = await anyio.to_thread.run_sync(self._writer.write, unlink, records, roll)
+                self.stats.write_seconds += time.perf_counter() - t0
             except OSError as exc:
                 self._degrade(f"writing to {self.directory} failed: {exc}")
         finally:
