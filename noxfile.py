@@ -6,7 +6,8 @@
                           (bench/stall_bench.py), runtime, cluster and lookup benchmarks,
                           then bench/results/REPORT.md + bench.png (ratios to baselines measured in the same run)
     nox -s reliability    fault, isolation and fuzz tests with larger fuzz budgets -> bench/results/reliability.md
-    nox -s fuzz           the property-based tests only, long (MEMBRAIN_FUZZ_SCALE, default 20x the suite's)
+    nox -s fuzz           the property-based tests, long (MEMBRAIN_FUZZ_SCALE, default 20x the suite's), then
+                          atheris (coverage-guided) on the parsers: bench/results/fuzz.json
 """
 
 import os
@@ -89,6 +90,11 @@ def reliability(session: nox.Session) -> None:
 def fuzz(session: nox.Session) -> None:
     install(session, "dev")
     scale = os.environ.get("MEMBRAIN_FUZZ_SCALE", "20")
-    session.run("pytest", "-q", "tests/test_fuzz.py", "tests/test_server_robustness.py",
+    session.run("pytest", "-q", "tests/test_fuzz.py", "tests/test_server_robustness.py", "tests/test_store.py",
                 "tests/test_disk_tier.py", *session.posargs,
                 env={"MEMBRAIN_FUZZ_SCALE": scale})
+    # Coverage-guided, beside hypothesis: frame reader, HTTP parsing and routing, batch decoder, disk records.
+    # atheris ships wheels for CPython on x86-64 Linux; elsewhere the session says so and skips this part.
+    session.run("pip", "install", "-q", "atheris", success_codes=[0, 1])
+    session.run("python", "fuzz/atheris_fuzz.py", "--runs", os.environ.get("MEMBRAIN_ATHERIS_RUNS", "25000"),
+                "--json", "bench/results/fuzz.json")
