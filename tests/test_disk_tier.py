@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import anyio
 import httpx
@@ -138,11 +139,24 @@ def test_sigterm_flushes_ram_and_a_restart_serves_everything(tmp_path):
     srv.stop()
     srv = _serve(disk, log)
     try:
-        ok, wrong = anyio.run(_served, srv.url, values)
         recovered = _tiers(srv)["disk"]["recovered_keys"]
+
+        async def lookup():
+            async with MembrainClient(srv.url, timeout=10) as c:
+                return await c.lookup(list(values))
+
+        assert anyio.run(lookup) == len(values)
+        # The lookup starts reading the prefix back (up to a quarter of RAM) ahead of the gets.
+        deadline = time.monotonic() + 30
+        while _tiers(srv)["disk"]["prefetched"] < RAM // 4 // VALUE:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        ok, wrong = anyio.run(_served, srv.url, values)
+        tiers = _tiers(srv)
     finally:
         srv.stop()
     assert (ok, wrong, recovered) == (len(values), 0, len(values))
+    assert tiers["ram"]["hits"] >= RAM // 4 // VALUE and tiers["ram"]["hits"] + tiers["disk"]["hits"] == len(values)
 
 
 def test_sigkill_mid_put_flood_then_restart_serves_only_true_values(tmp_path, reliability):

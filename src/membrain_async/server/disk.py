@@ -81,6 +81,7 @@ class DiskStats:
     recovered_torn_segments: int = 0
     reopen_seconds: float = 0.0
     read_bytes: int = 0
+    prefetched: int = 0  # values read back into RAM after a lookup found them on disk only
     write_seconds: float = 0.0  # in write jobs (worker thread): write_bytes / write_seconds is the disk's pace
     read_seconds: float = 0.0
 
@@ -314,6 +315,10 @@ class DiskTier:
         self._batch_limit = max(1, min(_BATCH_BYTES, capacity // 4))
         self._writer: _SegmentWriter | None = None
         self._read_limiter: anyio.CapacityLimiter | None = None  # made on the loop, at the first read
+        self._promoting: dict[tuple[str, str], anyio.Event] = {}  # reads in flight, so a key is read once
+        self._prefetch: deque = deque()
+        self._prefetch_bytes = 0
+        self._prefetch_wake = anyio.Event()
         self._open()
 
     # --- opening and recovery ----------------------------------------------------------------------
@@ -490,8 +495,58 @@ class DiskTier:
             if id(entry) not in in_flight:
                 self._unqueue(entry)
 
-    async def promote(self, ns: str, key: str) -> Entry | None:
-        """Read a disk-resident value back into RAM, pinned for the caller; None is a miss."""
+    async def promote(self, ns: str, key: str, count: bool = True) -> Entry | None:
+        """Read a disk-resident value back into RAM, pinned for the caller; None is a miss.
+        `count=False` (a prefetch): no hit is counted, the get that follows counts its own."""
+        k = (ns, key)
+        busy = self._promoting.get(k)
+        if busy is not None:  # already being read (a prefetch, another get): wait for that read
+            await busy.wait()
+            current = self.store.peek(ns, key)
+            if current is not None:
+                if count:
+                    self.store.entry(ns, key)
+                self.store.pin(current)
+                return current
+        done = self._promoting[k] = anyio.Event()
+        try:
+            return await self._promote(ns, key, count)
+        finally:
+            if self._promoting.get(k) is done:
+                del self._promoting[k]
+            done.set()
+
+    def prefetch(self, ns: str, keys: list[str]) -> None:
+        """A lookup found these only on disk: read them back now, so the get that usually follows finds them
+        in RAM. Bounded to a quarter of RAM waiting (more would evict what was just read); the rest are read
+        by their gets."""
+        for key in keys:
+            loc = self.index.get((ns, key))
+            if loc is None:
+                continue
+            if self._prefetch_bytes + loc.size > self.store.capacity // 4:
+                break
+            self._prefetch.append((ns, key, loc.size))
+            self._prefetch_bytes += loc.size
+        if self._prefetch:
+            self._prefetch_wake.set()
+
+    async def _prefetcher(self) -> None:
+        while True:
+            if not self._prefetch:
+                self._prefetch_wake = anyio.Event()
+                await self._prefetch_wake.wait()
+                continue
+            ns, key, size = self._prefetch.popleft()
+            self._prefetch_bytes -= size
+            if self.store.contains(ns, key) or (ns, key) not in self.index:
+                continue
+            entry = await self.promote(ns, key, count=False)
+            if entry is not None:
+                self.stats.prefetched += 1
+                self.store.unpin(entry)
+
+    async def _promote(self, ns: str, key: str, count: bool) -> Entry | None:
         k = (ns, key)
         loc = self.index.get(k)
         seg = None if loc is None else self.segments.get(loc.seg)
@@ -519,7 +574,8 @@ class DiskTier:
             # Stored again, deleted or reclaimed while we read: the index says what is true now.
             self.store.release(slot)
             if current is not None:
-                self.store.entry(ns, key)
+                if count:
+                    self.store.entry(ns, key)
                 self.store.pin(current)
             return current
         if not ok:
@@ -529,16 +585,23 @@ class DiskTier:
             log.warning("disk tier: %s/%s in segment %d failed its read or checksum: served as a miss", ns, key, loc.seg)
             return None
         entry, _ = self.store.commit(ns, key, slot, loc.size, on_disk=True, promoted=True)
-        self.stats.hits += 1
         self.stats.read_bytes += loc.size
-        self.store.count_hit(entry)
+        if count:
+            self.stats.hits += 1
+            self.store.count_hit(entry)
         self.store.pin(entry)
         return entry
 
     # --- the writer --------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """The write-behind task: runs until cancelled (the server's task group owns it)."""
+        """The writer and the prefetchers: run until cancelled (the server's task group owns them)."""
+        async with anyio.create_task_group() as tg:
+            for _ in range(READ_THREADS):
+                tg.start_soon(self._prefetcher)
+            await self._write_loop()
+
+    async def _write_loop(self) -> None:
         while True:
             if not self.writable:
                 # A full or failing disk may come back (space freed, disk replaced): try again now and then.

@@ -188,7 +188,12 @@ class Service:
         ns = self._ns(ns)
         self._keys(keys)
         self._authorize(token, ns, "read")
-        return self.store.prefix_count(ns, keys, also=self.disk.contains if self.disk is not None else None)
+        if self.disk is None:
+            return self.store.prefix_count(ns, keys)
+        n = self.store.prefix_count(ns, keys, also=self.disk.contains)
+        # The loads usually follow: start reading the disk-only part of the prefix back into RAM now.
+        self.disk.prefetch(ns, [k for k in keys[:n] if not self.store.contains(ns, k)])
+        return n
 
     def exists(self, token: str | None, ns: str, keys: list[str]) -> list[int]:
         ns = self._ns(ns)
