@@ -264,6 +264,36 @@ def _read_into(path: str, offset: int, view: memoryview, size: int, direct: bool
     return got >= size and segments.body_crc(ns, key, view[:size]) == crc
 
 
+def _read_run(path: str, start: int, parts: list[memoryview], checks: list[tuple]) -> list[bool]:
+    """Worker thread: read neighbouring records with one O_DIRECT preadv (values into their slots, the header
+    blocks between them into scratch) and check each value; `checks` is (part index, size, crc, ns, key).
+    Records of one prompt are written together, so a get of its blocks is one sequential read."""
+    total = sum(len(p) for p in parts)
+    fd = -1
+    got = -1
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+        got = os.preadv(fd, parts, start)
+    except OSError:
+        got = -1
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if got != total:  # short, refused or failed: each value on its own (which falls back to buffered reads)
+        out, off = [], start
+        offsets = []
+        for p in parts:
+            offsets.append(off)
+            off += len(p)
+        for i, size, crc, ns, key in checks:
+            out.append(_read_into(path, offsets[i], parts[i], size, True, crc, ns, key))
+        return out
+    return [segments.body_crc(ns, key, parts[i][:size]) == crc for i, size, crc, ns, key in checks]
+
+
+_RUN_BYTES = 4 << 20  # per coalesced read: several such reads in flight beat one long read on this disk (virtio)
+
+
 def _padded(slot_view: memoryview, size: int) -> memoryview | None:
     """The slot's first `size` bytes padded to whole pages, if the slot is page-aligned and big enough
     (classes of 4 KiB and up are page multiples in page-aligned slabs), else None."""
@@ -516,6 +546,106 @@ class DiskTier:
                 del self._promoting[k]
             done.set()
 
+    async def promote_many(self, ns: str, keys: list[str], count: bool = True) -> list[Entry | None]:
+        """promote() for many keys at once: neighbouring records of a segment are read with one preadv each,
+        runs in parallel (up to READ_THREADS). Entries come back pinned; None is a miss."""
+        out: list[Entry | None] = [None] * len(keys)
+        solo: list[int] = []
+        plan: list[list] = []  # [index, loc, seg, slot, padded view, event, done]
+        try:
+            for i, key in enumerate(keys):
+                k = (ns, key)
+                loc = self.index.get(k)
+                seg = None if loc is None else self.segments.get(loc.seg)
+                if k in self._promoting or seg is None:
+                    solo.append(i)  # being read already (wait for it), or gone
+                    continue
+                event = self._promoting[k] = anyio.Event()
+                item = [i, loc, seg, None, None, event, False]
+                plan.append(item)
+                slot = await self.alloc(loc.size)
+                padded = None if slot is None else _padded(slot.view, loc.size)
+                if padded is None:
+                    if slot is not None:
+                        self.store.release(slot)
+                        solo.append(i)  # a small value: read on its own, through the page cache
+                    self._end_promotion(k, event)
+                    item[6] = True
+                    continue
+                item[3], item[4] = slot, padded
+            runs = self._runs([it for it in plan if not it[6]])
+            async with anyio.create_task_group() as tg:
+                for run in runs:
+                    tg.start_soon(self._read_one_run, ns, keys, run, out, count)
+                for i in solo:
+                    tg.start_soon(self._promote_into, ns, keys, i, out, count)
+        except BaseException:
+            for it in plan:
+                if not it[6]:
+                    if it[3] is not None:
+                        self.store.release(it[3])
+                    self._end_promotion((ns, keys[it[0]]), it[5])
+            for e in out:
+                if e is not None:
+                    self.store.unpin(e)
+            raise
+        return out
+
+    def _runs(self, items: list[list]) -> list[list[list]]:
+        """Group planned reads into runs of records that follow each other in one segment."""
+        items = sorted(items, key=lambda it: (it[1].seg, it[1].offset))
+        runs: list[list[list]] = []
+        for it in items:
+            loc = it[1]
+            if runs:
+                prev = runs[-1][-1][1]
+                run_bytes = sum(len(x[4]) for x in runs[-1])
+                if (prev.seg == loc.seg and loc.offset > prev.offset and run_bytes + len(it[4]) <= _RUN_BYTES
+                        and loc.offset - (prev.offset + segments.align(prev.size)) <= segments.ALIGN * 4):
+                    runs[-1].append(it)
+                    continue
+            runs.append([it])
+        return runs
+
+    async def _read_one_run(self, ns: str, keys: list[str], run: list[list], out: list, count: bool) -> None:
+        parts: list[memoryview] = []
+        checks: list[tuple] = []
+        end = None
+        for it in run:
+            loc = it[1]
+            if end is not None and loc.offset > end:
+                parts.append(memoryview(mmap.mmap(-1, loc.offset - end)))  # the header block between two values
+            checks.append((len(parts), loc.size, loc.crc, ns.encode(), keys[it[0]].encode()))
+            parts.append(it[4])
+            end = loc.offset + len(it[4])
+        if self._read_limiter is None:
+            self._read_limiter = anyio.CapacityLimiter(READ_THREADS)
+        t0 = time.perf_counter()
+        try:
+            oks = await anyio.to_thread.run_sync(_read_run, run[0][2].path, run[0][1].offset, parts, checks,
+                                                 limiter=self._read_limiter)
+        except BaseException:
+            for it in run:  # cancelled: nothing was learnt about these records, so the index stays as it is
+                it[6] = True
+                self.store.release(it[3])
+                self._end_promotion((ns, keys[it[0]]), it[5])
+            raise
+        finally:
+            self.stats.read_seconds += time.perf_counter() - t0
+        for it, ok in zip(run, oks):
+            key = keys[it[0]]
+            it[6] = True
+            out[it[0]] = self._finish_read(ns, key, it[1], it[3], ok, count)
+            self._end_promotion((ns, key), it[5])
+
+    async def _promote_into(self, ns: str, keys: list[str], i: int, out: list, count: bool) -> None:
+        out[i] = await self.promote(ns, keys[i], count)
+
+    def _end_promotion(self, k: tuple[str, str], event) -> None:
+        if self._promoting.get(k) is event:
+            del self._promoting[k]
+        event.set()
+
     def prefetch(self, ns: str, keys: list[str]) -> None:
         """A lookup found these only on disk: read them back now, so the get that usually follows finds them
         in RAM. Bounded to a quarter of RAM waiting (more would evict what was just read); the rest are read
@@ -537,14 +667,20 @@ class DiskTier:
                 self._prefetch_wake = anyio.Event()
                 await self._prefetch_wake.wait()
                 continue
-            ns, key, size = self._prefetch.popleft()
-            self._prefetch_bytes -= size
-            if self.store.contains(ns, key) or (ns, key) not in self.index:
+            # Up to 16 keys of one namespace at a time: neighbours on disk are read together.
+            ns = self._prefetch[0][0]
+            batch: list[str] = []
+            while self._prefetch and self._prefetch[0][0] == ns and len(batch) < 16:
+                _, key, size = self._prefetch.popleft()
+                self._prefetch_bytes -= size
+                if not self.store.contains(ns, key) and (ns, key) in self.index and (ns, key) not in self._promoting:
+                    batch.append(key)
+            if not batch:
                 continue
-            entry = await self.promote(ns, key, count=False)
-            if entry is not None:
-                self.stats.prefetched += 1
-                self.store.unpin(entry)
+            for entry in await self.promote_many(ns, batch, count=False):
+                if entry is not None:
+                    self.stats.prefetched += 1
+                    self.store.unpin(entry)
 
     async def _promote(self, ns: str, key: str, count: bool) -> Entry | None:
         k = (ns, key)
@@ -569,6 +705,10 @@ class DiskTier:
         except BaseException:
             self.store.release(slot)
             raise
+        return self._finish_read(ns, key, loc, slot, ok, count)
+
+    def _finish_read(self, ns: str, key: str, loc: Loc, slot, ok: bool, count: bool) -> Entry | None:
+        k = (ns, key)
         current = self.store.peek(ns, key)
         if current is not None or self.index.get(k) is not loc:
             # Stored again, deleted or reclaimed while we read: the index says what is true now.
