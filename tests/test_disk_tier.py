@@ -289,3 +289,29 @@ def test_disk_flags_are_checked_with_clear_messages(tmp_path):
     assert r.returncode == 2 and "--disk-path" in r.stderr
     r = serve("--disk-path", str(tmp_path), "--disk-capacity", "many")
     assert r.returncode == 2 and "disk_capacity" in r.stderr
+
+
+def test_concurrent_gets_of_disk_resident_values_read_each_once_and_all_verify(tmp_path):
+    disk, log = str(tmp_path / "disk"), str(tmp_path / "server.log")
+    values = _values(16, "m")
+    srv = _serve(disk, log)
+    anyio.run(_put_all, srv.url, values)
+    srv.stop()
+    srv = _serve(disk, log)  # RAM empty, all 16 on disk
+    try:
+        results: list[tuple[int, int]] = []
+
+        async def many():
+            async def one():
+                results.append(await _served(srv.url, values))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(6):
+                    tg.start_soon(one)
+
+        anyio.run(many)
+        disk_stats = _tiers(srv)["disk"]
+    finally:
+        srv.stop()
+    assert results == [(16, 0)] * 6
+    assert disk_stats["read_bytes"] == 16 * VALUE  # six clients at once, yet every value was read from disk once
