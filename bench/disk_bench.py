@@ -102,7 +102,8 @@ def main() -> None:
     payload = os.urandom(VALUE)
     cfg = {"port": 0, "capacity": RAM, "max_value_bytes": "8MiB", "disk_path": disk_dir,
            "disk_capacity": int(nbytes * 1.5), "disk_flush_seconds": 60}
-    out: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+    out: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                             "load_average_at_start": os.getloadavg()},
                  "settings": {"gib": args.gib, "value": VALUE, "batch": BATCH, "ram": RAM, "dir": args.dir}}
     try:
         out["raw_before"] = raw_speed(args.dir, min(nbytes, 1 << 30))
