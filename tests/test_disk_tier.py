@@ -13,6 +13,7 @@ import time
 
 import anyio
 import httpx
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -103,10 +104,11 @@ def test_scan_of_arbitrary_or_damaged_bytes_never_raises_and_never_invents_a_rec
 # --- a working set four times RAM --------------------------------------------------------------------
 
 
-def test_a_working_set_four_times_ram_is_served_from_both_tiers(tmp_path):
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_working_set_four_times_ram_is_served_from_both_tiers(tmp_path, backend):
     disk = str(tmp_path / "disk")
     values = _values(4 * RAM // VALUE, "w")
-    srv = _serve(disk, str(tmp_path / "server.log"))
+    srv = _serve(disk, str(tmp_path / "server.log"), backend=backend)
     try:
         anyio.run(_put_all, srv.url, values)
         async def lookups():
@@ -153,6 +155,12 @@ def test_sigterm_flushes_ram_and_a_restart_serves_everything(tmp_path):
             time.sleep(0.05)
         ok, wrong = anyio.run(_served, srv.url, values)
         tiers = _tiers(srv)
+        # The HTTP API sees the disk tier too (HEAD, GET of a value only the disk holds after a promotion
+        # evicted it are the same code paths as the bulk ones above).
+        key = list(values)[0]
+        assert httpx.head(f"{srv.url}/memory/default/{key}").headers["content-length"] == str(VALUE)
+        assert httpx.get(f"{srv.url}/memory/default/{key}").content == values[key]
+        assert httpx.delete(f"{srv.url}/memory/default/{key}").status_code == 204
     finally:
         srv.stop()
     assert (ok, wrong, recovered) == (len(values), 0, len(values))
@@ -315,3 +323,22 @@ def test_concurrent_gets_of_disk_resident_values_read_each_once_and_all_verify(t
         srv.stop()
     assert results == [(16, 0)] * 6
     assert disk_stats["read_bytes"] == 16 * VALUE  # six clients at once, yet every value was read from disk once
+
+
+def test_a_deleted_value_stays_deleted_across_a_restart(tmp_path):
+    disk, log = str(tmp_path / "disk"), str(tmp_path / "server.log")
+    values = _values(4, "del")
+    srv = _serve(disk, log)
+    anyio.run(_put_all, srv.url, values)
+    srv.stop()
+    srv = _serve(disk, log)
+    gone = list(values)[1]
+    assert httpx.delete(f"{srv.url}/memory/default/{gone}").status_code == 204  # on disk only: a tombstone
+    srv.stop()
+    srv = _serve(disk, log)
+    try:
+        assert httpx.get(f"{srv.url}/memory/default/{gone}").status_code == 404
+        ok, wrong = anyio.run(_served, srv.url, {k: v for k, v in values.items() if k != gone})
+    finally:
+        srv.stop()
+    assert (ok, wrong) == (3, 0)
