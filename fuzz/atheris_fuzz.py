@@ -128,9 +128,9 @@ def run_one(name: str, argv: list[str]) -> None:
 
 
 def run_all(runs: int, out_json: str | None, workdir: str) -> int:
-    try:
-        import atheris  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("atheris") is None:
         print("atheris is not installed here (pip install atheris: wheels for CPython on x86-64 Linux); skipped")
         return 0
     summary = {"runs_per_target": runs, "targets": {}, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

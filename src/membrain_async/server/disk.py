@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 import anyio
 
 from . import segments
-from .arena import size_class
 from .store import Entry, Store
 
 log = logging.getLogger("membrain.server.disk")
@@ -495,9 +494,6 @@ class DiskTier:
             self._queue.append(_Tombstone(ns, key))
             self._wake.set()
 
-    def forget(self, ns: str, key: str) -> None:
-        self.index.pop((ns, key), None)
-
     async def alloc(self, size: int, deadline: float | None = None):
         """A slot for an incoming value. If RAM is full of evicted values still being written, wait for the
         writer (without blocking the loop) until `deadline` (one per request: SPILL_WAIT from its first
@@ -908,5 +904,3 @@ class DiskTier:
             **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.__dict__.items()},
         }
 
-
-__all__ = ["DiskTier", "segment_bytes_for", "SPILL_WAIT", "size_class"]
