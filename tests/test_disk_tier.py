@@ -342,3 +342,19 @@ def test_a_deleted_value_stays_deleted_across_a_restart(tmp_path):
     finally:
         srv.stop()
     assert (ok, wrong) == (3, 0)
+
+
+def test_peak_rss_stays_bounded_under_a_put_flood_with_the_disk_tier(tmp_path, reliability):
+    from .e2e import proc_status
+
+    capacity = 96 << 20
+    srv = _serve(str(tmp_path / "disk"), str(tmp_path / "server.log"), capacity=capacity, disk_capacity="1GiB")
+    try:
+        anyio.run(_put_all, srv.url, _values(3 * capacity // VALUE, "rss"))
+        peak = proc_status(srv.process.pid, "VmHWM")
+    finally:
+        srv.stop()
+    limit = capacity * 1.10 + (64 << 20)
+    reliability.add("memory", test="put flood of 3x capacity with the disk tier", capacity=capacity, peak_rss=peak,
+                    limit=int(limit))
+    assert peak < limit
