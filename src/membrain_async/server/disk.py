@@ -156,9 +156,10 @@ class _SegmentWriter:
             self._staging = mmap.mmap(-1, segments.align(nbytes))
         return memoryview(self._staging)
 
-    def write(self, unlink: list[str], records: list, roll_first: bool):
-        """Delete reclaimed segments, then append records (kind, ns, key, value, padded slot view or None);
-        returns (segment, value offset, crc, record bytes) per record."""
+    def write(self, unlink: list[str], records: list, roll_first: bool, crcs: list[int]):
+        """Delete reclaimed segments, then append records (kind, ns, key, value, padded slot view or None)
+        with their body checksums (computed beforehand, see `checksums`); returns (segment, value offset,
+        crc, record bytes) per record."""
         if roll_first or self.fd is None:
             self.roll()  # first: closing a segment writes its hint, which the unlinks below may remove
         for path in unlink:
@@ -178,7 +179,7 @@ class _SegmentWriter:
         parts: list = []
         start = self.offset
         pending = 0
-        for kind, ns, key, value, padded in records:
+        for (kind, ns, key, value, padded), crc in zip(records, crcs):
             size = 0 if value is None else len(value)
             total = segments.record_bytes(ns, key, size)
             if self.offset > 0 and self.offset + pending + total > self.segment_bytes:
@@ -186,7 +187,6 @@ class _SegmentWriter:
                 parts, pending = [], 0
                 self.roll()
                 start = 0
-            crc = segments.body_crc(ns, key, b"" if value is None else value)
             block = segments.header_block(kind, ns, key, size, crc)
             stage[used : used + len(block)] = block
             parts.append(stage[used : used + len(block)])
@@ -228,6 +228,11 @@ class _SegmentWriter:
             if n:
                 views[0] = views[0][n:]
         self.offset += total
+
+
+def checksums(records: list) -> list[int]:
+    """Worker thread: the body checksums of a write job, computed while the previous job is being written."""
+    return [segments.body_crc(ns, key, b"" if value is None else value) for _, ns, key, value, _ in records]
 
 
 def _read_into(path: str, offset: int, view: memoryview, size: int, direct: bool, crc: int, ns: bytes, key: bytes) -> bool:
@@ -748,7 +753,27 @@ class DiskTier:
                 self._wake = anyio.Event()
                 await self._wake.wait()
                 continue
-            await self._write_batch()
+            # Two jobs in flight: one being written while the next is checksummed (both in worker threads).
+            job = await self._prepare(self._take_batch())
+            while job is not None:
+                nxt: list = []
+
+                async def prepare_next() -> None:
+                    nxt.append(await self._prepare(self._take_batch()))
+
+                try:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(prepare_next)
+                        await self._commit(job)
+                except BaseException:
+                    for pending in nxt:
+                        if pending is not None:
+                            self._requeue(pending)
+                    raise
+                job = nxt[0] if nxt else None
+                if job is not None and not self.writable:
+                    self._settle(job, None)
+                    job = None
 
     async def _retry(self) -> None:
         def probe() -> None:
@@ -810,40 +835,82 @@ class DiskTier:
         return unlink
 
     async def _write_batch(self) -> None:
-        batch = self._take_batch()
+        """One write job, start to end (the shutdown flush)."""
+        job = await self._prepare(self._take_batch())
+        if job is not None:
+            await self._commit(job)
+
+    async def _prepare(self, batch: list) -> list | None:
+        """Pin a batch's values and checksum them in a worker thread: [batch, records, nbytes, crcs]."""
         if not batch:
-            return
+            return None
         records = []
         nbytes = 0
         for item in batch:
             ns, key = item.ns.encode(), item.key.encode()
             if isinstance(item, Entry):
-                self.store.arena.pin(item.slot)  # its bytes cannot change while the thread writes them
+                self.store.arena.pin(item.slot)  # its bytes cannot change while threads read them
                 records.append((segments.VALUE, ns, key, item.view, _padded(item.slot.view, item.size)))
                 nbytes += segments.record_bytes(ns, key, item.size) + segments.hint_record_bytes(ns, key)
             else:
                 records.append((segments.TOMBSTONE, ns, key, None, None))
                 nbytes += segments.record_bytes(ns, key, 0) + segments.hint_record_bytes(ns, key)
-        written = None
-        self._in_flight = batch
+        job = [batch, records, nbytes, None]
+        self._in_flight.extend(batch)
         try:
-            unlink = self._make_room(nbytes)
-            roll, self._roll_next = self._roll_next, False
-            t0 = time.perf_counter()
-            try:
-                written = await anyio.to_thread.run_sync(self._writer.write, unlink, records, roll)
-                self.stats.write_seconds += time.perf_counter() - t0
-            except OSError as exc:
-                self._degrade(f"writing to {self.directory} failed: {exc}")
+            job[3] = await anyio.to_thread.run_sync(checksums, records)
+        except BaseException:
+            self._requeue(job)
+            raise
+        return job
+
+    def _requeue(self, job: list) -> None:
+        """A job that was never written (shutdown came first) goes back to the front of its queue, so the
+        shutdown flush writes it; tombstones especially must not be lost."""
+        batch = job[0]
+        done = {id(item) for item in batch}
+        self._in_flight = [item for item in self._in_flight if id(item) not in done]
+        for item in reversed(batch):
+            if isinstance(item, Entry):
+                self.store.arena.unpin(item.slot)
+                (self._urgent if item.spilled else self._queue).appendleft(item)
+            else:
+                self._queue.appendleft(item)
+
+    async def _commit(self, job: list) -> None:
+        """Append a prepared job to the current segment (reclaiming old ones first), then index it."""
+        # Shielded: a job once started is written whole (at most one batch), even at shutdown. Cancelled
+        # between reclaiming segments and writing, it would otherwise drop its records, tombstones included.
+        with anyio.CancelScope(shield=True):
+            await self._commit_shielded(job)
+
+    async def _commit_shielded(self, job: list) -> None:
+        batch, records, nbytes, crcs = job
+        written = None
+        try:
+            if self.writable:
+                unlink = self._make_room(nbytes)
+                roll, self._roll_next = self._roll_next, False
+                t0 = time.perf_counter()
+                try:
+                    written = await anyio.to_thread.run_sync(self._writer.write, unlink, records, roll, crcs)
+                    self.stats.write_seconds += time.perf_counter() - t0
+                except OSError as exc:
+                    self._degrade(f"writing to {self.directory} failed: {exc}")
         finally:
-            self._in_flight = []
-            for item, res in zip(batch, written or [None] * len(batch)):
-                if res is not None:
-                    self._account(res)
-                if isinstance(item, Entry):
-                    self.store.arena.unpin(item.slot)
-                    self._finish(item, res)
-            self._progress.set()
+            self._settle(job, written)
+
+    def _settle(self, job: list, written: list | None) -> None:
+        batch = job[0]
+        done = {id(item) for item in batch}
+        self._in_flight = [item for item in self._in_flight if id(item) not in done]
+        for item, res in zip(batch, written or [None] * len(batch)):
+            if res is not None:
+                self._account(res)
+            if isinstance(item, Entry):
+                self.store.arena.unpin(item.slot)
+                self._finish(item, res)
+        self._progress.set()
 
     def _account(self, res) -> None:
         seg_id, _, _, total = res
