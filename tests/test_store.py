@@ -143,3 +143,11 @@ def test_arena_model_pinned_values_never_change_and_gets_see_the_last_put(ops):
     for entry, _ in pinned:
         s.unpin(entry)
     assert all(bytes(s.get("ns", k)) == v for k, v in model.items())
+
+
+def test_a_slab_too_small_for_a_new_size_is_unmapped_and_its_room_reused():
+    s = Store(8 << 20)
+    for i in range(128):
+        s.put("ns", f"small{i}", bytes(64 << 10))  # two 4 MiB slabs
+    assert s.put("ns", "big", bytes(6 << 20)) is not None  # needs a 6 MiB slab: both small slabs go
+    assert s.arena.mapped <= s.capacity and bytes(s.get("ns", "big")) == bytes(6 << 20)

@@ -150,7 +150,12 @@ class Arena:
                 self._add_slab(slab)
                 self.slabs_moved += 1
                 return True
-            # Too small for this class: unmap it (once unreferenced) and count the room it leaves.
+            # Too small for this class: unmap it and count the room it leaves. Breaking the slab <-> slot
+            # cycle lets reference counting free the mapping at once (or when the last stale view of it goes),
+            # rather than at some later garbage collection.
+            slab.slots = []
+            slab._whole = None
+            slab.mem = None
             if self.mapped + self._new_slab_bytes(cls) <= self.capacity:
                 return True
         return self.mapped + self._new_slab_bytes(cls) <= self.capacity
