@@ -6,7 +6,8 @@ disk's raw sequential speed (`dd` with O_DIRECT) measured in the same run, and t
 Puts: fresh 1 MiB values, 8 per request, into a server whose RAM tier (128 MiB) is far smaller than the
 data, so the put rate is the rate at which the disk tier takes values. Gets: every value again, after the
 segment files' pages were dropped from the page cache (posix_fadvise DONTNEED on those files only), so they
-are read from the disk, not from memory. Reopen: the server is stopped (SIGTERM) and started again on the
+are read from the disk, not from memory: the first half one request at a time, the second half with 4
+requests in flight. Reopen: the server is stopped (SIGTERM) and started again on the
 same directory, with the segment pages dropped again; the server's own `reopen_seconds` is reported, from the
 closed segments' hint files and again with the hints deleted (every header read from the disk, as after a
 crash before any segment was closed).
@@ -75,17 +76,26 @@ async def _puts(url: str, n: int, payload: bytes) -> float:
         return time.perf_counter() - t0
 
 
-async def _gets(url: str, n: int, payload: bytes) -> tuple[float, int]:
+async def _gets(url: str, n: int, payload: bytes, streams: int = 1, first: int = 0) -> tuple[float, int]:
+    """Gets of keys first..first+n, 8 per request, from `streams` concurrent request streams, each with a
+    client of its own (concurrent payload gets on one MembrainClient failed with EBADF on main as well)."""
     hits = 0
-    async with MembrainClient(url, timeout=30) as c:
-        t0 = time.perf_counter()
-        for i in range(0, n, BATCH):
-            keys = [f"d{j}" for j in range(i, min(n, i + BATCH))]
-            for got in await c.get_many(keys):
-                if got is not None:
-                    hits += 1
-                    assert len(got) == VALUE and bytes(got[:64]) == payload[:64]
-        return time.perf_counter() - t0, hits
+
+    async def stream(s: int) -> None:
+        nonlocal hits
+        async with MembrainClient(url, timeout=30) as c:
+            for i in range(first + s * BATCH, first + n, BATCH * streams):
+                keys = [f"d{j}" for j in range(i, min(first + n, i + BATCH))]
+                for got in await c.get_many(keys):
+                    if got is not None:
+                        hits += 1
+                        assert len(got) == VALUE and bytes(got[:64]) == payload[:64]
+
+    t0 = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for s in range(streams):
+            tg.start_soon(stream, s)
+    return time.perf_counter() - t0, hits
 
 
 def main() -> None:
@@ -111,7 +121,9 @@ def main() -> None:
         try:
             put_s = anyio.run(_puts, srv.url, n, payload)
             drop_cached_pages(disk_dir)
-            get_s, hits = anyio.run(_gets, srv.url, n, payload)
+            get_s, hits = anyio.run(_gets, srv.url, n // 2, payload)  # first half: one request at a time
+            drop_cached_pages(disk_dir)
+            get4_s, hits4 = anyio.run(_gets, srv.url, n - n // 2, payload, 4, n // 2)  # second half: 4 streams
             tiers = httpx.get(srv.url + "/v1/stats").json()["tiers"]
         finally:
             srv.stop()
@@ -141,6 +153,8 @@ def main() -> None:
         "put_gbs": n * VALUE / put_s / 1e9, "get_gbs": hits * VALUE / get_s / 1e9, "hits": hits, "values": n,
         "disk_hits": tiers["disk"]["hits"], "spill_dropped": tiers["disk"]["spill_dropped"],
         "put_x_raw_write": n * VALUE / put_s / 1e9 / raw_w, "get_x_raw_read": hits * VALUE / get_s / 1e9 / raw_r,
+        "get4_gbs": hits4 * VALUE / get4_s / 1e9, "get4_x_raw_read": hits4 * VALUE / get4_s / 1e9 / raw_r,
+        "hits4": hits4,
     }
     gib = max(on_disk / (1 << 30), 1e-9)
     out["reopen"] = {"bytes_on_disk": on_disk, "values": reopened["recovered_keys"], "seconds": reopened["reopen_seconds"],
@@ -152,8 +166,9 @@ def main() -> None:
           f"(before {out['raw_before']['write_gbs']:.2f}/{out['raw_before']['read_gbs']:.2f}, "
           f"after {out['raw_after']['write_gbs']:.2f}/{out['raw_after']['read_gbs']:.2f})")
     print(f"membrain disk tier, {n} x 1 MiB through {RAM >> 20} MiB of RAM: put {m['put_gbs']:.2f} GB/s "
-          f"({m['put_x_raw_write']:.2f}x raw write), get {m['get_gbs']:.2f} GB/s ({m['get_x_raw_read']:.2f}x raw read), "
-          f"{hits}/{n} hits ({m['disk_hits']} from disk), {m['spill_dropped']} dropped")
+          f"({m['put_x_raw_write']:.2f}x raw write), get {m['get_gbs']:.2f} GB/s ({m['get_x_raw_read']:.2f}x raw read) "
+          f"one request at a time, {m['get4_gbs']:.2f} GB/s ({m['get4_x_raw_read']:.2f}x) with 4 in flight; "
+          f"{hits + hits4}/{n} hits ({m['disk_hits']} from disk), {m['spill_dropped']} dropped")
     print(f"reopen: {r['values']} values, {r['bytes_on_disk'] / (1 << 30):.2f} GiB of segments in {r['seconds']:.3f} s "
           f"({r['seconds_per_gib']:.3f} s per GiB) from hint files; by scanning every header (no hints, cold): "
           f"{r['scan_values']} values in {r['scan_seconds']:.3f} s ({r['scan_seconds_per_gib']:.3f} s per GiB)")
