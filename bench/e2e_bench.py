@@ -129,6 +129,13 @@ def ttft_bench(cold: dict, on1: Instance, on2: Instance, sizes: list[int], bw: f
     return rows
 
 
+def per_lookup(delta: dict) -> dict:
+    lookups, jobs = delta.get("vllm:membrain_lookups", 0), delta.get("vllm:membrain_lookup_jobs", 0)
+    return {"lookups": lookups, "lookup_jobs": jobs, "lookup_waits": delta.get("vllm:membrain_lookup_waits", 0),
+            "lookup_s_mean": delta.get("vllm:membrain_lookup_seconds", 0) / lookups if lookups else None,
+            "lookup_rtt_s_mean": delta.get("vllm:membrain_lookup_rtt_seconds", 0) / jobs if jobs else None}
+
+
 def no_reuse_bench(off: Instance, on: Instance, rounds: int, n_prompts: int, prompt_words: int, bar) -> dict:
     """Tokens/s with and without the connector on prompts nobody saw before: a batch submitted at once, and
     the same number of prompts one at a time (per-request cost, free of batching effects)."""
@@ -146,7 +153,10 @@ def no_reuse_bench(off: Instance, on: Instance, rounds: int, n_prompts: int, pro
                                   "saved_blocks": rep["delta"].get("vllm:membrain_saved_blocks", 0),
                                   # The save gather runs inside the step (pages copied out before vLLM may
                                   # reuse the blocks): its share of the wall time is its cost to throughput.
-                                  "save_copy_share": rep["delta"].get("vllm:membrain_save_copy_seconds", 0) / rep["wall_s"]}
+                                  "save_copy_share": rep["delta"].get("vllm:membrain_save_copy_seconds", 0) / rep["wall_s"],
+                                  # A request waits for its lookup's answer before it is scheduled (lookup_s),
+                                  # of which the round trip on the Membrain thread is lookup_rtt_s.
+                                  **per_lookup(rep["delta"])}
                 bar.update()
             pairs.append(row)
         off_tps = [p[off.name]["tokens_per_s"] for p in pairs]

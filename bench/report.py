@@ -146,7 +146,7 @@ def e2e_lines(e2e: dict) -> list[str]:
     return lines + [""]
 
 
-ARM_LABELS = {"off": "no Membrain (recompute)", "sync": "Membrain, sync loads", "async": "Membrain, async loads"}
+ARM_LABELS = {"off": "no Membrain (recompute)", "local": "local prefix hit (no Membrain, prefix computed beforehand)", "sync": "Membrain, sync loads", "async": "Membrain, async loads"}
 
 
 def stall_rows(stall: dict) -> tuple[dict | None, dict[str, dict], list[dict]]:
@@ -222,15 +222,15 @@ def timeline_panel(ax, stall: dict) -> None:
     """The streams' gaps over time in the first run of each arm at the lowest link rate, arrivals marked."""
     _ref, _idle, hits = stall_rows(stall)
     rates = sorted({r["rate"] for r in hits if r["rate"]})
-    colors = {"off": "tab:gray", "sync": "tab:red", "async": "tab:green"}
-    for mode in ("off", "sync", "async"):
-        r = next((x for x in hits if x["arm"] == mode and (mode == "off" or x["rate"] == rates[0])), None)
+    colors = {"off": "tab:gray", "local": "tab:blue", "sync": "tab:red", "async": "tab:green"}
+    for mode in ("off", "local", "sync", "async"):
+        r = next((x for x in hits if x["arm"] == mode and (not x["rate"] or x["rate"] == rates[0])), None)
         ts = r["raw"].get("step_times_s") if r else None
         if not ts:
             continue
         # A gap spans the time from one token to the next: drawn as a step over that span.
         ax.step(ts[1:], [1e3 * (b - a) for a, b in zip(ts, ts[1:])], where="pre", color=colors[mode], linewidth=1,
-                label=ARM_LABELS[mode] + (f", {rate_label(rates[0])}" if mode != "off" else ""))
+                label=ARM_LABELS[mode] + (f", {rate_label(rates[0])}" if r["rate"] else ""))
         for h in r["raw"]["hits"]:
             ax.axvline(h["added_at_s"], color=colors[mode], linestyle=":", linewidth=0.8)
     ax.set_yscale("log")
@@ -290,16 +290,16 @@ def stall_panel(ax, stall: dict) -> None:
     """Gap p99 per arm and link (bars), p50 and max as markers, the reference p50 and twice it as lines."""
     ref, _idle, hits = stall_rows(stall)
     rates = sorted({r["rate"] for r in hits if r["rate"]})
-    groups = [("off", None)] + [(m, rate) for rate in rates for m in ("sync", "async")]
+    groups = [("off", None), ("local", None)] + [(m, rate) for rate in rates for m in ("sync", "async")]
     xs, labels, seen = [], [], set()
-    colors = {"off": "tab:gray", "sync": "tab:red", "async": "tab:green"}
+    colors = {"off": "tab:gray", "local": "tab:blue", "sync": "tab:red", "async": "tab:green"}
     for i, (mode, rate) in enumerate(groups):
         rs = [r for r in hits if r["arm"] == mode and (rate is None or r["rate"] == rate)]
         if not rs:
             continue
         r = {k: statistics.median(x[k] for x in rs) for k in ("gap_p50_ms", "gap_p99_ms", "gap_max_ms")}
         xs.append(i)
-        labels.append(f"{mode}\n{rate_label(rate)}" if rate else "no\nMembrain")
+        labels.append(f"{mode}\n{rate_label(rate)}" if rate else "local\nhit" if mode == "local" else "no\nMembrain")
         ax.bar(i, r["gap_p99_ms"], 0.6, color=colors.get(mode, "tab:blue"),
                label=ARM_LABELS.get(mode, mode) if mode not in seen else None)
         seen.add(mode)

@@ -12,6 +12,9 @@ the last arrival finished) and the arrivals' time to first token:
 - no Membrain: the arrivals recompute their prefixes;
 - Membrain, VLLM_MEMBRAIN_LOAD_MODE=sync: pages load inside the step, before the forward pass;
 - Membrain, VLLM_MEMBRAIN_LOAD_MODE=async: a hit waits in WAITING_FOR_REMOTE_KVS while the batch runs on;
+- local (`--modes local`): no Membrain, each prefix computed beforehand into the engine's own prefix cache, so
+  an arrival is a local hit: the floor any prefix cache has, the step that computes the arrival's uncached
+  tail beside the streams;
 
 each Membrain arm at every link rate, plus its own no-arrival reference (what the connector costs decode when
 nothing loads). A seeding engine, connected to the server directly, computes every prefix first; each arm's
@@ -29,14 +32,14 @@ import argparse
 import json
 import os
 import platform
-import queue
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+
+from membrain_async.testing.driver import EventProcess
 
 MODEL = {"layers": 8, "hidden": 1024, "heads": 8, "kv_heads": 4, "intermediate": 4096, "vocab_size": 2048}
 ENGINE = {"dtype": "bfloat16", "max_model_len": 8192, "seed": 0, "enable_prefix_caching": True, "enforce_eager": True}
@@ -92,6 +95,8 @@ def stall_run(llm, cmd: dict) -> dict:
 
     engine = llm.llm_engine
     llm.reset_prefix_cache()  # nothing of an earlier run may be hit locally
+    if cmd.get("prefill_first"):  # the local arm: the arrivals' prompts hit vLLM's own prefix cache
+        llm.generate([a["text"] for a in cmd["arrivals"]], SamplingParams(max_tokens=1), use_tqdm=False)
     stream_params = SamplingParams(temperature=0.0, max_tokens=cmd["stream_max_tokens"], ignore_eos=True)
     hit_params = SamplingParams(temperature=0.0, max_tokens=cmd["hit_max_tokens"], ignore_eos=True)
     streams = [f"s{i}" for i in range(len(cmd["streams"]))]
@@ -149,53 +154,26 @@ def stall_run(llm, cmd: dict) -> dict:
 # ---------------------------------------------------------------- orchestration
 
 
-class Engine:
-    """One engine process of this file, driven by JSON lines."""
+class Engine(EventProcess):
+    """One engine process of this file (`stall_bench.py engine SPEC`), driven by JSON lines."""
+
+    failure = SystemExit
 
     def __init__(self, name: str, model: str, env: dict, logs: str, warmup: str):
-        self.name = name
         spec_path = os.path.join(logs, f"{name}.json")
         with open(spec_path, "w") as f:
             json.dump({"model": model, "engine": ENGINE, "warmup": warmup}, f)
-        self.log = open(os.path.join(logs, f"{name}.log"), "w")
-        self.log_path = self.log.name
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "engine", spec_path], env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.events: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.wait("ready", 1800)
+        super().__init__([sys.executable, os.path.abspath(__file__), "engine", spec_path], env,
+                         os.path.join(logs, f"{name}.log"), name)
+        self.next_event("ready", 1800)
 
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.log.write(line)
-            self.log.flush()
-            if line.startswith("{"):
-                try:
-                    self.events.put(json.loads(line))
-                except ValueError:
-                    pass
-        self.events.put(None)
-
-    def wait(self, key: str, timeout: float) -> dict:
-        end = time.monotonic() + timeout
-        while True:
-            try:
-                event = self.events.get(timeout=max(0.1, end - time.monotonic()))
-            except queue.Empty:
-                raise SystemExit(f"{self.name}: no '{key}' in {timeout} s; see {self.log_path}") from None
-            if event is None:
-                raise SystemExit(f"{self.name} exited ({self.proc.wait()}); see {self.log_path}")
-            if key in event:
-                return event
-
-    def send(self, cmd: dict, key: str, timeout: float = 1800) -> dict:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        return self.wait(key, timeout)
+    def request(self, cmd: dict, key: str, timeout: float = 1800) -> dict:
+        self.send(cmd)
+        return self.next_event(key, timeout)
 
     def stop(self) -> None:
         try:
-            self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+            self.send({"op": "quit"})
             self.proc.stdin.close()
             self.proc.wait(timeout=120)
         except (OSError, subprocess.TimeoutExpired):
@@ -267,7 +245,7 @@ def summarize(run: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rates", type=float, nargs="+", default=[100e6, 1e9], help="link bytes/s per direction")
-    ap.add_argument("--modes", nargs="+", default=["off", "sync", "async"], choices=["off", "sync", "async"])
+    ap.add_argument("--modes", nargs="+", default=["off", "local", "sync", "async"], choices=["off", "local", "sync", "async"])
     ap.add_argument("--streams", type=int, default=2)
     ap.add_argument("--arrivals", type=int, default=3)
     ap.add_argument("--spacing", type=float, default=2.0, help="seconds between arrivals")
@@ -316,20 +294,21 @@ def main() -> None:
     def warm_up(eng: Engine) -> None:
         """Untimed: the streams' batch shapes and a step mixing decode with a prefill (a prompt nobody saved)."""
         salt = 1000 + len(results["runs"])
-        eng.send({"op": "run", "name": "warm-up", "streams": [words(48, seed=60_000 + 10 * salt + i) for i in range(args.streams)],
+        eng.request({"op": "run", "name": "warm-up", "streams": [words(48, seed=60_000 + 10 * salt + i) for i in range(args.streams)],
                   "arrivals": [{"at": 0.2, "text": words(300, seed=50_000 + salt)}], "stream_max_tokens": 6000,
                   "hit_max_tokens": 4, "lead_tokens": 16, "duration_s": 1.0}, "run")
 
-    def run(eng: Engine, arm: str, rate: float | None, key, with_arrivals: bool) -> None:
+    def run(eng: Engine, arm: str, rate: float | None, key, with_arrivals: bool, prefill_first: bool = False) -> None:
         k = key[1] if key else 0
         salt = len(results["runs"])
         cmd = {"op": "run", "name": f"{arm}@{rate}" if rate else arm,
                "streams": [words(48, seed=60_000 + 10 * salt + i) for i in range(args.streams)],
                "arrivals": [{"at": 0.5 + j * args.spacing, "text": t} for j, t in enumerate(prefix_sets[key])]
                if with_arrivals else [],
-               "stream_max_tokens": 6000, "hit_max_tokens": 8, "lead_tokens": 16, "duration_s": args.duration}
+               "stream_max_tokens": 6000, "hit_max_tokens": 8, "lead_tokens": 16, "duration_s": args.duration,
+               "prefill_first": prefill_first}
         load_before = os.getloadavg()[0]
-        rep = eng.send(cmd, "run")
+        rep = eng.request(cmd, "run")
         # The machine may be shared: the load average says how much (2 cores: above 2, others ran too).
         row = {"arm": arm, "rate": rate, "repeat": k, "arrivals": with_arrivals, **summarize(rep),
                "loadavg_1m": [load_before, os.getloadavg()[0]], "raw": rep}
@@ -348,14 +327,14 @@ def main() -> None:
         results["link"] = measure_link(server.url, proxy, args.rates)
         print("link: " + ", ".join(f"{k} {v['mb_per_s']:.0f} MB/s" for k, v in results["link"].items()), flush=True)
         on = {**base, "VLLM_MEMBRAIN_ENABLED": "1", "VLLM_MEMBRAIN_NAMESPACE": "stall"}
-        membrain_modes = [mode for mode in args.modes if mode != "off"]
+        membrain_modes = [mode for mode in args.modes if mode not in ("off", "local")]
         if membrain_modes:
             print("seeding: one engine computes every prefix and saves it (server direct)", flush=True)
             # Room for every prefix in its write-behind queue: nothing of the seed may be dropped.
             seed_env = {**on, "VLLM_MEMBRAIN_ENDPOINT": server.url, "VLLM_MEMBRAIN_WRITE_BEHIND_BYTES": "2GiB"}
             alive.append(Engine("seed", model, seed_env, logs, words(200, seed=901)))
             prompts = [p for ps in prefix_sets.values() for p in ps]
-            rep = alive[0].send({"op": "seed", "prompts": prompts, "settle_s": 5.0}, "seeded")
+            rep = alive[0].request({"op": "seed", "prompts": prompts, "settle_s": 5.0}, "seeded")
             results["seed_metrics"] = sm = rep["metrics"]
             print(f"  saved {sm.get('vllm:membrain_saved_bytes', 0) / 1e6:.0f} MB "
                   f"({sm.get('vllm:membrain_saved_blocks', 0):.0f} blocks), dropped "
@@ -363,7 +342,8 @@ def main() -> None:
             alive.pop().stop()
         for mode in args.modes:
             print(f"arm {mode}: a fresh engine", flush=True)
-            env = base if mode == "off" else {**on, "VLLM_MEMBRAIN_ENDPOINT": proxy.url, "VLLM_MEMBRAIN_LOAD_MODE": mode}
+            plain = mode in ("off", "local")
+            env = base if plain else {**on, "VLLM_MEMBRAIN_ENDPOINT": proxy.url, "VLLM_MEMBRAIN_LOAD_MODE": mode}
             alive.append(Engine(mode, model, env, logs, words(200, seed=902 + len(results["runs"]))))
             eng = alive[0]
             proxy.rate(0.0)
@@ -374,12 +354,13 @@ def main() -> None:
                 spy = subprocess.Popen(["py-spy", "record", "--pid", str(eng.proc.pid), "--subprocesses", "--nonblocking",
                                         "--format", "raw", "--rate", "200", "-o", os.path.join(args.profile, f"{mode}.txt")],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            run(eng, "reference" if mode == "off" else f"{mode}-idle", None, None, False)
+            if mode != "local":  # the local arm's engine is plain vLLM, as the reference's
+                run(eng, "reference" if mode == "off" else f"{mode}-idle", None, None, False)
             for key in prefix_sets:
-                if mode == "off":
+                if plain:
                     if key[0] != args.rates[0]:
-                        continue  # recomputing does not depend on the link
-                    run(eng, "off", None, key, True)
+                        continue  # recomputing, or a local hit, does not depend on the link
+                    run(eng, mode, None, key, True, prefill_first=mode == "local")
                 else:
                     proxy.rate(key[0])
                     run(eng, mode, key[0], key, True)

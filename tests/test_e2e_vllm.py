@@ -167,13 +167,17 @@ def test_server_down_killed_mid_load_and_restarted(model, baseline, logs, reliab
             assert rc == 0, engine.tail()
 
 
-def test_openai_server_with_env_vars_only(model, e2e_server, shared, baseline, logs):
+def test_openai_server_with_env_vars_only_starts_in_vllms_strict_mode(model, e2e_server, shared, baseline, logs):
+    """The variables run_with_membrain.sh sets, and --fail-on-environ-validation: vLLM refuses to start
+    on any VLLM_* name it does not know, so this starts only if the plugin made ours known."""
     port = free_port()
-    env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=e2e_server.url)
+    env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=e2e_server.url,
+                     VLLM_MEMBRAIN_NAMESPACE="default", VLLM_USE_V1="1")
     log = open(os.path.join(logs, "openai-server.log"), "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
-         "--dtype", "bfloat16", "--enforce-eager", "--block-size", str(BLOCK), "--max-model-len", "2048"],
+         "--dtype", "bfloat16", "--enforce-eager", "--block-size", str(BLOCK), "--max-model-len", "2048",
+         "--fail-on-environ-validation"],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
@@ -198,7 +202,9 @@ def test_openai_server_with_env_vars_only(model, e2e_server, shared, baseline, l
         assert hits and float(hits[0].split()[-1]) > 0, metrics[-2000:]
         ext = [line for line in metrics.splitlines() if line.startswith("vllm:external_prefix_cache_hits_total")]
         assert ext and float(ext[0].split()[-1]) > 0
-        assert "Membrain: active" in open(log.name).read()
+        server_log = open(log.name).read()
+        assert "Membrain: active" in server_log
+        assert "Unknown vLLM environment variable" not in server_log
     finally:
         proc.terminate()
         try:

@@ -88,6 +88,7 @@ def test_a_missing_block_stops_the_load_there_and_names_the_rest(server, layout)
         loader.submit(BlockTransfer("r1", [1, 2, 3], ["a", "b", "c"]))
         (outcome,) = drain_until(loader)
         assert (outcome.loaded, outcome.why, outcome.failed_block_ids) == (1, "missing", [2, 3])
+        assert outcome.missing_hash == "b"  # the block the server lacked (reported in KV events)
         assert block_fill(layout, 1) == {1.0} and block_fill(layout, 3) == {0.0}
     finally:
         rt.shutdown(drain=2)

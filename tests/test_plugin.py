@@ -51,3 +51,23 @@ def test_another_connector_is_left_alone(clean_env):
     args = EngineArgs(model="dummy", kv_transfer_config=KVTransferConfig(kv_connector="NixlConnector", kv_role="kv_both"))
     assert not activate(args)
     assert args.kv_transfer_config.kv_connector == "NixlConnector"
+
+
+def test_membrains_variables_pass_vllms_strict_environment_check(clean_env, monkeypatch):
+    """--fail-on-environ-validation refuses any VLLM_* name vLLM's table lacks; the plugin adds exactly ours."""
+    from vllm import envs
+    from vllm.platforms import current_platform
+
+    from membrain_async.vllm import environ, plugin
+
+    plugin.register()
+    for name in environ.names():
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("VLLM_MEMBRAIN_TOKEN", "s3cret-token")
+    current_platform.validate_environ(True)  # raises ValueError on an unknown name
+    assert {"VLLM_MEMBRAIN_ENABLED", "VLLM_MEMBRAIN_ENDPOINT", "VLLM_MEMBRAIN_LOAD_MODE", "VLLM_USE_V1"} <= set(environ.names())
+    # vLLM hashes every known variable's value into its compile cache key: ours must not be in it.
+    assert "s3cret-token" not in repr(envs.compile_factors())
+    monkeypatch.setenv("VLLM_MEMBRAIN_NO_SUCH_SETTING", "1")  # a typo is still vLLM's to report
+    with pytest.raises(ValueError, match="VLLM_MEMBRAIN_NO_SUCH_SETTING"):
+        current_platform.validate_environ(True)

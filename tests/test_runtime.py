@@ -210,3 +210,16 @@ def test_prepare_runs_before_upload_off_the_callers_thread(runtime, server):
     assert runtime.flush(10)
     assert seen and seen[0] != threading.current_thread().name
     assert bytes(server.server.service.store.get("default", "prep")) == b"HEADER::payload"
+
+
+def test_a_ring_waiter_wakes_when_a_completion_lands_and_finds_it():
+    from membrain_async.runtime.ring import Completion
+
+    ring = CompletionRing()
+    assert not ring.wait(0.01)  # empty: rests the whole timeout
+    pusher = threading.Timer(0.05, ring.push, args=(Completion("lookup", "r", 1, "ok"),))
+    pusher.start()
+    assert ring.wait(30)  # woken by the push, long before the timeout
+    assert [c.tag for c in ring.poll()] == ["r"]
+    pusher.join()
+    assert not ring.wait(0)  # drained: nothing left to find

@@ -8,6 +8,7 @@ that records what the scheduler half evicts.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from types import SimpleNamespace
 
@@ -66,12 +67,13 @@ def store_leading(sched: MembrainScheduler, req: Request, n_blocks: int) -> list
 
 
 def answer(sched: MembrainScheduler, req: Request, local_tokens: int = 0, timeout: float = 10.0):
-    """Ask as vLLM does, once per step, until the lookup is answered."""
+    """Ask as vLLM does, once per step (a pass ends with build_connector_meta), until the lookup is answered."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         got = sched.get_num_new_matched_tokens(req, local_tokens)
         if got[0] is not None:
             return got
+        step(sched)
         time.sleep(0.01)
     raise AssertionError("the lookup was never answered")
 
@@ -187,3 +189,65 @@ def test_requests_arriving_together_are_answered_together(sched):
     sched.on_new_request(b)  # same tokens as a's first 4 blocks: both hit
     assert answer(sched, a) == (4 * BS, True)
     assert sched.get_num_new_matched_tokens(b, 0) == (4 * BS, True)  # its answer came in the same job
+
+
+def test_an_answer_landing_between_two_requests_of_one_pass_waits_for_the_next_pass(server):
+    """vLLM asks about each waiting request in turn. Requests looked up in one job must see their answers in
+    the same pass, or one is scheduled a step before the other and no longer shares its blocks."""
+    with FaultProxy(server.port) as proxy:
+        sched = make_scheduler(proxy.url)
+        try:
+            a, b = request("a"), request("b", 4 * BS + 3)
+            store_leading(sched, a, 4)
+            proxy.delay = 0.3
+            sched.on_new_request(a)
+            sched.on_new_request(b)
+            assert sched.get_num_new_matched_tokens(a, 0) == (None, False)  # sent, and pending
+            deadline = time.monotonic() + 10
+            while not len(sched._answers) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(sched._answers), "the lookup was never answered"
+            assert sched.get_num_new_matched_tokens(b, 0) == (None, False)  # same pass: as a saw it
+            step(sched)
+            assert sched.get_num_new_matched_tokens(a, 0) == (4 * BS, True)
+            assert sched.get_num_new_matched_tokens(b, 0) == (4 * BS, True)
+        finally:
+            sched.shutdown()
+
+
+def test_a_lookup_sent_on_arrival_is_answered_in_the_requests_first_pass(sched):
+    """arrival.py: the engine core's input thread sends the lookup while a step runs, before vLLM adds the
+    request. Its answer, landed meanwhile (and drained by a pass for other requests), is in hand at once."""
+    req = request("early")
+    store_leading(sched, req, 3)
+    t = threading.Thread(target=sched.on_request_arriving, args=(req,))
+    t.start()
+    t.join()
+    deadline = time.monotonic() + 10
+    while not len(sched._answers) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    other = request("other", 2 * BS)
+    sched.on_new_request(other)
+    answer(sched, other)  # passes for another request drain the ring before vLLM adds ours
+    drained = sched.take_stats()
+    assert drained["lookup_jobs"] == 2  # both answers drained, ours kept for when vLLM adds the request
+    assert drained["lookup_waits"] >= 1  # other's lookup went out at its first pass: it waited
+    sched.on_new_request(req)
+    assert sched.get_num_new_matched_tokens(req, 0) == (3 * BS, True)  # no pass spent waiting
+    stats = sched.take_stats()
+    assert stats["lookups"] == 1 and "lookup_waits" not in stats
+
+
+def test_a_lookup_sent_on_arrival_and_answered_after_the_request_was_added(server):
+    with FaultProxy(server.port) as proxy:
+        sched = make_scheduler(proxy.url)
+        try:
+            req = request("late")
+            store_leading(sched, req, 2)
+            proxy.delay = 0.3
+            sched.on_request_arriving(req)
+            sched.on_new_request(req)  # before the answer: not looked up a second time
+            assert answer(sched, req) == (2 * BS, True)
+            assert sched.take_stats()["lookup_jobs"] == 1
+        finally:
+            sched.shutdown()

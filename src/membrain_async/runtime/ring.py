@@ -1,11 +1,13 @@
 """Completion ring: the runtime thread appends completions, the caller drains them with poll().
 
 A deque: append and popleft are atomic under the GIL, so neither side takes a lock or waits. Nothing is
-dropped; `high_water` tells how far behind a caller has fallen.
+dropped; `high_water` tells how far behind a caller has fallen. `wait` is for a caller with nothing else
+to do (an idle vLLM step): it rests until something lands instead of spinning.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -23,10 +25,12 @@ class Completion:
 class CompletionRing:
     def __init__(self) -> None:
         self._items: deque[Completion] = deque()
+        self._landed = threading.Event()
         self.high_water = 0
 
     def push(self, item: Completion) -> None:
         self._items.append(item)
+        self._landed.set()  # after the append: a waiter that wakes always finds the item
         n = len(self._items)
         if n > self.high_water:
             self.high_water = n
@@ -41,6 +45,15 @@ class CompletionRing:
             except IndexError:
                 break
         return out
+
+    def wait(self, timeout: float) -> bool:
+        """Until something is in the ring, at most `timeout` seconds. True if something is."""
+        if self._items:
+            return True
+        self._landed.clear()
+        if self._items:  # pushed between the check and the clear
+            return True
+        return self._landed.wait(timeout)
 
     def __len__(self) -> int:
         return len(self._items)

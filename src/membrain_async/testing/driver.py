@@ -15,20 +15,20 @@ import threading
 import time
 
 
-class EngineProcess:
-    """`python -m membrain_async.testing.engine` in its own process; JSON events read from its stdout."""
+class EventProcess:
+    """A child process whose stdout lines go to a log, and whose JSON lines are its events.
 
-    def __init__(self, model: str, phases: list[dict], env: dict[str, str], log_dir: str, name: str,
-                 engine_kwargs: dict, interactive: bool = False):
+    `failure` is what a missing event raises: AssertionError in tests, SystemExit in benchmarks.
+    """
+
+    failure: type[BaseException] = AssertionError
+
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: str, name: str):
         self.name = name
-        spec = {"model": model, "engine": engine_kwargs, "phases": phases, "interactive": interactive}
-        fd, self.spec_path = tempfile.mkstemp(suffix=".json", dir=log_dir)
-        with os.fdopen(fd, "w") as f:
-            json.dump(spec, f)
-        self.log_path = os.path.join(log_dir, f"{name}.log")
+        self.log_path = log_path
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "membrain_async.testing.engine", self.spec_path],
+            argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -61,20 +61,42 @@ class EngineProcess:
             try:
                 event = self.events.get(timeout=max(0.1, end - time.monotonic()))
             except queue.Empty:
-                raise AssertionError(f"{self.name}: no '{key}' event in {timeout}s; log: {self.log_path}\n{self.tail()}") from None
+                raise self.failure(f"{self.name}: no '{key}' event in {timeout}s; log: {self.log_path}\n{self.tail()}") from None
             if event is None:
-                raise AssertionError(f"{self.name} exited ({self.proc.poll()}) before '{key}'; log: {self.log_path}\n{self.tail()}")
+                raise self.failure(f"{self.name} exited ({self.proc.poll()}) before '{key}'; log: {self.log_path}\n{self.tail()}")
             if key in event:
                 return event
+
+    def send(self, message: dict) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(message) + "\n")
+        self.proc.stdin.flush()
+
+    def tail(self, n: int = 40) -> str:
+        return "".join(self.lines[-n:])
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+class EngineProcess(EventProcess):
+    """`python -m membrain_async.testing.engine` in its own process; JSON events read from its stdout."""
+
+    def __init__(self, model: str, phases: list[dict], env: dict[str, str], log_dir: str, name: str,
+                 engine_kwargs: dict, interactive: bool = False):
+        spec = {"model": model, "engine": engine_kwargs, "phases": phases, "interactive": interactive}
+        fd, self.spec_path = tempfile.mkstemp(suffix=".json", dir=log_dir)
+        with os.fdopen(fd, "w") as f:
+            json.dump(spec, f)
+        super().__init__([sys.executable, "-m", "membrain_async.testing.engine", self.spec_path], env,
+                         os.path.join(log_dir, f"{name}.log"), name)
 
     def phase(self, timeout: float = 300) -> dict:
         return self.next_event("phase", timeout)
 
     def send_phase(self, phase: dict, timeout: float = 3600) -> dict:
         """Interactive mode: run one phase now and return its report."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(phase) + "\n")
-        self.proc.stdin.flush()
+        self.send(phase)
         return self.phase(timeout)
 
     def go(self) -> None:
@@ -96,9 +118,3 @@ class EngineProcess:
             rc = self.proc.wait()
         self.log.close()
         return rc
-
-    def tail(self, n: int = 40) -> str:
-        return "".join(self.lines[-n:])
-
-    def output(self) -> str:
-        return "".join(self.lines)

@@ -59,7 +59,14 @@ class MembrainConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             from .scheduler import MembrainScheduler
 
+            from . import arrival
+            from .kv_events import MembrainKVEvents
+
             self._scheduler = MembrainScheduler.from_vllm_config(vllm_config, self.config)
+            # None unless vLLM's KV events are on: then nothing is built for them.
+            self._scheduler.events = MembrainKVEvents.for_vllm(
+                vllm_config, kv_cache_config, self._scheduler.fingerprint)
+            arrival.install()  # lookups sent from the engine core's input thread (arrival.py)
         else:
             from .worker import MembrainWorker
 
@@ -80,6 +87,10 @@ class MembrainConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         return self._scheduler.build_connector_meta(scheduler_output)
 
+    def on_request_arriving(self, request: "Request") -> None:
+        """Not vLLM's API: called from the engine core's input thread by arrival.py's hook."""
+        self._scheduler.on_request_arriving(request)
+
     def on_new_request(self, request: "Request") -> None:
         self._scheduler.on_new_request(request)
 
@@ -93,6 +104,11 @@ class MembrainConnector(KVConnectorBase_V1):
 
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
         self._scheduler.update_connector_output(connector_output)
+
+    def take_events(self):
+        """Membrain's BlockStored/BlockRemoved (medium MEMBRAIN), merged by vLLM into its KV event stream."""
+        events = self._scheduler.events if self._scheduler is not None else None
+        return events.take() if events is not None else ()
 
     def has_pending_push_work(self) -> bool:
         return self._scheduler is not None and self._scheduler.has_pending_push_work()

@@ -45,6 +45,7 @@ class LoadOutcome:
     loaded_bytes: int = 0
     why: str = ""  # for the blocks after `loaded`: missing | corrupt | timeout | unavailable | error | cancelled
     corrupt_keys: list[str] = field(default_factory=list)
+    missing_hash: str = ""  # why == "missing": the chain hash of the first block the server lacked
     seconds: float = 0.0
 
     @property
@@ -194,6 +195,7 @@ class PageLoader:
         for i, (block_id, block_hash, value) in enumerate(zip(load.block_ids, load.hashes, values)):
             if value is None:
                 outcome.why = "missing"
+                outcome.missing_hash = block_hash
                 break
             key = self.key_of(block_hash)
             try:
@@ -208,6 +210,7 @@ class PageLoader:
             outcome.loaded_bytes += len(value)
         if len(good_ids) < len(load.block_ids) and not outcome.why:
             outcome.why = "missing"  # fewer values than blocks
+            outcome.missing_hash = load.hashes[len(good_ids)]
         if good_ids:
             if self.mover is None:
                 self.layout.scatter_many(good_ids, good_pages)

@@ -57,10 +57,16 @@ class MembrainConnectorMetadata(KVConnectorMetadata):
 
 @dataclass
 class MembrainWorkerMetadata(KVConnectorWorkerMetadata):
-    """The steps whose metadata a worker ran (merged across ranks: every rank runs every step)."""
+    """The steps whose metadata a worker ran (merged across ranks: every rank runs every step).
+
+    `missing`: chain hashes of blocks a load found missing on the server, on any rank (only while vLLM's
+    KV events are on; the scheduler half announces them removed, see kv_events.py).
+    """
 
     steps: list[int] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> "MembrainWorkerMetadata":
         steps = set(self.steps) | set(getattr(other, "steps", ()))
-        return MembrainWorkerMetadata(sorted(steps))
+        missing = list(dict.fromkeys([*self.missing, *getattr(other, "missing", ())]))
+        return MembrainWorkerMetadata(sorted(steps), missing)

@@ -41,7 +41,10 @@ def _route_logs_through_vllm() -> None:
 def register() -> None:
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
+    from . import environ
+
     _route_logs_through_vllm()
+    environ.register()  # no "Unknown vLLM environment variable" for ours; strict mode starts
     if CONNECTOR_NAME not in KVConnectorFactory._registry:
         KVConnectorFactory.register_connector(CONNECTOR_NAME, CONNECTOR_MODULE, CONNECTOR_NAME)
     raw = os.environ.get("VLLM_MEMBRAIN_ENABLED")

@@ -33,6 +33,7 @@ class PlannedSave:
     first_block: int  # index in the request's block table of the first planned block
     hashes: list[str]
     reads: frozenset[int]  # block ids whose KV the saved blocks were computed over (table[:last + 1])
+    stamp: int = 0  # the clock when planned: a lookup stamped later than this was sent after the plan
 
 
 class SaveLedger:
@@ -70,7 +71,7 @@ class SaveLedger:
         while len(self._recent) > self._recent_limit:
             self._recent.popitem(last=False)
         last = first_block + len(hashes)
-        planned = PlannedSave(step, req_id, first_block, list(hashes), frozenset(table[:last]))
+        planned = PlannedSave(step, req_id, first_block, list(hashes), frozenset(table[:last]), stamp)
         self._awaiting.setdefault(step, []).append(planned)
         self._expire(step)
         return planned

@@ -1,6 +1,7 @@
 """The connector's scheduler half (EngineCore process).
 
-It never waits on the network: a request's lookup is submitted to the block store when the request arrives;
+It never waits on the network: a request's lookup is submitted to the block store when the request arrives
+(from the engine core's input thread where there is one, see arrival.py; else at the next scheduling pass);
 `get_num_new_matched_tokens` answers from the lookup's future (None while pending, so vLLM asks again
 next step) and the runtime thread does the rest. What to load and what to save reaches the workers only
 through `MembrainConnectorMetadata`.
@@ -14,6 +15,7 @@ every block computed after them, so no later request can reuse pages that were n
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -35,7 +37,14 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
+    from .kv_events import MembrainKVEvents
+
 log = logging.getLogger("membrain.connector")
+
+# A step with nothing scheduled while lookups are pending rests this long at most (until an answer
+# lands): vLLM steps such an engine in a tight loop that holds the GIL the Membrain thread needs to
+# read the answer. Nothing waits on an idle step, so the rest costs nothing.
+IDLE_LOOKUP_WAIT_S = 0.002
 
 
 @dataclass
@@ -55,6 +64,17 @@ class _RequestState:
     loading: bool = False  # an async load was planned; vLLM calls update_state_after_alloc again after it
 
 
+@dataclass
+class _Arrival:
+    """A lookup sent from the input thread before vLLM added the request (arrival.py)."""
+
+    chain: BlockHashes
+    lookup_blocks: int
+    started: float
+    seq: int
+    answer: tuple[str, Any] | None = None  # (outcome, count) if it landed before the request was added
+
+
 class MembrainScheduler:
     def __init__(self, config: ConnectorConfig, *, block_size: int, fingerprint: str, block_bytes: int):
         self.config = config
@@ -70,6 +90,11 @@ class MembrainScheduler:
         self._finished: list[str] = []
         self._unsent_lookups: list[tuple[_RequestState, list[str]]] = []
         self._answers = CompletionRing()  # lookup answers, drained by the scheduler thread
+        self._answers_taken = False  # drained in this scheduling pass (reset by build_connector_meta)
+        self._pass_lookup_waits = 0  # requests of this pass that sat out for their lookup
+        # Lookups sent on arrival, by request id, until vLLM adds the request (the only state two threads share).
+        self._arrivals: dict[str, _Arrival] = {}
+        self._arrivals_lock = threading.Lock()
         self._step = 0
         self._ledger = SaveLedger()
         self._kv_cache_manager: "KVCacheManager | None" = None
@@ -82,6 +107,7 @@ class MembrainScheduler:
         self._step_load_blocks = 0
         self._hot: OrderedDict[str, None] = OrderedDict()
         self._stats: dict[str, float] = {}
+        self.events: "MembrainKVEvents | None" = None  # set by the connector when vLLM's KV events are on
 
     @classmethod
     def from_vllm_config(cls, vllm_config: "VllmConfig", config: ConnectorConfig) -> "MembrainScheduler":
@@ -106,8 +132,32 @@ class MembrainScheduler:
 
     # ------------------------------------------------------------------ vLLM scheduler hooks
 
+    def on_request_arriving(self, request: "Request") -> None:
+        """Engine core input thread, while the busy loop runs a step (arrival.py): send the lookup now.
+
+        Touches only the request, the store (thread-safe) and `_arrivals` under its lock.
+        """
+        n = self._loadable_blocks(request)
+        if n == 0 or request.skip_reading_prefix_cache:
+            return
+        chain = BlockHashes(self.block_size)
+        hashes = chain.extend(request, n)
+        arrival = _Arrival(chain, len(hashes), time.monotonic(), self._ledger.now())
+        with self._arrivals_lock:
+            self._arrivals[request.request_id] = arrival
+        self.store.lookup(self.keys_for(hashes), tag=(request.request_id,), ring=self._answers)
+
+    def _take_arrival(self, req_id: str) -> _Arrival | None:
+        with self._arrivals_lock:
+            arrival = self._arrivals.pop(req_id, None)
+            if len(self._arrivals) > 4096:  # preprocessed but never added (vLLM refused them): forget the oldest
+                for stale in list(self._arrivals)[:2048]:
+                    del self._arrivals[stale]
+        return arrival
+
     def on_new_request(self, request: "Request") -> None:
-        st = _RequestState(request, BlockHashes(self.block_size))
+        arrival = self._take_arrival(request.request_id)
+        st = _RequestState(request, arrival.chain if arrival else BlockHashes(self.block_size))
         self._requests[request.request_id] = st
         n = self._loadable_blocks(request)
         if n == 0 or request.skip_reading_prefix_cache:
@@ -117,8 +167,13 @@ class MembrainScheduler:
         st.lookup_blocks = len(hashes)
         st.hot_blocks = self._hot_leading(hashes)
         if st.hot_blocks == len(hashes):
-            st.stored_blocks = st.hot_blocks  # all in this instance's hot tier: no round trip
+            st.stored_blocks = st.hot_blocks  # all in this instance's hot tier: the arrival's answer is not needed
             self._count("hot_lookups")
+            return
+        if arrival is not None:
+            st.lookup_started, st.lookup_seq = arrival.started, arrival.seq
+            if arrival.answer is not None:
+                st.answer_outcome, st.answer = arrival.answer
             return
         st.lookup_started = time.monotonic()
         st.lookup_seq = self._ledger.now()
@@ -150,12 +205,18 @@ class MembrainScheduler:
             self._count("lookup_rtt_ms", 1e3 * done.latency_s)
             self._count("lookup_jobs")
             for i, req_id in enumerate(done.tag):
+                count = None if counts is None else counts if isinstance(counts, int) else counts[i]
                 st = self._requests.get(req_id)
-                if st is None or st.answer_outcome:
-                    continue  # finished meanwhile, or already given up on at the deadline
+                if st is None:  # sent on arrival, and vLLM has not added the request yet; or finished meanwhile
+                    with self._arrivals_lock:
+                        arrival = self._arrivals.get(req_id)
+                        if arrival is not None:
+                            arrival.answer = (done.outcome, count)
+                    continue
+                if st.answer_outcome:
+                    continue  # already given up on at the deadline
                 st.answer_outcome = done.outcome
-                if counts is not None:
-                    st.answer = counts if isinstance(counts, int) else counts[i]
+                st.answer = count
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         if self._unsent_lookups:
@@ -165,15 +226,23 @@ class MembrainScheduler:
             return 0, False
         st.local_tokens = num_computed_tokens
         if st.stored_blocks is None:
-            self._take_answers()
+            # Once per scheduling pass: requests of one pass see the same answers, so two requests looked
+            # up in one job are scheduled in one step even when the answer lands between their calls.
+            if not self._answers_taken:
+                self._answers_taken = True
+                self._take_answers()
             if not st.answer_outcome:
                 if time.monotonic() - st.lookup_started < self.config.lookup_deadline:
+                    self._count("lookup_waits")
+                    self._pass_lookup_waits += 1
                     self._queue_prefetch(st, num_computed_tokens)
                     return None, False  # ask again next step; the engine keeps running
                 st.answer_outcome = "timeout"  # a late answer is ignored
             if st.answer is None:
                 st.lookup_seq = None  # no answer: "missing" is not known, so it proves nothing
             st.stored_blocks = max(st.hot_blocks, min(st.answer or 0, st.lookup_blocks))
+            if self.events is not None and st.lookup_seq is not None:
+                self.events.lookup_missing(st.chain.hashes, st.answer or 0, st.lookup_blocks, st.lookup_seq)
             self._count("lookup_ms", 1e3 * (time.monotonic() - st.lookup_started))
             self._count("lookups")
             if st.answer_outcome == "timeout":
@@ -231,6 +300,7 @@ class MembrainScheduler:
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> MembrainConnectorMetadata:
         self._send_lookups()  # requests this step did not reach: their lookups go out now
+        self._answers_taken = False
         self._step += 1
         self._step_load_blocks = 0
         meta = MembrainConnectorMetadata(
@@ -243,6 +313,9 @@ class MembrainScheduler:
             idle=not scheduler_output.total_num_scheduled_tokens,
         )
         self._loads, self._prefetch, self._finished = [], [], []
+        if meta.idle and self._pass_lookup_waits:
+            self._answers.wait(IDLE_LOOKUP_WAIT_S)
+        self._pass_lookup_waits = 0
         return meta
 
     # ------------------------------------------------------------------ what each step's output says
@@ -257,8 +330,13 @@ class MembrainScheduler:
             self._evict_unfilled(invalid)
         worker_meta = output.kv_connector_worker_meta
         for step in worker_meta.steps if isinstance(worker_meta, MembrainWorkerMetadata) else ():
-            for discarded in self._ledger.settle(step, invalid):
-                self._replan(discarded)
+            discarded = self._ledger.settle(step, invalid)
+            for d in discarded:
+                self._replan(d)
+            if self.events is not None:
+                self.events.settled(step, discarded)
+        if self.events is not None and isinstance(worker_meta, MembrainWorkerMetadata):
+            self.events.load_missing(worker_meta.missing)
 
     def _evict_unfilled(self, invalid: set[int]) -> None:
         """Drop blocks that failed to load, and every block computed after them, from vLLM's prefix cache.
@@ -338,7 +416,9 @@ class MembrainScheduler:
                 plan_hashes.append(h)
             st.saved_upto = max(st.saved_upto, min(full, len(block_ids)))
             if plan_ids:
-                self._ledger.plan(self._step, req_id, first_planned, plan_hashes, block_ids)
+                planned = self._ledger.plan(self._step, req_id, first_planned, plan_hashes, block_ids)
+                if self.events is not None:
+                    self.events.planned(planned, req, st.chain.hashes)
                 saves.append(BlockTransfer(req_id, plan_ids, plan_hashes))
                 self._remember_hot(plan_hashes)
                 self._count("save_blocks_planned", len(plan_ids))

@@ -59,6 +59,10 @@ COUNTERS = {
         "vllm:membrain_evicted_unfilled_blocks",
         "Blocks dropped from vLLM's prefix cache after a failed load (the failed blocks and all computed after them)",
     ),
+    "lookup_waits": (
+        "vllm:membrain_lookup_waits",
+        "Scheduling passes in which a request sat out because its lookup had not been answered yet",
+    ),
     "loads_deferred": (
         "vllm:membrain_loads_deferred", "Hits held back a step because the step's loads reached VLLM_MEMBRAIN_STEP_LOAD_BYTES"
     ),

@@ -27,7 +27,7 @@ from .. import codec, keys
 from ..config import ConnectorConfig
 from ..cache import open_store
 from ..runtime import CompletionRing
-from . import identity
+from . import identity, kv_events
 from .loads import PageLoader
 from .metadata import MembrainConnectorMetadata, MembrainWorkerMetadata, SaveVerdict
 from .pages import (
@@ -94,6 +94,9 @@ class MembrainWorker:
         self._failed_requests: set[str] = set()
         self._stats: dict[str, float] = {}
         self._upload_ring = CompletionRing()  # the end of each save handed to the store
+        # Blocks loads found missing on the server, for the scheduler half's KV events (only when vLLM's are on).
+        self._report_missing = kv_events.enabled(vllm_config)
+        self._missing: list[str] = []
 
     def _key(self, block_hash: str) -> str:
         return keys.block_key(self.fingerprint, self.rank, block_hash)
@@ -164,6 +167,8 @@ class MembrainWorker:
             self._count("load_ms", 1e3 * outcome.seconds)
             if outcome.corrupt_keys:
                 self.store.forget(outcome.corrupt_keys)
+            if outcome.missing_hash and self._report_missing:
+                self._missing.append(outcome.missing_hash)
             if outcome.why == "cancelled":  # the request finished or was aborted: nothing to recompute
                 self._count("loads_cancelled")
             elif outcome.why:
@@ -237,9 +242,10 @@ class MembrainWorker:
 
     def worker_meta(self, meta: MembrainConnectorMetadata | None) -> MembrainWorkerMetadata | None:
         """Which step this output belongs to, for the scheduler to settle that step's staged saves."""
-        if meta is None or not meta.saves:
+        if meta is None or not (meta.saves or self._missing):
             return None
-        return MembrainWorkerMetadata([meta.step])
+        missing, self._missing = self._missing, []
+        return MembrainWorkerMetadata([meta.step] if meta.saves else [], missing)
 
     def _apply_verdicts(self, verdicts: list[SaveVerdict]) -> None:
         for verdict in verdicts:
