@@ -54,6 +54,8 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/runtime_bench.py", "--backend", "trio")
     session.run("python", "bench/cluster_bench.py", "--json", "bench/results/cluster.json")
     session.run("python", "bench/lookup_bench.py", "--json", "bench/results/lookup.json")
+    session.run("python", "bench/disk_bench.py", "--json", "bench/results/disk.json")
+    session.run("python", "bench/server_cpu.py")
     session.run("python", "bench/report.py", "--dir", "bench/results")
 
 
