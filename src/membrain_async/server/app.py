@@ -94,8 +94,14 @@ class MembrainServer:
         listener = self._listen()
         log.info("membrain serving on %s (capacity %d bytes, auth %s, tls %s)", self.url, self.config.capacity,
                  "on" if self.service.auth.enabled else "off", "on" if self.tls else "off")
+        disk = self.service.disk
+        if disk is not None:
+            log.info("disk tier at %s: %s, capacity %d bytes, %d values reopened", disk.directory, disk.state,
+                     disk.capacity, len(disk.index))
         try:
             async with anyio.create_task_group() as tg:
+                if disk is not None:
+                    tg.start_soon(disk.run, name="membrain-disk-writer")
                 task_status.started(self.port)
                 while True:
                     await anyio.wait_readable(listener)
@@ -116,6 +122,19 @@ class MembrainServer:
                     tg.start_soon(self._handle, conn)
         finally:
             sockio.close(listener)
+            if disk is not None:
+                await self._flush_disk(disk)
+
+    async def _flush_disk(self, disk) -> None:
+        """Shutdown: write what RAM holds to disk, bounded by --disk-flush-seconds, so a restart serves it."""
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self.config.disk_flush_seconds) as scope:
+                written = await disk.flush()
+            left = sum(1 for e in self.service.store.entries_lru() if not e.on_disk)
+            log.info("disk tier: flushed %d values at shutdown%s", written,
+                     f"; {left} values left RAM-only (the flush took its {self.config.disk_flush_seconds} s)"
+                     if scope.cancelled_caught else "")
+            await disk.close()
 
     async def _handle(self, conn: socket.socket) -> None:
         counters = self.service.counters

@@ -1,4 +1,4 @@
-"""Bulk front end: binary frames on a raw socket, values received straight into their storage buffers."""
+"""Bulk front end: binary frames on a raw socket, values received straight into their arena slots."""
 
 from __future__ import annotations
 
@@ -142,15 +142,25 @@ class BulkConnection:
             except RequestError:
                 await self._discard_body(frame)
                 raise
-            values = [svc.buffers.acquire(s) for s in sizes]
-            await self._read_body(values)
-            stored = svc.commit_put(ns, keys, values)
+            slots = await svc.alloc_put(sizes)
+            try:
+                # Straight into the arena: a value that could not get a slot is read and dropped.
+                await self._read_body([slot.view[:size] if slot is not None else size for slot, size in zip(slots, sizes)])
+                stored = svc.commit_put(ns, keys, slots, sizes)
+            except BaseException:
+                svc.abort_put(slots)
+                raise
             await self._reply(frame, {"stored": stored})
             return
         await self._discard_body(frame)
         if op == Op.GET:
-            values = svc.get_many(self.token, ns, keys)
-            await self._reply(frame, {"sizes": [-1 if v is None else len(v) for v in values]}, [v for v in values if v])
+            entries = await svc.get_entries(self.token, ns, keys)
+            try:  # pinned while they are on the wire: nobody can reuse their slots meanwhile
+                await self._reply(
+                    frame, {"sizes": [-1 if e is None else e.size for e in entries]}, [e.view for e in entries if e]
+                )
+            finally:
+                svc.unpin_all(entries)
         elif op == Op.LOOKUP:
             await self._reply(frame, {"count": svc.lookup(self.token, ns, keys)})
         elif op == Op.EXISTS:

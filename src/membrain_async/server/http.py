@@ -118,9 +118,11 @@ class HttpConnection:
             svc.begin_put(token, route.namespace, [route.key], [0])
             body = await self._read_body(request)
             svc.begin_put(token, route.namespace, [route.key], [len(body)])
-            created = svc.store.put(route.namespace, route.key, body)
-            if created is None:
+            if not svc.store.fits(len(body)):
                 raise RequestError(413, "value larger than the server's whole capacity")
+            (created,) = await svc.put_values(route.namespace, [route.key], [body])
+            if created is None:
+                raise RequestError(503, "no room: every slot is being read or written; retry")
             await self._send(201 if created else 200, [], b"")
             return
         body = await self._read_body(request)
@@ -135,10 +137,13 @@ class HttpConnection:
             text = render_prometheus(svc).encode()
             await self._send(200, [("content-type", "text/plain; version=0.0.4")], text)
         elif route.name == "get":
-            (value,) = svc.get_many(token, route.namespace, [route.key])
-            if value is None:
+            entries = await svc.get_entries(token, route.namespace, [route.key])
+            if entries[0] is None:
                 raise RequestError(404, "no such key")
-            await self._send(200, [("content-type", "application/octet-stream")], value)
+            try:
+                await self._send(200, [("content-type", "application/octet-stream")], entries[0].view)
+            finally:
+                svc.unpin_all(entries)
         elif route.name == "keys":
             try:
                 limit = api.keys_limit(target)
@@ -162,9 +167,9 @@ class HttpConnection:
             if any(v is None for v in values):
                 raise RequestError(400, "batch put needs a value (size >= 0) for every key")
             svc.begin_put(token, route.namespace, keys, [len(v) for v in values])
-            # Each stored value must own its bytes: the request body is not kept.
-            stored = svc.commit_put(route.namespace, keys, [bytes(v) for v in values])
-            await self._send_json(200, {"stored": stored})
+            # Copied into arena slots: the request body is not kept.
+            created = await svc.put_values(route.namespace, keys, values)
+            await self._send_json(200, {"stored": sum(c is not None for c in created)})
         elif route.name in ("batch_get", "lookup", "exists"):
             try:
                 keys = api.decode_keys_body(body)
@@ -175,9 +180,12 @@ class HttpConnection:
             elif route.name == "exists":
                 await self._send_json(200, {"present": svc.exists(token, route.namespace, keys)})
             else:
-                values = svc.get_many(token, route.namespace, keys)
-                parts = api.encode_batch(keys, values)
-                await self._send(200, [("content-type", api.BATCH_CONTENT_TYPE)], parts)
+                entries = await svc.get_entries(token, route.namespace, keys)
+                try:
+                    parts = api.encode_batch(keys, [None if e is None else e.view for e in entries])
+                    await self._send(200, [("content-type", api.BATCH_CONTENT_TYPE)], parts)
+                finally:
+                    svc.unpin_all(entries)
         else:  # pragma: no cover - match_route only returns the names above
             raise RequestError(404, "no such route")
 

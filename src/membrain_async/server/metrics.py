@@ -48,6 +48,25 @@ def render_prometheus(service: "Service") -> str:
     metric("tls_handshake_failures_total", "counter", "TLS handshakes that failed or timed out", [("", c.tls_handshake_failures)])
     metric("http_requests_total", "counter", "HTTP requests", [("", c.http_requests)])
     metric("bulk_frames_total", "counter", "Bulk protocol frames", [("", c.bulk_frames)])
+    tiers = service.tier_stats()
+    for name, kind, help_ in (("bytes", "gauge", "Bytes of values held by each tier"),
+                              ("keys", "gauge", "Values held by each tier"),
+                              ("hits", "counter", "Gets and lookups answered by each tier"),
+                              ("evictions", "counter", "Values evicted from each tier (from RAM: to disk if it has one)")):
+        suffix = "_total" if kind == "counter" else ""
+        metric(f"tier_{name}{suffix}", kind, help_,
+               [(f'{{tier="{t}"}}', v.get(name, 0)) for t, v in tiers.items()])
+    if "disk" in tiers:
+        d = tiers["disk"]
+        metric("disk_capacity_bytes", "gauge", "Configured disk tier capacity", [("", d["capacity"])])
+        metric("disk_degraded", "gauge", "1 while the disk tier is off after a write failure (RAM only)",
+               [("", int(d["state"] != "ok"))])
+        for name, help_ in (("writes", "Records written to the disk tier"),
+                            ("write_bytes", "Bytes written to the disk tier"),
+                            ("misses_corrupt", "Disk records that failed their read or checksum (served as misses)"),
+                            ("spill_dropped", "Values evicted from RAM that never reached disk"),
+                            ("segments_reclaimed", "Disk segments reclaimed to stay within capacity")):
+            metric(f"disk_{name}_total", "counter", help_, [("", d[name])])
     metric(
         "errors_total",
         "counter",

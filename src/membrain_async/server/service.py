@@ -9,13 +9,16 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import anyio
+
 from .. import __version__
 from ..config import ServerConfig
 from ..protocol import bulk
 from ..protocol.names import validate_key, validate_namespace
 from .auth import AuthError, Authorizer
-from .buffers import BufferPool
-from .store import Store
+from .arena import Slot
+from .disk import SPILL_WAIT, DiskTier
+from .store import Entry, Store
 
 
 class RequestError(Exception):
@@ -41,8 +44,11 @@ class ServerCounters:
 class Service:
     def __init__(self, config: ServerConfig, authorizer: Authorizer | None = None):
         self.config = config
-        self.buffers = BufferPool(min(64 << 20, config.capacity // 8))
-        self.store = Store(config.capacity, recycle=self.buffers.release)
+        self.store = Store(config.capacity)
+        self.disk: DiskTier | None = None
+        if config.disk_path:
+            self.disk = DiskTier(config.disk_path, config.disk_capacity, self.store)
+            self.store.spill = self.disk.spill
         self.auth = authorizer or Authorizer.from_file(config.auth_file)
         self.counters = ServerCounters()
         self.bound_port: int | None = None
@@ -80,7 +86,7 @@ class Service:
     # --- operations -------------------------------------------------------------------------------
 
     def begin_put(self, token: str | None, ns: str, keys: list[str], sizes: list[int]) -> str:
-        """Validate a put before its body is read; evicts ahead so memory stays within capacity."""
+        """Validate a put before its body is read."""
         ns = self._ns(ns)
         self._keys(keys)
         if len(sizes) != len(keys):
@@ -88,52 +94,147 @@ class Service:
         for s in sizes:
             self.check_value_size(s)
         self._authorize(token, ns, "write")
-        self.store.reserve(sum(sizes))
         return ns
 
-    def commit_put(self, ns: str, keys: list[str], values: list) -> int:
+    async def alloc_put(self, sizes: list[int]) -> list[Slot | None]:
+        """Arena slots for a put's values, evicting for them; None where a value cannot be stored now
+        (its bytes are then read and dropped). The caller commits or aborts every slot."""
+        slots: list[Slot | None] = []
+        deadline = None if self.disk is None else anyio.current_time() + SPILL_WAIT  # one wait per request
+        try:
+            for size in sizes:
+                slot = self.store.alloc(size) if self.disk is None else await self.disk.alloc(size, deadline)
+                if slot is None:
+                    if self.store.fits(size):
+                        self.store.totals.no_room += 1
+                    else:
+                        self.store.totals.rejected += 1
+                slots.append(slot)
+        except BaseException:
+            self.abort_put(slots)
+            raise
+        return slots
+
+    def abort_put(self, slots: list[Slot | None]) -> None:
+        for slot in slots:
+            if slot is not None:
+                self.store.release(slot)
+
+    def commit_put(self, ns: str, keys: list[str], slots: list[Slot | None], sizes: list[int]) -> int:
         stored = 0
-        for key, value in zip(keys, values):
-            if self.store.put(ns, key, value) is not None:
+        for key, slot, size in zip(keys, slots, sizes):
+            if slot is not None:
+                self._committed(self.store.commit(ns, key, slot, size)[0])
                 stored += 1
         return stored
 
-    def get_many(self, token: str | None, ns: str, keys: list[str]) -> list:
+    def _committed(self, entry: Entry) -> None:
+        if self.disk is not None:
+            self.disk.queue(entry)
+
+    async def put_values(self, ns: str, keys: list[str], values: list) -> list[bool | None]:
+        """Copy values in (the HTTP paths, whose bodies arrive in h11's buffers): created / replaced / not stored."""
+        slots = await self.alloc_put([len(v) for v in values])
+        out: list[bool | None] = []
+        for key, slot, value in zip(keys, slots, values):
+            if slot is None:
+                out.append(None)
+                continue
+            slot.view[: len(value)] = value
+            entry, old = self.store.commit(ns, key, slot, len(value))
+            self._committed(entry)
+            out.append(old is None)
+        return out
+
+    async def get_entries(self, token: str | None, ns: str, keys: list[str]) -> list[Entry | None]:
+        """The stored entries (None for a miss), each pinned: its slot cannot be reused until `unpin_all`,
+        so a reply can be sent straight from the arena while other requests evict and overwrite."""
         ns = self._ns(ns)
         self._keys(keys)
         self._authorize(token, ns, "read")
-        return [self.store.get(ns, k) for k in keys]
+        store, disk = self.store, self.disk
+        out: list[Entry | None] = [None] * len(keys)
+        from_disk: list[int] = []
+        for i, k in enumerate(keys):
+            entry = store.entry(ns, k)
+            if entry is not None:
+                store.pin(entry)
+                out[i] = entry
+            elif disk is not None and disk.contains(ns, k):
+                from_disk.append(i)
+        if from_disk:
+            # Neighbouring records in one read each, several reads at once; pinned like the RAM hits.
+            try:
+                promoted = await disk.promote_many(ns, [keys[i] for i in from_disk])
+            except BaseException:
+                self.unpin_all(out)
+                raise
+            for i, entry in zip(from_disk, promoted):
+                out[i] = entry
+        misses = sum(1 for e in out if e is None)
+        if misses:
+            store._ns(ns).misses += misses
+        return out
+
+    def unpin_all(self, entries: list[Entry | None]) -> None:
+        for entry in entries:
+            if entry is not None:
+                self.store.unpin(entry)
 
     def lookup(self, token: str | None, ns: str, keys: list[str]) -> int:
         ns = self._ns(ns)
         self._keys(keys)
         self._authorize(token, ns, "read")
-        return self.store.prefix_count(ns, keys)
+        if self.disk is None:
+            return self.store.prefix_count(ns, keys)
+        n = self.store.prefix_count(ns, keys, also=self.disk.contains)
+        # The loads usually follow: start reading the disk-only part of the prefix back into RAM now.
+        self.disk.prefetch(ns, [k for k in keys[:n] if not self.store.contains(ns, k)])
+        return n
 
     def exists(self, token: str | None, ns: str, keys: list[str]) -> list[int]:
         ns = self._ns(ns)
         self._keys(keys)
         self._authorize(token, ns, "read")
-        return [1 if self.store.contains(ns, k) else 0 for k in keys]
+        disk = self.disk
+        return [1 if self.store.contains(ns, k) or (disk is not None and disk.contains(ns, k)) else 0 for k in keys]
 
     def list_keys(self, token: str | None, ns: str, limit: int) -> dict:
         """Keys of one namespace, for operators and tests; needs read access to that namespace only."""
         ns = self._ns(ns)
         self._authorize(token, ns, "read")
         keys, truncated = self.store.keys(ns, limit)
+        if self.disk is not None and not truncated:  # then what only the disk holds, in no particular order
+            held = set(keys)
+            for k in self.disk.keys(ns):
+                if k not in held:
+                    if len(keys) == limit:
+                        truncated = True
+                        break
+                    keys.append(k)
         return {"keys": keys, "truncated": truncated}
 
     def head(self, token: str | None, ns: str, key: str) -> int | None:
         ns = self._ns(ns)
         self._keys([key])
         self._authorize(token, ns, "read")
-        return self.store.peek_size(ns, key)
+        size = self.store.peek_size(ns, key)
+        if size is None and self.disk is not None:
+            size = self.disk.size(ns, key)
+        return size
 
     def delete(self, token: str | None, ns: str, keys: list[str]) -> int:
         ns = self._ns(ns)
         self._keys(keys)
         self._authorize(token, ns, "write")
-        return sum(1 for k in keys if self.store.delete(ns, k))
+        deleted = 0
+        for k in keys:
+            here = self.store.delete(ns, k)
+            there = self.disk is not None and self.disk.contains(ns, k)
+            if self.disk is not None:
+                self.disk.delete(ns, k)
+            deleted += int(here or there)
+        return deleted
 
     def stats(self, token: str | None) -> dict:
         try:
@@ -142,6 +243,7 @@ class Service:
             raise RequestError(exc.status, str(exc)) from None
         out = self.store.stats(visible)
         if visible is None:
+            out["tiers"] = self.tier_stats()
             c = self.counters
             out["server"] = {
                 "uptime_s": round(time.time() - c.started_at, 3),
@@ -155,6 +257,16 @@ class Service:
             }
         return out
 
+    def tier_stats(self) -> dict:
+        st = self.store
+        ram = {"capacity": st.capacity, "bytes": st.used, "keys": len(st), "hits": st.totals.hits,
+               "evictions": st.totals.evictions, "mapped": st.arena.mapped}
+        out: dict = {"ram": ram}
+        if self.disk is not None:
+            d = self.disk.stats_dict()
+            out["disk"] = {"bytes": d["used"], **d}
+        return out
+
     def require_server_read(self, token: str | None) -> None:
         self._authorize(token, None, "read")
 
@@ -164,10 +276,11 @@ class Service:
             "server": "membrain",
             "version": __version__,
             "capabilities": ["memory", "batch", "lookup", "exists", "keys", "bulk", "stats", "metrics"]
-            + (["auth"] if self.auth.enabled else []),
+            + (["auth"] if self.auth.enabled else []) + (["disk"] if self.disk is not None else []),
             "put_existing": "overwrite",
             "limits": {
                 "capacity": cfg.capacity,
+                "disk_capacity": cfg.disk_capacity,
                 "max_value_bytes": cfg.max_value_bytes,
                 "max_batch_keys": cfg.max_batch_keys,
                 "max_connections": cfg.max_connections,

@@ -1,12 +1,15 @@
-"""The bounded value store: byte capacity, LRU eviction, per-namespace counters.
+"""The RAM tier: values in arena slots, byte capacity, LRU eviction, per-namespace counters.
 
-All calls happen on the server's event-loop thread, so the store needs no locks. Values are immutable
-once stored (a put of an existing key replaces the reference, it never writes into the old buffer), and a
-reader holds its own reference to the value it is sending: eviction or overwrite drops only the store's
-reference, so a value being read is never freed or changed under the reader.
+All calls happen on the server's event-loop thread, so the store needs no locks. A stored value is never
+written again: a put of an existing key takes a new slot and releases the old one, and a slot returns to
+the arena only once no reader pins it (see arena.py), so a value being sent is never changed under the
+reader.
 
 Put of an existing key overwrites it (and makes it most recently used). KV content under a key is
 deterministic, so overwriting is harmless, and it lets a client repair a value that failed its checksum.
+
+Eviction asks `spill` first (the disk tier): a value not yet on disk may be kept in its slot until it has
+been written; such slots count as `spill_pending` until `finish_spill` releases them.
 """
 
 from __future__ import annotations
@@ -15,7 +18,24 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
-Value = bytes | bytearray
+from .arena import Arena, Slot, size_class
+
+
+class Entry:
+    """One stored value. `live` turns False once it leaves the index (evicted, replaced, deleted)."""
+
+    __slots__ = ("ns", "key", "slot", "size", "view", "live", "on_disk", "queued", "spilled")
+
+    def __init__(self, ns: str, key: str, slot: Slot, size: int, on_disk: bool):
+        self.ns = ns
+        self.key = key
+        self.slot = slot
+        self.size = size
+        self.view = slot.view[:size]
+        self.live = True
+        self.on_disk = on_disk  # a record of this very value is on disk: eviction needs no write
+        self.queued = False  # waiting for (or in) a disk write
+        self.spilled = False  # evicted, its slot kept until the disk write ends
 
 
 @dataclass
@@ -37,16 +57,21 @@ class StoreTotals:
     bytes_in: int = 0
     bytes_out: int = 0
     rejected: int = 0  # values larger than the whole capacity
+    no_room: int = 0  # values not stored: every slot was pinned by a reader or awaiting its disk write
+    hits: int = 0
+    evictions: int = 0
 
 
 class Store:
-    def __init__(self, capacity: int, recycle: Callable[[Value], None] | None = None):
+    def __init__(self, capacity: int, spill: Callable[[Entry], bool] | None = None):
         if capacity <= 0:
             raise ValueError("capacity must be positive")
         self.capacity = capacity
-        self._recycle = recycle or (lambda value: None)
+        self.arena = Arena(capacity)
+        self.spill = spill
+        self.spill_pending = 0
         self.used = 0
-        self._values: OrderedDict[tuple[str, str], Value] = OrderedDict()
+        self._values: OrderedDict[tuple[str, str], Entry] = OrderedDict()
         self.namespaces: dict[str, NamespaceStats] = {}
         self.totals = StoreTotals()
 
@@ -59,57 +84,142 @@ class Store:
     def __len__(self) -> int:
         return len(self._values)
 
-    def put(self, ns: str, key: str, value: Value) -> bool | None:
-        """Store value; True if created, False if it replaced a value, None if it can never fit."""
-        size = len(value)
-        stats = self._ns(ns)
-        if size > self.capacity:
-            self.totals.rejected += 1
+    # --- slots ------------------------------------------------------------------------------------
+
+    def fits(self, size: int) -> bool:
+        return size <= self.capacity and self.arena.fits(size)
+
+    def alloc(self, size: int) -> Slot | None:
+        """A slot for an incoming value, evicting least recently used values for it.
+
+        None if the value can never fit, or if no slot frees up without waiting (readers' pins, values
+        waiting for their disk write: `spill_pending` says how much of that is coming back).
+        """
+        if not self.fits(size):
             return None
+        need = size_class(size)
+        while True:
+            slot = self.arena.alloc(size)
+            if slot is not None:
+                return slot
+            if self.arena.reclaim_for(size):
+                continue
+            if not self._values or self.spill_pending >= need:
+                return None
+            victim = next(iter(self._values.values()))
+            if size_class(victim.size) == need:
+                self._evict(victim)
+                continue
+            # The oldest value is of another size: free its whole slab for this size (memcached's slab
+            # move), so one odd-sized value costs at most a slab's worth of values, not the whole LRU.
+            for slot in list(victim.slot.slab.slots):
+                if slot.owner is not None:
+                    self._evict(slot.owner)
+
+    def release(self, slot: Slot) -> None:
+        self.arena.release(slot)
+
+    def pin(self, entry: Entry) -> None:
+        self.arena.pin(entry.slot)
+
+    def unpin(self, entry: Entry) -> None:
+        self.arena.unpin(entry.slot)
+
+    # --- index ------------------------------------------------------------------------------------
+
+    def commit(
+        self, ns: str, key: str, slot: Slot, size: int, on_disk: bool = False, promoted: bool = False
+    ) -> tuple[Entry, Entry | None]:
+        """Index a filled slot under (ns, key); returns the new entry and the one it replaced.
+        `promoted`: read back from disk, not a put (not counted as one)."""
+        stats = self._ns(ns)
         old = self._values.pop((ns, key), None)
         if old is not None:
-            self.used -= len(old)
-            stats.bytes -= len(old)
+            self._drop(old)
             stats.keys -= 1
-            self._recycle(old)
-        self._evict_until(self.capacity - size)
-        self._values[(ns, key)] = value
+            stats.bytes -= old.size
+            self.arena.release(old.slot)
+        entry = Entry(ns, key, slot, size, on_disk)
+        slot.owner = entry
+        self._values[(ns, key)] = entry
         self.used += size
         stats.keys += 1
         stats.bytes += size
-        stats.puts += 1
-        self.totals.bytes_in += size
+        if not promoted:
+            stats.puts += 1
+            self.totals.bytes_in += size
+        return entry, old
+
+    def put(self, ns: str, key: str, value) -> bool | None:
+        """Copy a value in (the HTTP paths); True if created, False if it replaced a value, None if not stored."""
+        size = len(value)
+        if not self.fits(size):
+            self.totals.rejected += 1
+            return None
+        slot = self.alloc(size)
+        if slot is None:
+            self.totals.no_room += 1
+            return None
+        slot.view[:size] = value
+        _, old = self.commit(ns, key, slot, size)
         return old is None
 
-    def reserve(self, nbytes: int) -> None:
-        """Evict ahead of an incoming value so that memory for it never exceeds capacity + what is in flight."""
-        self._evict_until(self.capacity - min(nbytes, self.capacity))
+    def _drop(self, entry: Entry) -> None:
+        entry.live = False
+        entry.slot.owner = None
+        self.used -= entry.size
 
-    def _evict_until(self, limit: int) -> None:
-        while self.used > limit and self._values:
-            (ns, _), victim = self._values.popitem(last=False)
-            self.used -= len(victim)
-            stats = self._ns(ns)
-            stats.keys -= 1
-            stats.bytes -= len(victim)
-            stats.evictions += 1
-            self._recycle(victim)
-
-    def get(self, ns: str, key: str) -> Value | None:
-        value = self._values.get((ns, key))
+    def _evict(self, victim: Entry) -> None:
+        ns = victim.ns
+        del self._values[(ns, victim.key)]
+        self._drop(victim)
         stats = self._ns(ns)
-        if value is None:
-            stats.misses += 1
+        stats.keys -= 1
+        stats.bytes -= victim.size
+        stats.evictions += 1
+        self.totals.evictions += 1
+        if self.spill is not None and self.spill(victim):
+            victim.spilled = True
+            self.spill_pending += size_class(victim.size)
+        else:
+            self.arena.release(victim.slot)
+
+    def finish_spill(self, entry: Entry) -> None:
+        """The disk write of an evicted value ended (or was given up): its slot is free again."""
+        if entry.spilled:
+            entry.spilled = False
+            self.spill_pending -= size_class(entry.size)
+            self.arena.release(entry.slot)
+
+    def entry(self, ns: str, key: str) -> Entry | None:
+        """The stored entry, counting a hit and refreshing recency (no miss counted: another tier may hold it)."""
+        entry = self._values.get((ns, key))
+        if entry is not None:
+            self._values.move_to_end((ns, key))
+            self._ns(ns).hits += 1
+            self.totals.hits += 1
+            self.totals.bytes_out += entry.size
+        return entry
+
+    def count_hit(self, entry: Entry) -> None:
+        """A hit served from another tier (the disk), counted per namespace but not as a RAM hit."""
+        self._ns(entry.ns).hits += 1
+        self.totals.bytes_out += entry.size
+
+    def get(self, ns: str, key: str) -> memoryview | None:
+        entry = self.entry(ns, key)
+        if entry is None:
+            self._ns(ns).misses += 1
             return None
-        self._values.move_to_end((ns, key))
-        stats.hits += 1
-        self.totals.bytes_out += len(value)
-        return value
+        return entry.view
+
+    def peek(self, ns: str, key: str) -> Entry | None:
+        return self._values.get((ns, key))
 
     def peek_size(self, ns: str, key: str) -> int | None:
         """Size without counting a hit or refreshing recency (HEAD, exists)."""
-        value = self._values.get((ns, key))
-        return None if value is None else len(value)
+        entry = self._values.get((ns, key))
+        return None if entry is None else entry.size
 
     def keys(self, ns: str, limit: int) -> tuple[list[str], bool]:
         """Up to `limit` keys of one namespace, most recently used first; and whether there were more."""
@@ -125,13 +235,19 @@ class Store:
     def contains(self, ns: str, key: str) -> bool:
         return (ns, key) in self._values
 
-    def prefix_count(self, ns: str, keys: list[str]) -> int:
-        """How many leading keys are present. Refreshes them: a prefix someone asked for is likely to be loaded."""
+    def touch(self, ns: str, key: str) -> bool:
+        if (ns, key) not in self._values:
+            return False
+        self._values.move_to_end((ns, key))
+        return True
+
+    def prefix_count(self, ns: str, keys: list[str], also: Callable[[str, str], bool] | None = None) -> int:
+        """How many leading keys are present (here, or where `also` says). Refreshes them: a prefix someone
+        asked for is likely to be loaded."""
         n = 0
         for key in keys:
-            if (ns, key) not in self._values:
+            if not self.touch(ns, key) and not (also is not None and also(ns, key)):
                 break
-            self._values.move_to_end((ns, key))
             n += 1
         stats = self._ns(ns)
         stats.hits += n
@@ -140,16 +256,20 @@ class Store:
         return n
 
     def delete(self, ns: str, key: str) -> bool:
-        value = self._values.pop((ns, key), None)
-        if value is None:
+        entry = self._values.pop((ns, key), None)
+        if entry is None:
             return False
+        self._drop(entry)
         stats = self._ns(ns)
-        self.used -= len(value)
         stats.keys -= 1
-        stats.bytes -= len(value)
+        stats.bytes -= entry.size
         stats.deletes += 1
-        self._recycle(value)
+        self.arena.release(entry.slot)
         return True
+
+    def entries_lru(self):
+        """Entries, least recently used first (the shutdown flush writes in this order)."""
+        return list(self._values.values())
 
     def stats(self, namespaces: set[str] | None = None) -> dict:
         visible = {ns: s.as_dict() for ns, s in self.namespaces.items() if namespaces is None or ns in namespaces}
@@ -162,5 +282,7 @@ class Store:
                 bytes_in=self.totals.bytes_in,
                 bytes_out=self.totals.bytes_out,
                 rejected=self.totals.rejected,
+                no_room=self.totals.no_room,
+                arena=self.arena.stats(),
             )
         return out
