@@ -204,9 +204,9 @@ def test_an_answer_landing_between_two_requests_of_one_pass_waits_for_the_next_p
             sched.on_new_request(b)
             assert sched.get_num_new_matched_tokens(a, 0) == (None, False)  # sent, and pending
             deadline = time.monotonic() + 10
-            while not len(sched._answers) and time.monotonic() < deadline:
+            while not len(sched.lookups.answers) and time.monotonic() < deadline:
                 time.sleep(0.01)
-            assert len(sched._answers), "the lookup was never answered"
+            assert len(sched.lookups.answers), "the lookup was never answered"
             assert sched.get_num_new_matched_tokens(b, 0) == (None, False)  # same pass: as a saw it
             step(sched)
             assert sched.get_num_new_matched_tokens(a, 0) == (4 * BS, True)
@@ -224,7 +224,7 @@ def test_a_lookup_sent_on_arrival_is_answered_in_the_requests_first_pass(sched):
     t.start()
     t.join()
     deadline = time.monotonic() + 10
-    while not len(sched._answers) and time.monotonic() < deadline:
+    while not len(sched.lookups.answers) and time.monotonic() < deadline:
         time.sleep(0.01)
     other = request("other", 2 * BS)
     sched.on_new_request(other)

@@ -1,8 +1,8 @@
 """The connector's scheduler half (EngineCore process).
 
 It never waits on the network: a request's lookup is submitted to the block store when the request arrives
-(from the engine core's input thread where there is one, see arrival.py; else at the next scheduling pass);
-`get_num_new_matched_tokens` answers from the lookup's future (None while pending, so vLLM asks again
+(from the engine core's input thread where there is one, else at the next scheduling pass: lookups.py);
+`get_num_new_matched_tokens` answers from the lookup's answer (None while pending, so vLLM asks again
 next step) and the runtime thread does the rest. What to load and what to save reaches the workers only
 through `MembrainConnectorMetadata`.
 
@@ -15,7 +15,6 @@ every block computed after them, so no later request can reuse pages that were n
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 from .. import keys
 from ..config import ConnectorConfig
 from ..cache import open_store
-from ..runtime import CompletionRing
 from . import identity
 from .blockhash import BlockHashes
+from .lookups import Lookups
 from .metadata import BlockTransfer, MembrainConnectorMetadata, MembrainWorkerMetadata
 from .save_ledger import PlannedSave, SaveLedger
 
@@ -40,11 +39,6 @@ if TYPE_CHECKING:
     from .kv_events import MembrainKVEvents
 
 log = logging.getLogger("membrain.connector")
-
-# A step with nothing scheduled while lookups are pending rests this long at most (until an answer
-# lands): vLLM steps such an engine in a tight loop that holds the GIL the Membrain thread needs to
-# read the answer. Nothing waits on an idle step, so the rest costs nothing.
-IDLE_LOOKUP_WAIT_S = 0.002
 
 
 @dataclass
@@ -64,17 +58,6 @@ class _RequestState:
     loading: bool = False  # an async load was planned; vLLM calls update_state_after_alloc again after it
 
 
-@dataclass
-class _Arrival:
-    """A lookup sent from the input thread before vLLM added the request (arrival.py)."""
-
-    chain: BlockHashes
-    lookup_blocks: int
-    started: float
-    seq: int
-    answer: tuple[str, Any] | None = None  # (outcome, count) if it landed before the request was added
-
-
 class MembrainScheduler:
     def __init__(self, config: ConnectorConfig, *, block_size: int, fingerprint: str, block_bytes: int):
         self.config = config
@@ -88,13 +71,7 @@ class MembrainScheduler:
         self._loads: list[BlockTransfer] = []
         self._prefetch: list[BlockTransfer] = []
         self._finished: list[str] = []
-        self._unsent_lookups: list[tuple[_RequestState, list[str]]] = []
-        self._answers = CompletionRing()  # lookup answers, drained by the scheduler thread
-        self._answers_taken = False  # drained in this scheduling pass (reset by build_connector_meta)
-        self._pass_lookup_waits = 0  # requests of this pass that sat out for their lookup
-        # Lookups sent on arrival, by request id, until vLLM adds the request (the only state two threads share).
-        self._arrivals: dict[str, _Arrival] = {}
-        self._arrivals_lock = threading.Lock()
+        self.lookups = Lookups(self.store, self._count)
         self._step = 0
         self._ledger = SaveLedger()
         self._kv_cache_manager: "KVCacheManager | None" = None
@@ -135,28 +112,17 @@ class MembrainScheduler:
     def on_request_arriving(self, request: "Request") -> None:
         """Engine core input thread, while the busy loop runs a step (arrival.py): send the lookup now.
 
-        Touches only the request, the store (thread-safe) and `_arrivals` under its lock.
+        Touches only the request, the ledger's clock (an int) and `lookups`' arrivals (under its lock).
         """
         n = self._loadable_blocks(request)
         if n == 0 or request.skip_reading_prefix_cache:
             return
         chain = BlockHashes(self.block_size)
-        hashes = chain.extend(request, n)
-        arrival = _Arrival(chain, len(hashes), time.monotonic(), self._ledger.now())
-        with self._arrivals_lock:
-            self._arrivals[request.request_id] = arrival
-        self.store.lookup(self.keys_for(hashes), tag=(request.request_id,), ring=self._answers)
-
-    def _take_arrival(self, req_id: str) -> _Arrival | None:
-        with self._arrivals_lock:
-            arrival = self._arrivals.pop(req_id, None)
-            if len(self._arrivals) > 4096:  # preprocessed but never added (vLLM refused them): forget the oldest
-                for stale in list(self._arrivals)[:2048]:
-                    del self._arrivals[stale]
-        return arrival
+        keys = self.keys_for(chain.extend(request, n))
+        self.lookups.send_on_arrival(request.request_id, keys, chain, self._ledger.now())
 
     def on_new_request(self, request: "Request") -> None:
-        arrival = self._take_arrival(request.request_id)
+        arrival = self.lookups.take_arrival(request.request_id)
         st = _RequestState(request, arrival.chain if arrival else BlockHashes(self.block_size))
         self._requests[request.request_id] = st
         n = self._loadable_blocks(request)
@@ -177,64 +143,33 @@ class MembrainScheduler:
             return
         st.lookup_started = time.monotonic()
         st.lookup_seq = self._ledger.now()
-        # Sent when vLLM next schedules, with every request that arrived meanwhile (see _send_lookups).
-        self._unsent_lookups.append((st, self.keys_for(hashes)))
+        # Sent at vLLM's next pass, with every request that arrived meanwhile (lookups.py).
+        self.lookups.queue(request.request_id, self.keys_for(hashes))
 
-    def _send_lookups(self) -> None:
-        """Requests that arrived together are looked up in one job, so their answers land in one step.
+    def _is_waiting(self, req_id: str) -> bool:
+        return req_id in self._requests
 
-        A request sharing another's prefix is then scheduled beside it and takes its blocks from vLLM's
-        prefix cache, instead of loading the same blocks again a step later.
-        """
-        pending = [(st, keys) for st, keys in self._unsent_lookups if self._requests.get(st.request.request_id) is st]
-        self._unsent_lookups = []
-        if not pending:
-            return
-        # Answers come back through the completion ring, tagged with the request ids they answer.
-        tag = tuple(st.request.request_id for st, _ in pending)
-        if len(pending) == 1:
-            self.store.lookup(pending[0][1], tag=tag, ring=self._answers)
-        else:
-            self.store.lookup_many([keys for _, keys in pending], tag=tag, ring=self._answers)
-
-    def _take_answers(self) -> None:
-        """Lookup answers that landed since the last call (never waits)."""
-        for done in self._answers.poll():
-            counts = done.value if done.outcome == "ok" else None
-            # The round trip itself, apart from the steps the request waited for it (lookup_ms).
-            self._count("lookup_rtt_ms", 1e3 * done.latency_s)
-            self._count("lookup_jobs")
-            for i, req_id in enumerate(done.tag):
-                count = None if counts is None else counts if isinstance(counts, int) else counts[i]
-                st = self._requests.get(req_id)
-                if st is None:  # sent on arrival, and vLLM has not added the request yet; or finished meanwhile
-                    with self._arrivals_lock:
-                        arrival = self._arrivals.get(req_id)
-                        if arrival is not None:
-                            arrival.answer = (done.outcome, count)
-                    continue
-                if st.answer_outcome:
-                    continue  # already given up on at the deadline
-                st.answer_outcome = done.outcome
-                st.answer = count
+    def _deliver(self, req_id: str, outcome: str, count: int | None) -> bool:
+        st = self._requests.get(req_id)
+        if st is None:
+            return False
+        if not st.answer_outcome:  # else already given up on at the deadline
+            st.answer_outcome, st.answer = outcome, count
+        return True
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
-        if self._unsent_lookups:
-            self._send_lookups()
+        self.lookups.send_queued(self._is_waiting)
         st = self._requests.get(request.request_id)
         if st is None:  # not seen by on_new_request (should not happen): behave as a miss
             return 0, False
         st.local_tokens = num_computed_tokens
         if st.stored_blocks is None:
-            # Once per scheduling pass: requests of one pass see the same answers, so two requests looked
-            # up in one job are scheduled in one step even when the answer lands between their calls.
-            if not self._answers_taken:
-                self._answers_taken = True
-                self._take_answers()
+            # Once per pass: two requests looked up in one job are scheduled in one step even when the
+            # answer lands between vLLM's questions about them.
+            self.lookups.drain_once(self._deliver)
             if not st.answer_outcome:
                 if time.monotonic() - st.lookup_started < self.config.lookup_deadline:
-                    self._count("lookup_waits")
-                    self._pass_lookup_waits += 1
+                    self.lookups.waited()
                     self._queue_prefetch(st, num_computed_tokens)
                     return None, False  # ask again next step; the engine keeps running
                 st.answer_outcome = "timeout"  # a late answer is ignored
@@ -299,8 +234,7 @@ class MembrainScheduler:
         self._count("miss_blocks", max(0, st.lookup_blocks - first - n))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> MembrainConnectorMetadata:
-        self._send_lookups()  # requests this step did not reach: their lookups go out now
-        self._answers_taken = False
+        self.lookups.send_queued(self._is_waiting)  # requests this pass did not reach: their lookups go out now
         self._step += 1
         self._step_load_blocks = 0
         meta = MembrainConnectorMetadata(
@@ -313,9 +247,7 @@ class MembrainScheduler:
             idle=not scheduler_output.total_num_scheduled_tokens,
         )
         self._loads, self._prefetch, self._finished = [], [], []
-        if meta.idle and self._pass_lookup_waits:
-            self._answers.wait(IDLE_LOOKUP_WAIT_S)
-        self._pass_lookup_waits = 0
+        self.lookups.end_pass(meta.idle)
         return meta
 
     # ------------------------------------------------------------------ what each step's output says
