@@ -286,6 +286,35 @@ def test_a_disk_that_goes_away_mid_run_degrades_to_ram_only(tmp_path):
     assert "serving from RAM only" in open(log).read()
 
 
+@pytest.fixture
+def full_filesystem(tmp_path):
+    """A 4 MiB tmpfs: a disk tier given more capacity than the filesystem has runs into a real ENOSPC."""
+    mnt = tmp_path / "small-fs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip() or r.returncode}")
+    try:
+        yield str(mnt)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_filesystem_that_fills_up_degrades_to_ram_only_and_no_client_sees_an_error(tmp_path, full_filesystem):
+    disk, log = os.path.join(full_filesystem, "disk"), str(tmp_path / "server.log")
+    # 64 MiB of capacity promised on a 4 MiB filesystem: the writes run out of space, not out of capacity.
+    srv = _serve(disk, log, disk_capacity="64MiB")
+    try:
+        values = _values(96, "full")  # 24 MiB
+        anyio.run(_put_all, srv.url, values)  # no put fails
+        ok, wrong = anyio.run(_served, srv.url, dict(list(values.items())[-32:]))
+        state = _tiers(srv)["disk"]["state"]
+    finally:
+        srv.stop()
+    assert wrong == 0 and ok == 32 and state == "degraded"
+    assert "serving from RAM only" in open(log).read()
+
+
 def test_disk_flags_are_checked_with_clear_messages(tmp_path):
     def serve(*flags):
         return subprocess.run([sys.executable, "-m", "membrain_async.cli", "serve", *flags],
