@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 from membrain_async.testing import tinymodel
 from membrain_async.testing.driver import EngineProcess
@@ -15,6 +16,12 @@ ENGINE_KWARGS = {
     "seed": 0,
 }
 BLOCK = 32
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def engine_env(**membrain: str | None) -> dict[str, str]:

@@ -268,6 +268,14 @@ def test_an_unwritable_disk_path_at_start_serves_from_ram_with_a_warning(tmp_pat
     assert "serving from RAM only" in open(log).read()
 
 
+def _puts_never_fail_and_ram_serves(srv, log: str, values: dict[str, bytes]) -> None:
+    """After the disk failed: every put succeeds, the latest values are served right, the tier says so."""
+    anyio.run(_put_all, srv.url, values)  # raises if a put fails
+    ok, wrong = anyio.run(_served, srv.url, dict(list(values.items())[-32:]))
+    assert (ok, wrong, _tiers(srv)["disk"]["state"]) == (32, 0, "degraded")
+    assert "serving from RAM only" in open(log).read()
+
+
 def test_a_disk_that_goes_away_mid_run_degrades_to_ram_only(tmp_path):
     disk, log = str(tmp_path / "disk"), str(tmp_path / "server.log")
     srv = _serve(disk, log, disk_capacity="8MiB")  # 1 MiB segments: a new file is opened every few values
@@ -276,14 +284,9 @@ def test_a_disk_that_goes_away_mid_run_degrades_to_ram_only(tmp_path):
         shutil.move(disk, str(tmp_path / "moved"))
         with open(disk, "wb") as f:  # the path is now a file: no segment can be created there
             f.write(b"x")
-        later = _values(96, "after")
-        anyio.run(_put_all, srv.url, later)  # no put fails
-        ok, wrong = anyio.run(_served, srv.url, dict(list(later.items())[-32:]))
-        state = _tiers(srv)["disk"]["state"]
+        _puts_never_fail_and_ram_serves(srv, log, _values(96, "after"))
     finally:
         srv.stop()
-    assert wrong == 0 and ok == 32 and state == "degraded"
-    assert "serving from RAM only" in open(log).read()
 
 
 @pytest.fixture
@@ -305,14 +308,9 @@ def test_a_filesystem_that_fills_up_degrades_to_ram_only_and_no_client_sees_an_e
     # 64 MiB of capacity promised on a 4 MiB filesystem: the writes run out of space, not out of capacity.
     srv = _serve(disk, log, disk_capacity="64MiB")
     try:
-        values = _values(96, "full")  # 24 MiB
-        anyio.run(_put_all, srv.url, values)  # no put fails
-        ok, wrong = anyio.run(_served, srv.url, dict(list(values.items())[-32:]))
-        state = _tiers(srv)["disk"]["state"]
+        _puts_never_fail_and_ram_serves(srv, log, _values(96, "full"))  # 24 MiB
     finally:
         srv.stop()
-    assert wrong == 0 and ok == 32 and state == "degraded"
-    assert "serving from RAM only" in open(log).read()
 
 
 def test_disk_flags_are_checked_with_clear_messages(tmp_path):

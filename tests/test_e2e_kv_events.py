@@ -7,23 +7,16 @@ block hashes and tokens as vLLM's own GPU events for them; the engine's tokens e
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import httpx
 import pytest
 
-from .e2e import BLOCK, Engine, P, engine_env, tokens
+from .e2e import BLOCK, Engine, P, engine_env, free_port, tokens
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Subscriber:

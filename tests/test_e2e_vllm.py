@@ -7,7 +7,6 @@ sharing, isolation (cache_salt, other weights, LoRA adapters), a dead server, a 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,17 +17,11 @@ import pytest
 from membrain_async.server.embed import start_subprocess_server
 from membrain_async.testing.proxy import FaultProxy
 
-from .e2e import BLOCK, PROMPTS, Engine, P, engine_env, run_engine, tokens
+from .e2e import BLOCK, PROMPTS, Engine, P, engine_env, free_port, run_engine, tokens
 from .e2e_fixtures import server_stats
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
