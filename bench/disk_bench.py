@@ -98,6 +98,16 @@ async def _gets(url: str, n: int, payload: bytes, streams: int = 1, first: int =
     return time.perf_counter() - t0, hits
 
 
+def reopen(cfg: dict, disk_dir: str) -> dict:
+    """Start a server on the disk tier with a cold page cache; its disk tier's stats once it answers."""
+    drop_cached_pages(disk_dir)
+    srv = start_subprocess_server(cfg)
+    try:
+        return httpx.get(srv.url + "/v1/stats").json()["tiers"]["disk"]
+    finally:
+        srv.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default="/var/tmp/membrain-disk-bench", help="a directory on the disk to measure")
@@ -128,22 +138,12 @@ def main() -> None:
         finally:
             srv.stop()
         on_disk = sum(os.path.getsize(os.path.join(disk_dir, f)) for f in os.listdir(disk_dir))
-        drop_cached_pages(disk_dir)
-        srv = start_subprocess_server(cfg)
-        try:
-            reopened = httpx.get(srv.url + "/v1/stats").json()["tiers"]["disk"]
-        finally:
-            srv.stop()
+        reopened = reopen(cfg, disk_dir)
         # As after a crash before any segment was closed: no hint files, every header read from the disk.
         for name in os.listdir(disk_dir):
             if name.endswith(".hint"):
                 os.unlink(os.path.join(disk_dir, name))
-        drop_cached_pages(disk_dir)
-        srv = start_subprocess_server(cfg)
-        try:
-            scanned = httpx.get(srv.url + "/v1/stats").json()["tiers"]["disk"]
-        finally:
-            srv.stop()
+        scanned = reopen(cfg, disk_dir)
         out["raw_after"] = raw_speed(args.dir, min(nbytes, 1 << 30))
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)

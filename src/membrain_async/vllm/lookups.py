@@ -85,6 +85,8 @@ class Lookups:
 
     def send_queued(self, still_wanted: Callable[[str], bool]) -> None:
         """One job for every request queued since the last pass (those still waiting)."""
+        if not self._queued:  # asked at every question of every pass: nothing to build then
+            return
         pending = [(rid, keys) for rid, keys in self._queued if still_wanted(rid)]
         self._queued = []
         if not pending:
