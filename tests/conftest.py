@@ -26,3 +26,4 @@ def server_proc():
     """A real `membrain serve` subprocess."""
     with embedded_server(mode="subprocess", capacity="64MiB") as srv:
         yield srv
+from .redis_cluster import redis_cluster, redis_server  # noqa: E402,F401  (session fixtures)

@@ -196,23 +196,32 @@ class ConnectorConfig(_Settings):
     endpoint: tuple[str, ...] = _setting(
         ("http://localhost:9201",),
         "VLLM_MEMBRAIN_ENDPOINT",
-        "Membrain server URL (a comma-separated list names a cluster).",
+        "Where blocks are stored, by scheme: http(s)://host:port Membrain node(s) (a comma-separated list names a cluster); redis:// or rediss:// (TLS) one Redis/Valkey server; redis+cluster:// (rediss+cluster://) a Redis Cluster's seed node(s); mooncake://master:port a Mooncake Store.",
         _parse_list,
     )
     namespace: str = _setting(
         "default", "VLLM_MEMBRAIN_NAMESPACE", "Tenant namespace on the server; blocks are shared only within it.", str
     )
     token: str = _setting("", "VLLM_MEMBRAIN_TOKEN", "Bearer token for the namespace, if the server requires one.", str)
+    redis_username: str = _setting(
+        "", "VLLM_MEMBRAIN_REDIS_USERNAME", "Redis ACL user for redis:// endpoints (empty: the URL's, else the default user).", str
+    )
+    redis_password: str = _setting(
+        "",
+        "VLLM_MEMBRAIN_REDIS_PASSWORD",
+        "Redis password (AUTH) for redis:// endpoints (empty: the URL's, else none). Never logged; a password in the URL is redacted from logs.",
+        str,
+    )
     tls_ca_file: str = _setting(
         "",
         "VLLM_MEMBRAIN_TLS_CA_FILE",
-        "PEM CA bundle trusted for https:// endpoints (empty: the system trust store).",
+        "PEM CA bundle trusted for https:// and rediss:// endpoints (empty: the system trust store).",
         str,
     )
     tls_verify: bool = _setting(
         True,
         "VLLM_MEMBRAIN_TLS_VERIFY",
-        "Verify the server certificate and host name of https:// endpoints. 0 is for tests only (logs a warning).",
+        "Verify the server certificate and host name of https:// and rediss:// endpoints. 0 is for tests only (logs a warning).",
         parse_bool,
     )
     async_backend: str = _setting(
@@ -287,16 +296,27 @@ class ConnectorConfig(_Settings):
             raise ConfigError(f"VLLM_MEMBRAIN_LOAD_MODE must be async or sync, got {self.load_mode!r}")
         if not self.endpoint:
             raise ConfigError("VLLM_MEMBRAIN_ENDPOINT is empty")
+        from .urls import redact_all, redact_url, scheme_of
+
+        schemes = {"http", "https", "redis", "rediss", "redis+cluster", "rediss+cluster", "mooncake"}
         for url in self.endpoint:
-            if not url.startswith(("http://", "https://")):
-                raise ConfigError(f"VLLM_MEMBRAIN_ENDPOINT entries must start with http:// or https://, got {url!r}")
+            if scheme_of(url) not in schemes:
+                raise ConfigError(
+                    "VLLM_MEMBRAIN_ENDPOINT entries must start with http(s)://, redis://, rediss://, "
+                    f"redis+cluster:// or mooncake://, got {redact_url(url)!r}"
+                )
+        families = {"redis" if scheme_of(u).startswith("redis") else scheme_of(u).rstrip("s") for u in self.endpoint}
+        if len(families) > 1:
+            raise ConfigError(f"VLLM_MEMBRAIN_ENDPOINT mixes stores of different kinds: {redact_all(self.endpoint)}")
+        if self.replicas > 1 and not scheme_of(self.endpoint[0]).startswith("http"):
+            raise ConfigError("VLLM_MEMBRAIN_REPLICAS is for Membrain nodes; Redis Cluster and Mooncake keep their own replicas")
         for name in ("timeout", "load_deadline", "lookup_deadline", "shutdown_drain", "breaker_cooldown"):
             _positive(name, getattr(self, name))
         _positive("breaker_threshold", self.breaker_threshold)
         _positive("connections", self.connections)
         _positive("replicas", self.replicas)
         if len(set(self.endpoint)) != len(self.endpoint):
-            raise ConfigError(f"VLLM_MEMBRAIN_ENDPOINT lists a node twice: {','.join(self.endpoint)}")
+            raise ConfigError(f"VLLM_MEMBRAIN_ENDPOINT lists a node twice: {redact_all(self.endpoint)}")
         from .protocol.names import validate_namespace
 
         try:

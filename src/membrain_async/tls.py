@@ -38,7 +38,7 @@ def client_context(ca_file: str = "", verify: bool = True) -> ssl.SSLContext:
 
 
 def connector_context(config) -> ssl.SSLContext | None:
-    """The client context a ConnectorConfig asks for; None when no endpoint is https://."""
-    if not any(url.startswith("https://") for url in config.endpoint):
+    """The client context a ConnectorConfig asks for; None when no endpoint is https:// or rediss://."""
+    if not any(url.startswith(("https://", "rediss://", "rediss+cluster://")) for url in config.endpoint):
         return None
     return client_context(config.tls_ca_file, config.tls_verify)

@@ -1,4 +1,4 @@
-"""The remote tier: the Membrain client (one node, or a cluster for an endpoint list), made on the loop.
+"""The remote tier: the store client (Membrain node(s), Redis, Mooncake: by the endpoint's scheme), made on the loop.
 
 The client reports and never guesses: a server that cannot be reached raises `MembrainUnavailable`, a
 refusal `MembrainRequestError`, and only a key the server does not hold is a miss. What unavailable
@@ -44,29 +44,7 @@ class RemoteTier:
 
 
 def make_client(config: ConnectorConfig):
-    """One node: a MembrainClient. Several (a comma-separated endpoint list): a MembrainCluster."""
-    from ..client import CircuitBreaker, MembrainClient
-    from ..client.cluster import MembrainCluster
-    from ..tls import connector_context
+    """The client for the endpoint's scheme (client/backends.py): Membrain node(s), Redis, Mooncake."""
+    from ..client.backends import open_client
 
-    if len(config.endpoint) > 1 or config.replicas > 1:
-        return MembrainCluster(
-            config.endpoint,
-            namespace=config.namespace,
-            token=config.token or None,
-            replicas=config.replicas,
-            timeout=config.timeout,
-            breaker_threshold=config.breaker_threshold,
-            breaker_cooldown=config.breaker_cooldown,
-            bulk_connections=config.connections,
-            tls=connector_context(config),
-        )
-    return MembrainClient(
-        config.endpoint[0],
-        namespace=config.namespace,
-        token=config.token or None,
-        timeout=config.timeout,
-        breaker=CircuitBreaker(config.breaker_threshold, config.breaker_cooldown),
-        bulk_connections=config.connections,
-        tls=connector_context(config),
-    )
+    return open_client(config)

@@ -30,6 +30,7 @@ from ..protocol.names import validate_namespace
 from .breaker import CircuitBreaker
 from .errors import MembrainRequestError, MembrainUnavailable
 from .store import Limits, PutValue, Transport, split, value_len
+from ..urls import redact_url
 from .transports import BulkTransport, HttpBatchTransport, PerKeyTransport, raise_for_status
 
 log = logging.getLogger("membrain.client")
@@ -63,12 +64,15 @@ class MembrainClient:
         bulk_connections: int = 8,
         use_bulk: bool = True,
         tls: ssl.SSLContext | None = None,
+        transport: Transport | None = None,
     ):
-        self.url = url.rstrip("/")
+        # `transport`: another store behind the same calls (Redis, client/backends.py); `url` then only
+        # names it in messages, with any password in it redacted.
+        self.url = redact_url(url.rstrip("/"))
         parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not a Membrain URL: {url!r} (expected http://host:port)")
-        self.host = parts.hostname
+        if transport is None and (parts.scheme not in ("http", "https") or not parts.hostname):
+            raise ValueError(f"not a Membrain URL: {self.url!r} (expected http://host:port)")
+        self.host = parts.hostname or ""
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         # https:// means TLS on both protocols, verified against the system store unless told otherwise.
         self.tls = (tls or ssl.create_default_context()) if parts.scheme == "https" else None
@@ -81,7 +85,8 @@ class MembrainClient:
         self._use_bulk = use_bulk
         self._bulk_connections = bulk_connections
         self._http: httpx.AsyncClient | None = None
-        self._transport: Transport | None = None  # chosen on first contact, from /v1/info
+        self._transport: Transport | None = transport  # Membrain: chosen on first contact, from /v1/info
+        self._http_api = transport is None
         self._closed = False
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -174,6 +179,8 @@ class MembrainClient:
         return self._transport
 
     async def _fetch_info(self) -> dict | None:
+        if not self._http_api:
+            raise MembrainRequestError(400, f"{self.url} is not a Membrain server (no /v1/info)")
         r = await self._http_client().get("/v1/info")
         if r.status_code == 404:
             return None
@@ -198,6 +205,11 @@ class MembrainClient:
         return await self._call(go)
 
     async def health(self) -> bool:
+        if not self._http_api:
+            try:
+                return await self._call(self._transport.ping, idempotent=False)  # type: ignore[union-attr]
+            except MembrainUnavailable:
+                return False
         try:
             r = await self._call(lambda: self._http_client().get("/healthz"), idempotent=False)
             return r.status_code == 200

@@ -170,8 +170,13 @@ def self_check(config: ConnectorConfig) -> tuple[str, dict[str, dict]]:
 
     from ..tls import connector_context
 
-    where = f"endpoint {','.join(config.endpoint)}, namespace {config.namespace!r}"
+    from ..client.backends import backend_of, probe
+    from ..urls import redact_all
+
+    where = f"endpoint {redact_all(config.endpoint)}, namespace {config.namespace!r}"
     infos: dict[str, dict] = {}
+    if backend_of(config) != "membrain":
+        return f"{where}; {probe(config)}", infos
     status = ""
     verify = connector_context(config) or True
     for url in config.endpoint:
