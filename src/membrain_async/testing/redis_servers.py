@@ -121,17 +121,44 @@ class RedisCluster:
         try:
             for _ in range(masters * (1 + replicas)):
                 self.nodes.append(RedisServer("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                                              "--cluster-node-timeout", str(node_timeout_ms), *extra))
-            out = subprocess.run(
-                ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
-                 "--cluster-replicas", str(replicas), "--cluster-yes"],
-                capture_output=True, text=True, timeout=60)
-            if out.returncode != 0:
-                raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
+                                              "--cluster-node-timeout", str(node_timeout_ms),
+                                              # A replica's first sync at once (the default waits 5 s for others).
+                                              "--repl-diskless-sync-delay", "0", *extra))
+            if masters >= 3:
+                out = subprocess.run(
+                    ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                     "--cluster-replicas", str(replicas), "--cluster-yes"],
+                    capture_output=True, text=True, timeout=60)
+                if out.returncode != 0:
+                    raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
+            else:
+                self._assemble(masters, replicas)  # redis-cli --cluster create wants 3 masters at least
             self.wait_ok()
         except BaseException:
             self.stop()
             raise
+
+    def _assemble(self, masters: int, replicas: int) -> None:
+        """By hand: slots split evenly over the first `masters` nodes, the others replicate them in turn."""
+        step = 16384 // masters
+        for i, n in enumerate(self.nodes[:masters]):
+            hi = 16383 if i == masters - 1 else (i + 1) * step - 1
+            n.cli("CLUSTER", "ADDSLOTSRANGE", str(i * step), str(hi))
+        for n in self.nodes[1:]:
+            n.cli("CLUSTER", "MEET", "127.0.0.1", str(self.nodes[0].port))
+        deadline = time.monotonic() + 20
+        while len(self.cluster_nodes()) < len(self.nodes) or any(
+                "handshake" in ",".join(e["flags"]) for e in self.cluster_nodes()):
+            if time.monotonic() > deadline:
+                raise RuntimeError("cluster nodes did not meet")
+            time.sleep(0.1)
+        ids = {e["port"]: e["id"] for e in self.cluster_nodes()}
+        for j, n in enumerate(self.nodes[masters:]):
+            master = self.nodes[j % masters]
+            while n.cli("CLUSTER", "REPLICATE", ids[master.port]) != "OK":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("replica could not attach")
+                time.sleep(0.2)
 
     @property
     def url(self) -> str:
@@ -171,7 +198,7 @@ class RedisCluster:
         mid = next(e["id"] for e in nodes if e["port"] == master.port)
         return self.node(next(e["port"] for e in nodes if e["master"] == mid))
 
-    def wait_replicated(self, timeout_ms: int = 5000) -> None:
+    def wait_replicated(self, timeout_ms: int = 15000) -> None:
         """Every master's writes so far acknowledged by its replica (WAIT 1 on every master)."""
         for m in self.masters():
             acked = m.cli("WAIT", "1", str(timeout_ms))
