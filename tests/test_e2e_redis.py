@@ -106,7 +106,7 @@ def test_two_engines_share_through_a_redis_cluster_and_ride_out_a_master_failove
         during = engine.phase()
         reports.append(during)
         assert tokens(during) == expected  # whatever it could or could not load
-        cluster.wait_ok()  # the replica has taken over
+        cluster.wait_failover(victim)  # the replica has taken over
         engine.next_event("ready")
         time.sleep(1.0)  # past the breaker's cool-down, if the window opened it
         engine.go()

@@ -69,13 +69,15 @@ class MembrainClient:
         # `transport`: another store behind the same calls (Redis, client/backends.py); `url` then only
         # names it in messages, with any password in it redacted.
         self.url = redact_url(url.rstrip("/"))
-        parts = urlsplit(self.url)
-        if transport is None and (parts.scheme not in ("http", "https") or not parts.hostname):
-            raise ValueError(f"not a Membrain URL: {self.url!r} (expected http://host:port)")
-        self.host = parts.hostname or ""
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        # https:// means TLS on both protocols, verified against the system store unless told otherwise.
-        self.tls = (tls or ssl.create_default_context()) if parts.scheme == "https" else None
+        self.host, self.port, self.tls = "", 0, None
+        if transport is None:
+            parts = urlsplit(self.url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"not a Membrain URL: {self.url!r} (expected http://host:port)")
+            self.host = parts.hostname
+            self.port = parts.port or (443 if parts.scheme == "https" else 80)
+            # https:// means TLS on both protocols, verified against the system store unless told otherwise.
+            self.tls = (tls or ssl.create_default_context()) if parts.scheme == "https" else None
         self.namespace = validate_namespace(namespace)
         self.token = token or None
         self.timeout = timeout

@@ -215,6 +215,21 @@ class RedisCluster:
             time.sleep(0.1)
         raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
 
+    def wait_failover(self, victim: RedisServer, timeout: float = 30) -> RedisServer:
+        """After `victim` was killed: until its replica is a master serving slots, and the cluster is ok."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            nodes = self.cluster_nodes()
+            vid = next(e["id"] for e in nodes if e["port"] == victim.port)
+            dead = any("fail" in e["flags"] for e in nodes if e["id"] == vid)
+            heirs = [e for e in nodes if e["role"] == "master" and e["slots"] and e["port"] != victim.port
+                     and self.node(e["port"]).proc.poll() is None]
+            if dead and not any(e["id"] == vid and e["slots"] for e in nodes) and len(heirs) >= 1:
+                self.wait_ok(max(1.0, deadline - time.monotonic()))
+                return self.node(max(heirs, key=lambda e: len(e["slots"]))["port"])
+            time.sleep(0.1)
+        raise RuntimeError(f"no failover of {victim.port} within {timeout} s")
+
     def key_port(self, key: bytes) -> int:
         """The port of the master serving `key` now (CLUSTER KEYSLOT + the slot table)."""
         from ..protocol.resp import key_slot
