@@ -60,6 +60,7 @@ class RedisServer:
     def __init__(self, *extra: str, port: int | None = None, directory: str | None = None):
         self.port = port or _free_port("--cluster-enabled" in extra)
         self.dir = directory or tempfile.mkdtemp(prefix=f"redis-{self.port}-")
+        self._own_dir = directory is None
         self.extra = extra
         self.proc: subprocess.Popen | None = None
         self.start()
@@ -110,6 +111,8 @@ class RedisServer:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class RedisCluster:
