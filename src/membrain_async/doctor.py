@@ -17,9 +17,10 @@ def doctor(args: argparse.Namespace) -> int:
     from vllm.engine.arg_utils import EngineArgs
 
     from . import keys
-    from .client import MembrainClient, MembrainUnavailable
+    from .client import MembrainUnavailable
+    from .client.backends import open_client
     from .config import ConnectorConfig
-    from .tls import connector_context
+    from .urls import redact_all
     from vllm.sampling_params import SamplingParams
     from vllm.v1.request import Request
 
@@ -47,8 +48,8 @@ def doctor(args: argparse.Namespace) -> int:
     block_keys = [keys.block_key(fingerprint, rank, h) for h in hashes]
 
     async def ask():
-        async with MembrainClient(config.endpoint[0], namespace=config.namespace, token=config.token or None,
-                                  tls=connector_context(config)) as c:
+        # The connector's own client for this endpoint (Membrain node(s) or Redis: by the scheme).
+        async with open_client(config) as c:
             try:
                 return (await c.exists(block_keys) if block_keys else []), True
             except MembrainUnavailable:
@@ -60,7 +61,7 @@ def doctor(args: argparse.Namespace) -> int:
         print(f"  {name:>10}: {value}")
     print(f"prompt: {len(token_ids)} tokens, block size {bs}: {len(block_keys)} loadable blocks")
     if not reachable:
-        print(f"server {config.endpoint[0]} is unreachable: cannot tell which blocks are stored", file=sys.stderr)
+        print(f"store {redact_all(config.endpoint)} is unreachable: cannot tell which blocks are stored", file=sys.stderr)
     leading = 0
     while leading < len(present) and present[leading]:
         leading += 1
