@@ -263,3 +263,28 @@ async def test_a_killed_master_costs_misses_then_its_replica_serves_what_was_rep
     finally:
         await c.aclose()
         cluster.stop()
+
+
+async def test_rediss_verifies_the_server_and_moves_blocks_over_tls(tmp_path):
+    if unavailable_reason():
+        pytest.skip(unavailable_reason())
+    from membrain_async.testing.certs import make_certs
+
+    certs = make_certs(tmp_path)
+    try:
+        srv = RedisServer("--port", "0", "--tls-port", str(free_port()), "--tls-cert-file", certs.cert_file,
+                          "--tls-key-file", certs.key_file, "--tls-ca-cert-file", certs.ca_file,
+                          "--tls-auth-clients", "no", tls=True)
+    except RuntimeError as exc:  # a redis-server built without TLS
+        pytest.skip(f"redis-server cannot serve TLS here: {exc}")
+    try:
+        url = f"rediss://127.0.0.1:{srv.port}"
+        good = client_for(url, tls_ca_file=certs.ca_file)
+        assert await good.put("k", b"over tls") and bytes(await good.get("k")) == b"over tls"
+        await good.aclose()
+        untrusted = client_for(url)  # the system trust store does not know the throw-away CA
+        with pytest.raises(MembrainUnavailable):
+            await untrusted.lookup(["k"])
+        await untrusted.aclose()
+    finally:
+        srv.stop()

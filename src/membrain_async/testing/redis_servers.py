@@ -57,8 +57,10 @@ def cli(port: int, *args: str, timeout: float = 10) -> str:
 class RedisServer:
     """One redis-server process. `extra` are more `--name value` arguments (maxmemory, requirepass...)."""
 
-    def __init__(self, *extra: str, port: int | None = None, directory: str | None = None):
-        self.port = port or _free_port("--cluster-enabled" in extra)
+    def __init__(self, *extra: str, port: int | None = None, directory: str | None = None, tls: bool = False):
+        # tls: `extra` carries --port 0 --tls-port P ...; the server is then reached on P, over TLS.
+        self.port = int(extra[list(extra).index("--tls-port") + 1]) if tls else port or _free_port("--cluster-enabled" in extra)
+        self.tls = tls
         self.dir = directory or tempfile.mkdtemp(prefix=f"redis-{self.port}-")
         self._own_dir = directory is None
         self.extra = extra
@@ -74,7 +76,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        args = ["redis-server", *([] if self.tls else ["--port", str(self.port)]), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                 "--dir", self.dir, "--logfile", os.path.join(self.dir, "redis.log"), *self.extra]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
