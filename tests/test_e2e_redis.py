@@ -115,7 +115,9 @@ def test_two_engines_share_through_a_redis_cluster_and_ride_out_a_master_failove
         reliability.record("Redis Cluster master SIGKILLed (replica promoted)", ["master SIGKILL"], reports,
                            [expected] * 3)
         assert tokens(after) == expected
-        assert [r["num_cached_tokens"] for r in after["results"]] == hits_before  # the replica held them
+        # Every block hit before still hits: the promoted replica held them (B's own saves of the first phase
+        # may add a block more).
+        assert all(h >= hb for h, hb in zip((r["num_cached_tokens"] for r in after["results"]), hits_before))
         assert after["metrics"]["vllm:membrain_load_error_blocks"] == 0
     finally:
         assert engine.finish() == 0, engine.tail()
