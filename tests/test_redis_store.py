@@ -288,3 +288,33 @@ async def test_rediss_verifies_the_server_and_moves_blocks_over_tls(tmp_path):
         await untrusted.aclose()
     finally:
         srv.stop()
+
+
+# ------------------------------------------------------------------ the cache layer above it
+
+
+def test_a_stalled_redis_bounds_the_write_behind_and_lookups_are_misses_in_time():
+    """The write-behind bound, the deadlines and "unavailable is a miss" live in BlockStore, above the client,
+    so they hold for Redis unchanged: a redis-server stopped with SIGSTOP (alive, silent) never blocks a save."""
+    import signal
+
+    from membrain_async.cache import BlockStore
+
+    if unavailable_reason():
+        pytest.skip(unavailable_reason())
+    srv = RedisServer("--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru")
+    store = BlockStore(ConnectorConfig.from_sources(env={}, overrides={
+        "endpoint": srv.url, "write_behind_bytes": "1MiB", "timeout": 0.5, "lookup_deadline": 1.0,
+        "shutdown_drain": 0.5}))
+    try:
+        assert store.save("warm", [b"v" * 1024]) and store.flush(10) and store.stats.saves_uploaded == 1
+        srv.proc.send_signal(signal.SIGSTOP)
+        accepted = sum(store.save(f"k{i}", [b"x" * (128 << 10)]) for i in range(32))  # 4 MiB into a 1 MiB bound
+        assert accepted < 32 and store.stats.saves_dropped == 32 - accepted
+        f = store.lookup(["warm"])
+        assert f.wait(5)
+        assert f.result_or(0) == 0  # late or unavailable: served as a miss, in time
+    finally:
+        srv.proc.send_signal(signal.SIGCONT)
+        store.stop_now(drain=0.5)
+        srv.stop()
