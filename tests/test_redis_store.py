@@ -23,6 +23,7 @@ from membrain_async.urls import redact_url
 
 from .e2e import free_port
 
+pytest.importorskip("hiredis", reason="the Redis backend needs hiredis (extra `redis`)")
 pytestmark = pytest.mark.anyio
 
 
