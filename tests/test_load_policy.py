@@ -28,8 +28,8 @@ def kv_caches():
     return {f"layer.{i}": torch.zeros((NUM_BLOCKS, *PAGE), dtype=torch.bfloat16) for i in range(LAYERS)}
 
 
-def key_of(block_hash: str) -> str:
-    return f"fp-r0-{block_hash}"
+def key_of(block_hash: str, unit: int = 0) -> str:
+    return f"fp{unit}-r0-{block_hash}"
 
 
 def payload(layout: PageLayout, block_hash: str, fill: float) -> bytes:
@@ -68,7 +68,7 @@ def test_a_load_copies_every_block_and_is_reported_once(server, layout):
     rt = make_runtime(server.url)
     try:
         store(rt, layout, {"a": 1.0, "b": 2.0, "c": 3.0})
-        loader = PageLoader(rt, layout, key_of, deadline=5.0)
+        loader = PageLoader(rt, [layout], key_of, deadline=5.0)
         loader.submit(BlockTransfer("r1", [5, 2, 7], ["a", "b", "c"]))
         (outcome,) = drain_until(loader)
         assert (outcome.req_id, outcome.loaded, outcome.why) == ("r1", 3, "")
@@ -84,7 +84,7 @@ def test_a_missing_block_stops_the_load_there_and_names_the_rest(server, layout)
     rt = make_runtime(server.url)
     try:
         store(rt, layout, {"a": 1.0, "c": 3.0})  # "b" is gone: "c" must not be used after it
-        loader = PageLoader(rt, layout, key_of, deadline=5.0)
+        loader = PageLoader(rt, [layout], key_of, deadline=5.0)
         loader.submit(BlockTransfer("r1", [1, 2, 3], ["a", "b", "c"]))
         (outcome,) = drain_until(loader)
         assert (outcome.loaded, outcome.why, outcome.failed_block_ids) == (1, "missing", [2, 3])
@@ -104,7 +104,7 @@ def test_a_corrupt_block_is_refused_and_every_corrupt_key_is_named_for_repair(se
         for h, value in (("a", good), ("b", bytes(bad_b)), ("c", wrong_key)):
             assert rt.save(key_of(h), [value])
         assert rt.flush(10)
-        loader = PageLoader(rt, layout, key_of, deadline=5.0)
+        loader = PageLoader(rt, [layout], key_of, deadline=5.0)
         loader.submit(BlockTransfer("r1", [1, 2, 3], ["a", "b", "c"]))
         (outcome,) = drain_until(loader)
         assert (outcome.loaded, outcome.why, outcome.failed_block_ids) == (1, "corrupt", [2, 3])
@@ -120,7 +120,7 @@ def test_a_load_past_its_deadline_is_reported_late_and_never_written_afterwards(
         try:
             store(rt, layout, {"a": 1.0})
             proxy.delay = 1.0  # replies arrive after the deadline
-            loader = PageLoader(rt, layout, key_of, deadline=0.3)
+            loader = PageLoader(rt, [layout], key_of, deadline=0.3)
             loader.submit(BlockTransfer("r1", [4], ["a"]))
             (outcome,) = drain_until(loader)
             assert (outcome.loaded, outcome.why, outcome.failed_block_ids) == (0, "timeout", [4])
@@ -136,7 +136,7 @@ def test_an_abort_while_fetching_reports_at_once_and_the_late_pages_are_never_co
         try:
             store(rt, layout, {"a": 1.0, "b": 2.0})
             proxy.hold_replies_over = 4096  # the pages are provably on their way, and held
-            loader = PageLoader(rt, layout, key_of, deadline=5.0)
+            loader = PageLoader(rt, [layout], key_of, deadline=5.0)
             loader.submit(BlockTransfer("r1", [3, 4], ["a", "b"]))
             assert proxy.held.wait(5)
             loader.cancel("r1")
@@ -153,7 +153,7 @@ def test_an_abort_during_the_copy_is_reported_only_once_the_copy_ended(server, l
     rt = make_runtime(server.url)
     try:
         store(rt, layout, {"a": 1.0})
-        loader = PageLoader(rt, layout, key_of, deadline=5.0)
+        loader = PageLoader(rt, [layout], key_of, deadline=5.0)
         copying, release = threading.Event(), threading.Event()
         real = loader._check_and_copy
 
@@ -180,7 +180,7 @@ def test_sync_mode_waits_for_its_loads_and_a_late_one_is_failed_within_the_deadl
         rt = make_runtime(proxy.url)
         try:
             store(rt, layout, {"a": 1.0, "b": 2.0})
-            loader = PageLoader(rt, layout, key_of, deadline=5.0)
+            loader = PageLoader(rt, [layout], key_of, deadline=5.0)
             loader.submit(BlockTransfer("r1", [1], ["a"]))
             loader.wait(["r1"], timeout=5.0)
             (outcome,) = loader.drain()  # already there: nothing to poll for
@@ -203,7 +203,7 @@ def test_a_server_that_cannot_be_reached_is_unavailable_not_missing(layout):
         port = s.getsockname()[1]
     rt = make_runtime(f"http://127.0.0.1:{port}", timeout=1.0)
     try:
-        loader = PageLoader(rt, layout, key_of, deadline=5.0)
+        loader = PageLoader(rt, [layout], key_of, deadline=5.0)
         loader.submit(BlockTransfer("r1", [1, 2], ["a", "b"]))
         (outcome,) = drain_until(loader)
         assert (outcome.why, outcome.loaded, outcome.failed_block_ids) == ("unavailable", 0, [1, 2])

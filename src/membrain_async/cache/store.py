@@ -44,6 +44,7 @@ from ..config import ConnectorConfig
 from ..runtime.executor import Executor
 from ..runtime.future import MembrainFuture
 from ..runtime.ring import CompletionRing
+from .prefix_query import PrefixQuery, hit_blocks
 from .hot import HotTier
 from .remote import RemoteTier, make_client
 from .staging import PrefetchStaging
@@ -135,8 +136,9 @@ class BlockStore:
 
     def lookup(self, keys: Sequence[str], *, tag: Any = None, ring: CompletionRing | None = None) -> MembrainFuture:
         """How many leading keys are stored (one round trip, none if the hot tier has them all). Result: int.
-        Fails with MembrainUnavailable when the server is needed and unreachable."""
-        keys = list(keys)
+        Fails with MembrainUnavailable when the server is needed and unreachable. A `PrefixQuery` (hybrid
+        KV caches) asks which of its keys exist instead, in the same one round trip, and answers its hit."""
+        keys = keys if isinstance(keys, PrefixQuery) else list(keys)
         self.stats.lookups += 1
         return self.executor.submit(
             "lookup", lambda: self._lookup(keys), tag=tag, ring=ring, deadline=self.config.lookup_deadline,
@@ -151,7 +153,7 @@ class BlockStore:
         For requests that arrive together: their answers reach the scheduler in the same step, so a
         request sharing another's prefix is scheduled beside it. Result: list[int], one per key list.
         """
-        lists = [list(keys) for keys in key_lists]
+        lists = [keys if isinstance(keys, PrefixQuery) else list(keys) for keys in key_lists]
         self.stats.lookups += len(lists)
 
         async def go() -> list[int]:
@@ -330,7 +332,9 @@ class BlockStore:
 
     # ------------------------------------------------------------------ the tiers (runtime thread)
 
-    async def _lookup(self, keys: list[str]) -> int:
+    async def _lookup(self, keys: "list[str] | PrefixQuery") -> int:
+        if isinstance(keys, PrefixQuery):
+            return await self._lookup_units(keys)
         local = self.hot.leading(keys) if self.hot is not None else 0
         if local == len(keys):
             return local  # every block is in this process: no round trip
@@ -343,6 +347,23 @@ class BlockStore:
         except Exception:
             self.stats.lookup_errors += 1
             raise
+
+    async def _lookup_units(self, query: PrefixQuery) -> int:
+        wanted = query.all_keys()
+        present = [self.hot is not None and k in self.hot for k in wanted]
+        ask = [i for i, p in enumerate(present) if not p]
+        if ask:
+            try:
+                answers = await self.remote.exists([wanted[i] for i in ask])
+            except MembrainUnavailable:
+                self.stats.lookups_unavailable += 1
+                raise
+            except Exception:
+                self.stats.lookup_errors += 1
+                raise
+            for i, got in zip(ask, answers):
+                present[i] = bool(got)
+        return hit_blocks(query, present)
 
     async def _fetch(self, keys: list[str]) -> list[memoryview | None]:
         out: list[memoryview | None] = [None] * len(keys)

@@ -3,6 +3,10 @@
 A thin facade: in the EngineCore process it forwards to `MembrainScheduler`, in each worker to
 `MembrainWorker`. The two share nothing but `MembrainConnectorMetadata`.
 
+It supports vLLM's hybrid KV cache manager (`SupportsHMA`): every KV cache group of full or sliding-window
+attention is shared, each as its own KV unit (units.py). A model with a group Membrain cannot restore
+(recurrent state, for one) keeps HMA on and runs without Membrain: one warning, then plain vLLM.
+
 This module is imported in every vLLM process, the API server included (for the stats classmethods),
 so it imports neither torch-heavy code nor the runtime until a half is built.
 
@@ -17,7 +21,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorTransferResults,
+    SupportsHMA,
+)
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from ..config import ConfigError, ConnectorConfig
@@ -45,24 +55,33 @@ def connector_config(vllm_config: "VllmConfig") -> ConnectorConfig:
     return ConnectorConfig.from_sources(overrides=extra)
 
 
-class MembrainConnector(KVConnectorBase_V1):
+class MembrainConnector(KVConnectorBase_V1, SupportsHMA):
     # Membrain is a remote memory tier reached over the network.
     _cache_hit_source = CacheHitSource.P2P
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
         super().__init__(vllm_config, role, kv_cache_config)
+        from .units import UnsupportedKVCache, describe, units_of
+
         self.config = connector_config(vllm_config)
-        groups = len(kv_cache_config.kv_cache_groups) if kv_cache_config is not None else 1
-        if groups > 1:
-            log.warning("Membrain handles one KV cache group; this model has %d: only group 0 is shared", groups)
         self._scheduler = self._worker = None
+        try:
+            units = units_of(kv_cache_config, vllm_config.cache_config.block_size)
+        except UnsupportedKVCache as exc:
+            if role == KVConnectorRole.SCHEDULER:
+                log.warning("Membrain is off for this model: %s. vLLM runs as without it.", exc)
+            return  # every hook below is then a no-op
         if role == KVConnectorRole.SCHEDULER:
+            log.info("Membrain KV units: %s", describe(units))
+            if len(units) > 1 and self.config.load_mode == "sync":
+                log.warning("Membrain: VLLM_MEMBRAIN_LOAD_MODE=sync is not possible with several KV cache "
+                            "groups (vLLM takes load failures per request only there); loading async")
             from .scheduler import MembrainScheduler
 
             from . import arrival
             from .kv_events import MembrainKVEvents
 
-            self._scheduler = MembrainScheduler.from_vllm_config(vllm_config, self.config)
+            self._scheduler = MembrainScheduler.from_vllm_config(vllm_config, self.config, units)
             # None unless vLLM's KV events are on: then nothing is built for them.
             self._scheduler.events = MembrainKVEvents.for_vllm(
                 vllm_config, kv_cache_config, self._scheduler.fingerprint)
@@ -70,7 +89,7 @@ class MembrainConnector(KVConnectorBase_V1):
         else:
             from .worker import MembrainWorker
 
-            self._worker = MembrainWorker(vllm_config, self.config, kv_cache_config.num_blocks)
+            self._worker = MembrainWorker(vllm_config, self.config, kv_cache_config.num_blocks, units)
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -79,23 +98,43 @@ class MembrainConnector(KVConnectorBase_V1):
     # ------------------------------------------------------------------ scheduler side
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        if self._scheduler is None:
+            return 0, False
         return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
-        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+        if self._scheduler is not None:
+            self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        from .metadata import MembrainConnectorMetadata
+
+        if self._scheduler is None:
+            return MembrainConnectorMetadata()
         return self._scheduler.build_connector_meta(scheduler_output)
 
     def on_request_arriving(self, request: "Request") -> None:
         """Not vLLM's API: called from the engine core's input thread by arrival.py's hook."""
-        self._scheduler.on_request_arriving(request)
+        if self._scheduler is not None:
+            self._scheduler.on_request_arriving(request)
 
     def on_new_request(self, request: "Request") -> None:
-        self._scheduler.on_new_request(request)
+        if self._scheduler is not None:
+            self._scheduler.on_new_request(request)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        if self._scheduler is None:
+            return False, None
         return self._scheduler.request_finished(request, block_ids)
+
+    def request_finished_all_groups(
+        self, request: "Request", block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """vLLM's hook under HMA: the request's blocks of every group are about to be freed. Saves copy
+        pages out in the step that plans them, so nothing is held: the same as request_finished."""
+        if self._scheduler is None:
+            return False, None
+        return self._scheduler.request_finished(request, list(block_ids[0]) if block_ids else [])
 
     def bind_kv_cache_manager(self, kv_cache_manager: "KVCacheManager") -> None:
         super().bind_kv_cache_manager(kv_cache_manager)
@@ -103,7 +142,8 @@ class MembrainConnector(KVConnectorBase_V1):
             self._scheduler.bind_kv_cache_manager(kv_cache_manager)
 
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
-        self._scheduler.update_connector_output(connector_output)
+        if self._scheduler is not None:
+            self._scheduler.update_connector_output(connector_output)
 
     def take_events(self):
         """Membrain's BlockStored/BlockRemoved (medium MEMBRAIN), merged by vLLM into its KV event stream."""
@@ -121,10 +161,12 @@ class MembrainConnector(KVConnectorBase_V1):
     # ------------------------------------------------------------------ worker side
 
     def register_kv_caches(self, kv_caches: dict[str, "torch.Tensor"]) -> None:
-        self._worker.register_kv_caches(kv_caches)
+        if self._worker is not None:
+            self._worker.register_kv_caches(kv_caches)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
-        self._worker.start_load_kv(self._get_connector_metadata())
+        if self._worker is not None:
+            self._worker.start_load_kv(self._get_connector_metadata())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # pages are in place before any forward reads them (see worker.py)
@@ -133,11 +175,19 @@ class MembrainConnector(KVConnectorBase_V1):
         return  # saves copy whole pages of every layer once, in wait_for_save
 
     def wait_for_save(self) -> None:
-        self._worker.wait_for_save(self._get_connector_metadata())
+        if self._worker is not None:
+            self._worker.wait_for_save(self._get_connector_metadata())
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         # Saves never hold blocks past their step (nothing is "sending"); async loads report here.
         return None, (self._worker.get_finished() if self._worker is not None else None)
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        """As vLLM's default, plus the requests whose load failed (hybrid models, where vLLM cannot take
+        failed block ids: it recomputes these requests whole)."""
+        _, recving = self.get_finished(finished_req_ids)
+        failed = self._worker.take_failed_recving() if self._worker is not None else set()
+        return KVConnectorTransferResults(finished_recving=set(recving or ()) | failed, failed_recving=failed)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.get_block_ids_with_load_errors() if self._worker is not None else set()

@@ -74,16 +74,16 @@ class PageLoader:
     def __init__(
         self,
         store,
-        layout: PageLayout,
-        key_of: Callable[[str], str],
+        layouts: list[PageLayout],
+        key_of: Callable[[str, int], str],
         deadline: float,
-        mover=None,
+        movers: list | None = None,
     ):
         self.store = store  # the cache layer: fetches, then runs the copy on a worker thread
-        self.layout = layout
-        self.key_of = key_of
+        self.layouts = layouts  # one per KV unit (vllm/units.py): BlockTransfer.units index them
+        self.key_of = key_of  # (chain hash, unit) -> key
         self.deadline = deadline
-        self.mover = mover  # DevicePageMover on accelerators: host-to-device on the load stream
+        self.movers = movers  # DevicePageMover per unit on accelerators: host-to-device on the load stream
         self.ring = CompletionRing()
         self.ended = threading.Event()  # set whenever a load ended (for an idle step's short wait)
         self._inflight: dict[str, _Ticket] = {}
@@ -98,7 +98,7 @@ class PageLoader:
         if previous is not None:  # not expected: vLLM loads a request once per admission
             log.warning("Membrain: request %s loads again while a load is in flight", load.req_id)
         self._inflight[load.req_id] = ticket
-        keys = [self.key_of(h) for h in load.hashes]
+        keys = [self.key_of(h, load.unit(i)) for i, h in enumerate(load.hashes)]
         ticket.future = self.store.load(keys, lambda values: self._copy(ticket, values), tag=load.req_id,
                                           deadline=self.deadline)
         ticket.future.add_done_callback(lambda fut: self._ended_without_copy(ticket, fut))
@@ -191,15 +191,16 @@ class PageLoader:
         return outcome
 
     def _check_and_copy(self, load: BlockTransfer, values: list, outcome: LoadOutcome) -> None:
-        good_ids, good_pages = [], []
+        good_ids, good_pages, good_units = [], [], []
         for i, (block_id, block_hash, value) in enumerate(zip(load.block_ids, load.hashes, values)):
             if value is None:
                 outcome.why = "missing"
                 outcome.missing_hash = block_hash
                 break
-            key = self.key_of(block_hash)
+            unit = load.unit(i)
+            key = self.key_of(block_hash, unit)
             try:
-                pages = decode_block(self.layout, value, key)
+                pages = decode_block(self.layouts[unit], value, key)
             except codec.PayloadError as exc:
                 log.warning("Membrain: block %s of request %s failed its check (%s); recomputing", i, load.req_id, exc)
                 outcome.why = "corrupt"
@@ -207,30 +208,35 @@ class PageLoader:
                 break
             good_ids.append(block_id)
             good_pages.append(pages)
+            good_units.append(unit)
             outcome.loaded_bytes += len(value)
         if len(good_ids) < len(load.block_ids) and not outcome.why:
             outcome.why = "missing"  # fewer values than blocks
             outcome.missing_hash = load.hashes[len(good_ids)]
-        if good_ids:
-            if self.mover is None:
-                self.layout.scatter_many(good_ids, good_pages)
+        for unit in sorted(set(good_units)):  # one batched copy per unit: its own layers
+            ids = [b for b, u in zip(good_ids, good_units) if u == unit]
+            pages = [p for p, u in zip(good_pages, good_units) if u == unit]
+            if self.movers is None:
+                self.layouts[unit].scatter_many(ids, pages)
             else:
-                host = self.mover.stage(good_pages)
+                mover = self.movers[unit]
+                host = mover.stage(pages)
                 try:
-                    self.mover.finish_load(good_ids, host)
+                    mover.finish_load(ids, host)
                 finally:
-                    self.mover.release_host(host)
+                    mover.release_host(host)
         outcome.loaded = len(good_ids)
 
     def _corrupt_keys(self, load: BlockTransfer, values: list, first_bad: int) -> list[str]:
         """Every corrupt block of this load (checked now, on the failure path only), so saves repair them."""
         bad = []
-        for block_hash, value in zip(load.hashes[first_bad:], values[first_bad:]):
+        for i in range(first_bad, min(len(load.hashes), len(values))):
+            value = values[i]
             if value is None:
                 continue
-            key = self.key_of(block_hash)
+            key = self.key_of(load.hashes[i], load.unit(i))
             try:
-                decode_block(self.layout, value, key)
+                decode_block(self.layouts[load.unit(i)], value, key)
             except codec.PayloadError:
                 bad.append(key)
         return bad

@@ -18,12 +18,17 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 class BlockTransfer:
     """Move the pages of `block_ids` to or from the blocks named by `hashes` (hex chain hashes).
 
-    Workers turn a hash into a key with their own TP rank, so one plan serves every shard.
+    Workers turn a hash into a key with their own TP rank, so one plan serves every shard. `units[i]` is
+    the KV unit (vllm/units.py) of entry i, whose layers and block table it is in; empty: all unit 0.
     """
 
     req_id: str
     block_ids: list[int]
     hashes: list[str]
+    units: list[int] = field(default_factory=list)
+
+    def unit(self, i: int) -> int:
+        return self.units[i] if self.units else 0
 
 
 @dataclass

@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any
 from .. import keys
 from ..config import ConnectorConfig
 from ..cache import open_store
+from ..cache.prefix_query import PrefixQuery, Series
 from . import identity
+from .units import NULL_BLOCK_ID, KVUnit
 from .blockhash import BlockHashes
 from .lookups import Lookups
 from .metadata import BlockTransfer, MembrainConnectorMetadata, MembrainWorkerMetadata
@@ -59,11 +61,19 @@ class _RequestState:
 
 
 class MembrainScheduler:
-    def __init__(self, config: ConnectorConfig, *, block_size: int, fingerprint: str, block_bytes: int):
+    def __init__(self, config: ConnectorConfig, *, block_size: int, fingerprint: str, block_bytes: int,
+                 units: "list[KVUnit] | None" = None, unit_fingerprints: list[str] | None = None):
         self.config = config
         self.block_size = block_size
-        self.async_loads = config.load_mode == "async"
-        self.fingerprint = fingerprint
+        self.fingerprint = fingerprint  # the model's (KV events' ownership); keys use the units' own
+        # One unit (a plain model, whose one KV group holds every layer) unless vLLM's KV cache config says
+        # otherwise: see units.py.
+        self.units = units
+        self.unit_fingerprints = unit_fingerprints or [fingerprint]
+        self.hybrid = len(self.unit_fingerprints) > 1
+        # Several KV groups: vLLM only takes load failures per request (failed_recving), which exist for
+        # async loads only; block-level failures would stop its scheduler.
+        self.async_loads = config.load_mode == "async" or self.hybrid
         # Lookups ask about the first shard; every shard saves and loads the same blocks.
         self.rank = identity.rank_label(0, 0)
         self.store = open_store(config)  # held until shutdown()
@@ -79,6 +89,10 @@ class MembrainScheduler:
         # Hashes this instance recently loaded or saved: what the workers' hot tiers hold (an estimate;
         # a block a worker has since dropped is fetched from the server, or recomputed).
         self._hot_capacity = config.local_cache_bytes // block_bytes if config.local_cache_bytes else 0
+        if self.hybrid:
+            # A sliding-window unit's blocks outside a load's window are never loaded, so "this instance
+            # recently held the block" says nothing about them: always ask the server.
+            self._hot_capacity = 0
         # Loads granted in the step being scheduled: bounds what a worker fetches and holds at once.
         self._step_load_limit = max(1, config.step_load_bytes // block_bytes)
         self._step_load_blocks = 0
@@ -87,18 +101,30 @@ class MembrainScheduler:
         self.events: "MembrainKVEvents | None" = None  # set by the connector when vLLM's KV events are on
 
     @classmethod
-    def from_vllm_config(cls, vllm_config: "VllmConfig", config: ConnectorConfig) -> "MembrainScheduler":
+    def from_vllm_config(cls, vllm_config: "VllmConfig", config: ConnectorConfig,
+                         units: "list[KVUnit]") -> "MembrainScheduler":
+        layers = sum(len(u.layer_names) for u in units)
         return cls(config, block_size=vllm_config.cache_config.block_size,
                    fingerprint=identity.fingerprint(vllm_config, config),
-                   block_bytes=identity.payload_bytes(vllm_config))
+                   block_bytes=identity.payload_bytes(vllm_config, layers),
+                   units=units, unit_fingerprints=identity.unit_fingerprints(vllm_config, config, units))
 
     # ------------------------------------------------------------------ block hashes and keys
 
     def _hashes(self, st: _RequestState, upto_blocks: int) -> list[str]:
         return st.chain.extend(st.request, upto_blocks)
 
-    def keys_for(self, hashes: list[str]) -> list[str]:
-        return [keys.block_key(self.fingerprint, self.rank, h) for h in hashes]
+    def keys_for(self, hashes: list[str], unit: int = 0) -> list[str]:
+        fp = self.unit_fingerprints[unit]
+        return [keys.block_key(fp, self.rank, h) for h in hashes]
+
+    def lookup_for(self, hashes: list[str]) -> "list[str] | PrefixQuery":
+        """What to ask the store: the keys of the one unit, or every unit's with what a hit needs of it."""
+        if not self.hybrid:
+            return self.keys_for(hashes)
+        assert self.units is not None
+        return PrefixQuery(tuple(Series(tuple(self.keys_for(hashes, u.index)), u.window_tokens) for u in self.units),
+                           self.block_size)
 
     def _loadable_blocks(self, request: "Request") -> int:
         # At least one prompt token must be computed, so a hit never covers the last token.
@@ -118,8 +144,8 @@ class MembrainScheduler:
         if n == 0 or request.skip_reading_prefix_cache:
             return
         chain = BlockHashes(self.block_size)
-        keys = self.keys_for(chain.extend(request, n))
-        self.lookups.send_on_arrival(request.request_id, keys, chain, self._ledger.now())
+        query = self.lookup_for(chain.extend(request, n))
+        self.lookups.send_on_arrival(request.request_id, query, chain, self._ledger.now())
 
     def on_new_request(self, request: "Request") -> None:
         arrival = self.lookups.take_arrival(request.request_id)
@@ -144,7 +170,7 @@ class MembrainScheduler:
         st.lookup_started = time.monotonic()
         st.lookup_seq = self._ledger.now()
         # Sent at vLLM's next pass, with every request that arrived meanwhile (lookups.py).
-        self.lookups.queue(request.request_id, self.keys_for(hashes))
+        self.lookups.queue(request.request_id, self.lookup_for(hashes))
 
     def _is_waiting(self, req_id: str) -> bool:
         return req_id in self._requests
@@ -226,12 +252,29 @@ class MembrainScheduler:
         n = num_external_tokens // self.block_size
         st.loading = self.async_loads
         self._step_load_blocks += n
-        block_ids = blocks.get_block_ids()[0][first : first + n]
-        self._loads.append(BlockTransfer(request.request_id, list(block_ids), st.chain.hashes[first : first + n]))
+        self._loads.append(self._load_plan(request.request_id, blocks.get_block_ids(), st.chain.hashes, first, n))
         self._remember_hot(st.chain.hashes[first : first + n])
         self._count("hit_blocks", n)
         self._count("hit_tokens", n * self.block_size)
         self._count("miss_blocks", max(0, st.lookup_blocks - first - n))
+
+    def _load_plan(self, req_id: str, tables: tuple, hashes: list[str], first: int, n: int) -> BlockTransfer:
+        """Blocks first..first+n of every unit, position by position. A sliding-window unit's blocks below
+        the window before the hit are vLLM's null block: nothing is loaded into them."""
+        if not self.hybrid:
+            return BlockTransfer(req_id, list(tables[0][first : first + n]), hashes[first : first + n])
+        assert self.units is not None
+        plan = BlockTransfer(req_id, [], [], [])
+        hit = first + n
+        for b in range(first, hit):
+            for u in self.units:
+                block_id = tables[u.group][b]
+                if block_id == NULL_BLOCK_ID or b < u.first_needed_block(hit * self.block_size, self.block_size):
+                    continue
+                plan.block_ids.append(block_id)
+                plan.hashes.append(hashes[b])
+                plan.units.append(u.index)
+        return plan
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> MembrainConnectorMetadata:
         self.lookups.send_queued(self._is_waiting)  # requests this pass did not reach: their lookups go out now
@@ -256,10 +299,18 @@ class MembrainScheduler:
         self._kv_cache_manager = kv_cache_manager
 
     def update_connector_output(self, output: "KVConnectorOutput") -> None:
-        """Every rank's invalid blocks of a step: evict them locally, and settle that step's staged saves."""
+        """Every rank's invalid blocks (or failed requests) of a step: evict them locally, and settle that
+        step's staged saves."""
         invalid = set(output.invalid_block_ids or ())
         if invalid:
             self._evict_unfilled(invalid)
+        for req_id in output.failed_recving or ():
+            # Hybrid models: a failed load is reported per request, and vLLM recomputes it from its start.
+            # Forget the hit, or its re-admission would load the same blocks again.
+            st = self._requests.get(req_id)
+            if st is not None:
+                self.load_failures += 1
+                self._rewind_failed_load(st, 0)
         worker_meta = output.kv_connector_worker_meta
         for step in worker_meta.steps if isinstance(worker_meta, MembrainWorkerMetadata) else ():
             discarded = self._ledger.settle(step, invalid)
@@ -330,13 +381,15 @@ class MembrainScheduler:
                 continue
             hashes = self._hashes(st, full)
             full = len(hashes)
-            ids = block_state.get_block_ids(req_id)
-            if ids is None:
+            tables = block_state.get_block_ids(req_id)
+            if tables is None:
                 continue
-            block_ids = ids[0]
-            plan_ids, plan_hashes = [], []
+            block_ids = tables[0]
+            upto = min(full, *(len(t) for t in tables))
+            plan = BlockTransfer(req_id, [], [])
+            plan_hashes = []
             first_planned = None
-            for b in range(start, min(full, len(block_ids))):
+            for b in range(start, upto):
                 h = hashes[b]
                 # A block the lookup covered and reported missing (server restarted, evicted, our upload
                 # failed) is saved again, unless this instance planned it after that lookup was sent.
@@ -344,17 +397,33 @@ class MembrainScheduler:
                     continue
                 if first_planned is None:
                     first_planned = b
-                plan_ids.append(block_ids[b])
                 plan_hashes.append(h)
-            st.saved_upto = max(st.saved_upto, min(full, len(block_ids)))
-            if plan_ids:
+                self._plan_position(plan, tables, b, h)
+            st.saved_upto = max(st.saved_upto, upto)
+            if plan_hashes:
                 planned = self._ledger.plan(self._step, req_id, first_planned, plan_hashes, block_ids)
                 if self.events is not None:
                     self.events.planned(planned, req, st.chain.hashes)
-                saves.append(BlockTransfer(req_id, plan_ids, plan_hashes))
+                saves.append(plan)
                 self._remember_hot(plan_hashes)
-                self._count("save_blocks_planned", len(plan_ids))
+                self._count("save_blocks_planned", len(plan.block_ids))
         return saves
+
+    def _plan_position(self, plan: BlockTransfer, tables: tuple, b: int, h: str) -> None:
+        """Block `b` of every unit into a save plan. Every unit saves every block it still holds: a later
+        hit may end at any block, and a sliding-window unit's window before it is then needed. A block
+        vLLM already freed (outside the window) or never filled (a load's window) is the null block."""
+        if not self.hybrid:
+            plan.block_ids.append(tables[0][b])
+            plan.hashes.append(h)
+            return
+        assert self.units is not None
+        for u in self.units:
+            block_id = tables[u.group][b]
+            if block_id != NULL_BLOCK_ID:
+                plan.block_ids.append(block_id)
+                plan.hashes.append(h)
+                plan.units.append(u.index)
 
     def _notice_failed_load(self, st: _RequestState) -> None:
         """A failed load sends the request back to the block it failed at: save from there again."""

@@ -28,6 +28,7 @@ from ..config import ConnectorConfig
 from ..cache import open_store
 from ..runtime import CompletionRing
 from . import identity, kv_events
+from .units import KVUnit
 from .loads import PageLoader
 from .metadata import MembrainConnectorMetadata, MembrainWorkerMetadata, SaveVerdict
 from .pages import (
@@ -67,26 +68,32 @@ class _StagedBlock:
 
 
 class MembrainWorker:
-    def __init__(self, vllm_config: "VllmConfig", config: ConnectorConfig, num_blocks: int):
+    def __init__(self, vllm_config: "VllmConfig", config: ConnectorConfig, num_blocks: int, units: list[KVUnit]):
         from vllm.distributed.parallel_state import get_pp_group, get_tp_group
 
         self.config = config
         self.num_blocks = num_blocks
-        self.fingerprint = identity.fingerprint(vllm_config, config)
+        self.block_size = vllm_config.cache_config.block_size
+        self.units = units
+        self.fingerprints = identity.unit_fingerprints(vllm_config, config, units)
+        # Several KV groups: vLLM takes load failures per request only (see get_transfer_results).
+        self.hybrid = len(units) > 1
         try:
             tp_rank, pp_rank = get_tp_group().rank_in_group, get_pp_group().rank_in_group
         except (AssertionError, AttributeError):  # groups not initialised (single process tools)
             tp_rank, pp_rank = 0, 0
         self.rank = identity.rank_label(tp_rank, pp_rank)
         self.store = open_store(config)  # held until shutdown()
-        self.layout: PageLayout | None = None
+        self.layout: PageLayout | None = None  # unit 0's (logs, and the single-unit case)
+        self.layouts: list[PageLayout] = []  # one per unit: its layers' pages
         self.staging = StagingPool(config.write_behind_bytes)
-        self.mover = None  # DevicePageMover on accelerators (batched, streams and events)
+        self.movers: list | None = None  # DevicePageMover per unit on accelerators (batched, streams and events)
         self._pending_saves: list = []  # device saves committed, waiting for their copy to finish
         self._staged: dict[int, list] = {}  # step -> _StagedBlock | PendingSave awaiting the verdict
         self.loader: PageLoader | None = None
-        self.async_loads = config.load_mode == "async"
+        self.async_loads = config.load_mode == "async" or self.hybrid
         self._finished_recving: set[str] = set()
+        self._failed_recving: set[str] = set()  # hybrid: loads that failed, reported per request
         self._idle_step = False
         self._load_errors: set[int] = set()
         # Requests whose load failed this step: their forward ran without the missing pages, so whatever
@@ -98,8 +105,8 @@ class MembrainWorker:
         self._report_missing = kv_events.enabled(vllm_config)
         self._missing: list[str] = []
 
-    def _key(self, block_hash: str) -> str:
-        return keys.block_key(self.fingerprint, self.rank, block_hash)
+    def _key(self, block_hash: str, unit: int = 0) -> str:
+        return keys.block_key(self.fingerprints[unit], self.rank, block_hash)
 
     def _count(self, name: str, value: float = 1) -> None:
         self._stats[name] = self._stats.get(name, 0) + value
@@ -108,23 +115,31 @@ class MembrainWorker:
         first = next(iter(kv_caches.values()), None)
         device = first.device.type if first is not None else "cpu"
         try:
-            self.layout = PageLayout.from_kv_caches(kv_caches, self.num_blocks, identity.kv_layout(device))
+            self.layouts = [self._unit_layout(kv_caches, u, identity.kv_layout(device)) for u in self.units]
         except UnsupportedLayout as exc:
             log.warning("Membrain disabled on this worker: %s", exc)
-            self.layout = None
+            self.layout, self.layouts = None, []
             return
+        self.layout = self.layouts[0]
         # The platform decides: accelerators take the batched device path; CPU copies pages directly.
         # MEMBRAIN_FORCE_DEVICE_MOVER=1 runs the device path on CPU (its logic is then tested without a GPU).
         if device != "cpu" or os.environ.get("MEMBRAIN_FORCE_DEVICE_MOVER") == "1":
             from .device_transfer import DevicePageMover
 
-            self.mover = DevicePageMover(self.layout, first.device)
-        self.loader = PageLoader(self.store, self.layout, self._key, self.config.load_deadline, self.mover)
+            self.movers = [DevicePageMover(layout, first.device) for layout in self.layouts]
+        self.loader = PageLoader(self.store, self.layouts, self._key, self.config.load_deadline, self.movers)
         log.info(
-            "Membrain worker rank %s: %d layers, page %s %s, %d bytes per block, %s transfer",
-            self.rank, len(self.layout.layer_names), self.layout.page_shape, self.layout.dtype_name,
-            self.layout.payload_bytes, "batched device" if self.mover else "CPU page",
+            "Membrain worker rank %s: %d layers in %d KV unit(s), page %s %s, %d bytes per block, %s transfer",
+            self.rank, sum(len(lay.layer_names) for lay in self.layouts), len(self.layouts), self.layout.page_shape,
+            self.layout.dtype_name, sum(lay.payload_bytes for lay in self.layouts),
+            "batched device" if self.movers else "CPU page",
         )
+
+    def _unit_layout(self, kv_caches: dict[str, "torch.Tensor"], unit: KVUnit, layout: str) -> PageLayout:
+        missing = [n for n in unit.layer_names if n not in kv_caches]
+        if missing:
+            raise UnsupportedLayout(f"KV group {unit.group}'s layers {missing[:3]} have no registered KV cache")
+        return PageLayout.from_kv_caches({n: kv_caches[n] for n in unit.layer_names}, self.num_blocks, layout)
 
     # ------------------------------------------------------------------ loads
 
@@ -145,7 +160,7 @@ class MembrainWorker:
                     self._finished_recving.add(load.req_id)
             return
         for hint in meta.prefetch:
-            self.store.prefetch([self._key(h) for h in hint.hashes], tag=hint.req_id)
+            self.store.prefetch(self._prefetch_keys(hint.hashes), tag=hint.req_id)
         for load in meta.loads:
             self.loader.submit(load)  # returns at once: the runtime fetches, a worker thread copies
         if meta.loads and not self.async_loads:
@@ -155,6 +170,14 @@ class MembrainWorker:
             self.loader.wait([load.req_id for load in meta.loads], self.config.load_deadline)
             self._collect_loads()
             self._count("load_wait_ms", 1e3 * (time.perf_counter() - t0))
+
+    def _prefetch_keys(self, hashes: list[str]) -> list[str]:
+        """Every unit's keys a hit at the end of `hashes` would load (of a sliding window, its last blocks)."""
+        out = []
+        for u in self.units:
+            first = u.first_needed_block(len(hashes) * self.block_size, self.block_size)
+            out.extend(self._key(h, u.index) for h in hashes[first:])
+        return out
 
     def _collect_loads(self) -> None:
         """Account for the loads that ended: finished requests for vLLM, failed blocks to recompute."""
@@ -173,6 +196,8 @@ class MembrainWorker:
                 self._count("loads_cancelled")
             elif outcome.why:
                 self._fail(outcome.req_id, outcome.failed_block_ids, outcome.why)
+                if self.hybrid:  # block ids are per group there: vLLM takes the request, and recomputes it
+                    self._failed_recving.add(outcome.req_id)
 
     def get_finished(self) -> set[str] | None:
         """Requests whose async load ended on this rank (loaded, failed or cancelled), for vLLM."""
@@ -184,12 +209,19 @@ class MembrainWorker:
         done, self._finished_recving = self._finished_recving, set()
         return done or None
 
+    def take_failed_recving(self) -> set[str]:
+        """Requests whose async load failed on this rank (hybrid models: vLLM recomputes them whole)."""
+        failed, self._failed_recving = self._failed_recving, set()
+        return failed
+
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads complete before the forward that reads them (sync) or before vLLM schedules it (async)
 
     def _fail(self, req_id: str, block_ids: list[int], why: str) -> None:
         # vLLM truncates the request's computed tokens at the first bad block and recomputes from there.
-        self._load_errors.update(block_ids)
+        # Hybrid models: block ids are per group, so the request is reported failed instead.
+        if not self.hybrid:
+            self._load_errors.update(block_ids)
         self._failed_requests.add(req_id)
         self._count(f"load_errors_{why}", len(block_ids))
         self._count("load_error_blocks", len(block_ids))
@@ -211,32 +243,35 @@ class MembrainWorker:
         if len(saves) < len(meta.saves):
             self._count("saves_skipped_after_load_error", sum(len(s.block_ids) for s in meta.saves) - sum(len(s.block_ids) for s in saves))
         staged = self._staged.setdefault(meta.step, [])
-        if self.mover is not None:
+        if self.movers is not None:
             # The gather is ordered after this step's forward and before the next one (start_save); the
             # copy to host finishes in the background.
             for save in saves:
-                nbytes = len(save.block_ids) * self.layout.payload_bytes
-                if not self.staging.reserve(nbytes):
-                    self._count("dropped_saves", len(save.block_ids))
-                    continue
-                pending = self.mover.start_save(save.block_ids, save.hashes, save.req_id)
-                pending.nbytes = nbytes
-                staged.append(pending)
+                for unit in sorted({save.unit(i) for i in range(len(save.block_ids))}):
+                    idx = [i for i in range(len(save.block_ids)) if save.unit(i) == unit]
+                    nbytes = len(idx) * self.layouts[unit].payload_bytes
+                    if not self.staging.reserve(nbytes):
+                        self._count("dropped_saves", len(idx))
+                        continue
+                    pending = self.movers[unit].start_save([save.block_ids[i] for i in idx],
+                                                           [save.hashes[i] for i in idx], save.req_id)
+                    pending.nbytes, pending.unit = nbytes, unit
+                    staged.append(pending)
             self._flush_ready_saves()
             self._count("save_copy_ms", 1e3 * (time.perf_counter() - t0))
             return
-        size = codec.HEADER_SIZE + self.layout.payload_bytes
         for save in saves:
-            for block_id, block_hash in zip(save.block_ids, save.hashes):
-                buf = self.staging.acquire(size)
+            for i, (block_id, block_hash) in enumerate(zip(save.block_ids, save.hashes)):
+                layout = self.layouts[save.unit(i)]
+                buf = self.staging.acquire(codec.HEADER_SIZE + layout.payload_bytes)
                 if buf is None:  # staging and write-behind are full: a future miss, never a wait
                     self._count("dropped_saves")
                     continue
-                payload = gather_block(self.layout, block_id, buf)  # the checksum is computed by the uploader
-                key = self._key(block_hash)
+                payload = gather_block(layout, block_id, buf)  # the checksum is computed by the uploader
+                key = self._key(block_hash, save.unit(i))
                 staged.append(_StagedBlock(
                     save.req_id, key, payload, lambda b=buf: self.staging.release(b),
-                    lambda p=payload, layout=self.layout, k=key: write_header(layout, p, k),
+                    lambda p=payload, lay=layout, k=key: write_header(lay, p, k),
                 ))
         self._count("save_copy_ms", 1e3 * (time.perf_counter() - t0))
 
@@ -289,13 +324,14 @@ class MembrainWorker:
         """Hand device saves whose copy finished to the uploader (polls events; never waits)."""
         if not self._pending_saves:
             return
-        assert self.layout is not None and self.mover is not None
+        assert self.movers is not None
         still = []
         for pending in self._pending_saves:
             if not pending.ready():
                 still.append(pending)
                 continue
-            mover, staging = self.mover, self.staging
+            unit = getattr(pending, "unit", 0)
+            mover, staging, layout = self.movers[unit], self.staging, self.layouts[unit]
             if pending.discard:
                 mover.release_host(pending.host)
                 staging.unreserve(pending.nbytes)
@@ -309,9 +345,9 @@ class MembrainWorker:
                     staging.unreserve(p.nbytes)
 
             for i, block_hash in enumerate(pending.hashes):
-                body = memoryview(self.mover.payload_of(pending, i).numpy())
-                key = self._key(block_hash)
-                header = encode_block_header(self.layout, body, key)
+                body = memoryview(mover.payload_of(pending, i).numpy())
+                key = self._key(block_hash, unit)
+                header = encode_block_header(layout, body, key)
                 self._queue_save(key, [header, body], pending.req_id, release, codec.HEADER_SIZE + len(body))
         self._pending_saves = still
 
