@@ -180,6 +180,25 @@ def test_a_load_failed_per_request_is_not_loaded_again_when_vllm_readmits_it(ser
         sched.shutdown()
 
 
+def test_a_sliding_window_only_model_never_loads_into_or_saves_from_the_null_block(server):
+    cfg = ConnectorConfig.from_sources(env={}, overrides={"endpoint": server.url, "lookup_deadline": 5.0})
+    sched = MembrainScheduler(cfg, block_size=BS, fingerprint="fp", block_bytes=1 << 20,
+                              units=[KVUnit(0, 0, "sliding_window", ("s",), WINDOW - 1, False, "s")],
+                              unit_fingerprints=["fps"])
+    try:
+        req = request("r1", 9 * BS + 5)
+        hashes = BlockHashes(BS).extend(req, 9)
+        store(sched, hashes, 0, [7, 8])  # only the window of a 9-block hit
+        sched.on_new_request(req)
+        assert answer(sched, req) == (9 * BS, True)
+        table = [0] * 7 + [27, 28, 29]
+        sched.update_state_after_alloc(req, KVCacheBlocks((tuple(KVCacheBlock(i) for i in table),)), 9 * BS)
+        (load,) = step(sched).loads
+        assert load.block_ids == [27, 28] and load.hashes == hashes[7:9]
+    finally:
+        sched.shutdown()
+
+
 def test_saves_take_every_unit_block_vllm_still_holds(server):
     sched = hybrid_scheduler(server.url)
     try:

@@ -73,9 +73,9 @@ class MembrainConnector(KVConnectorBase_V1, SupportsHMA):
             return  # every hook below is then a no-op
         if role == KVConnectorRole.SCHEDULER:
             log.info("Membrain KV units: %s", describe(units))
-            if len(units) > 1 and self.config.load_mode == "sync":
+            if (len(units) > 1 or units[0].window_tokens is not None) and self.config.load_mode == "sync":
                 log.warning("Membrain: VLLM_MEMBRAIN_LOAD_MODE=sync is not possible with several KV cache "
-                            "groups (vLLM takes load failures per request only there); loading async")
+                            "groups or a sliding window (failures go per request there); loading async")
             from .scheduler import MembrainScheduler
 
             from . import arrival

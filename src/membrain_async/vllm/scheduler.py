@@ -70,9 +70,10 @@ class MembrainScheduler:
         # otherwise: see units.py.
         self.units = units
         self.unit_fingerprints = unit_fingerprints or [fingerprint]
-        self.hybrid = len(self.unit_fingerprints) > 1
-        # Several KV groups: vLLM only takes load failures per request (failed_recving), which exist for
-        # async loads only; block-level failures would stop its scheduler.
+        # Several units, or a sliding-window one: hits and loads go unit by unit (a window's blocks below a
+        # hit are vLLM's null block). Several KV groups: vLLM only takes load failures per request
+        # (failed_recving), which exist for async loads only; block-level failures would stop its scheduler.
+        self.hybrid = len(self.unit_fingerprints) > 1 or any(u.window_tokens is not None for u in units or ())
         self.async_loads = config.load_mode == "async" or self.hybrid
         # Lookups ask about the first shard; every shard saves and loads the same blocks.
         self.rank = identity.rank_label(0, 0)

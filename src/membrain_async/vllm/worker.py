@@ -76,8 +76,9 @@ class MembrainWorker:
         self.block_size = vllm_config.cache_config.block_size
         self.units = units
         self.fingerprints = identity.unit_fingerprints(vllm_config, config, units)
-        # Several KV groups: vLLM takes load failures per request only (see get_transfer_results).
-        self.hybrid = len(units) > 1
+        # Several units or a sliding-window one (as the scheduler half): failures go per request, since vLLM
+        # takes block ids of one KV group only (see get_transfer_results).
+        self.hybrid = len(units) > 1 or any(u.window_tokens is not None for u in units)
         try:
             tp_rank, pp_rank = get_tp_group().rank_in_group, get_pp_group().rank_in_group
         except (AssertionError, AttributeError):  # groups not initialised (single process tools)
