@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 from membrain_async.testing import tinyarch, tinymodel  # noqa: E402
-from membrain_async.testing.driver import EngineProcess  # noqa: E402
+from membrain_async.testing.driver import EngineProcess, key_error  # noqa: E402
 
 PREFIX = tinymodel.prompt_words(260, seed=11)
 PROMPTS = [PREFIX + " " + tinymodel.prompt_words(40, seed=21), PREFIX + " " + tinymodel.prompt_words(40, seed=22)]
@@ -33,16 +32,6 @@ def engine_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_MEMBRAIN_")}
     env.update(VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     return env
-
-
-_ERR = re.compile(r"^\s*(?:\(\w+ pid=\d+\)\s*)?([A-Za-z_.]*(?:Error|Exception|NotImplemented\w*)\b.*)$")
-
-
-def key_error(log: str) -> str:
-    """The last `SomethingError: message` line of a log: the exception that ended it."""
-    lines = [m.group(1).strip() for m in map(_ERR.match, log.splitlines()) if m]
-    lines = [ln for ln in lines if ":" in ln and not ln.startswith(("Traceback", "During handling"))]
-    return lines[-1][:400] if lines else log.strip().splitlines()[-1][:400] if log.strip() else "no output"
 
 
 def probe(model: str, block_size: int, log_dir: str, name: str, extra: dict | None = None,
@@ -78,6 +67,8 @@ def main() -> None:
     ap.add_argument("--archs", default=",".join(a for a in tinyarch.ARCHS))
     ap.add_argument("--block-sizes", default=",".join(map(str, BLOCK_SIZES)))
     ap.add_argument("--no-spec", action="store_true")
+    ap.add_argument("--engine-kwargs", default=None, help="JSON: more LLM(...) arguments for the models' probes")
+    ap.add_argument("--label", default="", help="recorded as '<block size> <label>' (with --engine-kwargs)")
     ap.add_argument("--models", default=None, help="where the generated models go (default: a temp dir)")
     args = ap.parse_args()
     root = args.models or tempfile.mkdtemp(prefix="membrain-probe-")
@@ -99,8 +90,11 @@ def main() -> None:
         model = str(tinyarch.generate_arch(os.path.join(root, arch), arch))
         entry = results["models"].setdefault(arch, {"what": tinyarch.ARCHS[arch][2], "block_sizes": {}})
         for bs in map(int, args.block_sizes.split(",")):
-            r = probe(model, bs, log_dir, f"{arch}-{bs}")
-            entry["block_sizes"][str(bs)] = r
+            extra = json.loads(args.engine_kwargs) if args.engine_kwargs else None
+            r = probe(model, bs, log_dir, f"{arch}-{bs}{args.label}", extra)
+            if extra:
+                r["engine_kwargs"] = extra
+            entry["block_sizes"][f"{bs} {args.label}".strip()] = r
             print(f"{arch:16} bs={bs:<4} {'ok' if r['ok'] else 'FAIL: ' + r['error']}  "
                   f"groups={(r.get('kv_cache') or {}).get('groups') and [(g['kind'], g.get('sliding_window'), g['layers']) for g in r['kv_cache']['groups']]} "
                   f"hma={(r.get('kv_cache') or {}).get('hma')} {r['seconds']}s", flush=True)

