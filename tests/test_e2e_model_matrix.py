@@ -215,7 +215,8 @@ def _layout(kv: dict | None) -> str:
     for g in kv["groups"]:
         kind = kinds.get(g["kind"], g["kind"])
         if g.get("sliding_window"):
-            kind += f"({g['sliding_window']})"
+            # A full-attention group with a window: sliding layers computed as such, allocated as full (HMA off).
+            kind += f"({g['sliding_window']})" if kind == "sliding" else f", window {g['sliding_window']}"
         key = f"{kind} x{g['layers']}"
         counts[key] = counts.get(key, 0) + 1
     return " + ".join(f"{n}*[{k}]" if n > 1 else f"[{k}]" for k, n in counts.items())
