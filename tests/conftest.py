@@ -9,6 +9,16 @@ from .e2e_fixtures import baseline, e2e_server, logs, model, other_model, reliab
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_collection_modifyitems(config, items):
+    """The full model matrix (marker `matrix`) is long: only `-m` naming it, or MEMBRAIN_MATRIX=1, runs it."""
+    if os.environ.get("MEMBRAIN_MATRIX") == "1" or "matrix" in (config.option.markexpr or ""):
+        return
+    keep = [item for item in items if item.get_closest_marker("matrix") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("matrix")])
+        items[:] = keep
+
+
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request):
     return request.param

@@ -8,11 +8,24 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+
+
+_ERROR_LINE = re.compile(r"^\s*(?:\(\w+ pid=\d+\)\s*)?([A-Za-z_.]*(?:Error|Exception|NotImplemented\w*)\b.*)$")
+
+
+def key_error(log: str) -> str:
+    """The last `SomethingError: message` line of a log: the exception that ended a process."""
+    lines = [m.group(1).strip() for m in map(_ERROR_LINE.match, log.splitlines()) if m]
+    lines = [ln for ln in lines if ":" in ln and not ln.startswith(("Traceback", "During handling"))]
+    if lines:
+        return lines[-1][:400]
+    return log.strip().splitlines()[-1][:400] if log.strip() else "no output"
 
 
 class EventProcess:

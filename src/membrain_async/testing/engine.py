@@ -58,13 +58,41 @@ def _metrics(llm) -> dict[str, float]:
     return out
 
 
+def kv_cache_layout(llm) -> dict:
+    """Whether the hybrid KV cache manager is on, and the KV cache groups vLLM made (kind, window, layers).
+
+    The groups live in the engine core: readable here only with VLLM_ENABLE_V1_MULTIPROCESSING=0."""
+    vc = llm.llm_engine.vllm_config
+    out: dict = {"hma": not vc.scheduler_config.disable_hybrid_kv_cache_manager,
+                 "block_size": vc.cache_config.block_size, "dtype": str(vc.model_config.dtype),
+                 "prefix_caching": bool(vc.cache_config.enable_prefix_caching)}
+    try:
+        core = llm.llm_engine.engine_core.engine_core  # in-process engine core only
+        config = core.scheduler.kv_cache_config
+    except AttributeError:
+        out["groups"] = None
+        return out
+    groups = []
+    for g in config.kv_cache_groups:
+        spec = g.kv_cache_spec
+        kind = type(spec).__name__
+        group = {"kind": kind, "layers": len(g.layer_names), "layer_names": list(g.layer_names),
+                 "block_size": getattr(spec, "block_size", None)}
+        if getattr(spec, "sliding_window", None):
+            group["sliding_window"] = spec.sliding_window
+        groups.append(group)
+    out["groups"] = groups
+    out["num_blocks"] = config.num_blocks
+    return out
+
+
 def run(spec: dict) -> None:
     from vllm import LLM
 
     t0 = time.perf_counter()
     # Stats on: per-request first-token latency and the Prometheus counters we report.
     llm = LLM(model=spec["model"], disable_log_stats=False, **spec.get("engine", {}))
-    print(json.dumps({"started_s": time.perf_counter() - t0}), flush=True)
+    print(json.dumps({"started_s": time.perf_counter() - t0, "kv_cache": kv_cache_layout(llm)}), flush=True)
     for phase in spec["phases"]:
         if phase.get("wait_for_go"):
             print(json.dumps({"ready": phase["name"]}), flush=True)
