@@ -44,11 +44,16 @@ class RemoteTier:
 
 
 def make_client(config: ConnectorConfig):
-    """One node: a MembrainClient. Several (a comma-separated endpoint list): a MembrainCluster."""
+    """One node: a MembrainClient. Several (a comma-separated endpoint list): a MembrainCluster.
+    `mooncake://master:port`: Mooncake Store (client/mooncake_store.py)."""
     from ..client import CircuitBreaker, MembrainClient
     from ..client.cluster import MembrainCluster
     from ..tls import connector_context
 
+    if config.endpoint[0].startswith("mooncake://"):
+        from ..client.mooncake_store import open_mooncake_client
+
+        return open_mooncake_client(config)
     if len(config.endpoint) > 1 or config.replicas > 1:
         return MembrainCluster(
             config.endpoint,
