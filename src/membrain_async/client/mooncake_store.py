@@ -7,9 +7,9 @@ client, so whatever Mooncake hands back is verified before it reaches vLLM.
 
 Why threads. Mooncake's Python API (`mooncake.store.MooncakeDistributedStore`, from the optional wheel
 `mooncake-transfer-engine-non-cuda`) is synchronous and blocks: against a dead master each call spends
-about 4 s reconnecting, and `setup()` retries for about 90 s. Every call therefore runs in a worker thread
-(anyio.to_thread, asyncio or trio alike), at most VLLM_MEMBRAIN_MOONCAKE_THREADS at once, never on the
-event loop, and StoreClient's timeout abandons a call that overruns it: the caller sees "unavailable" at
+about 4.3 s reconnecting, and `setup()` ~4.4 s per attempt (20 by default; 2 here). Every call therefore runs in a daemon worker
+thread (its result comes back through anyio's loop token: asyncio or trio alike), at most
+VLLM_MEMBRAIN_MOONCAKE_THREADS awaited at once, never on the event loop, and StoreClient's timeout abandons a call that overruns it: the caller sees "unavailable" at
 once (a miss above), the thread finishes Mooncake's call on its own and its result is dropped. Abandoned
 threads are bounded: while twice the thread limit of calls are still running, new calls fail fast
 (`OSError`, so the breaker opens) instead of piling up threads behind a hung store.
@@ -41,6 +41,8 @@ from typing import Any, Callable, Sequence, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 
 from ..config import ConnectorConfig
 from .breaker import CircuitBreaker
@@ -65,6 +67,50 @@ _UNREACHABLE = {TRANSFER_FAIL, RPC_FAIL, -1}
 
 # Keys per Mooncake get call: their values pass through Mooncake's local buffer together.
 GET_CHUNK = 16
+
+# Mooncake's setup() tries 20 local ports, ~4.4 s each against an unreachable master (~90 s); two are enough
+# to step over a port taken meanwhile. An explicit MC_STORE_CLIENT_SETUP_RETRIES wins.
+SETUP_RETRIES = "2"
+# At exit, how long the process waits for Mooncake calls still running in their threads (a call of a dead
+# master ends within ~4.5 s). A thread still inside Mooncake when the interpreter finalizes aborts the
+# process ("terminate called without an active exception").
+EXIT_WAIT = 10.0
+
+_live: set[threading.Thread] = set()
+_live_lock = threading.Lock()
+_atexit_registered = False
+
+
+def _start(target: Callable[[], None], name: str) -> None:
+    """A daemon thread the process waits for at exit (up to EXIT_WAIT in all)."""
+    global _atexit_registered
+
+    def run() -> None:
+        try:
+            target()
+        finally:
+            with _live_lock:
+                _live.discard(thread)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    with _live_lock:
+        _live.add(thread)
+        if not _atexit_registered:
+            import atexit
+
+            atexit.register(_wait_at_exit)
+            _atexit_registered = True
+    thread.start()
+
+
+def _wait_at_exit() -> None:
+    import time
+
+    end = time.monotonic() + EXIT_WAIT
+    with _live_lock:
+        threads = list(_live)
+    for t in threads:
+        t.join(max(0.0, end - time.monotonic()))
 
 
 @dataclass(frozen=True)
@@ -121,8 +167,14 @@ class MooncakeStats:
 
 
 class _Threads:
-    """Runs blocking calls in worker threads: at most `limit` at once, and no new one while `2 * limit`
-    (abandoned ones included) are still running."""
+    """Runs blocking calls in daemon threads of their own: at most `limit` awaited at once, and no new
+    one while `2 * limit` (abandoned ones included) are still running.
+
+    Not anyio's worker threads: those are not daemons, so a process whose store hung would wait at exit
+    for as long as Mooncake's call takes. Daemon threads are waited for at exit up to EXIT_WAIT seconds.
+    A thread per call costs ~0.1 ms, small beside a Mooncake round trip. The result comes back through the
+    loop's token (asyncio or trio).
+    """
 
     def __init__(self, limit: int, stats: MooncakeStats):
         self.limiter = anyio.CapacityLimiter(limit)
@@ -136,35 +188,47 @@ class _Threads:
         return self._running
 
     async def run(self, fn: Callable[[], T], *, abandon: bool = True) -> T:
-        with self._lock:
-            if self._running >= self.cap:
-                self.stats.busy_refusals += 1
-                raise OSError(f"{self._running} Mooncake calls still running (the store is not answering)")
-            self._running += 1
-        state = {"started": False, "done": False, "abandoned": False}
-
-        def body() -> T:
+        """`fn()` in a thread. Cancelled (a timeout), it is abandoned: the caller returns at once and the
+        thread's result is dropped. `abandon=False` shields the wait (for bounded work such as a copy)."""
+        async with self.limiter:
             with self._lock:
-                if state["abandoned"]:  # cancelled before it began
-                    return None  # type: ignore[return-value]
-                state["started"] = True
-            try:
-                return fn()
-            finally:
-                with self._lock:
-                    self._running -= 1
-                    state["done"] = True
-                    if state["abandoned"]:
-                        self.stats.abandoned += 1
+                if self._running >= self.cap:
+                    self.stats.busy_refusals += 1
+                    raise OSError(f"{self._running} Mooncake calls still running (the store is not answering)")
+                self._running += 1
+            token = anyio.lowlevel.current_token()
+            done = anyio.Event()
+            box: dict = {"abandoned": False}
 
-        try:
-            return await anyio.to_thread.run_sync(body, limiter=self.limiter, abandon_on_cancel=abandon)
-        finally:
-            with self._lock:
-                if not state["done"]:
-                    state["abandoned"] = True
-                    if not state["started"]:
+            def body() -> None:
+                try:
+                    box["value"] = fn()
+                except BaseException as exc:  # handed to the caller, if it still waits
+                    box["error"] = exc
+                finally:
+                    with self._lock:
                         self._running -= 1
+                        if box["abandoned"]:
+                            self.stats.abandoned += 1
+                    try:
+                        anyio.from_thread.run_sync(done.set, token=token)
+                    except Exception:  # the loop is gone (shutdown): nobody waits
+                        pass
+
+            _start(body, "membrain-mooncake")
+            try:
+                if abandon:
+                    await done.wait()
+                else:
+                    with anyio.CancelScope(shield=True):
+                        await done.wait()
+            except BaseException:
+                with self._lock:
+                    box["abandoned"] = "value" not in box and "error" not in box
+                raise
+            if "error" in box:
+                raise box["error"]
+            return box["value"]
 
 
 def _bytes_view(part) -> memoryview:
@@ -193,9 +257,9 @@ class MooncakeTransport:
     # ------------------------------------------------------------------ setup
 
     def _setup(self) -> None:
-        """In a worker thread. Against an unreachable master Mooncake retries for ~90 s: whoever waits has
-        long given up by then (the call was abandoned); calls meanwhile fail fast, and the first one after
-        it ended tries again."""
+        """In a worker thread. Against an unreachable master each of Mooncake's setup attempts takes ~4.4 s:
+        whoever waits has given up by then (the call was abandoned); calls meanwhile fail fast, and the
+        first one after it ended tries again."""
         from mooncake.store import MooncakeDistributedStore
 
         with self._setup_lock:
@@ -205,6 +269,9 @@ class MooncakeTransport:
         s = self.settings
         rc: Any = "exception"
         try:
+            import os
+
+            os.environ.setdefault("MC_STORE_CLIENT_SETUP_RETRIES", SETUP_RETRIES)
             store = MooncakeDistributedStore()
             self.stats.setups += 1
             rc = store.setup(s.local_hostname, s.metadata_server, s.global_segment_size, s.local_buffer_size,
@@ -342,7 +409,7 @@ class MooncakeTransport:
         def later() -> None:
             import time
 
-            end = time.monotonic() + 30
+            end = time.monotonic() + EXIT_WAIT
             while self.threads.running and time.monotonic() < end:
                 time.sleep(0.05)
             if self.threads.running:
@@ -352,7 +419,7 @@ class MooncakeTransport:
             except Exception as exc:
                 log.debug("mooncake close: %r", exc)
 
-        threading.Thread(target=later, name="membrain-mooncake-close", daemon=True).start()
+        _start(later, "membrain-mooncake-close")
 
     def snapshot(self) -> dict:
         out = {k: v for k, v in self.stats.__dict__.items() if k != "last_codes"}
