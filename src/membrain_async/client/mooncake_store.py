@@ -7,7 +7,8 @@ client, so whatever Mooncake hands back is verified before it reaches vLLM.
 
 Why threads. Mooncake's Python API (`mooncake.store.MooncakeDistributedStore`, from the optional wheel
 `mooncake-transfer-engine-non-cuda`) is synchronous and blocks: against a dead master each call spends
-about 4.3 s reconnecting, and `setup()` ~4.4 s per attempt (20 by default; 2 here). Every call therefore runs in a daemon worker
+about 4.3 s reconnecting, and `setup()` ~4.4 s per attempt (20 by default) while holding the GIL, so it
+is called only when the master's port answers (see SETUP_RETRIES). Every call therefore runs in a daemon worker
 thread (its result comes back through anyio's loop token: asyncio or trio alike), at most
 VLLM_MEMBRAIN_MOONCAKE_THREADS awaited at once, never on the event loop, and StoreClient's timeout abandons a call that overruns it: the caller sees "unavailable" at
 once (a miss above), the thread finishes Mooncake's call on its own and its result is dropped. Abandoned
@@ -68,9 +69,12 @@ _UNREACHABLE = {TRANSFER_FAIL, RPC_FAIL, -1}
 # Keys per Mooncake get call: their values pass through Mooncake's local buffer together.
 GET_CHUNK = 16
 
-# Mooncake's setup() tries 20 local ports, ~4.4 s each against an unreachable master (~90 s); two are enough
-# to step over a port taken meanwhile. An explicit MC_STORE_CLIENT_SETUP_RETRIES wins.
-SETUP_RETRIES = "2"
+# Mooncake's setup() tries 20 local ports, ~4.4 s each against an unreachable master (~90 s), and holds the
+# GIL all along (its binding does not release it): every Python thread of the process stops meanwhile. So
+# setup() is called only once the master's and the metadata server's ports accept a connection (PROBE_S),
+# and tries one port; a failure is retried by the next call. An explicit MC_STORE_CLIENT_SETUP_RETRIES wins.
+PROBE_S = 1.0
+SETUP_RETRIES = "1"
 # At exit, how long the process waits for Mooncake calls still running in their threads (a call of a dead
 # master ends within ~4.5 s). A thread still inside Mooncake when the interpreter finalizes aborts the
 # process ("terminate called without an active exception").
@@ -141,6 +145,29 @@ class MooncakeSettings:
             protocol=config.mooncake_protocol,
             threads=config.mooncake_threads,
         )
+
+
+def _host_port(address: str, default_port: int) -> tuple[str, int] | None:
+    """("host", port) of "host:port" or "http://host:port/...", None for what is not a TCP address
+    (P2PHANDSHAKE, etcd lists)."""
+    if address.upper() == "P2PHANDSHAKE":
+        return None
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    if parts.scheme not in ("tcp", "http", "https") or not parts.hostname:
+        return None
+    return parts.hostname, parts.port or default_port
+
+
+def accepts(address: str, default_port: int, timeout: float = PROBE_S) -> bool:
+    """Does `address` accept a TCP connection now? (True for addresses that are not host:port.)"""
+    hp = _host_port(address, default_port)
+    if hp is None:
+        return True
+    try:
+        socket.create_connection(hp, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def local_address_towards(host: str, port: int) -> str:
@@ -269,6 +296,12 @@ class MooncakeTransport:
         s = self.settings
         rc: Any = "exception"
         try:
+            for what, address, port in (("master", s.master, DEFAULT_MASTER_PORT),
+                                        ("metadata server", s.metadata_server, DEFAULT_METADATA_PORT)):
+                if not accepts(address, port):
+                    rc = f"{what} {address} does not accept connections"
+                    self.stats.setup_failures += 1
+                    raise OSError(f"Mooncake setup skipped: {rc}")
             import os
 
             os.environ.setdefault("MC_STORE_CLIENT_SETUP_RETRIES", SETUP_RETRIES)
@@ -399,7 +432,7 @@ class MooncakeTransport:
 
     def close(self) -> None:
         """Give Mooncake's client back once no thread uses it (in a daemon thread: close() talks to the
-        metadata server, and a call of a dead store may still be finishing)."""
+        metadata server, holding the GIL, and a call of a dead store may still be finishing)."""
         with self._setup_lock:
             self._closed = True
             store, self._store = self._store, None
@@ -412,8 +445,8 @@ class MooncakeTransport:
             end = time.monotonic() + EXIT_WAIT
             while self.threads.running and time.monotonic() < end:
                 time.sleep(0.05)
-            if self.threads.running:
-                return  # still in use by a hung call: leave it to process exit
+            if self.threads.running or not accepts(self.settings.metadata_server, DEFAULT_METADATA_PORT):
+                return  # in use by a hung call, or close() would hold the GIL on a dead host: leave it to exit
             try:
                 store.close()
             except Exception as exc:
