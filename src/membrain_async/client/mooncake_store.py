@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TypeVar
 from urllib.parse import urlsplit
@@ -81,6 +82,7 @@ SETUP_RETRIES = "1"
 EXIT_WAIT = 10.0
 
 _live: set[threading.Thread] = set()
+_pools: "weakref.WeakSet[_Threads]" = weakref.WeakSet()
 _live_lock = threading.Lock()
 _atexit_registered = False
 
@@ -111,6 +113,8 @@ def _wait_at_exit() -> None:
     import time
 
     end = time.monotonic() + EXIT_WAIT
+    for pool in list(_pools):
+        pool.stop()
     with _live_lock:
         threads = list(_live)
     for t in threads:
@@ -193,26 +197,59 @@ class MooncakeStats:
     last_codes: dict = field(default_factory=dict)  # error code -> count, for `stats()`
 
 
+def _waker() -> Callable[[Callable[[], None]], None]:
+    """A thread-safe, non-blocking "run this on the current loop soon" (asyncio or trio)."""
+    token = anyio.lowlevel.current_token()
+    native = getattr(token, "native_token", None)
+    if native is not None and hasattr(native, "call_soon_threadsafe"):  # asyncio: the loop
+        return native.call_soon_threadsafe
+    if native is not None and hasattr(native, "run_sync_soon"):  # trio: the TrioToken
+        return native.run_sync_soon
+
+    def blocking(fn: Callable[[], None]) -> None:  # another anyio backend: its own (blocking) bridge
+        anyio.from_thread.run_sync(fn, token=token)
+
+    return blocking
+
+
 class _Threads:
-    """Runs blocking calls in daemon threads of their own: at most `limit` awaited at once, and no new
-    one while `2 * limit` (abandoned ones included) are still running.
+    """Runs blocking calls in daemon threads of a pool of its own: at most `limit` awaited at once, and no
+    new one while `2 * limit` (abandoned ones included) are still running.
 
     Not anyio's worker threads: those are not daemons, so a process whose store hung would wait at exit
-    for as long as Mooncake's call takes. Daemon threads are waited for at exit up to EXIT_WAIT seconds.
-    A thread per call costs ~0.1 ms, small beside a Mooncake round trip. The result comes back through the
-    loop's token (asyncio or trio).
+    for as long as Mooncake's call takes. These are waited for at exit up to EXIT_WAIT seconds. A thread
+    that finished tells the loop without waiting for it (call_soon_threadsafe / run_sync_soon).
     """
 
     def __init__(self, limit: int, stats: MooncakeStats):
+        import queue
+
         self.limiter = anyio.CapacityLimiter(limit)
         self.cap = 2 * limit
         self.stats = stats
         self._running = 0
+        self._idle = 0
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
+        _pools.add(self)
 
     @property
     def running(self) -> int:
         return self._running
+
+    def _worker(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            job()
+            with self._lock:
+                self._idle += 1  # free for the next job (run() reserves a worker by taking one off)
+
+    def stop(self) -> None:
+        """Let the workers end (busy ones after their call)."""
+        for _ in range(self.cap + 1):
+            self._jobs.put(None)
 
     async def run(self, fn: Callable[[], T], *, abandon: bool = True) -> T:
         """`fn()` in a thread. Cancelled (a timeout), it is abandoned: the caller returns at once and the
@@ -223,11 +260,14 @@ class _Threads:
                     self.stats.busy_refusals += 1
                     raise OSError(f"{self._running} Mooncake calls still running (the store is not answering)")
                 self._running += 1
-            token = anyio.lowlevel.current_token()
+                spawn = self._idle == 0
+                if not spawn:
+                    self._idle -= 1  # this job's worker
+            wake = _waker()
             done = anyio.Event()
             box: dict = {"abandoned": False}
 
-            def body() -> None:
+            def job() -> None:
                 try:
                     box["value"] = fn()
                 except BaseException as exc:  # handed to the caller, if it still waits
@@ -238,11 +278,13 @@ class _Threads:
                         if box["abandoned"]:
                             self.stats.abandoned += 1
                     try:
-                        anyio.from_thread.run_sync(done.set, token=token)
+                        wake(done.set)
                     except Exception:  # the loop is gone (shutdown): nobody waits
                         pass
 
-            _start(body, "membrain-mooncake")
+            self._jobs.put(job)
+            if spawn:
+                _start(self._worker, "membrain-mooncake")
             try:
                 if abandon:
                     await done.wait()
@@ -410,7 +452,7 @@ class MooncakeTransport:
         full = self._keys(ns, keys)
         # A copy the put thread owns: an abandoned thread never reads pages the caller has reused.
         owned = await self.threads.run(lambda: [_joined(v) for v in values], abandon=False)
-        codes = await self._run(lambda s: [s.upsert_parts(k, v) for k, v in zip(full, owned)])
+        codes = await self._run(lambda s: self._upsert(s, full, owned))
         stored = sum(1 for c in codes if c == 0)
         if stored < len(codes):
             for c in codes:
@@ -422,6 +464,15 @@ class MooncakeTransport:
             self.stats.puts_refused_full += full_refusals
             self.stats.puts_refused_other += len(codes) - stored - full_refusals
         return stored
+
+    @staticmethod
+    def _upsert(store: Any, keys: list[str], values: list[bytearray]) -> list[int]:
+        """In the thread: one upsert_batch (measured 1.5-3x faster than an upsert per key); it answers one
+        status for the batch, so after a refusal the keys it did store are asked for (batch_is_exist)."""
+        rc = store.upsert_batch(keys, values)
+        if rc == 0:
+            return [0] * len(keys)
+        return [0 if p == 1 else (rc if p == 0 else p) for p in store.batch_is_exist(keys)]
 
     async def delete(self, ns: str, keys: list[str]) -> int:
         # force: a corrupt block is removed even while leased (a reader that holds it checks it anyway).
@@ -437,6 +488,7 @@ class MooncakeTransport:
             self._closed = True
             store, self._store = self._store, None
         if store is None:
+            self.threads.stop()
             return
 
         def later() -> None:
@@ -451,6 +503,8 @@ class MooncakeTransport:
                 store.close()
             except Exception as exc:
                 log.debug("mooncake close: %r", exc)
+            finally:
+                self.threads.stop()
 
         _start(later, "membrain-mooncake-close")
 

@@ -141,6 +141,27 @@ class MooncakeCluster:
         if not line.startswith("ready"):
             raise RuntimeError(f"mooncake segment failed to start: {line!r}")
 
+    def fill_with_pinned(self, chunk: int = 256 << 10) -> int:
+        """Fill the store with hard-pinned objects (never evicted) until it refuses: a store that is full
+        for good. Returns the bytes it took."""
+        from mooncake.store import MooncakeDistributedStore, ReplicateConfig
+
+        store = MooncakeDistributedStore()
+        rc = store.setup("127.0.0.1", self.metadata, 0, 16 << 20, "tcp", "", self.master_addr)
+        if rc != 0:
+            raise RuntimeError(f"mooncake fill client setup failed: {rc}")
+        pinned = ReplicateConfig()
+        pinned.with_hard_pin = True
+        taken = 0
+        try:
+            for size in (chunk, 16 << 10, 1 << 10):  # then smaller pieces, into the last gaps
+                value = bytes(size)
+                while store.put(f"membrain-test-pinned-{taken}", value, pinned) == 0:
+                    taken += size
+        finally:
+            store.close()
+        return taken
+
     def kill_master(self) -> None:
         """SIGKILL the master (and with it the metadata server): the store is unreachable, as in a crash."""
         if self.master is not None and self.master.poll() is None:
