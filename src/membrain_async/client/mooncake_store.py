@@ -43,8 +43,6 @@ from typing import Any, Callable, Sequence, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
-import anyio.from_thread
-import anyio.lowlevel
 
 from ..config import ConnectorConfig
 from .breaker import CircuitBreaker
@@ -198,18 +196,16 @@ class MooncakeStats:
 
 
 def _waker() -> Callable[[Callable[[], None]], None]:
-    """A thread-safe, non-blocking "run this on the current loop soon" (asyncio or trio)."""
-    token = anyio.lowlevel.current_token()
-    native = getattr(token, "native_token", None)
-    if native is not None and hasattr(native, "call_soon_threadsafe"):  # asyncio: the loop
-        return native.call_soon_threadsafe
-    if native is not None and hasattr(native, "run_sync_soon"):  # trio: the TrioToken
-        return native.run_sync_soon
+    """A thread-safe, non-blocking "run this on the current loop soon": asyncio's call_soon_threadsafe or
+    trio's run_sync_soon (the two backends anyio runs on)."""
+    import asyncio
 
-    def blocking(fn: Callable[[], None]) -> None:  # another anyio backend: its own (blocking) bridge
-        anyio.from_thread.run_sync(fn, token=token)
+    try:
+        return asyncio.get_running_loop().call_soon_threadsafe
+    except RuntimeError:
+        import trio
 
-    return blocking
+        return trio.lowlevel.current_trio_token().run_sync_soon
 
 
 class _Threads:
