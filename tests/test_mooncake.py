@@ -72,6 +72,15 @@ def test_settings_are_derived_from_the_endpoint():
         "P2PHANDSHAKE", "10.1.1.1", 1 << 30)
 
 
+def test_mooncakes_buffers_count_in_the_announced_memory():
+    from membrain_async.vllm import memory_budget as mb
+
+    cfg = ConnectorConfig.from_sources(env={"VLLM_MEMBRAIN_ENDPOINT": "mooncake://127.0.0.1:5000",
+                                            "VLLM_MEMBRAIN_MOONCAKE_GLOBAL_SEGMENT_SIZE": "1GiB"})
+    parts = mb.worker_buffers(cfg)
+    assert parts["mooncake buffer"] == 256 << 20 and parts["mooncake segment"] == 1 << 30
+
+
 def test_a_mooncake_endpoint_stands_alone():
     with pytest.raises(ConfigError, match="stands alone"):
         ConnectorConfig.from_sources(env={"VLLM_MEMBRAIN_ENDPOINT": "mooncake://a:1,http://b:2"})
