@@ -314,3 +314,24 @@ def test_an_unreachable_master_at_start_is_a_miss_not_a_hang():
         assert transport.stats.setups == 0 and transport.stats.setup_failures >= 1
     finally:
         store.close(drain=0.5)
+
+
+def test_without_the_wheel_every_call_is_unavailable_not_a_crash(monkeypatch):
+    """A mooncake:// endpoint on a host where the wheel does not load: vLLM runs as plain vLLM."""
+    import sys
+
+    from membrain_async.client import mooncake_store
+
+    # None in sys.modules is Python's own "this module cannot be imported" (ImportError on import).
+    monkeypatch.setitem(sys.modules, "mooncake", None)
+    monkeypatch.setitem(sys.modules, "mooncake.store", None)
+    cfg = ConnectorConfig.from_sources(env={"VLLM_MEMBRAIN_ENDPOINT": "mooncake://127.0.0.1:1"})
+    client = mooncake_store.open_mooncake_client(cfg)
+    assert "does not load" in client.transport.unusable
+
+    async def go():
+        with pytest.raises(MembrainUnavailable, match="does not load"):
+            await client.lookup(["a"])
+        await client.aclose()
+
+    anyio.run(go)

@@ -7,13 +7,17 @@ client, so whatever Mooncake hands back is verified before it reaches vLLM.
 
 Why threads. Mooncake's Python API (`mooncake.store.MooncakeDistributedStore`, from the optional wheel
 `mooncake-transfer-engine-non-cuda`) is synchronous and blocks: against a dead master each call spends
-about 4.3 s reconnecting, and `setup()` ~4.4 s per attempt (20 by default) while holding the GIL, so it
-is called only when the master's port answers (see SETUP_RETRIES). Every call therefore runs in a daemon worker
-thread (its result comes back through anyio's loop token: asyncio or trio alike), at most
-VLLM_MEMBRAIN_MOONCAKE_THREADS awaited at once, never on the event loop, and StoreClient's timeout abandons a call that overruns it: the caller sees "unavailable" at
-once (a miss above), the thread finishes Mooncake's call on its own and its result is dropped. Abandoned
-threads are bounded: while twice the thread limit of calls are still running, new calls fail fast
-(`OSError`, so the breaker opens) instead of piling up threads behind a hung store.
+about 4.3 s reconnecting. Every call therefore runs in a daemon worker thread of this module's pool, at
+most VLLM_MEMBRAIN_MOONCAKE_THREADS awaited at once, never on the event loop; the thread wakes the loop
+when it is done (asyncio or trio). StoreClient's timeout (VLLM_MEMBRAIN_TIMEOUT) abandons a call that
+overruns it: the caller sees "unavailable" at once (a miss above), the thread finishes Mooncake's call on
+its own and its result is dropped. Abandoned threads are bounded: while twice the thread limit of calls
+are still running, new calls fail fast (`OSError`, so the breaker opens) instead of piling up threads
+behind a hung store. At exit the process waits up to EXIT_WAIT for calls still inside Mooncake.
+
+`setup()` is worse: it holds the GIL (every Python thread of the process stops) for ~4.4 s per attempt
+against an unreachable master, 20 attempts by default. It runs only once the master's and the metadata
+server's ports accept a connection, with one attempt (see SETUP_RETRIES); until then calls fail fast.
 
 What an abandoned thread may touch: only memory it owns. A put first copies the caller's pages into a
 fresh buffer in a thread that is never abandoned (a memcpy, bounded), then hands only that copy to
@@ -147,6 +151,16 @@ class MooncakeSettings:
             protocol=config.mooncake_protocol,
             threads=config.mooncake_threads,
         )
+
+
+def mooncake_missing() -> str | None:
+    """Why Mooncake's client cannot load here, or None."""
+    try:
+        import mooncake.store  # noqa: F401
+    except ImportError as exc:
+        return (f"Mooncake Store's client does not load ({exc}): pip install 'membrain-async[mooncake]' "
+                "(Debian also needs: apt install libibverbs1)")
+    return None
 
 
 def _host_port(address: str, default_port: int) -> tuple[str, int] | None:
@@ -309,8 +323,10 @@ class MooncakeTransport:
     limits = Limits(max_keys=1024)
 
     def __init__(self, settings: MooncakeSettings):
-        from mooncake.store import MooncakeDistributedStore  # noqa: F401  (fail here if the wheel is missing)
-
+        self.unusable = mooncake_missing()  # the wheel is not there: every call is "unavailable", vLLM runs on
+        if self.unusable:
+            log.warning("membrain: %s; every Mooncake call fails as unavailable (vLLM computes as plain vLLM)",
+                        self.unusable)
         self.settings = settings
         self.stats = MooncakeStats()
         self.threads = _Threads(settings.threads, self.stats)
@@ -365,6 +381,8 @@ class MooncakeTransport:
     async def _ready(self) -> Any:
         if self._store is not None:
             return self._store
+        if self.unusable:
+            raise OSError(self.unusable)
         with self._setup_lock:
             if self._closed:
                 raise OSError("Mooncake transport is closed")

@@ -196,6 +196,11 @@ def _mooncake_status(url: str) -> str:
     import socket
     from urllib.parse import urlsplit
 
+    from ..client.mooncake_store import mooncake_missing
+
+    missing = mooncake_missing()
+    if missing:
+        return f"{missing}: requests compute as plain vLLM"
     parts = urlsplit(url)
     try:
         socket.create_connection((parts.hostname, parts.port or 50051), timeout=1.0).close()
