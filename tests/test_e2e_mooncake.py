@@ -99,8 +99,9 @@ def test_two_engines_share_a_prefix_through_mooncake_then_survive_its_segment_an
 def test_an_engine_started_while_the_master_is_dead_computes_as_plain_vllm(
         model, cluster, logs, baseline, saved):
     cluster.kill_master()  # (already dead after the previous test, if it ran)
+    # On the trio runtime (VLLM_MEMBRAIN_ASYNC_BACKEND): Mooncake's threads wake either loop.
     (r,) = run_engine(model, [{"name": "c", "prompts": [P("s3y"), P("x")], "max_tokens": 12}],
-                      mooncake_env(cluster), logs, "mooncake-c")
+                      mooncake_env(cluster, VLLM_MEMBRAIN_ASYNC_BACKEND="trio"), logs, "mooncake-c")
     assert tokens(r) == [baseline["s3y"], baseline["x"]]
     assert r["metrics"]["vllm:membrain_loaded_blocks"] == 0
     assert r["metrics"]["vllm:membrain_uploaded_blocks"] == 0  # saves to a dead store fail, and are counted
@@ -113,7 +114,7 @@ def test_a_full_store_drops_saves_counts_them_and_tokens_stay_right(model, logs,
         assert small.fill_with_pinned() > 0
         names = ["y", "z", "s4x"]
         (r,) = run_engine(model, [{"name": "full", "prompts": [P(n) for n in names], "max_tokens": 12}],
-                          mooncake_env(small), logs, "mooncake-full")
+                          mooncake_env(small, VLLM_MEMBRAIN_ASYNC_BACKEND="trio"), logs, "mooncake-full")
     assert tokens(r) == [baseline[n] for n in names]
     m = r["metrics"]
     assert m["vllm:membrain_upload_failed_blocks"] > 0  # refused for room: dropped and counted

@@ -41,14 +41,12 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TypeVar
 from urllib.parse import urlsplit
 
-import anyio
-
 from ..config import ConnectorConfig
+from .blocking import EXIT_WAIT, BlockingPool, start_daemon
 from .breaker import CircuitBreaker
 from .node import StoreClient
 from .store import Limits, PutValue, copy_into, value_parts
@@ -78,51 +76,6 @@ GET_CHUNK = 16
 # and tries one port; a failure is retried by the next call. An explicit MC_STORE_CLIENT_SETUP_RETRIES wins.
 PROBE_S = 1.0
 SETUP_RETRIES = "1"
-# At exit, how long the process waits for Mooncake calls still running in their threads (a call of a dead
-# master ends within ~4.5 s). A thread still inside Mooncake when the interpreter finalizes aborts the
-# process ("terminate called without an active exception").
-EXIT_WAIT = 10.0
-
-_live: set[threading.Thread] = set()
-_pools: "weakref.WeakSet[_Threads]" = weakref.WeakSet()
-_live_lock = threading.Lock()
-_atexit_registered = False
-
-
-def _start(target: Callable[[], None], name: str) -> None:
-    """A daemon thread the process waits for at exit (up to EXIT_WAIT in all)."""
-    global _atexit_registered
-
-    def run() -> None:
-        try:
-            target()
-        finally:
-            with _live_lock:
-                _live.discard(thread)
-
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    with _live_lock:
-        _live.add(thread)
-        if not _atexit_registered:
-            import atexit
-
-            atexit.register(_wait_at_exit)
-            _atexit_registered = True
-    thread.start()
-
-
-def _wait_at_exit() -> None:
-    import time
-
-    end = time.monotonic() + EXIT_WAIT
-    for pool in list(_pools):
-        pool.stop()
-    with _live_lock:
-        threads = list(_live)
-    for t in threads:
-        t.join(max(0.0, end - time.monotonic()))
-
-
 @dataclass(frozen=True)
 class MooncakeSettings:
     """What MooncakeDistributedStore.setup() needs, from `mooncake://master:port` and the settings."""
@@ -202,112 +155,9 @@ class MooncakeStats:
     puts_refused_full: int = 0  # the store had no room (NO_AVAILABLE_HANDLE)
     puts_refused_other: int = 0  # other per-key refusals (leased, invalid)
     gets_failed: int = 0  # the store holds the key, but its transfer failed (a miss for that key)
-    abandoned: int = 0  # calls that overran their timeout and finished in their thread later
-    busy_refusals: int = 0  # calls refused because too many earlier ones were still running
     setups: int = 0
     setup_failures: int = 0
     last_codes: dict = field(default_factory=dict)  # error code -> count, for `stats()`
-
-
-def _waker() -> Callable[[Callable[[], None]], None]:
-    """A thread-safe, non-blocking "run this on the current loop soon": asyncio's call_soon_threadsafe or
-    trio's run_sync_soon (the two backends anyio runs on)."""
-    import asyncio
-
-    try:
-        return asyncio.get_running_loop().call_soon_threadsafe
-    except RuntimeError:
-        import trio
-
-        return trio.lowlevel.current_trio_token().run_sync_soon
-
-
-class _Threads:
-    """Runs blocking calls in daemon threads of a pool of its own: at most `limit` awaited at once, and no
-    new one while `2 * limit` (abandoned ones included) are still running.
-
-    Not anyio's worker threads: those are not daemons, so a process whose store hung would wait at exit
-    for as long as Mooncake's call takes. These are waited for at exit up to EXIT_WAIT seconds. A thread
-    that finished tells the loop without waiting for it (call_soon_threadsafe / run_sync_soon).
-    """
-
-    def __init__(self, limit: int, stats: MooncakeStats):
-        import queue
-
-        self.limiter = anyio.CapacityLimiter(limit)
-        self.cap = 2 * limit
-        self.stats = stats
-        self._running = 0
-        self._idle = 0
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        _pools.add(self)
-
-    @property
-    def running(self) -> int:
-        return self._running
-
-    def _worker(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            job()
-            with self._lock:
-                self._idle += 1  # free for the next job (run() reserves a worker by taking one off)
-
-    def stop(self) -> None:
-        """Let the workers end (busy ones after their call)."""
-        for _ in range(self.cap + 1):
-            self._jobs.put(None)
-
-    async def run(self, fn: Callable[[], T], *, abandon: bool = True) -> T:
-        """`fn()` in a thread. Cancelled (a timeout), it is abandoned: the caller returns at once and the
-        thread's result is dropped. `abandon=False` shields the wait (for bounded work such as a copy)."""
-        async with self.limiter:
-            with self._lock:
-                if self._running >= self.cap:
-                    self.stats.busy_refusals += 1
-                    raise OSError(f"{self._running} Mooncake calls still running (the store is not answering)")
-                self._running += 1
-                spawn = self._idle == 0
-                if not spawn:
-                    self._idle -= 1  # this job's worker
-            wake = _waker()
-            done = anyio.Event()
-            box: dict = {"abandoned": False}
-
-            def job() -> None:
-                try:
-                    box["value"] = fn()
-                except BaseException as exc:  # handed to the caller, if it still waits
-                    box["error"] = exc
-                finally:
-                    with self._lock:
-                        self._running -= 1
-                        if box["abandoned"]:
-                            self.stats.abandoned += 1
-                    try:
-                        wake(done.set)
-                    except Exception:  # the loop is gone (shutdown): nobody waits
-                        pass
-
-            self._jobs.put(job)
-            if spawn:
-                _start(self._worker, "membrain-mooncake")
-            try:
-                if abandon:
-                    await done.wait()
-                else:
-                    with anyio.CancelScope(shield=True):
-                        await done.wait()
-            except BaseException:
-                with self._lock:
-                    box["abandoned"] = "value" not in box and "error" not in box
-                raise
-            if "error" in box:
-                raise box["error"]
-            return box["value"]
 
 
 def _bytes_view(part) -> memoryview:
@@ -329,7 +179,7 @@ class MooncakeTransport:
                         self.unusable)
         self.settings = settings
         self.stats = MooncakeStats()
-        self.threads = _Threads(settings.threads, self.stats)
+        self.threads = BlockingPool(settings.threads, "mooncake")
         self._store: Any = None
         self._setup_running = False
         self._setup_lock = threading.Lock()
@@ -520,12 +370,14 @@ class MooncakeTransport:
             finally:
                 self.threads.stop()
 
-        _start(later, "membrain-mooncake-close")
+        start_daemon(later, "membrain-mooncake-close")
 
     def snapshot(self) -> dict:
         out = {k: v for k, v in self.stats.__dict__.items() if k != "last_codes"}
         out["error_codes"] = dict(self.stats.last_codes)
         out["threads_running"] = self.threads.running
+        out["abandoned"] = self.threads.abandoned
+        out["busy_refusals"] = self.threads.busy_refusals
         return out
 
 
