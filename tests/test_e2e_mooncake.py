@@ -89,11 +89,16 @@ def test_two_engines_share_a_prefix_through_mooncake_then_survive_its_segment_an
     assert shared["results"][0]["num_cached_tokens"] >= (256 // BLOCK - 1) * BLOCK
     assert d[0]["vllm:membrain_loaded_blocks"] > 0 and d[0]["vllm:membrain_load_error_blocks"] == 0
 
+    # Mooncake's master still reports the dead segment's blocks for a while (measured: all 8 were lookup
+    # hits); every one of those loads fails, and is recomputed.
     assert tokens(segment_dead) == [baseline["s1y"]]
     assert d[1]["vllm:membrain_loaded_blocks"] == 0
+    assert d[1]["vllm:membrain_load_error_blocks"] == d[1]["vllm:membrain_hit_blocks"]
 
+    # The master dead: the lookup is late or unavailable, either way a miss.
     assert tokens(master_dead) == [baseline["s2y"]]
-    assert d[2]["vllm:membrain_loaded_blocks"] == 0
+    assert d[2]["vllm:membrain_loaded_blocks"] == 0 and d[2]["vllm:membrain_hit_blocks"] == 0
+    assert d[2]["vllm:membrain_lookup_timeouts"] + d[2]["vllm:membrain_lookup_unavailable"] == 1
 
 
 def test_an_engine_started_while_the_master_is_dead_computes_as_plain_vllm(
