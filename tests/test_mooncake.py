@@ -335,3 +335,28 @@ def test_without_the_wheel_every_call_is_unavailable_not_a_crash(monkeypatch):
         await client.aclose()
 
     anyio.run(go)
+
+
+@needs_mooncake
+@pytest.mark.anyio
+async def test_a_restarted_master_takes_saves_again_with_no_new_client(tmp_path, anyio_backend):
+    """Mooncake's master keeps its metadata in memory: a restarted one knows none of the old blocks, and the
+    segment registers again by itself; the same client then stores and finds blocks again."""
+    with mooncake.MooncakeCluster(16 << 20, log_dir=str(tmp_path)) as mc:
+        client = make_client(config_for(mc, breaker_cooldown=0.2))
+        try:
+            with anyio.fail_after(GUARD):
+                assert await client.put_many(["before"], [payload("before")]) == 1
+                mc.kill_master()
+                mc.start_master()
+                while True:
+                    try:
+                        if await client.put_many(["after"], [payload("after")]) == 1:
+                            break
+                    except MembrainUnavailable:
+                        pass
+                    await anyio.sleep(0.2)
+                assert await client.lookup(["after"]) == 1
+                assert await client.lookup(["before"]) == 0  # gone with the old master
+        finally:
+            await client.aclose()
