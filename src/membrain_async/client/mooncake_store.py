@@ -157,7 +157,7 @@ class MooncakeStats:
     gets_failed: int = 0  # the store holds the key, but its transfer failed (a miss for that key)
     setups: int = 0
     setup_failures: int = 0
-    last_codes: dict = field(default_factory=dict)  # error code -> count, for `stats()`
+    error_codes: dict = field(default_factory=dict)  # Mooncake error code -> how often it was answered
 
 
 def _bytes_view(part) -> memoryview:
@@ -249,7 +249,7 @@ class MooncakeTransport:
         return await self.threads.run(lambda: fn(store))
 
     def _count(self, code: int) -> None:
-        self.stats.last_codes[code] = self.stats.last_codes.get(code, 0) + 1
+        self.stats.error_codes[code] = self.stats.error_codes.get(code, 0) + 1
 
     # ------------------------------------------------------------------ the store protocol
 
@@ -373,8 +373,8 @@ class MooncakeTransport:
         start_daemon(later, "membrain-mooncake-close")
 
     def snapshot(self) -> dict:
-        out = {k: v for k, v in self.stats.__dict__.items() if k != "last_codes"}
-        out["error_codes"] = dict(self.stats.last_codes)
+        out = {k: v for k, v in self.stats.__dict__.items() if k != "error_codes"}
+        out["error_codes"] = dict(self.stats.error_codes)
         out["threads_running"] = self.threads.running
         out["abandoned"] = self.threads.abandoned
         out["busy_refusals"] = self.threads.busy_refusals
