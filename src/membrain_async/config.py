@@ -288,6 +288,40 @@ class ConnectorConfig(_Settings):
     breaker_cooldown: float = _setting(
         1.0, "VLLM_MEMBRAIN_BREAKER_COOLDOWN", "Seconds the breaker stays open before one probe call is let through.", float
     )
+    # Mooncake Store (a mooncake://master:port endpoint; see client/mooncake_store.py).
+    mooncake_metadata_server: str = _setting(
+        "",
+        "VLLM_MEMBRAIN_MOONCAKE_METADATA_SERVER",
+        "Mooncake's metadata server (`http://host:port/metadata`, or `P2PHANDSHAKE`). Empty: the master's built-in HTTP metadata server, `http://<master host>:8080/metadata`.",
+        str,
+    )
+    mooncake_local_hostname: str = _setting(
+        "",
+        "VLLM_MEMBRAIN_MOONCAKE_LOCAL_HOSTNAME",
+        "Address Mooncake's transfer engine announces for this process. Empty: the local address that routes to the master (127.0.0.1 for a loopback master).",
+        str,
+    )
+    mooncake_global_segment_size: int = _setting(
+        0,
+        "VLLM_MEMBRAIN_MOONCAKE_GLOBAL_SEGMENT_SIZE",
+        "Bytes of this process's memory lent to the Mooncake Store as a segment (in every vLLM process that opens the store). 0: a pure client; the store's memory comes from its own segment processes.",
+        parse_size,
+    )
+    mooncake_local_buffer_size: int = _setting(
+        256 << 20,
+        "VLLM_MEMBRAIN_MOONCAKE_LOCAL_BUFFER_SIZE",
+        "Bytes of Mooncake's registered transfer buffer per process: every put and get passes through it, so it bounds the bytes in flight.",
+        parse_size,
+    )
+    mooncake_protocol: str = _setting(
+        "tcp", "VLLM_MEMBRAIN_MOONCAKE_PROTOCOL", "Mooncake transfer protocol: tcp (rdma needs a CUDA/RDMA build of Mooncake).", str
+    )
+    mooncake_threads: int = _setting(
+        4,
+        "VLLM_MEMBRAIN_MOONCAKE_THREADS",
+        "Worker threads for Mooncake's blocking calls (the event loop never runs them). Twice as many calls that overran VLLM_MEMBRAIN_TIMEOUT may still be running before new calls fail fast.",
+        int,
+    )
 
     def validate(self) -> None:
         if self.async_backend not in ("asyncio", "trio"):
@@ -305,11 +339,15 @@ class ConnectorConfig(_Settings):
                     "VLLM_MEMBRAIN_ENDPOINT entries must start with http(s)://, redis://, rediss://, "
                     f"redis+cluster:// or mooncake://, got {redact_url(url)!r}"
                 )
+        if len(self.endpoint) > 1 and any(scheme_of(u) == "mooncake" for u in self.endpoint):
+            raise ConfigError(f"VLLM_MEMBRAIN_ENDPOINT: a mooncake:// endpoint stands alone, got {redact_all(self.endpoint)}")
         families = {"redis" if scheme_of(u).startswith("redis") else scheme_of(u).rstrip("s") for u in self.endpoint}
         if len(families) > 1:
             raise ConfigError(f"VLLM_MEMBRAIN_ENDPOINT mixes stores of different kinds: {redact_all(self.endpoint)}")
         if self.replicas > 1 and not scheme_of(self.endpoint[0]).startswith("http"):
             raise ConfigError("VLLM_MEMBRAIN_REPLICAS is for Membrain nodes; Redis Cluster and Mooncake keep their own replicas")
+        _positive("mooncake_threads", self.mooncake_threads)
+        _positive("mooncake_local_buffer_size", self.mooncake_local_buffer_size)
         for name in ("timeout", "load_deadline", "lookup_deadline", "shutdown_drain", "breaker_cooldown"):
             _positive(name, getattr(self, name))
         _positive("breaker_threshold", self.breaker_threshold)

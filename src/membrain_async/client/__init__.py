@@ -2,7 +2,7 @@
 
 from .breaker import CircuitBreaker
 from .errors import MembrainError, MembrainRequestError, MembrainUnavailable
-from .node import ClientStats, MembrainClient
+from .node import ClientStats, MembrainClient, StoreClient
 
 __all__ = [
     "CircuitBreaker",
@@ -11,4 +11,5 @@ __all__ = [
     "MembrainError",
     "MembrainRequestError",
     "MembrainUnavailable",
+    "StoreClient",
 ]

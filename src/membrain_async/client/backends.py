@@ -5,7 +5,7 @@
     redis+cluster://, rediss+cluster://    a Redis Cluster, discovered from any listed seed
     mooncake://master:port                 a Mooncake Store (client/mooncake_store.py, extra `mooncake`)
 
-Redis goes through `MembrainClient` with a `RedisTransport` under it, so timeouts, retries, the circuit
+Redis goes through `StoreClient` with a `RedisTransport` under it, so timeouts, retries, the circuit
 breaker and batch splitting are the very code Membrain nodes use; the cache layer above (checksums, key
 tags, write-behind bounds, "unavailable is a miss") does not know which store it talks to.
 """
@@ -95,10 +95,11 @@ def redis_transport(config: ConnectorConfig):
 
 
 def open_redis_client(config: ConnectorConfig):
-    from . import CircuitBreaker, MembrainClient
     from ..urls import redact_all
+    from . import CircuitBreaker
+    from .node import StoreClient
 
-    return MembrainClient(
+    return StoreClient(
         redact_all(config.endpoint),
         namespace=config.namespace,
         timeout=config.timeout,

@@ -7,6 +7,8 @@ that cannot be reached (or whose breaker is open) raises `MembrainUnavailable`, 
 False, -1). Whether "unavailable" is then treated as a miss is the cache layer's decision, where it is
 also counted.
 
+`StoreClient` holds what every backend shares; `MembrainClient` adds the Membrain node.
+
 The operations go through one transport (store.py's protocol), chosen on first contact from /v1/info:
 bulk frames, HTTP batch endpoints, or per-key calls against a server with only `/memory/{ns}/{key}`.
 Batches are split to the transport's limits here, once, for every operation.
@@ -30,8 +32,8 @@ from ..protocol.names import validate_namespace
 from .breaker import CircuitBreaker
 from .errors import MembrainRequestError, MembrainUnavailable
 from .store import Limits, PutValue, Transport, split, value_len
-from ..urls import redact_url
 from .transports import BulkTransport, HttpBatchTransport, PerKeyTransport, raise_for_status
+from ..urls import redact_url
 
 log = logging.getLogger("membrain.client")
 
@@ -51,49 +53,36 @@ class ClientStats:
     errors_by_kind: dict = field(default_factory=dict)
 
 
-class MembrainClient:
+class StoreClient:
+    """Splitting, timeouts, retries and the breaker over one transport (store.py's protocol), written once.
+
+    MembrainClient chooses its transport on first contact; other backends (Redis, Mooncake Store) give
+    theirs (`transport`, or override `_get_transport` to build it lazily, off the loop). `url` names the
+    store in errors and logs, with any password in it redacted.
+    """
+
     def __init__(
         self,
-        url: str = "http://localhost:9201",
+        url: str,
         *,
         namespace: str = "default",
-        token: str | None = None,
         timeout: float = 2.0,
         retries: int = 2,
         breaker: CircuitBreaker | None = None,
-        bulk_connections: int = 8,
-        use_bulk: bool = True,
-        tls: ssl.SSLContext | None = None,
         transport: Transport | None = None,
     ):
-        # `transport`: another store behind the same calls (Redis, client/backends.py); `url` then only
-        # names it in messages, with any password in it redacted.
         self.url = redact_url(url.rstrip("/"))
-        self.host, self.port, self.tls = "", 0, None
-        if transport is None:
-            parts = urlsplit(self.url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"not a Membrain URL: {self.url!r} (expected http://host:port)")
-            self.host = parts.hostname
-            self.port = parts.port or (443 if parts.scheme == "https" else 80)
-            # https:// means TLS on both protocols, verified against the system store unless told otherwise.
-            self.tls = (tls or ssl.create_default_context()) if parts.scheme == "https" else None
         self.namespace = validate_namespace(namespace)
-        self.token = token or None
         self.timeout = timeout
         self.retries = retries
         self.breaker = breaker or CircuitBreaker()
         self.stats = ClientStats()
-        self._use_bulk = use_bulk
-        self._bulk_connections = bulk_connections
-        self._http: httpx.AsyncClient | None = None
-        self._transport: Transport | None = transport  # Membrain: chosen on first contact, from /v1/info
-        self._http_api = transport is None
+        self._transport: Transport | None = transport
         self._closed = False
 
     # --- lifecycle --------------------------------------------------------------------------------
 
-    async def __aenter__(self) -> "MembrainClient":
+    async def __aenter__(self):
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -103,25 +92,6 @@ class MembrainClient:
         self._closed = True
         if self._transport is not None:
             self._transport.close()
-        if self._http is not None:
-            await self._http.aclose()
-
-    def _http_client(self) -> httpx.AsyncClient:
-        if self._http is None:
-            headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
-            self._http = httpx.AsyncClient(
-                base_url=self.url,
-                headers=headers,
-                timeout=self.timeout,
-                limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
-                verify=self.tls if self.tls is not None else True,
-            )
-        return self._http
-
-    @property
-    def _mode(self) -> str | None:
-        """"bulk" | "batch" | "legacy" once the server has been reached."""
-        return self._transport.name if self._transport is not None else None
 
     @property
     def available(self) -> bool:
@@ -161,33 +131,24 @@ class MembrainClient:
 
     async def _get_transport(self) -> Transport:
         if self._transport is None:
-            info = await self._fetch_info()
-            if info is None:
-                self._transport = PerKeyTransport(self._http_client())
-                return self._transport
-            limits = info.get("limits") or {}
-            max_keys = int(limits.get("max_batch_keys", 1024))
-            if self._use_bulk and "bulk" in info.get("capabilities", []):
-                bulk_info = info.get("bulk") or {}
-                # Same port: dial the port we reached the server on, which survives proxies and NAT;
-                # the server only knows the port it bound.
-                port = self.port if bulk_info.get("same_port", True) else bulk_info.get("port") or self.port
-                self._transport = BulkTransport(self.host, port, self.token, self._bulk_connections, self.tls,
-                                                Limits(max_keys))
-            else:
-                # A batch put's whole body is bounded by max_value_bytes; leave room for its head.
-                max_bytes = int(limits.get("max_value_bytes", 64 << 20))
-                self._transport = HttpBatchTransport(self._http_client(), Limits(max_keys, max(1, max_bytes - (64 << 10))))
+            raise MembrainUnavailable(f"{self.url}: no transport")
         return self._transport
 
-    async def _fetch_info(self) -> dict | None:
-        if not self._http_api:
-            raise MembrainRequestError(400, f"{self.url} is not a Membrain server (no /v1/info)")
-        r = await self._http_client().get("/v1/info")
-        if r.status_code == 404:
-            return None
-        raise_for_status(r)
-        return r.json()
+    async def health(self) -> bool:
+        """Does the store answer now (a transport's `ping`, where it has one)?"""
+        ping = getattr(self._transport, "ping", None)
+        if ping is None:
+            return False
+        try:
+            return bool(await self._call(ping, idempotent=False))
+        except MembrainUnavailable:
+            return False
+
+    async def info(self) -> dict:
+        raise MembrainRequestError(400, f"{self.url} is not a Membrain server (no /v1/info)")
+
+    async def server_stats(self) -> dict:
+        raise MembrainRequestError(400, f"{self.url} is not a Membrain server (no /v1/stats)")
 
     async def _batches(self, keys: Sequence[str], sizes: Sequence[int] | None = None) -> tuple[Transport, list[range]]:
         """The transport, and the caller's keys split to its limits (by key count, and by bytes for puts)."""
@@ -195,36 +156,7 @@ class MembrainClient:
         parts = split(len(keys), transport.limits, sizes)
         return transport, parts
 
-    # --- public API -------------------------------------------------------------------------------
-
-    async def info(self) -> dict:
-        async def go():
-            info = await self._fetch_info()
-            if info is None:
-                raise MembrainRequestError(404, "server has no /v1/info (a plain /memory server)")
-            return info
-
-        return await self._call(go)
-
-    async def health(self) -> bool:
-        if not self._http_api:
-            try:
-                return await self._call(self._transport.ping, idempotent=False)  # type: ignore[union-attr]
-            except MembrainUnavailable:
-                return False
-        try:
-            r = await self._call(lambda: self._http_client().get("/healthz"), idempotent=False)
-            return r.status_code == 200
-        except MembrainUnavailable:
-            return False
-
-    async def server_stats(self) -> dict:
-        async def go():
-            r = await self._http_client().get("/v1/stats")
-            raise_for_status(r)
-            return r.json()
-
-        return await self._call(go)
+    # --- the store operations -------------------------------------------------------------------------------
 
     # Every operation below raises MembrainUnavailable if the server cannot be reached.
 
@@ -308,6 +240,114 @@ class MembrainClient:
         ns = ns or self.namespace
         t, _ = await self._batches([key])
         return await self._call(lambda: t.delete(ns, [key])) > 0
+
+
+
+class MembrainClient(StoreClient):
+    """One Membrain node: the transport (bulk | HTTP batch | per-key) is chosen on first contact from /v1/info."""
+
+    def __init__(
+        self,
+        url: str = "http://localhost:9201",
+        *,
+        namespace: str = "default",
+        token: str | None = None,
+        timeout: float = 2.0,
+        retries: int = 2,
+        breaker: CircuitBreaker | None = None,
+        bulk_connections: int = 8,
+        use_bulk: bool = True,
+        tls: ssl.SSLContext | None = None,
+    ):
+        url = url.rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not a Membrain URL: {redact_url(url)!r} (expected http://host:port)")
+        super().__init__(url, namespace=namespace, timeout=timeout, retries=retries, breaker=breaker)
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        # https:// means TLS on both protocols, verified against the system store unless told otherwise.
+        self.tls = (tls or ssl.create_default_context()) if parts.scheme == "https" else None
+        self.token = token or None
+        self._use_bulk = use_bulk
+        self._bulk_connections = bulk_connections
+        self._http: httpx.AsyncClient | None = None
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        if self._http is not None:
+            await self._http.aclose()
+
+    def _http_client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
+            self._http = httpx.AsyncClient(
+                base_url=self.url,
+                headers=headers,
+                timeout=self.timeout,
+                limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
+                verify=self.tls if self.tls is not None else True,
+            )
+        return self._http
+
+    @property
+    def _mode(self) -> str | None:
+        """"bulk" | "batch" | "legacy" once the server has been reached."""
+        return self._transport.name if self._transport is not None else None
+
+    async def _get_transport(self) -> Transport:
+        if self._transport is None:
+            info = await self._fetch_info()
+            if info is None:
+                self._transport = PerKeyTransport(self._http_client())
+                return self._transport
+            limits = info.get("limits") or {}
+            max_keys = int(limits.get("max_batch_keys", 1024))
+            if self._use_bulk and "bulk" in info.get("capabilities", []):
+                bulk_info = info.get("bulk") or {}
+                # Same port: dial the port we reached the server on, which survives proxies and NAT;
+                # the server only knows the port it bound.
+                port = self.port if bulk_info.get("same_port", True) else bulk_info.get("port") or self.port
+                self._transport = BulkTransport(self.host, port, self.token, self._bulk_connections, self.tls,
+                                                Limits(max_keys))
+            else:
+                # A batch put's whole body is bounded by max_value_bytes; leave room for its head.
+                max_bytes = int(limits.get("max_value_bytes", 64 << 20))
+                self._transport = HttpBatchTransport(self._http_client(), Limits(max_keys, max(1, max_bytes - (64 << 10))))
+        return self._transport
+
+    async def _fetch_info(self) -> dict | None:
+        r = await self._http_client().get("/v1/info")
+        if r.status_code == 404:
+            return None
+        raise_for_status(r)
+        return r.json()
+
+    # --- what only a Membrain node answers -------------------------------------------------------
+
+    async def info(self) -> dict:
+        async def go():
+            info = await self._fetch_info()
+            if info is None:
+                raise MembrainRequestError(404, "server has no /v1/info (a plain /memory server)")
+            return info
+
+        return await self._call(go)
+
+    async def health(self) -> bool:
+        try:
+            r = await self._call(lambda: self._http_client().get("/healthz"), idempotent=False)
+            return r.status_code == 200
+        except MembrainUnavailable:
+            return False
+
+    async def server_stats(self) -> dict:
+        async def go():
+            r = await self._http_client().get("/v1/stats")
+            raise_for_status(r)
+            return r.json()
+
+        return await self._call(go)
 
 
 def _describe(exc: BaseException | None) -> str:

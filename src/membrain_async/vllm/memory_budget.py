@@ -5,7 +5,9 @@ A worker's Membrain bytes are bounded by settings, each its own pool:
   (`VLLM_MEMBRAIN_WRITE_BEHIND_BYTES`, enforced by the worker's StagingPool);
 - prefetch staging (`VLLM_MEMBRAIN_PREFETCH_BYTES`, the runtime);
 - in-flight loads: what one step fetches (`VLLM_MEMBRAIN_STEP_LOAD_BYTES`, the scheduler grants no more);
-- the hot tier (`VLLM_MEMBRAIN_LOCAL_CACHE_BYTES`).
+- the hot tier (`VLLM_MEMBRAIN_LOCAL_CACHE_BYTES`);
+- with a mooncake:// endpoint, Mooncake's transfer buffer and any segment this process lends the store
+  (`VLLM_MEMBRAIN_MOONCAKE_LOCAL_BUFFER_SIZE`, `VLLM_MEMBRAIN_MOONCAKE_GLOBAL_SEGMENT_SIZE`).
 
 vLLM on CPU sizes its KV cache from memory: `gpu_memory_utilization` of the host's memory, less what the
 worker already uses. A Membrain server on the same host grows to its `--capacity` later, and the worker's
@@ -31,12 +33,17 @@ MIN_FRACTION = 0.05
 
 def worker_buffers(config: ConnectorConfig) -> dict[str, int]:
     """Upper bounds of the bytes Membrain holds in one worker (one per TP/PP rank), by pool."""
-    return {
+    out = {
         "write-behind": config.write_behind_bytes,
         "prefetch": config.prefetch_bytes,
         "step loads": config.step_load_bytes,
         "hot tier": config.local_cache_bytes,
     }
+    if config.endpoint[0].startswith("mooncake://"):
+        # Mooncake's client allocates its transfer buffer, and any segment it lends the store, at setup.
+        out["mooncake buffer"] = config.mooncake_local_buffer_size
+        out["mooncake segment"] = config.mooncake_global_segment_size
+    return out
 
 
 def describe_buffers(config: ConnectorConfig) -> str:
