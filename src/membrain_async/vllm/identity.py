@@ -82,7 +82,8 @@ NOT_KV_MODEL_FACTORS = {
 def _model_factors(mc) -> dict:
     from vllm.config.utils import get_hash_factors
 
-    factors = get_hash_factors(mc, {"hf_config", "hf_text_config"})
+    # hf_overrides may be a function (vLLM sets one on draft models): named below, not hashed by vLLM.
+    factors = get_hash_factors(mc, {"hf_config", "hf_text_config", "hf_overrides"})
     out = {k: factors.get(k) for k in KV_MODEL_FACTORS if k in factors}
     overrides = mc.hf_overrides
     # A callable override is named by its qualified name: its effect cannot be serialised.
