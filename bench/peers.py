@@ -10,10 +10,8 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,23 +20,8 @@ import rawsock  # noqa: E402
 CAPACITY = 1 << 30  # per store; each is filled past it before a measurement, so it runs full and evicting
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{what} did not listen on {port} in {timeout}s")
+# Loopback helpers shared with the tests' process starters.
+from membrain_async.testing.mooncake import free_port, wait_port as _wait_port  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- services

@@ -338,8 +338,12 @@ class BlockStore:
         local = self.hot.leading(keys) if self.hot is not None else 0
         if local == len(keys):
             return local  # every block is in this process: no round trip
+        return local + await self._counted_lookup(self.remote.lookup(keys[local:]))
+
+    async def _counted_lookup(self, call):
+        """A lookup's round trip, its failures counted by kind."""
         try:
-            return local + await self.remote.lookup(keys[local:])
+            return await call
         except MembrainUnavailable:
             # Not "0 stored": the scheduler must not take it as proof that its saved blocks are gone.
             self.stats.lookups_unavailable += 1
@@ -353,14 +357,7 @@ class BlockStore:
         present = [self.hot is not None and k in self.hot for k in wanted]
         ask = [i for i, p in enumerate(present) if not p]
         if ask:
-            try:
-                answers = await self.remote.exists([wanted[i] for i in ask])
-            except MembrainUnavailable:
-                self.stats.lookups_unavailable += 1
-                raise
-            except Exception:
-                self.stats.lookup_errors += 1
-                raise
+            answers = await self._counted_lookup(self.remote.exists([wanted[i] for i in ask]))
             for i, got in zip(ask, answers):
                 present[i] = bool(got)
         return hit_blocks(query, present)
