@@ -43,7 +43,9 @@ RECENT = 64
 
 
 def _config(endpoints: list[str], **kw) -> ConnectorConfig:
-    return ConnectorConfig.from_sources(env={}, overrides={"endpoint": ",".join(endpoints), "timeout": 30, **kw})
+    # A store's own settings (the Mooncake arm's metadata server) reach the spawned clients by environment.
+    env = {k: v for k, v in os.environ.items() if k.startswith("VLLM_MEMBRAIN_MOONCAKE_")}
+    return ConnectorConfig.from_sources(env=env, overrides={"endpoint": ",".join(endpoints), "timeout": 30, **kw})
 
 
 def _client(endpoints: list[str], seconds: float, seed: int, out) -> None:
@@ -155,8 +157,10 @@ class MooncakeNodes:
             raise RuntimeError("one Mooncake master with one store segment is what peers.py starts")
         self.service = MooncakeService()
         self.endpoints = [f"mooncake://{self.service.params['master']}"]
+        os.environ["VLLM_MEMBRAIN_MOONCAKE_METADATA_SERVER"] = self.service.params["metadata"]
 
     def stop(self) -> None:
+        os.environ.pop("VLLM_MEMBRAIN_MOONCAKE_METADATA_SERVER", None)
         self.service.stop()
 
 
