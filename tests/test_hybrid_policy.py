@@ -119,12 +119,15 @@ def test_a_recurrent_state_group_turns_membrain_off_rather_than_restore_it_wrong
 # ---------------------------------------------------------------------------- the scheduler half
 
 
-def hybrid_scheduler(url: str) -> MembrainScheduler:
-    units = [KVUnit(0, 0, "sliding_window", ("s",), WINDOW - 1, False, "s"),
-             KVUnit(1, 1, "full", ("f",), None, False, "f")]
-    cfg = ConnectorConfig.from_sources(env={}, overrides={"endpoint": url, "lookup_deadline": 5.0, "load_mode": "sync"})
-    sched = MembrainScheduler(cfg, block_size=BS, fingerprint="fp", block_bytes=1 << 20, units=units,
-                              unit_fingerprints=["fps", "fpf"])
+SLIDING = KVUnit(0, 0, "sliding_window", ("s",), WINDOW - 1, False, "s")
+FULL = KVUnit(1, 1, "full", ("f",), None, False, "f")
+
+
+def hybrid_scheduler(url: str, units=(SLIDING, FULL), **overrides) -> MembrainScheduler:
+    """The scheduler half over these units (default: one sliding-window group and one full group)."""
+    cfg = ConnectorConfig.from_sources(env={}, overrides={"endpoint": url, "lookup_deadline": 5.0, **overrides})
+    sched = MembrainScheduler(cfg, block_size=BS, fingerprint="fp", block_bytes=1 << 20, units=list(units),
+                              unit_fingerprints=[f"fp{u.kind}" for u in units])
     sched.bind_kv_cache_manager(Manager())
     return sched
 
@@ -136,7 +139,7 @@ def store(sched, hashes, unit, blocks_):
 
 
 def test_the_hit_needs_every_unit_and_the_load_fills_only_the_window(server):
-    sched = hybrid_scheduler(server.url)
+    sched = hybrid_scheduler(server.url, load_mode="sync")
     try:
         req = request("r1", 9 * BS + 5)
         hashes = BlockHashes(BS).extend(req, 9)
@@ -181,10 +184,7 @@ def test_a_load_failed_per_request_is_not_loaded_again_when_vllm_readmits_it(ser
 
 
 def test_a_sliding_window_only_model_never_loads_into_or_saves_from_the_null_block(server):
-    cfg = ConnectorConfig.from_sources(env={}, overrides={"endpoint": server.url, "lookup_deadline": 5.0})
-    sched = MembrainScheduler(cfg, block_size=BS, fingerprint="fp", block_bytes=1 << 20,
-                              units=[KVUnit(0, 0, "sliding_window", ("s",), WINDOW - 1, False, "s")],
-                              unit_fingerprints=["fps"])
+    sched = hybrid_scheduler(server.url, units=[SLIDING])
     try:
         req = request("r1", 9 * BS + 5)
         hashes = BlockHashes(BS).extend(req, 9)
