@@ -61,7 +61,7 @@ class MembrainConnector(KVConnectorBase_V1, SupportsHMA):
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
         super().__init__(vllm_config, role, kv_cache_config)
-        from .units import UnsupportedKVCache, describe, units_of
+        from .units import UnsupportedKVCache, describe, unit_by_unit, units_of
 
         self.config = connector_config(vllm_config)
         self._scheduler = self._worker = None
@@ -73,7 +73,7 @@ class MembrainConnector(KVConnectorBase_V1, SupportsHMA):
             return  # every hook below is then a no-op
         if role == KVConnectorRole.SCHEDULER:
             log.info("Membrain KV units: %s", describe(units))
-            if (len(units) > 1 or units[0].window_tokens is not None) and self.config.load_mode == "sync":
+            if unit_by_unit(units) and self.config.load_mode == "sync":
                 log.warning("Membrain: VLLM_MEMBRAIN_LOAD_MODE=sync is not possible with several KV cache "
                             "groups or a sliding window (failures go per request there); loading async")
             from .scheduler import MembrainScheduler

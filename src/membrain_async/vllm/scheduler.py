@@ -25,7 +25,7 @@ from ..config import ConnectorConfig
 from ..cache import open_store
 from ..cache.prefix_query import PrefixQuery, Series
 from . import identity
-from .units import NULL_BLOCK_ID, KVUnit
+from .units import NULL_BLOCK_ID, KVUnit, unit_by_unit
 from .blockhash import BlockHashes
 from .lookups import Lookups
 from .metadata import BlockTransfer, MembrainConnectorMetadata, MembrainWorkerMetadata
@@ -73,7 +73,7 @@ class MembrainScheduler:
         # Several units, or a sliding-window one: hits and loads go unit by unit (a window's blocks below a
         # hit are vLLM's null block). Several KV groups: vLLM only takes load failures per request
         # (failed_recving), which exist for async loads only; block-level failures would stop its scheduler.
-        self.hybrid = len(self.unit_fingerprints) > 1 or any(u.window_tokens is not None for u in units or ())
+        self.hybrid = units is not None and unit_by_unit(units)
         self.async_loads = config.load_mode == "async" or self.hybrid
         # Lookups ask about the first shard; every shard saves and loads the same blocks.
         self.rank = identity.rank_label(0, 0)

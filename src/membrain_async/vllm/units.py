@@ -98,6 +98,12 @@ def units_of(kv_cache_config: "KVCacheConfig | None", block_size: int) -> list[K
     return units
 
 
+def unit_by_unit(units: "list[KVUnit]") -> bool:
+    """Several units, or a sliding-window one: hits, loads and saves go unit by unit (a window's blocks below
+    a hit are vLLM's null block), and load failures go per request (vLLM takes block ids of one group only)."""
+    return len(units) > 1 or any(u.window_tokens is not None for u in units)
+
+
 def describe(units: list[KVUnit]) -> str:
     """One line for logs and reports: e.g. 'g0 full x1, g1 sliding_window(63) x1, ...'."""
     parts = []

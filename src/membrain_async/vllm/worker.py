@@ -28,7 +28,7 @@ from ..config import ConnectorConfig
 from ..cache import open_store
 from ..runtime import CompletionRing
 from . import identity, kv_events
-from .units import KVUnit
+from .units import KVUnit, unit_by_unit
 from .loads import PageLoader
 from .metadata import MembrainConnectorMetadata, MembrainWorkerMetadata, SaveVerdict
 from .pages import (
@@ -78,7 +78,7 @@ class MembrainWorker:
         self.fingerprints = identity.unit_fingerprints(vllm_config, config, units)
         # Several units or a sliding-window one (as the scheduler half): failures go per request, since vLLM
         # takes block ids of one KV group only (see get_transfer_results).
-        self.hybrid = len(units) > 1 or any(u.window_tokens is not None for u in units)
+        self.hybrid = unit_by_unit(units)
         try:
             tp_rank, pp_rank = get_tp_group().rank_in_group, get_pp_group().rank_in_group
         except (AssertionError, AttributeError):  # groups not initialised (single process tools)
