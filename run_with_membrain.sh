@@ -7,7 +7,6 @@ if [ "$#" -eq 0 ]; then
   echo "usage: $0 <command> [args...]" >&2
   exit 2
 fi
-export VLLM_USE_V1="${VLLM_USE_V1:-1}"
 export VLLM_MEMBRAIN_ENABLED="${VLLM_MEMBRAIN_ENABLED:-1}"
 export VLLM_MEMBRAIN_ENDPOINT="${VLLM_MEMBRAIN_ENDPOINT:-http://localhost:9201}"
 export VLLM_MEMBRAIN_NAMESPACE="${VLLM_MEMBRAIN_NAMESPACE:-default}"

@@ -2,7 +2,7 @@
 
 This is what a vLLM instance does under the OpenAI server: write-behind uploads keep the connections to
 the server busy while new requests arrive and are looked up. A real `membrain serve` runs in its own
-process; one MembrainRuntime (the one the engine process would hold) serves both the lookups and the
+process; one BlockStore (the one the engine process would hold) serves both the lookups and the
 uploads. Each stream keeps one lookup in flight: submit, wait for its answer, think a little, repeat.
 
 Latency is from submit to the future's completion (stamped on the thread that completes it), so the
@@ -31,7 +31,7 @@ import time
 import orjson
 
 from membrain_async.config import ConnectorConfig
-from membrain_async.runtime import MembrainRuntime
+from membrain_async.cache import BlockStore
 from membrain_async.server import embedded_server
 
 
@@ -46,7 +46,7 @@ class Streams:
     """`n` request streams, each with one lookup in flight, driven by one thread as vLLM's scheduler
     drives them. Completion times are stamped by a done-callback, so the driver's polling does not count."""
 
-    def __init__(self, rt: MembrainRuntime, n: int, n_keys: int, stored: list[str], think_s: float):
+    def __init__(self, rt: BlockStore, n: int, n_keys: int, stored: list[str], think_s: float):
         self.rt, self.n, self.n_keys, self.stored, self.think_s = rt, n, n_keys, stored, think_s
         self.latencies: list[float] = []
         self.errors = 0
@@ -113,7 +113,7 @@ class Engine(threading.Thread):
 class Saver(threading.Thread):
     """Keeps the write-behind queue full of 1-16 MiB saves, as vLLM's worker does under load."""
 
-    def __init__(self, rt: MembrainRuntime, sizes_mib: list[int], rate: float = 0.0):
+    def __init__(self, rt: BlockStore, sizes_mib: list[int], rate: float = 0.0):
         super().__init__(daemon=True)
         self.rt, self.rate = rt, rate
         self.payloads = {s: os.urandom(s << 20) for s in sizes_mib}
@@ -153,7 +153,7 @@ def schedstat(pid: int | str) -> tuple[float, float]:
     return on, wait
 
 
-def measure(rt: MembrainRuntime, args, stored: list[str], saving: bool, engine: float = 0.0) -> dict:
+def measure(rt: BlockStore, args, stored: list[str], saving: bool, engine: float = 0.0) -> dict:
     saver = Saver(rt, args.save_mib, args.save_rate * 1e6) if saving else None
     busy = Engine(engine) if engine > 0 else None
     before = dict(rt.snapshot())
@@ -213,7 +213,7 @@ def main() -> None:
     with embedded_server(mode="subprocess", capacity="1GiB", max_value_bytes="32MiB") as srv:
         args.server_pid = srv.process.pid
         cfg = ConnectorConfig.from_sources(env={}, overrides={"endpoint": srv.url, "async_backend": args.backend})
-        rt = MembrainRuntime(cfg)
+        rt = BlockStore(cfg)
         try:
             stored = [f"{i:064x}" for i in range(256)]
             for k in stored:
@@ -229,7 +229,7 @@ def main() -> None:
             if args.engine_gil > 0:
                 results["saving+engine"] = measure(rt, args, stored, saving=True, engine=args.engine_gil)
         finally:
-            rt.shutdown(drain=0)
+            rt.close(drain=0)
     idle, busy = results["idle"], results["saving"]
     results["p99_ratio_saving_to_idle"] = busy["p99_ms"] / idle["p99_ms"]
     print(f"lookup latency, {args.streams} streams x {args.keys} keys, backend {args.backend}:")

@@ -17,7 +17,8 @@ import time
 import orjson
 
 from membrain_async.config import ConnectorConfig
-from membrain_async.runtime import CompletionRing, MembrainRuntime
+from membrain_async.cache import BlockStore
+from membrain_async.runtime import CompletionRing
 from membrain_async.server import embedded_server
 
 
@@ -43,7 +44,7 @@ def main() -> None:
         cfg = ConnectorConfig.from_sources(
             env={}, overrides={"endpoint": f"http://127.0.0.1:{port}", "async_backend": args.backend, "lookup_deadline": 5.0, "timeout": 10.0}
         )
-        rt = MembrainRuntime(cfg)
+        rt = BlockStore(cfg)
         rt.lookup(["warm-up"]).wait(10)
         ring = CompletionRing()
         keys = [f"{i:064x}" for i in range(32)]
@@ -67,7 +68,7 @@ def main() -> None:
             time.sleep(0.001)
         wall = time.perf_counter() - t_start
         lat = rt.snapshot()
-        rt.shutdown(drain=30)
+        rt.close(drain=30)
         proxy.terminate()
         proxy.wait()
     us = 1e6

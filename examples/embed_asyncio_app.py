@@ -29,7 +29,7 @@ def build_app(membrain_url: str) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        runtime.shutdown()  # drains queued saves within VLLM_MEMBRAIN_SHUTDOWN_DRAIN
+        runtime.close()  # drains queued saves within VLLM_MEMBRAIN_SHUTDOWN_DRAIN
 
     async def save(request: Request) -> JSONResponse:
         key = request.path_params["key"]

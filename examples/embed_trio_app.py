@@ -58,7 +58,7 @@ async def serve(membrain_url: str, port: int, *, task_status=trio.TASK_STATUS_IG
         task_status.started(listeners[0].socket.getsockname()[1])
         await trio.serve_listeners(make_handler(runtime), listeners)
     finally:
-        runtime.shutdown()
+        runtime.close()
 
 
 if __name__ == "__main__":

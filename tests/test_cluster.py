@@ -8,8 +8,8 @@ import pytest
 
 from membrain_async.client.cluster import MembrainCluster, rank_nodes
 from membrain_async.config import ConnectorConfig
-from membrain_async.runtime import MembrainRuntime
-from membrain_async.runtime.loop import make_client
+from membrain_async.cache import BlockStore
+from membrain_async.cache.remote import make_client
 from membrain_async.server import embedded_server
 
 pytestmark = pytest.mark.anyio
@@ -85,14 +85,14 @@ async def test_adding_a_node_keeps_most_hits():
 
 def _runtime(urls, **kw):
     cfg = ConnectorConfig.from_sources(env={}, overrides={"endpoint": ",".join(urls), **kw})
-    return MembrainRuntime(cfg)
+    return BlockStore(cfg)
 
 
 def test_runtime_uses_a_cluster_for_an_endpoint_list():
     with nodes(3) as srv:
         cfg = ConnectorConfig.from_sources(env={}, overrides={"endpoint": ",".join(s.url for s in srv), "replicas": 2})
         assert isinstance(make_client(cfg), MembrainCluster)
-        rt = MembrainRuntime(cfg)
+        rt = BlockStore(cfg)
         try:
             for i in range(30):
                 assert rt.save(f"b{i}", [os.urandom(500)])
@@ -101,7 +101,7 @@ def test_runtime_uses_a_cluster_for_an_endpoint_list():
             assert fut.wait(10) and fut.result() == 30
             assert sum(stored_on(s, "b0") for s in srv) == 2
         finally:
-            rt.shutdown()
+            rt.close()
 
 
 def test_hot_tier_serves_repeats_without_the_network():
@@ -122,11 +122,11 @@ def test_hot_tier_serves_repeats_without_the_network():
             assert [bytes(v) for v in fut.result()] == list(payloads.values())
             assert rt.stats.hot_hits == 5 and store.namespaces["default"].hits == hits_before
         finally:
-            rt.shutdown(drain=0)
+            rt.close(drain=0)
 
 
 def test_hot_tier_is_bounded():
-    from membrain_async.runtime.hot import HotTier
+    from membrain_async.cache.hot import HotTier
 
     hot = HotTier(25_000)
     for i in range(10):

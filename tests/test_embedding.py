@@ -32,7 +32,7 @@ def test_asyncio_starlette_app(server):
     try:
         anyio.run(main, backend="asyncio")
     finally:
-        app.state.runtime.shutdown()
+        app.state.runtime.close()
 
 
 def test_asyncio_app_says_unavailable_when_the_server_is_down():
@@ -52,7 +52,7 @@ def test_asyncio_app_says_unavailable_when_the_server_is_down():
     try:
         anyio.run(main, backend="asyncio")
     finally:
-        app.state.runtime.shutdown()
+        app.state.runtime.close()
 
 
 @pytest.mark.parametrize("runtime_backend", ["asyncio", "trio"])

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from membrain_async.config import ConnectorConfig
-from membrain_async.runtime import MembrainRuntime
+from membrain_async.cache import BlockStore
 from membrain_async.testing.proxy import FaultProxy
 from membrain_async.vllm.loads import PageLoader
 from membrain_async.vllm.metadata import BlockTransfer
@@ -42,11 +42,11 @@ def layout():
     return PageLayout.from_kv_caches(kv_caches(), NUM_BLOCKS, "cpu-pages")
 
 
-def make_runtime(url: str, **overrides) -> MembrainRuntime:
-    return MembrainRuntime(ConnectorConfig.from_sources(env={}, overrides={"endpoint": url, **overrides}))
+def make_runtime(url: str, **overrides) -> BlockStore:
+    return BlockStore(ConnectorConfig.from_sources(env={}, overrides={"endpoint": url, **overrides}))
 
 
-def store(rt: MembrainRuntime, layout: PageLayout, hashes_fills: dict[str, float]) -> None:
+def store(rt: BlockStore, layout: PageLayout, hashes_fills: dict[str, float]) -> None:
     for h, fill in hashes_fills.items():
         assert rt.save(key_of(h), [payload(layout, h, fill)])
     assert rt.flush(10)
@@ -77,7 +77,7 @@ def test_a_load_copies_every_block_and_is_reported_once(server, layout):
         time.sleep(0.05)
         assert loader.drain() == []
     finally:
-        rt.shutdown(drain=2)
+        rt.close(drain=2)
 
 
 def test_a_missing_block_stops_the_load_there_and_names_the_rest(server, layout):
@@ -91,7 +91,7 @@ def test_a_missing_block_stops_the_load_there_and_names_the_rest(server, layout)
         assert outcome.missing_hash == "b"  # the block the server lacked (reported in KV events)
         assert block_fill(layout, 1) == {1.0} and block_fill(layout, 3) == {0.0}
     finally:
-        rt.shutdown(drain=2)
+        rt.close(drain=2)
 
 
 def test_a_corrupt_block_is_refused_and_every_corrupt_key_is_named_for_repair(server, layout):
@@ -111,7 +111,7 @@ def test_a_corrupt_block_is_refused_and_every_corrupt_key_is_named_for_repair(se
         assert outcome.corrupt_keys == [key_of("b"), key_of("c")]
         assert block_fill(layout, 2) == {0.0} and block_fill(layout, 3) == {0.0}
     finally:
-        rt.shutdown(drain=2)
+        rt.close(drain=2)
 
 
 def test_a_load_past_its_deadline_is_reported_late_and_never_written_afterwards(server, layout):
@@ -127,7 +127,7 @@ def test_a_load_past_its_deadline_is_reported_late_and_never_written_afterwards(
             time.sleep(1.5)  # the late reply has arrived by now
             assert block_fill(layout, 4) == {0.0}
         finally:
-            rt.shutdown(drain=2)
+            rt.close(drain=2)
 
 
 def test_an_abort_while_fetching_reports_at_once_and_the_late_pages_are_never_copied(server, layout):
@@ -146,7 +146,7 @@ def test_an_abort_while_fetching_reports_at_once_and_the_late_pages_are_never_co
             time.sleep(0.5)
             assert block_fill(layout, 3) == {0.0} and block_fill(layout, 4) == {0.0}
         finally:
-            rt.shutdown(drain=2)
+            rt.close(drain=2)
 
 
 def test_an_abort_during_the_copy_is_reported_only_once_the_copy_ended(server, layout):
@@ -172,7 +172,7 @@ def test_an_abort_during_the_copy_is_reported_only_once_the_copy_ended(server, l
         (outcome,) = drain_until(loader)
         assert outcome.why == "" and outcome.loaded == 1 and block_fill(layout, 6) == {1.0}
     finally:
-        rt.shutdown(drain=2)
+        rt.close(drain=2)
 
 
 def test_sync_mode_waits_for_its_loads_and_a_late_one_is_failed_within_the_deadline(server, layout):
@@ -193,7 +193,7 @@ def test_sync_mode_waits_for_its_loads_and_a_late_one_is_failed_within_the_deadl
             time.sleep(2.5)
             assert block_fill(layout, 2) == {0.0}
         finally:
-            rt.shutdown(drain=2)
+            rt.close(drain=2)
 
 
 
@@ -208,4 +208,4 @@ def test_a_server_that_cannot_be_reached_is_unavailable_not_missing(layout):
         (outcome,) = drain_until(loader)
         assert (outcome.why, outcome.loaded, outcome.failed_block_ids) == ("unavailable", 0, [1, 2])
     finally:
-        rt.shutdown(drain=1)
+        rt.close(drain=1)

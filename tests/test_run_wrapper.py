@@ -8,7 +8,6 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = {
-    "VLLM_USE_V1": "1",
     "VLLM_MEMBRAIN_ENABLED": "1",
     "VLLM_MEMBRAIN_ENDPOINT": "http://localhost:9201",
     "VLLM_MEMBRAIN_NAMESPACE": "default",

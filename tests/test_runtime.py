@@ -7,7 +7,8 @@ import threading
 import pytest
 
 from membrain_async.config import ConnectorConfig
-from membrain_async.runtime import Cancelled, CompletionRing, MembrainRuntime, NotReady, get_runtime
+from membrain_async.cache import BlockStore, open_store
+from membrain_async.runtime import Cancelled, CompletionRing, NotReady
 from membrain_async.server import embedded_server
 from membrain_async.testing.proxy import FaultProxy
 
@@ -19,14 +20,14 @@ def backend(request):
 
 def make_runtime(url, backend, **overrides):
     cfg = ConnectorConfig.from_sources(env={}, overrides={"endpoint": url, "async_backend": backend, **overrides})
-    return MembrainRuntime(cfg)
+    return BlockStore(cfg)
 
 
 @pytest.fixture
 def runtime(server, backend):
     rt = make_runtime(server.url, backend)
     yield rt
-    rt.shutdown(drain=2)
+    rt.close(drain=2)
 
 
 def wait_ring(ring, n, timeout=10.0):
@@ -46,7 +47,7 @@ def test_no_thread_until_first_use(server, backend):
     assert "membrain-runtime" not in before | {t.name for t in threading.enumerate()}
     rt.lookup(["a"]).wait(5)
     assert rt.running
-    rt.shutdown()
+    rt.close()
     assert not rt.running
 
 
@@ -114,7 +115,7 @@ def test_overflow_drops_and_counts_without_blocking(server, backend):
         accepted = [rt.save(f"k{i}", [bytes(1000)]) for i in range(50)]
         assert accepted.count(True) <= 10 and accepted[-1] is False
         assert rt.stats.saves_dropped == accepted.count(False) >= 40
-        rt.shutdown(drain=0.2)
+        rt.close(drain=0.2)
         assert rt.stats.saves_dropped + rt.stats.saves_uploaded + rt.stats.saves_failed >= 40
 
 
@@ -122,7 +123,7 @@ def test_shutdown_drains_the_queue(server, backend):
     rt = make_runtime(server.url, backend)
     for i in range(100):
         assert rt.save(f"d{i}", [os.urandom(10_000)])
-    rt.shutdown(drain=10)
+    rt.close(drain=10)
     assert rt.stats.saves_uploaded == 100
     store = server.server.service.store
     assert all(store.contains("default", f"d{i}") for i in range(100))
@@ -140,7 +141,7 @@ def test_cancel_a_request_in_flight(server, backend):
         assert c.outcome == "cancelled" and fut.cancelled()
         with pytest.raises(Cancelled):
             fut.result()
-        rt.shutdown(drain=0)
+        rt.close(drain=0)
 
 
 def test_slow_server_times_out_at_the_deadline(server, backend):
@@ -151,7 +152,7 @@ def test_slow_server_times_out_at_the_deadline(server, backend):
         fut = rt.lookup(["a"], ring=ring)
         (c,) = wait_ring(ring, 1)
         assert c.outcome == "timeout" and isinstance(fut.exception(), TimeoutError)
-        rt.shutdown(drain=0)
+        rt.close(drain=0)
 
 
 def test_server_down_is_unavailable_not_a_miss(backend):
@@ -169,25 +170,23 @@ def test_server_down_is_unavailable_not_a_miss(backend):
     assert fut.wait(20) and isinstance(fut.exception(), MembrainUnavailable)
     assert rt.stats.lookups_unavailable == 1 and rt.stats.lookup_errors == 0
     assert rt.stats.fetch_unavailable == 1 and rt.stats.fetch_misses == 0
-    rt.shutdown(drain=0)
+    rt.close(drain=0)
 
 
-def test_get_runtime_is_per_process(server):
+def test_open_store_is_per_process(server):
     cfg = ConnectorConfig.from_sources(env={}, overrides={"endpoint": server.url})
-    assert get_runtime(cfg) is get_runtime(cfg)
+    assert open_store(cfg) is open_store(cfg)
 
 
 def _child(url, queue):
-    from membrain_async.runtime import get_runtime as child_get
-
     cfg = ConnectorConfig.from_sources(env={}, overrides={"endpoint": url})
-    rt = child_get(cfg)
+    rt = open_store(cfg)
     queue.put((rt._pid == os.getpid(), rt.lookup(["fork-key"]).wait(10) and rt.lookup(["fork-key"]).result_or(-1)))
 
 
 def test_safe_across_fork(server):
     cfg = ConnectorConfig.from_sources(env={}, overrides={"endpoint": server.url})
-    parent_rt = get_runtime(cfg)
+    parent_rt = open_store(cfg)
     parent_rt.save("fork-key", [b"v"])
     assert parent_rt.flush(10)
     q = mp.get_context("fork").Queue()

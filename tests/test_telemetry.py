@@ -8,7 +8,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from membrain_async import telemetry
 from membrain_async.config import ConnectorConfig
-from membrain_async.runtime import MembrainRuntime
+from membrain_async.cache import BlockStore
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def test_no_provider_means_no_spans_and_no_context_capture():
 
 
 def test_spans_for_lookup_load_save(server, exporter):
-    rt = MembrainRuntime(ConnectorConfig.from_sources(env={}, overrides={"endpoint": server.url, "namespace": "otel"}))
+    rt = BlockStore(ConnectorConfig.from_sources(env={}, overrides={"endpoint": server.url, "namespace": "otel"}))
     tracer = trace.get_tracer("test")
     try:
         with tracer.start_as_current_span("request") as parent:
@@ -38,7 +38,7 @@ def test_spans_for_lookup_load_save(server, exporter):
             assert rt.lookup(["b0", "b1"]).wait(10)
             assert rt.fetch(["b0"]).wait(10)
     finally:
-        rt.shutdown()
+        rt.close()
     spans = {s.name: s for s in exporter.get_finished_spans()}
     assert {"membrain.lookup", "membrain.fetch", "membrain.save_batch"} <= spans.keys()
     parent_id = parent.get_span_context().span_id
@@ -59,13 +59,13 @@ def test_runtime_metrics_queue_depth_drops_latency(server):
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
     cfg = ConnectorConfig.from_sources(env={}, overrides={"endpoint": server.url, "write_behind_bytes": 2000})
-    rt = MembrainRuntime(cfg, meter_provider=provider)
+    rt = BlockStore(cfg, meter_provider=provider)
     try:
         assert rt.lookup(["k"]).wait(10)
         accepted = [rt.save(f"s{i}", [bytes(1000)]) for i in range(10)]
         assert rt.flush(10)
     finally:
-        rt.shutdown()
+        rt.close()
     points = {}
     for rm in reader.get_metrics_data().resource_metrics:
         for sm in rm.scope_metrics:

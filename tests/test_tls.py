@@ -8,7 +8,7 @@ import pytest
 
 from membrain_async.client import MembrainClient, MembrainUnavailable
 from membrain_async.config import ConnectorConfig
-from membrain_async.runtime import MembrainRuntime
+from membrain_async.cache import BlockStore
 from membrain_async.server import embedded_server
 from membrain_async.testing.certs import make_certs
 from membrain_async.tls import client_context
@@ -72,7 +72,7 @@ def test_runtime_with_connector_settings_over_tls(tls_server, certs):
     config = ConnectorConfig.from_sources(env={}, overrides={
         "endpoint": tls_server.url, "tls_ca_file": certs.ca_file, "namespace": "tls-test",
     })
-    rt = MembrainRuntime(config)
+    rt = BlockStore(config)
     try:
         value = b"k" * 300_000
         assert rt.save("k1", [value]) and rt.save("k2", [value])
@@ -82,7 +82,7 @@ def test_runtime_with_connector_settings_over_tls(tls_server, certs):
         fetch = rt.fetch(["k1", "k2"])
         assert fetch.wait(10) and [bytes(v) for v in fetch.result()] == [value, value]
     finally:
-        rt.shutdown()
+        rt.close()
 
 
 def test_bad_certificate_paths_are_config_errors(tmp_path):

@@ -13,7 +13,6 @@ import orjson
 from .config import ConfigError, ConnectorConfig, ServerConfig, settings_table
 
 RUN_DEFAULTS = {
-    "VLLM_USE_V1": "1",
     "VLLM_MEMBRAIN_ENABLED": "1",
     "VLLM_MEMBRAIN_ENDPOINT": "http://localhost:9201",
     "VLLM_MEMBRAIN_NAMESPACE": "default",

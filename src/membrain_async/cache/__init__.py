@@ -6,6 +6,6 @@ executor under it (`membrain_async.runtime`) only runs jobs. See `store.py`.
 
 from .registry import open_store, shutdown_all
 from .stats import StoreStats
-from .store import BlockStore, MembrainRuntime
+from .store import BlockStore
 
-__all__ = ["BlockStore", "MembrainRuntime", "StoreStats", "open_store", "shutdown_all"]
+__all__ = ["BlockStore", "StoreStats", "open_store", "shutdown_all"]

@@ -116,9 +116,6 @@ class BlockStore:
         if last:
             self._stop(drain, join_timeout)
 
-    # The name every caller used before stores were shared explicitly; the same as close().
-    shutdown = close
-
     def stop_now(self, drain: float | None = None, join_timeout: float | None = None) -> None:
         """Stop whatever holds remain (process exit)."""
         with self._holders_lock:
@@ -402,13 +399,6 @@ class BlockStore:
             self.stats.prefetch_skipped += 1
         return result.staged
 
-    # ------------------------------------------------------------------ compatibility
-
-    def submit(self, kind: str, fn: Callable[[Any], Any], **kwargs) -> MembrainFuture:
-        """Run `await fn(client)` as a job (the runtime's old, client-level entry point)."""
-        return self.executor.submit(kind, lambda: fn(self.remote.client), **kwargs)
-
-
 class _OnLoop:
     """The store's part of the executor's life (runtime thread): open the client and start the
     uploader, drain the queue at shutdown, close the client, give up what is left."""
@@ -450,6 +440,3 @@ def _result_attributes(kind: str, value: Any) -> dict:
         return {"membrain.staged": value}
     return {}
 
-
-# The name embedding hosts and older code know it by.
-MembrainRuntime = BlockStore

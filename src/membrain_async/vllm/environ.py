@@ -11,8 +11,8 @@ cache_key_factors.json), which an endpoint must not invalidate and a token must 
 
 from __future__ import annotations
 
-# vLLM 0.32 has only the v1 engine and no longer knows this name; run_with_membrain.sh still sets it
-# for older vLLMs, so it must not be what stops a strict start.
+# vLLM 0.32 has only the v1 engine and no longer knows this name. Membrain no longer sets it, but users'
+# scripts written for older vLLMs may: it must not be what stops a strict start.
 ACCEPTED_LEGACY = ("VLLM_USE_V1",)
 
 

@@ -180,8 +180,6 @@ def self_check(config: ConnectorConfig) -> tuple[str, dict[str, dict]]:
     status = ""
     verify = connector_context(config) or True
     for url in config.endpoint:
-        if url.startswith("mooncake://"):
-            return f"{where}; {_mooncake_status(url)}", infos
         try:
             r = httpx.get(url.rstrip("/") + "/v1/info", timeout=1.0, verify=verify)
             if r.status_code == 200:
@@ -194,22 +192,3 @@ def self_check(config: ConnectorConfig) -> tuple[str, dict[str, dict]]:
             status = status or (f"server unreachable now ({type(exc).__name__}): requests compute as plain vLLM "
                                 "until it answers")
     return f"{where}; {status}", infos
-
-
-def _mooncake_status(url: str) -> str:
-    """Mooncake Store has no HTTP probe: whether its master's RPC port accepts a connection."""
-    import socket
-    from urllib.parse import urlsplit
-
-    from ..client.mooncake_store import mooncake_missing
-
-    missing = mooncake_missing()
-    if missing:
-        return f"{missing}: requests compute as plain vLLM"
-    parts = urlsplit(url)
-    try:
-        socket.create_connection((parts.hostname, parts.port or 50051), timeout=1.0).close()
-        return "Mooncake Store master reachable"
-    except OSError as exc:
-        return (f"Mooncake Store master unreachable now ({type(exc).__name__}): requests compute as plain vLLM "
-                "until it answers")
