@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from membrain_async.vllm.device_transfer import DevicePageMover
+from membrain_async.vllm.movers import DevicePageMover
 from membrain_async.vllm.pages import PageLayout
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
@@ -57,17 +57,14 @@ def main() -> None:
         h2d = timed(lambda: dev.copy_(host, non_blocking=cuda), sync, args.repeats)
 
         def save():
-            pending = mover.start_save(ids, [""] * n, "bench")
-            pending.event.synchronize()
-            mover.release_host(pending.host)
+            saved, copied = mover.start_save(ids)
+            copied.synchronize()
+            mover.release_host(saved)
 
-        src = mover.host_buffer(n)
-        src[:nbytes].copy_(host)
+        src = mover.host_buffer(n)  # slots (header room + pages), as loads receive them
 
         def load():
-            pending = mover.start_load(ids, src)
-            for name in layout.layer_names:
-                mover.wait_layer(pending, name)
+            mover.load(ids, src)
 
         t_save = timed(save, sync, args.repeats)
         t_load = timed(load, sync, args.repeats)

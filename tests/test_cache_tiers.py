@@ -5,6 +5,7 @@ tested is the policy: which tier answers, what is bounded, dropped, drained, and
 """
 
 import threading
+import time
 
 import anyio
 import pytest
@@ -20,7 +21,8 @@ from membrain_async.runtime import CompletionRing
 
 class FakeRemote:
     """An in-memory client. `down`: every call raises MembrainUnavailable; `refuse`: MembrainRequestError;
-    `gate`: calls wait for it (a slow or stuck server)."""
+    `gate`: calls wait for it (a slow or stuck server); `fail_calls`: that many calls (after the gate) raise
+    MembrainUnavailable."""
 
     def __init__(self):
         self.values: dict[str, bytes] = {}
@@ -28,13 +30,15 @@ class FakeRemote:
         self.down = False
         self.refuse = False
         self.gate: threading.Event | None = None
+        self.fail_calls = 0
 
     async def _enter(self, op, keys):
         self.calls.append((op, list(keys)))
         if self.gate is not None:
             while not self.gate.is_set():
                 await anyio.sleep(0.005)
-        if self.down:
+        if self.down or self.fail_calls:
+            self.fail_calls = max(0, self.fail_calls - 1)
             raise MembrainUnavailable("fake: down")
         if self.refuse:
             raise MembrainRequestError(403, "fake: refused")
@@ -49,6 +53,18 @@ class FakeRemote:
     async def get_many(self, keys):
         await self._enter("get", keys)
         return [memoryview(self.values[k]) if k in self.values else None for k in keys]
+
+    async def get_many_into(self, keys, buffers):
+        await self._enter("get", keys)
+        sizes = []
+        for k, buf in zip(keys, buffers):
+            value = self.values.get(k)
+            if value is None or len(value) > len(buf):
+                sizes.append(-1)
+            else:
+                buf[: len(value)] = value
+                sizes.append(len(value))
+        return sizes
 
     async def exists(self, keys):
         await self._enter("exists", keys)
@@ -417,3 +433,86 @@ def test_the_ring_names_a_job_the_unreachable_server_failed(make_store, remote):
     done(store.lookup_many([["a"], ["b"]], tag=("r2", "r3"), ring=ring))
     outcomes = {c.tag: c.outcome for c in ring.poll()}
     assert outcomes == {"r1": "unavailable", ("r2", "r3"): "error"}
+
+
+# ------------------------------------------------------------------ loads into buffers, and loads that share keys
+
+
+def load_into(store, keys, size=16, tag=None):
+    """A load whose values are received into buffers of `size` bytes; returns (future, buffers, released)."""
+    buffers = [memoryview(bytearray(size)) for _ in keys]
+    released = threading.Event()
+    fut = store.load(keys, lambda values: [bytes(v) if v is not None else None for v in values], into=buffers,
+                     release=released.set, tag=tag)
+    return fut, buffers, released
+
+
+def until(condition, timeout=10):
+    """Poll a condition the runtime thread makes true (no fixed sleep)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.001)
+
+
+def waiters(store, key):
+    wire = store.shared._on_wire.get(key)
+    return len(wire.waiters) if wire is not None else 0
+
+
+def test_a_load_receives_into_its_buffers_and_releases_them_after_the_copy(make_store, remote):
+    store = make_store()
+    remote.values.update({"a": b"AAAA", "b": b"BBBBBB"})
+    fut, buffers, released = load_into(store, ["a", "b", "gone"])
+    assert done(fut).result() == [b"AAAA", b"BBBBBB", None]
+    assert bytes(buffers[0][:4]) == b"AAAA" and bytes(buffers[1][:6]) == b"BBBBBB"
+    assert released.wait(5)
+    too_small = load_into(store, ["b"], size=4)[0]
+    assert done(too_small).result() == [None]  # a value bigger than its buffer is a miss, never a spill
+
+
+def test_loads_of_the_same_keys_at_once_ask_the_server_once(make_store, remote):
+    store = make_store()
+    remote.values.update({f"k{i}": bytes([i]) * 8 for i in range(4)})
+    remote.gate = threading.Event()  # the first load's get is on the wire until we open the gate
+    first = load_into(store, ["k0", "k1", "k2"], tag="r1")
+    until(lambda: remote.ops("get"))
+    second = load_into(store, ["k1", "k2", "k3"], tag="r2")  # shares k1, k2 with the first
+    until(lambda: waiters(store, "k1") and waiters(store, "k2"))
+    remote.gate.set()
+    assert done(first[0]).result() == [bytes([i]) * 8 for i in range(3)]
+    assert done(second[0]).result() == [bytes([i]) * 8 for i in (1, 2, 3)]
+    asked = [k for keys in remote.ops("get") for k in keys]
+    assert sorted(asked) == ["k0", "k1", "k2", "k3"]  # each key once
+    assert store.stats.fetch_shared == 2 and len(store.shared) == 0
+
+
+def test_when_the_first_load_fails_the_ones_waiting_on_it_fetch_themselves(make_store, remote):
+    store = make_store()
+    remote.values.update({"k": b"value"})
+    remote.gate = threading.Event()
+    remote.fail_calls = 1
+    first = load_into(store, ["k"], tag="r1")
+    until(lambda: remote.ops("get"))
+    second = load_into(store, ["k"], tag="r2")
+    until(lambda: waiters(store, "k"))  # the second load waits on the first's fetch
+    remote.gate.set()
+    assert isinstance(done(first[0]).exception(), MembrainUnavailable)
+    assert done(second[0]).result() == [b"value"]
+    assert [k for keys in remote.ops("get") for k in keys] == ["k", "k"]
+
+
+def test_a_waiting_load_that_is_cancelled_gets_no_copy_into_its_buffer(make_store, remote):
+    store = make_store()
+    remote.values.update({"k": b"value"})
+    remote.gate = threading.Event()
+    first = load_into(store, ["k"], tag="r1")
+    until(lambda: remote.ops("get"))
+    fut, buffers, released = load_into(store, ["k"], tag="r2")
+    until(lambda: waiters(store, "k"))
+    store.cancel("r2")  # its request finished: its buffer may go to another load at once
+    assert released.wait(5)  # the job ended (its buffer handed back) before the first load's data came
+    assert waiters(store, "k") == 0
+    remote.gate.set()
+    assert done(first[0]).result() == [b"value"]
+    assert bytes(buffers[0]) == bytes(16)  # nothing was copied into the cancelled load's buffer

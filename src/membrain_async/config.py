@@ -279,6 +279,12 @@ class ConnectorConfig(_Settings):
     connections: int = _setting(
         16, "VLLM_MEMBRAIN_CONNECTIONS", "Bulk connections per server for payloads (one transfer each); lookups and exists share up to 4 more, pipelined.", int
     )
+    device_path_on_cpu: bool = _setting(
+        False,
+        "VLLM_MEMBRAIN_DEVICE_PATH_ON_CPU",
+        "Tests only: move a CPU KV cache's pages the accelerator way (a device buffer, then one copy to or from host memory), so that path's logic runs without a GPU.",
+        parse_bool,
+    )
     shutdown_drain: float = _setting(
         5.0, "VLLM_MEMBRAIN_SHUTDOWN_DRAIN", "Seconds shutdown spends uploading queued saves before dropping them.", float
     )

@@ -33,6 +33,9 @@ class RemoteTier:
     async def get_many(self, keys: Sequence[str]) -> list:
         return await self.client.get_many(list(keys))
 
+    async def get_many_into(self, keys: Sequence[str], buffers: Sequence[memoryview]) -> list[int]:
+        return await self.client.get_many_into(list(keys), list(buffers))
+
     async def exists(self, keys: Sequence[str]) -> list[bool]:
         return await self.client.exists(list(keys))
 

@@ -18,6 +18,7 @@ class StoreStats:
     fetched_bytes: int = 0
     hot_hits: int = 0
     prefetch_used: int = 0
+    fetch_shared: int = 0  # keys a load copied from another load receiving them at that moment (asked once)
     fetch_misses: int = 0  # keys the server does not hold: the caller gets None
     fetch_unavailable: int = 0  # keys not fetched, the server unreachable: the job fails with MembrainUnavailable
     fetch_errors: int = 0  # keys not fetched, the call failed otherwise (refusal, protocol): the job fails

@@ -47,6 +47,7 @@ from ..runtime.ring import CompletionRing
 from .prefix_query import PrefixQuery, hit_blocks
 from .hot import HotTier
 from .remote import RemoteTier, make_client
+from .shared_fetch import SharedFetches
 from .staging import PrefetchStaging
 from .stats import StoreStats
 from .upload import Uploader
@@ -63,6 +64,7 @@ class BlockStore:
         self.stats = StoreStats()
         self.hot = HotTier(config.local_cache_bytes) if config.local_cache_bytes > 0 else None
         self.staging = PrefetchStaging(config.prefetch_bytes)
+        self.shared = SharedFetches()
         self.write_behind = WriteBehind(config.write_behind_bytes, config.batch_bytes)
         self.remote = RemoteTier(client_factory or (lambda: make_client(config)))
         self.metrics = telemetry.RuntimeMetrics(self._observe, meter_provider)
@@ -191,6 +193,8 @@ class BlockStore:
         keys: Sequence[str],
         apply: Callable[[list], Any],
         *,
+        into: Sequence[memoryview] | None = None,
+        release: Callable[[], None] | None = None,
         tag: Any = None,
         ring: CompletionRing | None = None,
         deadline: float | None = None,
@@ -202,12 +206,24 @@ class BlockStore:
         deadline or cancellation that arrives meanwhile waits for it, so nothing writes into the
         destination after the job ends. Fails as fetch() does before `apply` runs. Result: what
         `apply` returns.
+
+        `into`: one buffer per key, where its value is received (the values `apply` sees are views of
+        them), so a load allocates nothing. A key another load is receiving right now is not asked of the
+        server again: it is copied from that load's buffer (`shared_fetch.py`). `release()` then runs on the
+        runtime thread once nothing can write into or read from the buffers any more (after `apply`, and
+        whatever happened). It is not called for a job cancelled before it started: such buffers were
+        never written, and the caller's pool simply does not get them back.
         """
         keys = list(keys)
+        buffers = list(into) if into is not None else None
 
         async def go() -> Any:
-            values = await self._fetch(keys)
-            return await anyio.to_thread.run_sync(apply, values)
+            try:
+                values = await self._fetch(keys, buffers)
+                return await anyio.to_thread.run_sync(apply, values)
+            finally:
+                if release is not None:
+                    release()
 
         return self.executor.submit(
             "load", go, tag=tag, ring=ring, deadline=deadline or self.config.load_deadline,
@@ -359,7 +375,8 @@ class BlockStore:
                 present[i] = bool(got)
         return hit_blocks(query, present)
 
-    async def _fetch(self, keys: list[str]) -> list[memoryview | None]:
+    async def _fetch(self, keys: list[str], buffers: list[memoryview] | None = None) -> list[memoryview | None]:
+        """Values for keys, nearest tier first; with `buffers`, every value is in its key's buffer."""
         out: list[memoryview | None] = [None] * len(keys)
         missing = list(range(len(keys)))
         if self.hot is not None:
@@ -370,9 +387,16 @@ class BlockStore:
             before = len(missing)
             missing = await self.staging.fill(keys, out, missing)
             self.stats.prefetch_used += before - len(missing)
+        if buffers is not None:
+            for i, value in enumerate(out):
+                if value is not None:
+                    out[i] = _copy_into(value, buffers[i])
         if missing:
             try:
-                values = await self.remote.get_many([keys[i] for i in missing])
+                if buffers is None:
+                    values = await self.remote.get_many([keys[i] for i in missing])
+                else:
+                    values = await self._receive_into([keys[i] for i in missing], [buffers[i] for i in missing])
             except MembrainUnavailable:
                 self.stats.fetch_unavailable += len(missing)
                 raise  # not a miss: the caller must not report these blocks as gone
@@ -388,6 +412,12 @@ class BlockStore:
         self.stats.fetched_bytes += got
         self.metrics.bytes.add(got, {"direction": "load"})
         return out
+
+    async def _receive_into(self, keys: list[str], buffers: list[memoryview]) -> list[memoryview | None]:
+        shared_before = self.shared.shared
+        sizes = await self.shared.get_into(keys, buffers, self.remote.get_many_into)
+        self.stats.fetch_shared += self.shared.shared - shared_before
+        return [buf[:size] if size >= 0 else None for buf, size in zip(buffers, sizes)]
 
     async def _prefetch(self, keys: list[str], tag: Any) -> int:
         try:
@@ -440,3 +470,11 @@ def _result_attributes(kind: str, value: Any) -> dict:
         return {"membrain.staged": value}
     return {}
 
+
+def _copy_into(value, buf: memoryview) -> memoryview | None:
+    """A value a local tier held, copied into the load's buffer (None: too big for it, served as a miss)."""
+    n = len(value)
+    if n > len(buf):
+        return None
+    buf[:n] = value
+    return buf[:n]

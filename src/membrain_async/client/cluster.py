@@ -243,6 +243,19 @@ class MembrainCluster:
         await self._across_replicas(keys, ask, lambda k: out[k] is None)
         return out
 
+    async def get_many_into(self, keys: Sequence[str], buffers: Sequence[memoryview], *,
+                            ns: str | None = None) -> list[int]:
+        """As get_many, each value received straight into its buffer: its size, or -1 (a miss everywhere)."""
+        out = [-1] * len(keys)
+
+        async def ask(i: int, idx: list[int]) -> None:
+            sizes = await self.nodes[i].get_many_into([keys[k] for k in idx], [buffers[k] for k in idx], ns=ns)
+            for k, size in zip(idx, sizes):
+                out[k] = size
+
+        await self._across_replicas(keys, ask, lambda k: out[k] < 0)
+        return out
+
     async def get(self, key: str, *, ns: str | None = None) -> memoryview | None:
         return (await self.get_many([key], ns=ns))[0]
 

@@ -1,8 +1,9 @@
 """Loading pages into a worker's KV cache: fetched, checked and copied off the forward path.
 
-Each request's load is one job of the block store: the runtime thread fetches its pages, then a worker thread checks
-them (header, checksum, key tag, shape) and copies them whole into the request's allocated blocks. Torch
-copies and the checksum release the GIL, so the forward pass runs on meanwhile. The job's outcome lands
+Each request's load is one job of the block store: the runtime thread receives its pages straight into the slots
+of a pooled host buffer (movers.py), then a worker thread checks them (header, checksum, key tag, shape) and
+copies them whole into the request's allocated blocks, one copy per layer. Torch copies and the checksum
+release the GIL, so the forward pass runs on meanwhile. The job's outcome lands
 in this worker's completion ring; the worker drains it once per step (`drain`), and vLLM learns which
 requests finished receiving and which blocks failed.
 
@@ -28,7 +29,8 @@ from .. import codec
 from ..client.errors import MembrainUnavailable
 from ..runtime import Completion, CompletionRing
 from .metadata import BlockTransfer
-from .pages import PageLayout, decode_block
+from .movers import PageMover
+from .pages import check_block
 
 log = logging.getLogger("membrain.connector")
 
@@ -56,10 +58,11 @@ class LoadOutcome:
 class _Ticket:
     """One load in flight: guards the hand-off between the copying thread and the report."""
 
-    __slots__ = ("load", "lock", "state", "future", "started", "ended", "stop_reason")
+    __slots__ = ("load", "hosts", "lock", "state", "future", "started", "ended", "stop_reason")
 
     def __init__(self, load: BlockTransfer):
         self.load = load
+        self.hosts: dict[int, object] = {}  # unit -> the host buffer its pages are received into
         self.lock = threading.Lock()
         self.state = _WAITING
         self.future = None
@@ -71,19 +74,11 @@ class _Ticket:
 class PageLoader:
     """Submits, copies, reports and cancels the loads of one worker."""
 
-    def __init__(
-        self,
-        store,
-        layouts: list[PageLayout],
-        key_of: Callable[[str, int], str],
-        deadline: float,
-        movers: list | None = None,
-    ):
+    def __init__(self, store, movers: list[PageMover], key_of: Callable[[str, int], str], deadline: float):
         self.store = store  # the cache layer: fetches, then runs the copy on a worker thread
-        self.layouts = layouts  # one per KV unit (vllm/units.py): BlockTransfer.units index them
+        self.movers = movers  # one per KV unit (vllm/units.py): BlockTransfer.units index them
         self.key_of = key_of  # (chain hash, unit) -> key
         self.deadline = deadline
-        self.movers = movers  # DevicePageMover per unit on accelerators: host-to-device on the load stream
         self.ring = CompletionRing()
         self.ended = threading.Event()  # set whenever a load ended (for an idle step's short wait)
         self._inflight: dict[str, _Ticket] = {}
@@ -98,10 +93,22 @@ class PageLoader:
         if previous is not None:  # not expected: vLLM loads a request once per admission
             log.warning("Membrain: request %s loads again while a load is in flight", load.req_id)
         self._inflight[load.req_id] = ticket
-        keys = [self.key_of(h, load.unit(i)) for i, h in enumerate(load.hashes)]
-        ticket.future = self.store.load(keys, lambda values: self._copy(ticket, values), tag=load.req_id,
-                                          deadline=self.deadline)
+        units = [load.unit(i) for i in range(len(load.hashes))]
+        for unit in set(units):
+            ticket.hosts[unit] = self.movers[unit].host_buffer(units.count(unit))
+        keys, slots, taken = [], [], dict.fromkeys(ticket.hosts, 0)
+        for block_hash, unit in zip(load.hashes, units):
+            keys.append(self.key_of(block_hash, unit))
+            slots.append(self.movers[unit].slot(ticket.hosts[unit], taken[unit]))
+            taken[unit] += 1
+        ticket.future = self.store.load(keys, lambda values: self._copy(ticket, values), into=slots,
+                                        release=lambda: self._release(ticket), tag=load.req_id, deadline=self.deadline)
         ticket.future.add_done_callback(lambda fut: self._ended_without_copy(ticket, fut))
+
+    def _release(self, ticket: _Ticket) -> None:
+        """The job is over (runtime thread): nothing writes into or reads from its host buffers any more."""
+        for unit, host in ticket.hosts.items():
+            self.movers[unit].release_host(host)
 
     def cancel(self, req_id: str) -> None:
         """The request finished or was aborted: stop its fetch (a copy already running completes)."""
@@ -180,7 +187,7 @@ class PageLoader:
         load = ticket.load
         outcome = LoadOutcome(load.req_id, list(load.block_ids))
         try:
-            self._check_and_copy(load, values, outcome)
+            self._check_and_copy(ticket, values, outcome)
         except Exception:  # a bug or a device error: nothing after `loaded` is trusted
             log.exception("Membrain: copying the pages of request %s failed", load.req_id)
             outcome.why = outcome.why or "error"
@@ -190,42 +197,33 @@ class PageLoader:
             self._finish(ticket, outcome)
         return outcome
 
-    def _check_and_copy(self, load: BlockTransfer, values: list, outcome: LoadOutcome) -> None:
-        good_ids, good_pages, good_units = [], [], []
+    def _check_and_copy(self, ticket: _Ticket, values: list, outcome: LoadOutcome) -> None:
+        load = ticket.load
+        good_ids: dict[int, list[int]] = {}  # unit -> its leading good blocks, in slot order
+        good = good_bytes = 0
         for i, (block_id, block_hash, value) in enumerate(zip(load.block_ids, load.hashes, values)):
             if value is None:
                 outcome.why = "missing"
                 outcome.missing_hash = block_hash
                 break
             unit = load.unit(i)
-            key = self.key_of(block_hash, unit)
             try:
-                pages = decode_block(self.layouts[unit], value, key)
+                check_block(self.movers[unit].layout, value, self.key_of(block_hash, unit))
             except codec.PayloadError as exc:
                 log.warning("Membrain: block %s of request %s failed its check (%s); recomputing", i, load.req_id, exc)
                 outcome.why = "corrupt"
                 outcome.corrupt_keys = self._corrupt_keys(load, values, i)
                 break
-            good_ids.append(block_id)
-            good_pages.append(pages)
-            good_units.append(unit)
-            outcome.loaded_bytes += len(value)
-        if len(good_ids) < len(load.block_ids) and not outcome.why:
+            good_ids.setdefault(unit, []).append(block_id)
+            good += 1
+            good_bytes += len(value)
+        if good < len(load.block_ids) and not outcome.why:
             outcome.why = "missing"  # fewer values than blocks
-            outcome.missing_hash = load.hashes[len(good_ids)]
-        for unit in sorted(set(good_units)):  # one batched copy per unit: its own layers
-            ids = [b for b, u in zip(good_ids, good_units) if u == unit]
-            pages = [p for p, u in zip(good_pages, good_units) if u == unit]
-            if self.movers is None:
-                self.layouts[unit].scatter_many(ids, pages)
-            else:
-                mover = self.movers[unit]
-                host = mover.stage(pages)
-                try:
-                    mover.finish_load(ids, host)
-                finally:
-                    mover.release_host(host)
-        outcome.loaded = len(good_ids)
+            outcome.missing_hash = load.hashes[good]
+        for unit, ids in good_ids.items():  # the good blocks lead each unit's slots: one copy per layer
+            self.movers[unit].load(ids, ticket.hosts[unit])
+        # Only now: a copy that raised leaves `loaded` at 0, and every block is reported failed.
+        outcome.loaded, outcome.loaded_bytes = good, good_bytes
 
     def _corrupt_keys(self, load: BlockTransfer, values: list, first_bad: int) -> list[str]:
         """Every corrupt block of this load (checked now, on the failure path only), so saves repair them."""
@@ -236,7 +234,7 @@ class PageLoader:
                 continue
             key = self.key_of(load.hashes[i], load.unit(i))
             try:
-                decode_block(self.layouts[load.unit(i)], value, key)
+                check_block(self.movers[load.unit(i)].layout, value, key)
             except codec.PayloadError:
                 bad.append(key)
         return bad

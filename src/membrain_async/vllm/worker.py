@@ -1,14 +1,15 @@
 """The connector's worker half (one per worker process and rank).
 
-Loads (`loads.PageLoader`): a request's pages are fetched by the runtime thread (started early by
-prefetch hints), then checked (header, checksum, shape) and copied whole into its blocks on a worker
-thread. In async mode (the default) the request waits in vLLM's WAITING_FOR_REMOTE_KVS meanwhile and is
+Loads (`loads.PageLoader`): a request's pages are received by the runtime thread (started early by
+prefetch hints) into a host buffer's slots, then checked (header, checksum, shape) and copied whole into
+its blocks on a worker thread. In async mode (the default) the request waits in vLLM's WAITING_FOR_REMOTE_KVS meanwhile and is
 reported in `get_finished`; the batch never waits. In sync mode the step waits before its forward. A
 page that is missing, late past the load deadline or corrupt is reported through
 `get_block_ids_with_load_errors` (in the same step as the request), and vLLM recomputes it.
 
-Saves: after the forward pass, newly full pages are copied into bounded staging buffers (so vLLM may
-reuse the blocks at once) and held there, staged under the step that computed them. They are handed to
+Saves: after the forward pass, newly full pages are gathered into a host buffer's slots, one copy per
+layer (so vLLM may reuse the blocks at once), within the save budget, and held there as a `StagedSave`
+under the step that computed them. They are handed to
 the runtime's write-behind queue only when a later step's metadata carries that step's verdict: the
 scheduler half has then seen every rank's invalid blocks for the step, and names the requests whose KV
 was computed over a block that was never filled. Their copies are discarded, never uploaded.
@@ -18,12 +19,11 @@ The forward pass never waits on the network.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any
 
-from .. import codec, keys
+from .. import keys
 from ..config import ConnectorConfig
 from ..cache import open_store
 from ..runtime import CompletionRing
@@ -31,14 +31,8 @@ from . import identity, kv_events
 from .units import KVUnit, unit_by_unit
 from .loads import PageLoader
 from .metadata import MembrainConnectorMetadata, MembrainWorkerMetadata, SaveVerdict
-from .pages import (
-    PageLayout,
-    StagingPool,
-    UnsupportedLayout,
-    encode_block_header,
-    gather_block,
-    write_header,
-)
+from .movers import PageMover, make_mover
+from .pages import PageLayout, SaveBudget, UnsupportedLayout, write_header
 
 if TYPE_CHECKING:
     import torch
@@ -53,18 +47,20 @@ IDLE_STEP_WAIT_S = 0.002
 
 
 @dataclass
-class _StagedBlock:
-    """One block's payload gathered into a staging buffer, waiting for its step's verdict."""
+class StagedSave:
+    """One request's blocks of one KV unit, gathered into the slots of a host buffer.
+
+    Staged under its step until the step's verdict, then uploaded slot by slot once `copied` says the
+    pages are in host memory (at once on CPU; after the device-to-host copy on an accelerator).
+    """
 
     req_id: str
-    key: str
-    payload: memoryview
-    release: Callable[[], None]
-    prepare: Callable[[], None]
-
-    @property
-    def size(self) -> int:
-        return self.payload.nbytes
+    unit: int
+    hashes: list[str]
+    host: "torch.Tensor"
+    copied: Any  # an event: query() is True once the pages are in `host`
+    nbytes: int  # held in the save budget until the last slot's upload ended
+    discard: bool = False  # its verdict refused it: give the buffer back, upload nothing
 
 
 class MembrainWorker:
@@ -85,12 +81,10 @@ class MembrainWorker:
             tp_rank, pp_rank = 0, 0
         self.rank = identity.rank_label(tp_rank, pp_rank)
         self.store = open_store(config)  # held until shutdown()
-        self.layout: PageLayout | None = None  # unit 0's (logs, and the single-unit case)
-        self.layouts: list[PageLayout] = []  # one per unit: its layers' pages
-        self.staging = StagingPool(config.write_behind_bytes)
-        self.movers: list | None = None  # DevicePageMover per unit on accelerators (batched, streams and events)
-        self._pending_saves: list = []  # device saves committed, waiting for their copy to finish
-        self._staged: dict[int, list] = {}  # step -> _StagedBlock | PendingSave awaiting the verdict
+        self.movers: list[PageMover] = []  # one per unit, over its layers' pages; empty: no usable layout
+        self.budget = SaveBudget(config.write_behind_bytes)
+        self._staged: dict[int, list[StagedSave]] = {}  # step -> saves awaiting that step's verdict
+        self._ready: list[StagedSave] = []  # verdict given: uploaded (or released) once their copy finished
         self.loader: PageLoader | None = None
         self.async_loads = config.load_mode == "async" or self.hybrid
         self._finished_recving: set[str] = set()
@@ -114,26 +108,22 @@ class MembrainWorker:
 
     def register_kv_caches(self, kv_caches: dict[str, "torch.Tensor"]) -> None:
         first = next(iter(kv_caches.values()), None)
-        device = first.device.type if first is not None else "cpu"
+        device = first.device if first is not None else None
         try:
-            self.layouts = [self._unit_layout(kv_caches, u, identity.kv_layout(device)) for u in self.units]
-        except UnsupportedLayout as exc:
+            layouts = [self._unit_layout(kv_caches, u, identity.kv_layout(device.type if device else "cpu"))
+                       for u in self.units]
+            # Chosen once: accelerators take the device path; CPU moves pages between the cache and the slots.
+            self.movers = [make_mover(layout, device, self.config.device_path_on_cpu) for layout in layouts]
+        except (UnsupportedLayout, ValueError) as exc:
             log.warning("Membrain disabled on this worker: %s", exc)
-            self.layout, self.layouts = None, []
+            self.movers = []
             return
-        self.layout = self.layouts[0]
-        # The platform decides: accelerators take the batched device path; CPU copies pages directly.
-        # MEMBRAIN_FORCE_DEVICE_MOVER=1 runs the device path on CPU (its logic is then tested without a GPU).
-        if device != "cpu" or os.environ.get("MEMBRAIN_FORCE_DEVICE_MOVER") == "1":
-            from .device_transfer import DevicePageMover
-
-            self.movers = [DevicePageMover(layout, first.device) for layout in self.layouts]
-        self.loader = PageLoader(self.store, self.layouts, self._key, self.config.load_deadline, self.movers)
+        self.loader = PageLoader(self.store, self.movers, self._key, self.config.load_deadline)
+        first_layout = layouts[0]
         log.info(
-            "Membrain worker rank %s: %d layers in %d KV unit(s), page %s %s, %d bytes per block, %s transfer",
-            self.rank, sum(len(lay.layer_names) for lay in self.layouts), len(self.layouts), self.layout.page_shape,
-            self.layout.dtype_name, sum(lay.payload_bytes for lay in self.layouts),
-            "batched device" if self.movers else "CPU page",
+            "Membrain worker rank %s: %d layers in %d KV unit(s), page %s %s, %d bytes per block, %s",
+            self.rank, sum(len(lay.layer_names) for lay in layouts), len(layouts), first_layout.page_shape,
+            first_layout.dtype_name, sum(lay.payload_bytes for lay in layouts), type(self.movers[0]).__name__,
         )
 
     def _unit_layout(self, kv_caches: dict[str, "torch.Tensor"], unit: KVUnit, layout: str) -> PageLayout:
@@ -149,7 +139,6 @@ class MembrainWorker:
         self._idle_step = meta.idle
         self._apply_verdicts(meta.verdicts)
         self._expire_staged(meta.step)
-        self._flush_ready_saves()
         for finished in meta.finished:
             self.store.cancel(finished)  # its prefetches and its load, if one is still in flight
             if self.loader is not None:
@@ -206,7 +195,6 @@ class MembrainWorker:
             if self._idle_step:
                 self.loader.idle_wait(IDLE_STEP_WAIT_S)
             self._collect_loads()
-        self._flush_ready_saves()
         done, self._finished_recving = self._finished_recving, set()
         return done or None
 
@@ -228,53 +216,40 @@ class MembrainWorker:
         self._count("load_error_blocks", len(block_ids))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        self._flush_ready_saves()
         errors, self._load_errors = self._load_errors, set()
         return errors
 
     # ------------------------------------------------------------------ saves
 
     def wait_for_save(self, meta: MembrainConnectorMetadata) -> None:
-        if self.layout is None or not meta.saves:
-            self._flush_ready_saves()
-            return
-        t0 = time.perf_counter()
+        """After the step's forward: gather the pages its plan saves, then upload what is ready.
+
+        The one hook vLLM calls at the end of every step (idle ones too), so saves whose verdict came at
+        this step's start (start_load_kv) and device copies that finished are handed on here."""
+        if self.movers and meta.saves:
+            t0 = time.perf_counter()
+            self._stage(meta)
+            self._count("save_copy_ms", 1e3 * (time.perf_counter() - t0))
+        self._upload_ready()
+
+    def _stage(self, meta: MembrainConnectorMetadata) -> None:
         # This rank's own failed loads: the scheduler would discard these anyway, so skip the copy.
         saves = [s for s in meta.saves if s.req_id not in self._failed_requests]
-        if len(saves) < len(meta.saves):
-            self._count("saves_skipped_after_load_error", sum(len(s.block_ids) for s in meta.saves) - sum(len(s.block_ids) for s in saves))
+        skipped = sum(len(s.block_ids) for s in meta.saves if s.req_id in self._failed_requests)
+        if skipped:
+            self._count("saves_skipped_after_load_error", skipped)
         staged = self._staged.setdefault(meta.step, [])
-        if self.movers is not None:
-            # The gather is ordered after this step's forward and before the next one (start_save); the
-            # copy to host finishes in the background.
-            for save in saves:
-                for unit in sorted({save.unit(i) for i in range(len(save.block_ids))}):
-                    idx = [i for i in range(len(save.block_ids)) if save.unit(i) == unit]
-                    nbytes = len(idx) * self.layouts[unit].payload_bytes
-                    if not self.staging.reserve(nbytes):
-                        self._count("dropped_saves", len(idx))
-                        continue
-                    pending = self.movers[unit].start_save([save.block_ids[i] for i in idx],
-                                                           [save.hashes[i] for i in idx], save.req_id)
-                    pending.nbytes, pending.unit = nbytes, unit
-                    staged.append(pending)
-            self._flush_ready_saves()
-            self._count("save_copy_ms", 1e3 * (time.perf_counter() - t0))
-            return
         for save in saves:
-            for i, (block_id, block_hash) in enumerate(zip(save.block_ids, save.hashes)):
-                layout = self.layouts[save.unit(i)]
-                buf = self.staging.acquire(codec.HEADER_SIZE + layout.payload_bytes)
-                if buf is None:  # staging and write-behind are full: a future miss, never a wait
-                    self._count("dropped_saves")
+            units = [save.unit(i) for i in range(len(save.block_ids))]
+            for unit in sorted(set(units)):
+                idx = [i for i, u in enumerate(units) if u == unit]
+                mover = self.movers[unit]
+                nbytes = len(idx) * mover.slot_bytes
+                if not self.budget.reserve(nbytes):  # a future miss, never a wait
+                    self._count("dropped_saves", len(idx))
                     continue
-                payload = gather_block(layout, block_id, buf)  # the checksum is computed by the uploader
-                key = self._key(block_hash, save.unit(i))
-                staged.append(_StagedBlock(
-                    save.req_id, key, payload, lambda b=buf: self.staging.release(b),
-                    lambda p=payload, lay=layout, k=key: write_header(lay, p, k),
-                ))
-        self._count("save_copy_ms", 1e3 * (time.perf_counter() - t0))
+                host, copied = mover.start_save([save.block_ids[i] for i in idx])
+                staged.append(StagedSave(save.req_id, unit, [save.hashes[i] for i in idx], host, copied, nbytes))
 
     def worker_meta(self, meta: MembrainConnectorMetadata | None) -> MembrainWorkerMetadata | None:
         """Which step this output belongs to, for the scheduler to settle that step's staged saves."""
@@ -286,71 +261,60 @@ class MembrainWorker:
     def _apply_verdicts(self, verdicts: list[SaveVerdict]) -> None:
         for verdict in verdicts:
             discard = set(verdict.discard)
-            for item in self._staged.pop(verdict.step, ()):
-                if item.req_id in discard:
-                    self._drop_staged(item, "save_copies_discarded")
+            for staged in self._staged.pop(verdict.step, ()):
+                if staged.req_id in discard:
+                    self._drop(staged, "save_copies_discarded")
                 else:
-                    self._commit(item)
+                    self._ready.append(staged)
 
     def _expire_staged(self, step: int) -> None:
         for stale in [s for s in self._staged if s < step - STAGED_STEPS_MAX]:
-            for item in self._staged.pop(stale):
-                self._drop_staged(item, "saves_unconfirmed")
+            for staged in self._staged.pop(stale):
+                self._drop(staged, "saves_unconfirmed")
 
-    def _commit(self, item) -> None:
-        if isinstance(item, _StagedBlock):
-            self._queue_save(item.key, [item.payload], item.req_id, item.release, item.size, prepare=item.prepare)
-        else:
-            self._pending_saves.append(item)  # uploaded by _flush_ready_saves once its copy finished
+    def _drop(self, staged: StagedSave, counter: str) -> None:
+        # A device copy may still be writing its host buffer: it is given back once the copy finished.
+        staged.discard = True
+        self._ready.append(staged)
+        self._count(counter, len(staged.hashes))
 
-    def _drop_staged(self, item, counter: str) -> None:
-        if isinstance(item, _StagedBlock):
-            item.release()
-            self._count(counter)
-            return
-        # A device copy may still be writing its host buffer: release it only once it finished.
-        item.discard = True
-        self._pending_saves.append(item)
-        self._count(counter, len(item.block_ids))
-
-    def _queue_save(self, key: str, parts: list, req_id: str, release, size: int, prepare=None) -> None:
-        if self.store.save(key, parts, tag=req_id, on_done=release, prepare=prepare, ring=self._upload_ring):
-            self._count("saved_blocks")
-            self._count("saved_bytes", size)
-        else:
-            release()
-            self._count("dropped_saves")
-
-    def _flush_ready_saves(self) -> None:
-        """Hand device saves whose copy finished to the uploader (polls events; never waits)."""
-        if not self._pending_saves:
-            return
-        assert self.movers is not None
+    def _upload_ready(self) -> None:
+        """Hand saves whose verdict came and whose copy finished to the uploader (polls; never waits)."""
         still = []
-        for pending in self._pending_saves:
-            if not pending.ready():
-                still.append(pending)
-                continue
-            unit = getattr(pending, "unit", 0)
-            mover, staging, layout = self.movers[unit], self.staging, self.layouts[unit]
-            if pending.discard:
-                mover.release_host(pending.host)
-                staging.unreserve(pending.nbytes)
-                continue
-            remaining = [len(pending.block_ids)]
+        for staged in self._ready:
+            if not staged.copied.query():
+                still.append(staged)
+            elif staged.discard:
+                self._release(staged)
+            else:
+                self._upload(staged)
+        self._ready = still
 
-            def release(p=pending, left=remaining) -> None:
-                left[0] -= 1
-                if left[0] == 0:
-                    mover.release_host(p.host)
-                    staging.unreserve(p.nbytes)
+    def _upload(self, staged: StagedSave) -> None:
+        mover = self.movers[staged.unit]
+        left = [len(staged.hashes)]
 
-            for i, block_hash in enumerate(pending.hashes):
-                body = memoryview(mover.payload_of(pending, i).numpy())
-                key = self._key(block_hash, unit)
-                header = encode_block_header(layout, body, key)
-                self._queue_save(key, [header, body], pending.req_id, release, codec.HEADER_SIZE + len(body))
-        self._pending_saves = still
+        def uploaded() -> None:  # runtime thread, once per slot
+            left[0] -= 1
+            if left[0] == 0:
+                self._release(staged)
+
+        for i, block_hash in enumerate(staged.hashes):
+            key = self._key(block_hash, staged.unit)
+            payload = mover.slot(staged.host, i)
+            # The checksum and header are written by the runtime thread, off the forward path.
+            prepare = lambda p=payload, lay=mover.layout, k=key: write_header(lay, p, k)  # noqa: E731
+            if self.store.save(key, [payload], tag=staged.req_id, on_done=uploaded, prepare=prepare,
+                               ring=self._upload_ring):
+                self._count("saved_blocks")
+                self._count("saved_bytes", len(payload))
+            else:
+                uploaded()
+                self._count("dropped_saves")
+
+    def _release(self, staged: StagedSave) -> None:
+        self.movers[staged.unit].release_host(staged.host)
+        self.budget.release(staged.nbytes)
 
     def take_stats(self) -> dict[str, float]:
         # Upload outcomes come back through this worker's completion ring (never waited for).
@@ -369,11 +333,11 @@ class MembrainWorker:
             self.loader.cancel_all()
         # Saves still waiting for a verdict are dropped: unconfirmed KV is never uploaded.
         for step in list(self._staged):
-            for item in self._staged.pop(step):
-                self._drop_staged(item, "saves_unconfirmed")
-        for pending in self._pending_saves:
-            pending.event.synchronize()  # shutting down: the last saves may wait for their copies
-        self._flush_ready_saves()
+            for staged in self._staged.pop(step):
+                self._drop(staged, "saves_unconfirmed")
+        for staged in self._ready:
+            staged.copied.synchronize()  # shutting down: the last saves may wait for their copies
+        self._upload_ready()
         store, self.store = self.store, None  # one hold, given back once
         if store is not None:
             store.close()

