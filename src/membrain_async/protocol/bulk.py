@@ -30,20 +30,22 @@ MAX_HEAD_BYTES = 4 << 20  # a head lists keys and sizes; 4 MiB is ~30k keys
 
 
 class Op(IntEnum):
-    AUTH = 1  # head {"token": str}; once per connection
-    PUT = 2  # head {"ns", "keys", "sizes"}; body = values
-    GET = 3  # head {"ns", "keys"}; reply head {"sizes": [len or -1]}, body = present values
-    LOOKUP = 4  # head {"ns", "keys"}; reply head {"count": leading keys present}
-    EXISTS = 5  # head {"ns", "keys"}; reply head {"present": [0|1]}
-    DELETE = 6  # head {"ns", "keys"}; reply head {"deleted": n}
+    """Each op's request and reply heads are the classes in heads.py (AuthRequest, AuthReply, ...)."""
+
+    AUTH = 1  # once per connection
+    PUT = 2  # body = the values
+    GET = 3  # reply body = the present values
+    LOOKUP = 4
+    EXISTS = 5
+    DELETE = 6
     PING = 7
 
 
 REPLY_BIT = 0x80
 
 
-class ProtocolError(Exception):
-    """The peer sent something that is not a valid frame. `status` is the HTTP-like code to answer with."""
+class ProtocolError(ValueError):
+    """The peer sent something that is not a valid frame or head. `status` is the HTTP-like code to answer with."""
 
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
@@ -55,7 +57,7 @@ class Frame:
     op: int
     status: int
     request_id: int
-    head: dict[str, Any]
+    head: dict[str, Any]  # the JSON object as decoded; heads.py turns it into the op's typed head
     body_len: int
 
     @property
@@ -64,7 +66,7 @@ class Frame:
 
 
 def encode_frame(op: int, request_id: int, head: dict[str, Any] | None = None, body_len: int = 0, status: int = 0) -> bytes:
-    """Header + head as one bytes object; the body follows as separate buffers (see `iter_body`)."""
+    """Header + head as one bytes object; the body follows as separate buffers. heads.py builds the heads."""
     head_bytes = orjson.dumps(head) if head else b""
     if len(head_bytes) > MAX_HEAD_BYTES:
         raise ProtocolError(f"frame head of {len(head_bytes)} bytes exceeds {MAX_HEAD_BYTES}", 413)
