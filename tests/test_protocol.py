@@ -59,14 +59,6 @@ def test_body_reader_fills_targets_in_place_and_skips():
     assert bytes(a) == b"abc" and bytes(b) == b"de"
 
 
-def test_keys_and_sizes_validation():
-    good = bulk.Frame(Op.PUT, 0, 1, {"ns": "a", "keys": ["k"], "sizes": [1]}, 1)
-    assert bulk.keys_and_sizes(good) == ("a", ["k"], [1])
-    for head in ({"keys": ["k"]}, {"ns": "a", "keys": "k"}, {"ns": "a", "keys": [1]}, {"ns": "a", "keys": [], "sizes": ["1"]}):
-        with pytest.raises(ProtocolError):
-            bulk.keys_and_sizes(bulk.Frame(Op.PUT, 0, 1, head, 0))
-
-
 REQUESTS = [
     heads.AuthRequest("secret-token"),
     heads.PingRequest(),

@@ -9,8 +9,10 @@ import anyio
 import httpx
 import orjson
 
-from ..protocol import api, bulk
-from ..protocol.bulk import Frame, Op
+from ..protocol import api, heads
+from ..protocol.bulk import Frame
+from ..protocol.heads import (DeleteReply, DeleteRequest, ExistsReply, ExistsRequest, GetReply, GetRequest, LookupReply,
+                              LookupRequest, PutReply, PutRequest)
 from .bulkconn import BulkConnection, BulkPool
 from .errors import MembrainRequestError
 from .store import Buffer, Limits, PutValue, copy_into, value_len, value_parts
@@ -52,10 +54,10 @@ class BulkTransport:
             await self._small_done.wait()
         self.paused_s += anyio.current_time() - t0
 
-    async def _small(self, op: int, head: dict) -> Frame:
+    async def _small(self, request: heads.Request) -> Frame:
         self._small_inflight += 1
         try:
-            return await self.control.run(lambda c: c.call(op, head))
+            return await self.control.run(lambda c: c.call(request))
         finally:
             self._small_inflight -= 1
             if not self._small_inflight:
@@ -63,28 +65,28 @@ class BulkTransport:
                 self._small_done = anyio.Event()
 
     async def lookup(self, ns: str, keys: list[str]) -> int:
-        return int((await self._small(Op.LOOKUP, {"ns": ns, "keys": keys})).head["count"])
+        return LookupReply.from_wire((await self._small(LookupRequest(ns, keys))).head).count
 
     async def exists(self, ns: str, keys: list[str]) -> list[bool]:
-        return [bool(p) for p in (await self._small(Op.EXISTS, {"ns": ns, "keys": keys})).head["present"]]
+        return [bool(p) for p in ExistsReply.from_wire((await self._small(ExistsRequest(ns, keys))).head).present]
 
     async def delete(self, ns: str, keys: list[str]) -> int:
-        return int((await self._small(Op.DELETE, {"ns": ns, "keys": keys})).head.get("deleted", 0))
+        return DeleteReply.from_wire((await self._small(DeleteRequest(ns, keys))).head).deleted
 
     async def put(self, ns: str, keys: list[str], values: Sequence[PutValue]) -> int:
         sizes = [value_len(v) for v in values]
         body: list[Buffer] = []
         for v in values:
             body.extend(value_parts(v))
-        head = {"ns": ns, "keys": keys, "sizes": sizes}
-        frame = await self.payloads.run(lambda c: c.call(Op.PUT, head, body))
-        return int(frame.head.get("stored", 0))
+        request = PutRequest(ns, keys, sizes)
+        frame = await self.payloads.run(lambda c: c.call(request, body))
+        return PutReply.from_wire(frame.head).stored
 
     async def get(self, ns: str, keys: list[str]) -> list[memoryview | None]:
         out: list[memoryview | None] = []
 
         def sink(frame: Frame) -> list:
-            sizes = bulk.reply_sizes(frame, len(keys))
+            sizes = GetReply.from_frame(frame, len(keys)).sizes
             view = memoryview(bytearray(frame.body_len))  # one allocation per call; values are views into it
             offset = 0
             for s in sizes:
@@ -95,7 +97,7 @@ class BulkTransport:
                     offset += s
             return [view]
 
-        await self.payloads.run(lambda c: c.call(Op.GET, {"ns": ns, "keys": keys}, sink=sink))
+        await self.payloads.run(lambda c: c.call(GetRequest(ns, keys), sink=sink))
         return out
 
     async def get_into(self, ns: str, keys: list[str], buffers: Sequence[memoryview]) -> list[int]:
@@ -103,7 +105,7 @@ class BulkTransport:
 
         def sink(frame: Frame) -> list:
             targets: list = []
-            for s, buf in zip(bulk.reply_sizes(frame, len(keys)), buffers):
+            for s, buf in zip(GetReply.from_frame(frame, len(keys)).sizes, buffers):
                 if s < 0:
                     out.append(-1)
                 elif s <= len(buf):
@@ -114,7 +116,7 @@ class BulkTransport:
                     out.append(-1)
             return targets
 
-        await self.payloads.run(lambda c: c.call(Op.GET, {"ns": ns, "keys": keys}, sink=sink))
+        await self.payloads.run(lambda c: c.call(GetRequest(ns, keys), sink=sink))
         return out
 
     def close(self) -> None:

@@ -73,18 +73,6 @@ def encode_frame(op: int, request_id: int, head: dict[str, Any] | None = None, b
     return HEADER.pack(MAGIC, VERSION, op, status, request_id & 0xFFFFFFFF, len(head_bytes), body_len) + head_bytes
 
 
-def encode_reply(request: Frame | int, head: dict[str, Any] | None = None, body_len: int = 0, status: int = 0) -> bytes:
-    op = request.op if isinstance(request, Frame) else request
-    rid = request.request_id if isinstance(request, Frame) else 0
-    return encode_frame(op | REPLY_BIT, rid, head, body_len, status)
-
-
-def encode_error(request: Frame | None, status: int, message: str) -> bytes:
-    op = request.op if request is not None else 0
-    rid = request.request_id if request is not None else 0
-    return encode_frame(op | REPLY_BIT, rid, {"error": message}, 0, status)
-
-
 def looks_like_bulk(first_bytes: bytes) -> bool:
     """Used by the server to tell a bulk connection from HTTP on the same port."""
     return first_bytes[: len(MAGIC)] == MAGIC[: len(first_bytes)] and len(first_bytes) > 0
@@ -204,31 +192,3 @@ class BodyReader:
             self._index += 1
             self._offset = 0
             self._skip_empty()
-
-
-def keys_and_sizes(frame: Frame) -> tuple[str, list[str], list[int]]:
-    """Validate the common {"ns", "keys", "sizes"?} head shape; raises ProtocolError with a clear message."""
-    head = frame.head
-    ns = head.get("ns")
-    keys = head.get("keys")
-    if not isinstance(ns, str):
-        raise ProtocolError("frame head needs a string 'ns'")
-    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-        raise ProtocolError("frame head needs 'keys', a list of strings")
-    sizes = head.get("sizes", [])
-    if not isinstance(sizes, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
-        raise ProtocolError("'sizes' must be a list of integers")
-    return ns, keys, sizes
-
-
-def reply_sizes(frame: Frame, n_keys: int) -> list[int]:
-    """The value sizes of a GET reply (-1 for a miss), checked against its key count and body length."""
-    sizes = frame.head.get("sizes")
-    if (
-        not isinstance(sizes, list)
-        or len(sizes) != n_keys
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= -1 for s in sizes)
-        or sum(max(s, 0) for s in sizes) != frame.body_len
-    ):
-        raise ProtocolError("GET reply sizes do not match its body")
-    return sizes
