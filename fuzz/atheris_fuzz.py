@@ -83,8 +83,8 @@ def _target(name: str):
         except ValueError:
             pass
         try:
-            api.decode_keys_body(data)
-        except ValueError:
+            heads.KeysBody.from_json(data)
+        except bulk.ProtocolError:
             pass
 
     def disk(data: bytes) -> None:

@@ -7,12 +7,11 @@ from typing import Sequence
 
 import anyio
 import httpx
-import orjson
 
 from ..protocol import api, heads
 from ..protocol.bulk import Frame
-from ..protocol.heads import (DeleteReply, DeleteRequest, ExistsReply, ExistsRequest, GetReply, GetRequest, LookupReply,
-                              LookupRequest, PutReply, PutRequest)
+from ..protocol.heads import (DeleteReply, DeleteRequest, ExistsReply, ExistsRequest, GetReply, GetRequest, KeysBody,
+                              LookupReply, LookupRequest, PutReply, PutRequest)
 from .bulkconn import BulkConnection, BulkPool
 from .errors import MembrainRequestError
 from .store import Buffer, Limits, PutValue, copy_into, value_len, value_parts
@@ -135,15 +134,15 @@ class HttpBatchTransport:
         self.limits = limits
 
     async def _post_json(self, path: str, keys: list[str]) -> httpx.Response:
-        r = await self.http.post(path, content=orjson.dumps({"keys": keys}))
+        r = await self.http.post(path, content=KeysBody(keys).to_json())
         raise_for_status(r)
         return r
 
     async def lookup(self, ns: str, keys: list[str]) -> int:
-        return int((await self._post_json(f"/v1/lookup/{ns}", keys)).json()["count"])
+        return LookupReply.from_wire((await self._post_json(f"/v1/lookup/{ns}", keys)).json()).count
 
     async def exists(self, ns: str, keys: list[str]) -> list[bool]:
-        return [bool(p) for p in (await self._post_json(f"/v1/exists/{ns}", keys)).json()["present"]]
+        return [bool(p) for p in ExistsReply.from_wire((await self._post_json(f"/v1/exists/{ns}", keys)).json()).present]
 
     async def get(self, ns: str, keys: list[str]) -> list[memoryview | None]:
         _, values = api.decode_batch((await self._post_json(f"/v1/batch/get/{ns}", keys)).content)
@@ -156,7 +155,7 @@ class HttpBatchTransport:
         body = api.encode_batch(keys, [b"".join(value_parts(v)) for v in values])
         r = await self.http.post(f"/v1/batch/put/{ns}", content=b"".join(body))
         raise_for_status(r)
-        return int(r.json()["stored"])
+        return PutReply.from_wire(r.json()).stored
 
     async def delete(self, ns: str, keys: list[str]) -> int:
         return await PerKeyTransport(self.http).delete(ns, keys)
@@ -254,8 +253,8 @@ def raise_for_status(r: httpx.Response) -> None:
     if r.status_code < 400:
         return
     try:
-        message = r.json().get("error", r.text)
-    except (ValueError, AttributeError):
+        message = heads.error_message(r.json(), r.text[:200])
+    except ValueError:  # not JSON (a proxy's page)
         message = r.text[:200]
     raise MembrainRequestError(r.status_code, message)
 

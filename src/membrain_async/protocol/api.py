@@ -180,17 +180,3 @@ def decode_batch(body: bytes | bytearray | memoryview) -> tuple[list[str], list[
     if offset != len(view):
         raise ValueError(f"batch body has {len(view) - offset} trailing bytes")
     return keys, values
-
-
-def decode_keys_body(body: bytes | bytearray) -> list[str]:
-    """{"keys": [...]} request bodies of lookup/exists/batch-get."""
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"body is not JSON: {exc}") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("keys"), list):
-        raise ValueError('body must be {"keys": [...]}')
-    keys = obj["keys"]
-    if not all(isinstance(k, str) for k in keys):
-        raise ValueError("keys must be strings")
-    return keys

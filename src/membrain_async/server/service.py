@@ -14,6 +14,7 @@ import anyio
 from .. import __version__
 from ..config import ServerConfig
 from ..protocol import bulk
+from ..protocol.heads import KeysListing
 from ..protocol.names import validate_key, validate_namespace
 from .auth import AuthError, Authorizer
 from .arena import Slot
@@ -199,7 +200,7 @@ class Service:
         disk = self.disk
         return [1 if self.store.contains(ns, k) or (disk is not None and disk.contains(ns, k)) else 0 for k in keys]
 
-    def list_keys(self, token: str | None, ns: str, limit: int) -> dict:
+    def list_keys(self, token: str | None, ns: str, limit: int) -> KeysListing:
         """Keys of one namespace, for operators and tests; needs read access to that namespace only."""
         ns = self._ns(ns)
         self._authorize(token, ns, "read")
@@ -212,7 +213,7 @@ class Service:
                         truncated = True
                         break
                     keys.append(k)
-        return {"keys": keys, "truncated": truncated}
+        return KeysListing(keys, truncated)
 
     def head(self, token: str | None, ns: str, key: str) -> int | None:
         ns = self._ns(ns)
