@@ -27,7 +27,7 @@ import anyio
 import httpx
 
 from .. import sockio
-from ..protocol import bulk
+from ..protocol import api, bulk
 from ..protocol.names import validate_namespace
 from .breaker import CircuitBreaker
 from .errors import MembrainRequestError, MembrainUnavailable
@@ -317,7 +317,7 @@ class MembrainClient(StoreClient):
         return self._transport
 
     async def _fetch_info(self) -> dict | None:
-        r = await self._http_client().get("/v1/info")
+        r = await self._http_client().get(api.INFO_PATH)
         if r.status_code == 404:
             return None
         raise_for_status(r)
@@ -336,14 +336,14 @@ class MembrainClient(StoreClient):
 
     async def health(self) -> bool:
         try:
-            r = await self._call(lambda: self._http_client().get("/healthz"), idempotent=False)
+            r = await self._call(lambda: self._http_client().get(api.HEALTHZ_PATH), idempotent=False)
             return r.status_code == 200
         except MembrainUnavailable:
             return False
 
     async def server_stats(self) -> dict:
         async def go():
-            r = await self._http_client().get("/v1/stats")
+            r = await self._http_client().get(api.STATS_PATH)
             raise_for_status(r)
             return r.json()
 

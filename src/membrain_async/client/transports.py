@@ -139,13 +139,13 @@ class HttpBatchTransport:
         return r
 
     async def lookup(self, ns: str, keys: list[str]) -> int:
-        return LookupReply.from_wire((await self._post_json(f"/v1/lookup/{ns}", keys)).json()).count
+        return LookupReply.from_wire((await self._post_json(api.lookup_path(ns), keys)).json()).count
 
     async def exists(self, ns: str, keys: list[str]) -> list[bool]:
-        return [bool(p) for p in ExistsReply.from_wire((await self._post_json(f"/v1/exists/{ns}", keys)).json()).present]
+        return [bool(p) for p in ExistsReply.from_wire((await self._post_json(api.exists_path(ns), keys)).json()).present]
 
     async def get(self, ns: str, keys: list[str]) -> list[memoryview | None]:
-        _, values = api.decode_batch((await self._post_json(f"/v1/batch/get/{ns}", keys)).content)
+        _, values = api.decode_batch((await self._post_json(api.batch_get_path(ns), keys)).content)
         return values
 
     async def get_into(self, ns: str, keys: list[str], buffers: Sequence[memoryview]) -> list[int]:
@@ -153,7 +153,7 @@ class HttpBatchTransport:
 
     async def put(self, ns: str, keys: list[str], values: Sequence[PutValue]) -> int:
         body = api.encode_batch(keys, [b"".join(value_parts(v)) for v in values])
-        r = await self.http.post(f"/v1/batch/put/{ns}", content=b"".join(body))
+        r = await self.http.post(api.batch_put_path(ns), content=b"".join(body))
         raise_for_status(r)
         return PutReply.from_wire(r.json()).stored
 

@@ -171,6 +171,7 @@ def self_check(config: ConnectorConfig) -> tuple[str, dict[str, dict]]:
     from ..tls import connector_context
 
     from ..client.backends import backend_of, probe
+    from ..protocol import api
     from ..urls import redact_all
 
     where = f"endpoint {redact_all(config.endpoint)}, namespace {config.namespace!r}"
@@ -183,12 +184,12 @@ def self_check(config: ConnectorConfig) -> tuple[str, dict[str, dict]]:
         if url.startswith("mooncake://"):
             return f"{where}; {_mooncake_status(url)}", infos
         try:
-            r = httpx.get(url.rstrip("/") + "/v1/info", timeout=1.0, verify=verify)
+            r = httpx.get(url.rstrip("/") + api.INFO_PATH, timeout=1.0, verify=verify)
             if r.status_code == 200:
                 infos[url] = info = r.json()
                 status = status or f"server {info.get('server', '?')} {info.get('version', '?')} reachable"
                 continue
-            r = httpx.get(url.rstrip("/") + "/healthz", timeout=1.0, verify=verify)
+            r = httpx.get(url.rstrip("/") + api.HEALTHZ_PATH, timeout=1.0, verify=verify)
             status = status or f"server answered {r.status_code}"
         except httpx.HTTPError as exc:
             status = status or (f"server unreachable now ({type(exc).__name__}): requests compute as plain vLLM "
