@@ -29,7 +29,7 @@ def _target(name: str):
     with atheris.instrument_imports():
         import h11
 
-        from membrain_async.protocol import api, bulk, heads
+        from membrain_async.protocol import api, bodies, bulk, heads
         from membrain_async.server import segments
 
     def frame(data: bytes) -> None:
@@ -83,7 +83,7 @@ def _target(name: str):
         except ValueError:
             pass
         try:
-            heads.KeysBody.from_json(data)
+            bodies.KeysBody.from_json(data)
         except bulk.ProtocolError:
             pass
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from membrain_async.protocol import api, bulk, heads
+from membrain_async.protocol import api, bodies, bulk, heads
 from membrain_async.protocol.bulk import BodyReader, FrameReader, Op, ProtocolError
 from membrain_async.protocol.names import validate_key, validate_namespace
 
@@ -87,8 +87,8 @@ def test_heads_keep_the_wire_bytes():
     assert heads.encode_error(None, 400, "no") == bulk.encode_frame(bulk.REPLY_BIT, 0, {"error": "no"}, 0, 400)
     assert heads.ExistsReply([1, 0]).to_json() == b'{"present":[1,0]}'
     assert heads.PutReply(2).to_json() == b'{"stored":2}'
-    assert heads.KeysListing(["a"], False).to_json() == b'{"keys":["a"],"truncated":false}'
-    assert heads.Health().to_json() == b'{"status":"ok"}'
+    assert bodies.KeysListing(["a"], False).to_json() == b'{"keys":["a"],"truncated":false}'
+    assert bodies.Health().to_json() == b'{"status":"ok"}'
 
 
 REPLIES = [
@@ -100,9 +100,9 @@ REPLIES = [
     heads.ExistsReply([1, 0]),
     heads.DeleteReply(0),
     heads.ErrorReply("no such key"),
-    heads.KeysBody(["a", "b"]),
-    heads.KeysListing(["a"], True),
-    heads.Health(),
+    bodies.KeysBody(["a", "b"]),
+    bodies.KeysListing(["a"], True),
+    bodies.Health(),
 ]
 
 
@@ -114,15 +114,15 @@ def test_replies_and_bodies_round_trip_through_json(reply):
 @pytest.mark.parametrize(
     "op, head, message",
     [
-        (Op.PUT, {"keys": ["k"], "sizes": [1]}, "PUT head needs a string 'ns'"),
+        (Op.PUT, {"keys": ["k"], "sizes": [1]}, "PUT head needs 'ns', a string"),
         (Op.PUT, {"ns": "a", "keys": "k", "sizes": [1]}, "PUT head needs 'keys', a list of strings"),
         (Op.PUT, {"ns": "a", "keys": ["k"], "sizes": ["1"]}, "PUT head needs 'sizes', a list of integers >= 0"),
         (Op.PUT, {"ns": "a", "keys": ["k"], "sizes": [-1]}, "PUT head needs 'sizes', a list of integers >= 0"),
         (Op.PUT, {"ns": "a", "keys": ["k"], "sizes": [True]}, "PUT head needs 'sizes', a list of integers >= 0"),
         (Op.PUT, {"ns": "a", "keys": ["k"], "sizes": []}, "PUT head has 1 keys but 0 sizes"),
         (Op.GET, {"ns": "a", "keys": [1]}, "GET head needs 'keys', a list of strings"),
-        (Op.LOOKUP, {"ns": 5, "keys": []}, "LOOKUP head needs a string 'ns'"),
-        (Op.AUTH, {}, "AUTH head needs a string 'token'"),
+        (Op.LOOKUP, {"ns": 5, "keys": []}, "LOOKUP head needs 'ns', a string"),
+        (Op.AUTH, {}, "AUTH head needs 'token', a string"),
         (99, {}, "unknown bulk op 99"),
     ],
 )
@@ -140,8 +140,8 @@ def test_bad_request_heads_are_refused_with_a_clear_error(op, head, message):
         (heads.PutReply, {"stored": "3"}, "put reply needs 'stored', an integer >= 0"),
         (heads.ExistsReply, {"present": [2]}, "exists reply needs 'present', a list of 0 and 1"),
         (heads.GetReply, {"sizes": [-2]}, "GET reply needs 'sizes', a list of integers >= -1"),
-        (heads.KeysBody, {"keys": None}, "keys body needs 'keys', a list of strings"),
-        (heads.KeysListing, {"keys": [], "truncated": 0}, "keys listing needs 'truncated', true or false"),
+        (bodies.KeysBody, {"keys": None}, "keys body needs 'keys', a list of strings"),
+        (bodies.KeysListing, {"keys": [], "truncated": 0}, "keys listing needs 'truncated', true or false"),
     ],
 )
 def test_bad_replies_are_refused_with_a_clear_error(cls, obj, message):
@@ -159,7 +159,7 @@ def test_get_reply_must_match_its_keys_and_body():
 
 def test_json_bodies_that_are_not_json_are_refused():
     with pytest.raises(ProtocolError, match="keys body is not JSON"):
-        heads.KeysBody.from_json(b"{nope")
+        bodies.KeysBody.from_json(b"{nope")
 
 
 def test_error_message_falls_back_where_a_reply_says_nothing():

@@ -10,8 +10,9 @@ import httpx
 
 from ..protocol import api, heads
 from ..protocol.bulk import Frame
-from ..protocol.heads import (DeleteReply, DeleteRequest, ExistsReply, ExistsRequest, GetReply, GetRequest, KeysBody,
-                              LookupReply, LookupRequest, PutReply, PutRequest)
+from ..protocol.bodies import KeysBody
+from ..protocol.heads import (DeleteReply, DeleteRequest, ExistsReply, ExistsRequest, GetReply, GetRequest, LookupReply,
+                              LookupRequest, PutReply, PutRequest)
 from .bulkconn import BulkConnection, BulkPool
 from .errors import MembrainRequestError
 from .store import Buffer, Limits, PutValue, copy_into, value_len, value_parts

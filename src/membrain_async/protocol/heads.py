@@ -1,101 +1,24 @@
-"""The JSON objects on the wire, typed: bulk frame heads, and the HTTP API's JSON bodies.
+"""Bulk frame heads, typed: a request class per op, and the replies (lookup, exists, put and errors are
+the HTTP API's reply bodies too, so both front ends use one class each). See wire.py for what every
+one of them shares; bodies.py holds the JSON bodies only HTTP has.
 
-Each is a frozen dataclass whose field names are the wire's names (nothing outside protocol/ spells
-them). `to_wire()` gives the dict orjson writes, fields in declaration order, so the bytes stay what
-they were; `from_wire(obj)` checks a decoded JSON object and raises ProtocolError saying what is wrong.
-
-A bulk request's class names its op (`decode_request` picks the class from a frame's op). The replies
-of lookup, exists and put mean the same over bulk frames and HTTP, so both front ends use one class each.
+A request's class names its op: `decode_request` picks the class from a frame's op.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, ClassVar
-
-import orjson
+from dataclasses import dataclass
+from typing import ClassVar
 
 from .bulk import REPLY_BIT, Frame, Op, ProtocolError, encode_frame
-
-
-class _Head:
-    __slots__ = ()
-    what: ClassVar[str]  # how an error message names this object
-
-    def to_wire(self) -> dict[str, Any]:
-        # Field values go out as they are (no deep copy like dataclasses.asdict): key lists can be long.
-        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
-
-    def to_json(self) -> bytes:
-        return orjson.dumps(self.to_wire())
-
-    @classmethod
-    def from_wire(cls, obj: object):
-        raise NotImplementedError
-
-    @classmethod
-    def from_json(cls, data: bytes | bytearray | memoryview):
-        """An HTTP body: JSON text, then `from_wire`."""
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise ProtocolError(f"{cls.what} is not JSON: {exc}") from None
-        return cls.from_wire(obj)
-
-
-# --- field checks: each raises ProtocolError naming the object and the field ----------------------------
-
-
-def _object(cls: type[_Head], obj: object) -> dict:
-    if not isinstance(obj, dict):
-        raise ProtocolError(f"{cls.what} must be a JSON object")
-    return obj
-
-
-def _str(cls: type[_Head], obj: dict, name: str) -> str:
-    value = obj.get(name)
-    if not isinstance(value, str):
-        raise ProtocolError(f"{cls.what} needs a string {name!r}")
-    return value
-
-
-def _int(cls: type[_Head], obj: dict, name: str) -> int:
-    value = obj.get(name)
-    if not _is_int(value) or value < 0:
-        raise ProtocolError(f"{cls.what} needs {name!r}, an integer >= 0")
-    return value
-
-
-def _bool(cls: type[_Head], obj: dict, name: str) -> bool:
-    value = obj.get(name)
-    if not isinstance(value, bool):
-        raise ProtocolError(f"{cls.what} needs {name!r}, true or false")
-    return value
-
-
-def _strs(cls: type[_Head], obj: dict, name: str) -> list[str]:
-    value = obj.get(name)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ProtocolError(f"{cls.what} needs {name!r}, a list of strings")
-    return value
-
-
-def _ints(cls: type[_Head], obj: dict, name: str, minimum: int) -> list[int]:
-    value = obj.get(name)
-    if not isinstance(value, list) or not all(_is_int(v) and v >= minimum for v in value):
-        raise ProtocolError(f"{cls.what} needs {name!r}, a list of integers >= {minimum}")
-    return value
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a size
+from .wire import WireObject, as_object, count, field, flag, integers, is_flags, string, strings
 
 
 # --- bulk requests --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class AuthRequest(_Head):
+class AuthRequest(WireObject):
     """Once per connection, before anything else, where the server checks tokens."""
 
     op: ClassVar[Op] = Op.AUTH
@@ -104,11 +27,11 @@ class AuthRequest(_Head):
 
     @classmethod
     def from_wire(cls, obj: object) -> AuthRequest:
-        return cls(_str(cls, _object(cls, obj), "token"))
+        return cls(string(cls, as_object(cls, obj), "token"))
 
 
 @dataclass(frozen=True, slots=True)
-class PingRequest(_Head):
+class PingRequest(WireObject):
     """No fields: the frame carries no head at all."""
 
     op: ClassVar[Op] = Op.PING
@@ -116,12 +39,12 @@ class PingRequest(_Head):
 
     @classmethod
     def from_wire(cls, obj: object) -> PingRequest:
-        _object(cls, obj)  # whatever it holds is ignored
+        as_object(cls, obj)  # whatever it holds is ignored
         return cls()
 
 
 @dataclass(frozen=True, slots=True)
-class PutRequest(_Head):
+class PutRequest(WireObject):
     """The body is the values back to back, `sizes[i]` bytes for `keys[i]`."""
 
     op: ClassVar[Op] = Op.PUT
@@ -132,15 +55,15 @@ class PutRequest(_Head):
 
     @classmethod
     def from_wire(cls, obj: object) -> PutRequest:
-        obj = _object(cls, obj)
-        request = cls(_str(cls, obj, "ns"), _strs(cls, obj, "keys"), _ints(cls, obj, "sizes", 0))
+        obj = as_object(cls, obj)
+        request = cls(string(cls, obj, "ns"), strings(cls, obj, "keys"), integers(cls, obj, "sizes", 0))
         if len(request.keys) != len(request.sizes):
             raise ProtocolError(f"{cls.what} has {len(request.keys)} keys but {len(request.sizes)} sizes")
         return request
 
 
 @dataclass(frozen=True, slots=True)
-class KeysRequest(_Head):
+class KeysRequest(WireObject):
     """The head of the ops that name keys and carry no body (GET, LOOKUP, EXISTS, DELETE)."""
 
     op: ClassVar[Op]
@@ -149,8 +72,8 @@ class KeysRequest(_Head):
 
     @classmethod
     def from_wire(cls, obj: object):
-        obj = _object(cls, obj)
-        return cls(_str(cls, obj, "ns"), _strs(cls, obj, "keys"))
+        obj = as_object(cls, obj)
+        return cls(string(cls, obj, "ns"), strings(cls, obj, "keys"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,27 +123,27 @@ def encode_request(request_id: int, request: Request, body_len: int = 0) -> byte
 
 
 @dataclass(frozen=True, slots=True)
-class AuthReply(_Head):
+class AuthReply(WireObject):
     what: ClassVar[str] = "AUTH reply"
     ok: bool = True
 
     @classmethod
     def from_wire(cls, obj: object) -> AuthReply:
-        return cls(_bool(cls, _object(cls, obj), "ok"))
+        return cls(flag(cls, as_object(cls, obj), "ok"))
 
 
 @dataclass(frozen=True, slots=True)
-class PingReply(_Head):
+class PingReply(WireObject):
     what: ClassVar[str] = "PING reply"
     pong: bool = True
 
     @classmethod
     def from_wire(cls, obj: object) -> PingReply:
-        return cls(_bool(cls, _object(cls, obj), "pong"))
+        return cls(flag(cls, as_object(cls, obj), "pong"))
 
 
 @dataclass(frozen=True, slots=True)
-class PutReply(_Head):
+class PutReply(WireObject):
     """Bulk PUT and HTTP batch put: how many of the values were stored (the first `stored`, in order)."""
 
     what: ClassVar[str] = "put reply"
@@ -228,11 +151,11 @@ class PutReply(_Head):
 
     @classmethod
     def from_wire(cls, obj: object) -> PutReply:
-        return cls(_int(cls, _object(cls, obj), "stored"))
+        return cls(count(cls, as_object(cls, obj), "stored"))
 
 
 @dataclass(frozen=True, slots=True)
-class GetReply(_Head):
+class GetReply(WireObject):
     """Bulk GET: each key's value size, -1 for a miss; the body is the present values back to back."""
 
     what: ClassVar[str] = "GET reply"
@@ -240,7 +163,7 @@ class GetReply(_Head):
 
     @classmethod
     def from_wire(cls, obj: object) -> GetReply:
-        return cls(_ints(cls, _object(cls, obj), "sizes", -1))
+        return cls(integers(cls, as_object(cls, obj), "sizes", -1))
 
     @classmethod
     def from_frame(cls, frame: Frame, n_keys: int) -> GetReply:
@@ -252,7 +175,7 @@ class GetReply(_Head):
 
 
 @dataclass(frozen=True, slots=True)
-class LookupReply(_Head):
+class LookupReply(WireObject):
     """How many of the keys, from the first on, are present."""
 
     what: ClassVar[str] = "lookup reply"
@@ -260,11 +183,11 @@ class LookupReply(_Head):
 
     @classmethod
     def from_wire(cls, obj: object) -> LookupReply:
-        return cls(_int(cls, _object(cls, obj), "count"))
+        return cls(count(cls, as_object(cls, obj), "count"))
 
 
 @dataclass(frozen=True, slots=True)
-class ExistsReply(_Head):
+class ExistsReply(WireObject):
     """Per key, 1 if present, else 0."""
 
     what: ClassVar[str] = "exists reply"
@@ -272,25 +195,21 @@ class ExistsReply(_Head):
 
     @classmethod
     def from_wire(cls, obj: object) -> ExistsReply:
-        obj = _object(cls, obj)
-        present = obj.get("present")
-        if not isinstance(present, list) or not all(p in (0, 1) for p in present):
-            raise ProtocolError(f"{cls.what} needs 'present', a list of 0 and 1")
-        return cls(present)
+        return cls(field(cls, as_object(cls, obj), "present", "a list of 0 and 1", is_flags))
 
 
 @dataclass(frozen=True, slots=True)
-class DeleteReply(_Head):
+class DeleteReply(WireObject):
     what: ClassVar[str] = "DELETE reply"
     deleted: int
 
     @classmethod
     def from_wire(cls, obj: object) -> DeleteReply:
-        return cls(_int(cls, _object(cls, obj), "deleted"))
+        return cls(count(cls, as_object(cls, obj), "deleted"))
 
 
 @dataclass(frozen=True, slots=True)
-class ErrorReply(_Head):
+class ErrorReply(WireObject):
     """A refused request: a bulk reply with a non-zero status, or an HTTP error body."""
 
     what: ClassVar[str] = "error reply"
@@ -298,7 +217,7 @@ class ErrorReply(_Head):
 
     @classmethod
     def from_wire(cls, obj: object) -> ErrorReply:
-        return cls(_str(cls, _object(cls, obj), "error"))
+        return cls(string(cls, as_object(cls, obj), "error"))
 
 
 def error_message(obj: object, fallback: str) -> str:
@@ -321,44 +240,3 @@ def encode_error(request: Frame | None, status: int, message: str) -> bytes:
     op = request.op if request is not None else 0
     rid = request.request_id if request is not None else 0
     return encode_frame(op | REPLY_BIT, rid, ErrorReply(message).to_wire(), 0, status)
-
-
-# --- HTTP-only bodies -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class KeysBody(_Head):
-    """The request body of /v1/lookup, /v1/exists and /v1/batch/get (the namespace is in the path)."""
-
-    what: ClassVar[str] = "keys body"
-    keys: list[str]
-
-    @classmethod
-    def from_wire(cls, obj: object) -> KeysBody:
-        return cls(_strs(cls, _object(cls, obj), "keys"))
-
-
-@dataclass(frozen=True, slots=True)
-class KeysListing(_Head):
-    """GET /v1/keys: keys most recently used first; `truncated` if the limit left some out."""
-
-    what: ClassVar[str] = "keys listing"
-    keys: list[str]
-    truncated: bool
-
-    @classmethod
-    def from_wire(cls, obj: object) -> KeysListing:
-        obj = _object(cls, obj)
-        return cls(_strs(cls, obj, "keys"), _bool(cls, obj, "truncated"))
-
-
-@dataclass(frozen=True, slots=True)
-class Health(_Head):
-    """GET /healthz."""
-
-    what: ClassVar[str] = "health reply"
-    status: str = "ok"
-
-    @classmethod
-    def from_wire(cls, obj: object) -> Health:
-        return cls(_str(cls, _object(cls, obj), "status"))

@@ -12,7 +12,8 @@ import orjson
 from .. import sockio
 from ..protocol import api
 from ..protocol.bulk import ProtocolError
-from ..protocol.heads import ErrorReply, ExistsReply, Health, KeysBody, LookupReply, PutReply
+from ..protocol.bodies import Health, KeysBody
+from ..protocol.heads import ErrorReply, ExistsReply, LookupReply, PutReply
 from .auth import bearer_token
 from .metrics import render_prometheus
 from .service import RequestError, Service

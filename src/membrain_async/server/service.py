@@ -14,7 +14,7 @@ import anyio
 from .. import __version__
 from ..config import ServerConfig
 from ..protocol import bulk
-from ..protocol.heads import KeysListing
+from ..protocol.bodies import KeysListing
 from ..protocol.names import validate_key, validate_namespace
 from .auth import AuthError, Authorizer
 from .arena import Slot
