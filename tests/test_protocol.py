@@ -103,6 +103,8 @@ REPLIES = [
     bodies.KeysBody(["a", "b"]),
     bodies.KeysListing(["a"], True),
     bodies.Health(),
+    bodies.ServerInfo("membrain", "0.1", ["bulk"], "overwrite", bodies.ServerLimits(1 << 30, 0, 8 << 20, 256, 512),
+                      bodies.BulkEndpoint(9201), auth=False),
 ]
 
 
@@ -147,6 +149,21 @@ def test_bad_request_heads_are_refused_with_a_clear_error(op, head, message):
 def test_bad_replies_are_refused_with_a_clear_error(cls, obj, message):
     with pytest.raises(ProtocolError, match=message):
         cls.from_wire(obj)
+
+
+def test_server_info_nests_its_parts_and_a_client_assumes_defaults_for_what_is_left_out():
+    limits = bodies.ServerLimits(100, 0, 8, 16, 4)
+    wire = bodies.ServerInfo("membrain", "1", ["bulk"], "overwrite", limits, bodies.BulkEndpoint(7), True).to_wire()
+    assert list(wire) == ["server", "version", "capabilities", "put_existing", "limits", "bulk", "auth"]
+    assert wire["limits"]["max_batch_keys"] == 16 and wire["limits"]["max_key_len"] == 512
+    assert wire["bulk"] == {"port": 7, "same_port": True, "magic": "MBRN", "version": 1}
+    bare = bodies.ServerInfo.from_wire({})
+    assert (bare.capabilities, bare.limits.max_batch_keys, bare.limits.max_value_bytes) == ([], 1024, 64 << 20)
+    assert bare.bulk.same_port and bare.bulk.port is None
+    with pytest.raises(ProtocolError, match="info 'limits' needs 'max_batch_keys', an integer >= 0"):
+        bodies.ServerInfo.from_wire({"limits": {"max_batch_keys": "many"}})
+    with pytest.raises(ProtocolError, match="info 'bulk' must be a JSON object"):
+        bodies.ServerInfo.from_wire({"bulk": []})
 
 
 def test_get_reply_must_match_its_keys_and_body():

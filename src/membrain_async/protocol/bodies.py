@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .wire import WireObject, as_object, flag, string, strings
+from .bulk import MAGIC, VERSION
+from .names import MAX_KEY_LEN, MAX_NAMESPACE_LEN
+from .wire import WireObject, as_object, count, field, flag, is_count, string, strings
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,3 +49,65 @@ class Health(WireObject):
     @classmethod
     def from_wire(cls, obj: object) -> Health:
         return cls(string(cls, as_object(cls, obj), "status"))
+
+
+# GET /v1/info. A client reads it on first contact to pick a transport and its batch sizes. Where a
+# server leaves a field out, the client assumes what these defaults say (a server from before the field).
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits(WireObject):
+    what: ClassVar[str] = "info 'limits'"
+    capacity: int
+    disk_capacity: int
+    max_value_bytes: int
+    max_batch_keys: int
+    max_connections: int
+    max_namespace_len: int = MAX_NAMESPACE_LEN
+    max_key_len: int = MAX_KEY_LEN
+
+    @classmethod
+    def from_wire(cls, obj: object) -> ServerLimits:
+        obj = as_object(cls, obj)
+        return cls(count(cls, obj, "capacity", 0), count(cls, obj, "disk_capacity", 0),
+                   count(cls, obj, "max_value_bytes", 64 << 20), count(cls, obj, "max_batch_keys", 1024),
+                   count(cls, obj, "max_connections", 0), count(cls, obj, "max_namespace_len", MAX_NAMESPACE_LEN),
+                   count(cls, obj, "max_key_len", MAX_KEY_LEN))
+
+
+@dataclass(frozen=True, slots=True)
+class BulkEndpoint(WireObject):
+    """Where the bulk protocol is spoken: on the HTTP port itself (same_port), or on `port`."""
+
+    what: ClassVar[str] = "info 'bulk'"
+    port: int | None
+    same_port: bool = True
+    magic: str = MAGIC.decode()
+    version: int = VERSION
+
+    @classmethod
+    def from_wire(cls, obj: object) -> BulkEndpoint:
+        obj = as_object(cls, obj)
+        port = field(cls, obj, "port", "an integer or null", lambda v: v is None or is_count(v), None)
+        return cls(port, flag(cls, obj, "same_port", True), string(cls, obj, "magic", MAGIC.decode()),
+                   count(cls, obj, "version", VERSION))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo(WireObject):
+    what: ClassVar[str] = "server info"
+    server: str
+    version: str
+    capabilities: list[str]  # "bulk", "batch", "lookup", ...: what the client may use
+    put_existing: str  # what a put of a present key does: "overwrite"
+    limits: ServerLimits
+    bulk: BulkEndpoint
+    auth: bool
+
+    @classmethod
+    def from_wire(cls, obj: object) -> ServerInfo:
+        obj = as_object(cls, obj)
+        return cls(string(cls, obj, "server", ""), string(cls, obj, "version", ""),
+                   strings(cls, obj, "capabilities", []), string(cls, obj, "put_existing", "overwrite"),
+                   ServerLimits.from_wire(obj.get("limits", {})), BulkEndpoint.from_wire(obj.get("bulk", {})),
+                   flag(cls, obj, "auth", False))

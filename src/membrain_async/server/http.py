@@ -132,7 +132,7 @@ class HttpConnection:
         if route.name == "healthz":
             await self._send_json(200, Health().to_wire())
         elif route.name == "info":
-            await self._send_json(200, svc.info())
+            await self._send_json(200, svc.info().to_wire())
         elif route.name == "stats":
             await self._send_json(200, svc.stats(token))
         elif route.name == "metrics":

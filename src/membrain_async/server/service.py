@@ -13,8 +13,7 @@ import anyio
 
 from .. import __version__
 from ..config import ServerConfig
-from ..protocol import bulk
-from ..protocol.bodies import KeysListing
+from ..protocol.bodies import BulkEndpoint, KeysListing, ServerInfo, ServerLimits
 from ..protocol.names import validate_key, validate_namespace
 from .auth import AuthError, Authorizer
 from .arena import Slot
@@ -271,23 +270,16 @@ class Service:
     def require_server_read(self, token: str | None) -> None:
         self._authorize(token, None, "read")
 
-    def info(self) -> dict:
+    def info(self) -> ServerInfo:
         cfg = self.config
-        return {
-            "server": "membrain",
-            "version": __version__,
-            "capabilities": ["memory", "batch", "lookup", "exists", "keys", "bulk", "stats", "metrics"]
+        return ServerInfo(
+            server="membrain",
+            version=__version__,
+            capabilities=["memory", "batch", "lookup", "exists", "keys", "bulk", "stats", "metrics"]
             + (["auth"] if self.auth.enabled else []) + (["disk"] if self.disk is not None else []),
-            "put_existing": "overwrite",
-            "limits": {
-                "capacity": cfg.capacity,
-                "disk_capacity": cfg.disk_capacity,
-                "max_value_bytes": cfg.max_value_bytes,
-                "max_batch_keys": cfg.max_batch_keys,
-                "max_connections": cfg.max_connections,
-                "max_namespace_len": 128,
-                "max_key_len": 512,
-            },
-            "bulk": {"port": self.bound_port, "same_port": True, "magic": bulk.MAGIC.decode(), "version": bulk.VERSION},
-            "auth": self.auth.enabled,
-        }
+            put_existing="overwrite",
+            limits=ServerLimits(cfg.capacity, cfg.disk_capacity, cfg.max_value_bytes, cfg.max_batch_keys,
+                                cfg.max_connections),
+            bulk=BulkEndpoint(self.bound_port, same_port=True),
+            auth=self.auth.enabled,
+        )
