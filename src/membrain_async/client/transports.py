@@ -65,13 +65,16 @@ class BulkTransport:
                 self._small_done = anyio.Event()
 
     async def lookup(self, ns: str, keys: list[str]) -> int:
-        return LookupReply.from_wire((await self._small(LookupRequest(ns, keys))).head).count
+        frame = await self._small(LookupRequest(ns, keys))
+        return LookupReply.from_wire(frame.head).count
 
     async def exists(self, ns: str, keys: list[str]) -> list[bool]:
-        return [bool(p) for p in ExistsReply.from_wire((await self._small(ExistsRequest(ns, keys))).head).present]
+        frame = await self._small(ExistsRequest(ns, keys))
+        return [bool(p) for p in ExistsReply.from_wire(frame.head).present]
 
     async def delete(self, ns: str, keys: list[str]) -> int:
-        return DeleteReply.from_wire((await self._small(DeleteRequest(ns, keys))).head).deleted
+        frame = await self._small(DeleteRequest(ns, keys))
+        return DeleteReply.from_wire(frame.head).deleted
 
     async def put(self, ns: str, keys: list[str], values: Sequence[PutValue]) -> int:
         sizes = [value_len(v) for v in values]
@@ -140,10 +143,12 @@ class HttpBatchTransport:
         return r
 
     async def lookup(self, ns: str, keys: list[str]) -> int:
-        return LookupReply.from_wire((await self._post_json(api.lookup_path(ns), keys)).json()).count
+        r = await self._post_json(api.lookup_path(ns), keys)
+        return LookupReply.from_wire(r.json()).count
 
     async def exists(self, ns: str, keys: list[str]) -> list[bool]:
-        return [bool(p) for p in ExistsReply.from_wire((await self._post_json(api.exists_path(ns), keys)).json()).present]
+        r = await self._post_json(api.exists_path(ns), keys)
+        return [bool(p) for p in ExistsReply.from_wire(r.json()).present]
 
     async def get(self, ns: str, keys: list[str]) -> list[memoryview | None]:
         _, values = api.decode_batch((await self._post_json(api.batch_get_path(ns), keys)).content)

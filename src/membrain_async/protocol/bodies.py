@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from .bulk import MAGIC, VERSION
 from .names import MAX_KEY_LEN, MAX_NAMESPACE_LEN
-from .wire import WireObject, as_object, count, field, flag, is_count, string, strings
+from .wire import WireObject, as_object, bool_field, checked, count_field, is_count, str_field, str_list_field
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +22,7 @@ class KeysBody(WireObject):
 
     @classmethod
     def from_wire(cls, obj: object) -> KeysBody:
-        return cls(strings(cls, as_object(cls, obj), "keys"))
+        return cls(str_list_field(cls, as_object(cls, obj), "keys"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +36,7 @@ class KeysListing(WireObject):
     @classmethod
     def from_wire(cls, obj: object) -> KeysListing:
         obj = as_object(cls, obj)
-        return cls(strings(cls, obj, "keys"), flag(cls, obj, "truncated"))
+        return cls(str_list_field(cls, obj, "keys"), bool_field(cls, obj, "truncated"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +48,7 @@ class Health(WireObject):
 
     @classmethod
     def from_wire(cls, obj: object) -> Health:
-        return cls(string(cls, as_object(cls, obj), "status"))
+        return cls(str_field(cls, as_object(cls, obj), "status"))
 
 
 # GET /v1/info. A client reads it on first contact to pick a transport and its batch sizes. Where a
@@ -69,10 +69,12 @@ class ServerLimits(WireObject):
     @classmethod
     def from_wire(cls, obj: object) -> ServerLimits:
         obj = as_object(cls, obj)
-        return cls(count(cls, obj, "capacity", 0), count(cls, obj, "disk_capacity", 0),
-                   count(cls, obj, "max_value_bytes", 64 << 20), count(cls, obj, "max_batch_keys", 1024),
-                   count(cls, obj, "max_connections", 0), count(cls, obj, "max_namespace_len", MAX_NAMESPACE_LEN),
-                   count(cls, obj, "max_key_len", MAX_KEY_LEN))
+        return cls(**{name: count_field(cls, obj, name, default) for name, default in _ASSUMED_LIMITS.items()})
+
+
+# What a client assumes of a limit the server does not state (0: unknown, the client does not use it).
+_ASSUMED_LIMITS = {"capacity": 0, "disk_capacity": 0, "max_value_bytes": 64 << 20, "max_batch_keys": 1024,
+                   "max_connections": 0, "max_namespace_len": MAX_NAMESPACE_LEN, "max_key_len": MAX_KEY_LEN}
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +90,9 @@ class BulkEndpoint(WireObject):
     @classmethod
     def from_wire(cls, obj: object) -> BulkEndpoint:
         obj = as_object(cls, obj)
-        port = field(cls, obj, "port", "an integer or null", lambda v: v is None or is_count(v), None)
-        return cls(port, flag(cls, obj, "same_port", True), string(cls, obj, "magic", MAGIC.decode()),
-                   count(cls, obj, "version", VERSION))
+        port = checked(cls, obj, "port", "an integer or null", lambda v: v is None or is_count(v), None)
+        return cls(port, bool_field(cls, obj, "same_port", True), str_field(cls, obj, "magic", MAGIC.decode()),
+                   count_field(cls, obj, "version", VERSION))
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +109,7 @@ class ServerInfo(WireObject):
     @classmethod
     def from_wire(cls, obj: object) -> ServerInfo:
         obj = as_object(cls, obj)
-        return cls(string(cls, obj, "server", ""), string(cls, obj, "version", ""),
-                   strings(cls, obj, "capabilities", []), string(cls, obj, "put_existing", "overwrite"),
+        return cls(str_field(cls, obj, "server", ""), str_field(cls, obj, "version", ""),
+                   str_list_field(cls, obj, "capabilities", []), str_field(cls, obj, "put_existing", "overwrite"),
                    ServerLimits.from_wire(obj.get("limits", {})), BulkEndpoint.from_wire(obj.get("bulk", {})),
-                   flag(cls, obj, "auth", False))
+                   bool_field(cls, obj, "auth", False))

@@ -8,10 +8,11 @@ A request's class names its op: `decode_request` picks the class from a frame's 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, get_args
 
 from .bulk import REPLY_BIT, Frame, Op, ProtocolError, encode_frame
-from .wire import WireObject, as_object, count, field, flag, integers, is_flags, string, strings
+from .wire import (WireObject, as_object, bool_field, checked, count_field, int_list_field, is_flags, str_field,
+                   str_list_field)
 
 
 # --- bulk requests --------------------------------------------------------------------------------------
@@ -27,7 +28,7 @@ class AuthRequest(WireObject):
 
     @classmethod
     def from_wire(cls, obj: object) -> AuthRequest:
-        return cls(string(cls, as_object(cls, obj), "token"))
+        return cls(str_field(cls, as_object(cls, obj), "token"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +57,7 @@ class PutRequest(WireObject):
     @classmethod
     def from_wire(cls, obj: object) -> PutRequest:
         obj = as_object(cls, obj)
-        request = cls(string(cls, obj, "ns"), strings(cls, obj, "keys"), integers(cls, obj, "sizes", 0))
+        request = cls(str_field(cls, obj, "ns"), str_list_field(cls, obj, "keys"), int_list_field(cls, obj, "sizes", 0))
         if len(request.keys) != len(request.sizes):
             raise ProtocolError(f"{cls.what} has {len(request.keys)} keys but {len(request.sizes)} sizes")
         return request
@@ -73,7 +74,7 @@ class KeysRequest(WireObject):
     @classmethod
     def from_wire(cls, obj: object):
         obj = as_object(cls, obj)
-        return cls(string(cls, obj, "ns"), strings(cls, obj, "keys"))
+        return cls(str_field(cls, obj, "ns"), str_list_field(cls, obj, "keys"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,9 +102,7 @@ class DeleteRequest(KeysRequest):
 
 
 Request = AuthRequest | PingRequest | PutRequest | GetRequest | LookupRequest | ExistsRequest | DeleteRequest
-_REQUESTS: dict[int, type] = {
-    cls.op: cls for cls in (AuthRequest, PingRequest, PutRequest, GetRequest, LookupRequest, ExistsRequest, DeleteRequest)
-}
+_REQUESTS: dict[int, type] = {cls.op: cls for cls in get_args(Request)}
 
 
 def decode_request(frame: Frame) -> Request:
@@ -129,7 +128,7 @@ class AuthReply(WireObject):
 
     @classmethod
     def from_wire(cls, obj: object) -> AuthReply:
-        return cls(flag(cls, as_object(cls, obj), "ok"))
+        return cls(bool_field(cls, as_object(cls, obj), "ok"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +138,7 @@ class PingReply(WireObject):
 
     @classmethod
     def from_wire(cls, obj: object) -> PingReply:
-        return cls(flag(cls, as_object(cls, obj), "pong"))
+        return cls(bool_field(cls, as_object(cls, obj), "pong"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +150,7 @@ class PutReply(WireObject):
 
     @classmethod
     def from_wire(cls, obj: object) -> PutReply:
-        return cls(count(cls, as_object(cls, obj), "stored"))
+        return cls(count_field(cls, as_object(cls, obj), "stored"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +162,7 @@ class GetReply(WireObject):
 
     @classmethod
     def from_wire(cls, obj: object) -> GetReply:
-        return cls(integers(cls, as_object(cls, obj), "sizes", -1))
+        return cls(int_list_field(cls, as_object(cls, obj), "sizes", -1))
 
     @classmethod
     def from_frame(cls, frame: Frame, n_keys: int) -> GetReply:
@@ -183,7 +182,7 @@ class LookupReply(WireObject):
 
     @classmethod
     def from_wire(cls, obj: object) -> LookupReply:
-        return cls(count(cls, as_object(cls, obj), "count"))
+        return cls(count_field(cls, as_object(cls, obj), "count"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +194,7 @@ class ExistsReply(WireObject):
 
     @classmethod
     def from_wire(cls, obj: object) -> ExistsReply:
-        return cls(field(cls, as_object(cls, obj), "present", "a list of 0 and 1", is_flags))
+        return cls(checked(cls, as_object(cls, obj), "present", "a list of 0 and 1", is_flags))
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +204,7 @@ class DeleteReply(WireObject):
 
     @classmethod
     def from_wire(cls, obj: object) -> DeleteReply:
-        return cls(count(cls, as_object(cls, obj), "deleted"))
+        return cls(count_field(cls, as_object(cls, obj), "deleted"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +216,7 @@ class ErrorReply(WireObject):
 
     @classmethod
     def from_wire(cls, obj: object) -> ErrorReply:
-        return cls(string(cls, as_object(cls, obj), "error"))
+        return cls(str_field(cls, as_object(cls, obj), "error"))
 
 
 def error_message(obj: object, fallback: str) -> str:

@@ -54,7 +54,7 @@ def as_object(cls: type[WireObject], obj: object) -> dict:
     return obj
 
 
-def field(cls: type[WireObject], obj: dict, name: str, expected: str, ok: Callable[[Any], bool],
+def checked(cls: type[WireObject], obj: dict, name: str, expected: str, ok: Callable[[Any], bool],
           default: Any = REQUIRED) -> Any:
     """obj[name], checked with `ok`; `default` where it is absent, unless the field is REQUIRED."""
     if name not in obj:
@@ -67,27 +67,27 @@ def field(cls: type[WireObject], obj: dict, name: str, expected: str, ok: Callab
     return value
 
 
-def string(cls: type[WireObject], obj: dict, name: str, default: Any = REQUIRED) -> str:
-    return field(cls, obj, name, "a string", lambda v: isinstance(v, str), default)
+def str_field(cls: type[WireObject], obj: dict, name: str, default: Any = REQUIRED) -> str:
+    return checked(cls, obj, name, "a string", lambda v: isinstance(v, str), default)
 
 
-def count(cls: type[WireObject], obj: dict, name: str, default: Any = REQUIRED) -> int:
-    return field(cls, obj, name, "an integer >= 0", is_count, default)
+def count_field(cls: type[WireObject], obj: dict, name: str, default: Any = REQUIRED) -> int:
+    return checked(cls, obj, name, "an integer >= 0", is_count, default)
 
 
-def flag(cls: type[WireObject], obj: dict, name: str, default: Any = REQUIRED) -> bool:
-    return field(cls, obj, name, "true or false", lambda v: isinstance(v, bool), default)
+def bool_field(cls: type[WireObject], obj: dict, name: str, default: Any = REQUIRED) -> bool:
+    return checked(cls, obj, name, "true or false", lambda v: isinstance(v, bool), default)
 
 
-def strings(cls: type[WireObject], obj: dict, name: str, default: Any = REQUIRED) -> list[str]:
-    return field(cls, obj, name, "a list of strings", is_strings, default)
+def str_list_field(cls: type[WireObject], obj: dict, name: str, default: Any = REQUIRED) -> list[str]:
+    return checked(cls, obj, name, "a list of strings", is_strings, default)
 
 
-def integers(cls: type[WireObject], obj: dict, name: str, minimum: int) -> list[int]:
+def int_list_field(cls: type[WireObject], obj: dict, name: str, minimum: int) -> list[int]:
     def ok(v: object) -> bool:
         return isinstance(v, list) and all(is_int(x) and x >= minimum for x in v)
 
-    return field(cls, obj, name, f"a list of integers >= {minimum}", ok)
+    return checked(cls, obj, name, f"a list of integers >= {minimum}", ok)
 
 
 def is_int(v: object) -> bool:
