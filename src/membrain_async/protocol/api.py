@@ -16,7 +16,7 @@ Routes
     GET    /v1/keys/{ns}?limit=N         {"keys": [...], "truncated": bool}: most recently used first
 
 Batch body: u32 little-endian head length | orjson {"keys": [...], "sizes": [...]} | values concatenated.
-The JSON bodies are the classes in heads.py; the paths are built here (below), never spelled by callers.
+The JSON bodies are classes in bodies.py and heads.py; the paths are built here (below), never spelled by callers.
 """
 
 from __future__ import annotations
