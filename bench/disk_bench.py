@@ -29,6 +29,7 @@ import httpx
 import orjson
 
 from membrain_async.client import MembrainClient
+from membrain_async.protocol import api
 from membrain_async.server.embed import start_subprocess_server
 
 VALUE = 1 << 20
@@ -103,7 +104,7 @@ def reopen(cfg: dict, disk_dir: str) -> dict:
     drop_cached_pages(disk_dir)
     srv = start_subprocess_server(cfg)
     try:
-        return httpx.get(srv.url + "/v1/stats").json()["tiers"]["disk"]
+        return httpx.get(srv.url + api.STATS_PATH).json()["tiers"]["disk"]
     finally:
         srv.stop()
 
@@ -134,7 +135,7 @@ def main() -> None:
             get_s, hits = anyio.run(_gets, srv.url, n // 2, payload)  # first half: one request at a time
             drop_cached_pages(disk_dir)
             get4_s, hits4 = anyio.run(_gets, srv.url, n - n // 2, payload, 4, n // 2)  # second half: 4 streams
-            tiers = httpx.get(srv.url + "/v1/stats").json()["tiers"]
+            tiers = httpx.get(srv.url + api.STATS_PATH).json()["tiers"]
         finally:
             srv.stop()
         on_disk = sum(os.path.getsize(os.path.join(disk_dir, f)) for f in os.listdir(disk_dir))

@@ -12,6 +12,7 @@ from membrain_async.client.bulkconn import BulkConnection, BulkPool, ConnectionL
 from membrain_async.client.store import Limits, split
 from membrain_async.protocol import bulk
 from membrain_async.protocol.bulk import FrameReader, Op
+from membrain_async.protocol.heads import GetReply, GetRequest, LookupRequest
 
 pytestmark = pytest.mark.anyio
 
@@ -57,7 +58,8 @@ class Peer:
                 return frame
 
     async def reply(self, request: bulk.Frame, head: dict, body: bytes = b"", status: int = 0) -> None:
-        await sockio.send_all(self.sock, [bulk.encode_reply(request, head, len(body), status), body])
+        reply = bulk.encode_frame(request.op | bulk.REPLY_BIT, request.request_id, head, len(body), status)
+        await sockio.send_all(self.sock, [reply, body])
 
 
 def pair() -> tuple[BulkConnection, Peer]:
@@ -70,7 +72,7 @@ async def test_replies_are_matched_to_requests_by_id_in_any_order():
     results: dict[int, dict] = {}
 
     async def ask(i: int) -> None:
-        results[i] = (await conn.call(Op.LOOKUP, {"ns": "d", "keys": [f"k{i}"]})).head
+        results[i] = (await conn.call(LookupRequest("d", [f"k{i}"]))).head
 
     async with anyio.create_task_group() as tg:
         for i in range(3):
@@ -92,10 +94,10 @@ async def test_reply_bodies_land_in_their_own_requests_buffers_out_of_order():
         buf = bytearray(16)
 
         def sink(frame):
-            (size,) = bulk.reply_sizes(frame, 1)
+            (size,) = GetReply.from_frame(frame, 1).sizes
             return [memoryview(buf)[:size]]
 
-        frame = await conn.call(Op.GET, {"ns": "d", "keys": [key]}, sink=sink)
+        frame = await conn.call(GetRequest("d", [key]), sink=sink)
         got[key] = bytes(buf[: frame.body_len])
 
     async with anyio.create_task_group() as tg:
@@ -115,7 +117,7 @@ async def test_a_refusal_fails_its_request_only():
 
     async def ask(i: int) -> None:
         try:
-            outcomes[i] = (await conn.call(Op.LOOKUP, {"ns": "d", "keys": [str(i)]})).head["count"]
+            outcomes[i] = (await conn.call(LookupRequest("d", [str(i)]))).head["count"]
         except MembrainRequestError as exc:
             outcomes[i] = exc.status
 
@@ -137,7 +139,7 @@ async def test_a_connection_dying_fails_exactly_the_requests_in_flight_on_it():
 
     async def ask(name: str, c: BulkConnection) -> None:
         try:
-            outcomes[name] = (await c.call(Op.LOOKUP, {"ns": "d", "keys": [name]})).head["count"]
+            outcomes[name] = (await c.call(LookupRequest("d", [name]))).head["count"]
         except ConnectionLost:
             outcomes[name] = "lost"
 
@@ -154,7 +156,7 @@ async def test_a_connection_dying_fails_exactly_the_requests_in_flight_on_it():
     assert outcomes == {"a": "lost", "b": 2, "c": "lost", "elsewhere": 7}
     assert conn.broken is not None and conn.inflight == 0
     with pytest.raises(ConnectionLost):
-        await conn.call(Op.LOOKUP, {"ns": "d", "keys": ["later"]})  # never reused
+        await conn.call(LookupRequest("d", ["later"]))  # never reused
     assert other.broken is None
     other.close()
 
@@ -164,11 +166,11 @@ async def test_a_request_that_gives_up_leaves_the_others_working_and_retires_the
     result = {}
 
     async def patient() -> None:
-        result["patient"] = (await conn.call(Op.LOOKUP, {"ns": "d", "keys": ["p"]})).head["count"]
+        result["patient"] = (await conn.call(LookupRequest("d", ["p"]))).head["count"]
 
     async def impatient() -> None:
         with anyio.move_on_after(0.05):
-            await conn.call(Op.LOOKUP, {"ns": "d", "keys": ["i"]})
+            await conn.call(LookupRequest("d", ["i"]))
             result["impatient"] = "answered"
 
     async with anyio.create_task_group() as tg:
@@ -189,7 +191,7 @@ async def test_a_reply_that_does_not_add_up_breaks_the_connection():
     conn, peer = pair()
 
     async def fetch():
-        return await conn.call(Op.GET, {"ns": "d", "keys": ["a"]}, sink=lambda f: [memoryview(bytearray(bulk.reply_sizes(f, 1)[0]))])
+        return await conn.call(GetRequest("d", ["a"]), sink=lambda f: [memoryview(bytearray(GetReply.from_frame(f, 1).sizes[0]))])
 
     async with anyio.create_task_group() as tg:
         async def run():
@@ -229,13 +231,13 @@ async def test_a_request_is_in_flight_until_its_reply_body_is_read():
     buf = bytearray(1 << 16)
 
     async def fetch() -> None:
-        await conn.call(Op.GET, {"ns": "d", "keys": ["k"]}, sink=lambda frame: [memoryview(buf)])
+        await conn.call(GetRequest("d", ["k"]), sink=lambda frame: [memoryview(buf)])
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(fetch)
         request = await peer.read_request()
         body = bytes(range(256)) * 256
-        await sockio.send_all(peer.sock, [bulk.encode_reply(request, {"sizes": [len(body)]}, len(body)), body[:1000]])
+        await sockio.send_all(peer.sock, [bulk.encode_frame(request.op | bulk.REPLY_BIT, request.request_id, {"sizes": [len(body)]}, len(body)), body[:1000]])
         await anyio.sleep(0.05)  # the reader has taken the head and the first bytes
         assert conn.inflight == 1
         await sockio.send_all(peer.sock, [body[1000:]])

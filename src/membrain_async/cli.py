@@ -78,12 +78,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     import httpx
 
+    from .protocol import api
+
     headers = {"authorization": f"Bearer {args.token}"} if args.token else {}
     try:
         from .tls import client_context
 
         verify = client_context(args.ca_file) if args.endpoint.startswith("https://") else True
-        r = httpx.get(args.endpoint.rstrip("/") + "/v1/stats", headers=headers, timeout=5, verify=verify)
+        r = httpx.get(args.endpoint.rstrip("/") + api.STATS_PATH, headers=headers, timeout=5, verify=verify)
     except httpx.HTTPError as exc:
         print(f"membrain stats: cannot reach {args.endpoint}: {exc}", file=sys.stderr)
         return 1

@@ -18,8 +18,8 @@ from typing import Awaitable, Callable
 import anyio
 
 from .. import sockio
-from ..protocol import bulk
-from ..protocol.bulk import BodyReader, Frame, FrameReader, Op
+from ..protocol import bulk, heads
+from ..protocol.bulk import BodyReader, Frame, FrameReader
 from .errors import MembrainRequestError
 
 # A request's body sink: given its reply's frame, the buffers the body is received into, in order
@@ -88,7 +88,7 @@ class BulkConnection:
             if self._next_id not in self._pending:
                 return self._next_id
 
-    async def call(self, op: int, head: dict, body: list | tuple = (), sink: Sink | None = None) -> Frame:
+    async def call(self, request: heads.Request, body: list | tuple = (), sink: Sink | None = None) -> Frame:
         """Send one request and wait for its reply. The reply body goes where `sink(frame)` says.
 
         MembrainRequestError if the server refused it (the connection stays usable); ConnectionLost (or
@@ -100,7 +100,7 @@ class BulkConnection:
         pending = _Pending(sink)
         self._pending[rid] = pending
         try:
-            header = bulk.encode_frame(op, rid, head, sum(len(b) for b in body))
+            header = heads.encode_request(rid, request, sum(len(b) for b in body))
             async with self._send_lock:
                 if self.broken is not None:
                     raise ConnectionLost(f"bulk connection is closed: {self.broken!r}") from self.broken
@@ -123,7 +123,7 @@ class BulkConnection:
         frame = pending.frame
         assert frame is not None
         if frame.status:
-            raise MembrainRequestError(frame.status, str(frame.head.get("error", "bulk request refused")))
+            raise MembrainRequestError(frame.status, heads.error_message(frame.head, "bulk request refused"))
         return frame
 
     async def _wait(self, pending: _Pending) -> None:
@@ -163,7 +163,7 @@ class BulkConnection:
                 break
         if frame.request_id == 0 and frame.status:
             # The server lost this connection's framing (or refused it as a whole) and is closing it.
-            self._break(MembrainRequestError(frame.status, str(frame.head.get("error", "bulk connection refused"))))
+            self._break(MembrainRequestError(frame.status, heads.error_message(frame.head, "bulk connection refused")))
             return
         # The request stays in flight until its body is read too: a connection reading a body is not idle,
         # so the pool neither places another payload on it nor peeks at (and closes) it meanwhile.
@@ -249,7 +249,7 @@ class BulkPool:
         self.opened += 1
         if self.token:
             try:
-                await conn.call(Op.AUTH, {"token": self.token})
+                await conn.call(heads.AuthRequest(self.token))
             except BaseException:
                 conn.close()
                 raise

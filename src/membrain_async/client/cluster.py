@@ -26,6 +26,7 @@ from typing import Sequence
 
 import anyio
 
+from ..protocol import api
 from .breaker import CircuitBreaker
 from .errors import MembrainUnavailable
 from .node import ClientStats, MembrainClient, PutValue
@@ -123,7 +124,7 @@ class MembrainCluster:
         async def probe(i: int) -> None:
             node = self.nodes[i]
             try:
-                r = await node._http_client().get("/healthz", timeout=node.timeout)
+                r = await node._http_client().get(api.HEALTHZ_PATH, timeout=node.timeout)
                 ok = r.status_code == 200
             except Exception:
                 ok = False

@@ -27,7 +27,8 @@ import anyio
 import httpx
 
 from .. import sockio
-from ..protocol import bulk
+from ..protocol import api, bulk
+from ..protocol.bodies import ServerInfo
 from ..protocol.names import validate_namespace
 from .breaker import CircuitBreaker
 from .errors import MembrainRequestError, MembrainUnavailable
@@ -297,27 +298,26 @@ class MembrainClient(StoreClient):
 
     async def _get_transport(self) -> Transport:
         if self._transport is None:
-            info = await self._fetch_info()
-            if info is None:
+            raw = await self._fetch_info()
+            if raw is None:
                 self._transport = PerKeyTransport(self._http_client())
                 return self._transport
-            limits = info.get("limits") or {}
-            max_keys = int(limits.get("max_batch_keys", 1024))
-            if self._use_bulk and "bulk" in info.get("capabilities", []):
-                bulk_info = info.get("bulk") or {}
+            info = ServerInfo.from_wire(raw)
+            max_keys = info.limits.max_batch_keys
+            if self._use_bulk and "bulk" in info.capabilities:
                 # Same port: dial the port we reached the server on, which survives proxies and NAT;
                 # the server only knows the port it bound.
-                port = self.port if bulk_info.get("same_port", True) else bulk_info.get("port") or self.port
+                port = self.port if info.bulk.same_port else info.bulk.port or self.port
                 self._transport = BulkTransport(self.host, port, self.token, self._bulk_connections, self.tls,
                                                 Limits(max_keys))
             else:
                 # A batch put's whole body is bounded by max_value_bytes; leave room for its head.
-                max_bytes = int(limits.get("max_value_bytes", 64 << 20))
+                max_bytes = info.limits.max_value_bytes
                 self._transport = HttpBatchTransport(self._http_client(), Limits(max_keys, max(1, max_bytes - (64 << 10))))
         return self._transport
 
     async def _fetch_info(self) -> dict | None:
-        r = await self._http_client().get("/v1/info")
+        r = await self._http_client().get(api.INFO_PATH)
         if r.status_code == 404:
             return None
         raise_for_status(r)
@@ -336,14 +336,14 @@ class MembrainClient(StoreClient):
 
     async def health(self) -> bool:
         try:
-            r = await self._call(lambda: self._http_client().get("/healthz"), idempotent=False)
+            r = await self._call(lambda: self._http_client().get(api.HEALTHZ_PATH), idempotent=False)
             return r.status_code == 200
         except MembrainUnavailable:
             return False
 
     async def server_stats(self) -> dict:
         async def go():
-            r = await self._http_client().get("/v1/stats")
+            r = await self._http_client().get(api.STATS_PATH)
             raise_for_status(r)
             return r.json()
 

@@ -7,10 +7,12 @@ from typing import Sequence
 
 import anyio
 import httpx
-import orjson
 
-from ..protocol import api, bulk
-from ..protocol.bulk import Frame, Op
+from ..protocol import api, heads
+from ..protocol.bulk import Frame
+from ..protocol.bodies import KeysBody
+from ..protocol.heads import (DeleteReply, DeleteRequest, ExistsReply, ExistsRequest, GetReply, GetRequest, LookupReply,
+                              LookupRequest, PutReply, PutRequest)
 from .bulkconn import BulkConnection, BulkPool
 from .errors import MembrainRequestError
 from .store import Buffer, Limits, PutValue, copy_into, value_len, value_parts
@@ -52,10 +54,10 @@ class BulkTransport:
             await self._small_done.wait()
         self.paused_s += anyio.current_time() - t0
 
-    async def _small(self, op: int, head: dict) -> Frame:
+    async def _small(self, request: heads.Request) -> Frame:
         self._small_inflight += 1
         try:
-            return await self.control.run(lambda c: c.call(op, head))
+            return await self.control.run(lambda c: c.call(request))
         finally:
             self._small_inflight -= 1
             if not self._small_inflight:
@@ -63,28 +65,31 @@ class BulkTransport:
                 self._small_done = anyio.Event()
 
     async def lookup(self, ns: str, keys: list[str]) -> int:
-        return int((await self._small(Op.LOOKUP, {"ns": ns, "keys": keys})).head["count"])
+        frame = await self._small(LookupRequest(ns, keys))
+        return LookupReply.from_wire(frame.head).count
 
     async def exists(self, ns: str, keys: list[str]) -> list[bool]:
-        return [bool(p) for p in (await self._small(Op.EXISTS, {"ns": ns, "keys": keys})).head["present"]]
+        frame = await self._small(ExistsRequest(ns, keys))
+        return [bool(p) for p in ExistsReply.from_wire(frame.head).present]
 
     async def delete(self, ns: str, keys: list[str]) -> int:
-        return int((await self._small(Op.DELETE, {"ns": ns, "keys": keys})).head.get("deleted", 0))
+        frame = await self._small(DeleteRequest(ns, keys))
+        return DeleteReply.from_wire(frame.head).deleted
 
     async def put(self, ns: str, keys: list[str], values: Sequence[PutValue]) -> int:
         sizes = [value_len(v) for v in values]
         body: list[Buffer] = []
         for v in values:
             body.extend(value_parts(v))
-        head = {"ns": ns, "keys": keys, "sizes": sizes}
-        frame = await self.payloads.run(lambda c: c.call(Op.PUT, head, body))
-        return int(frame.head.get("stored", 0))
+        request = PutRequest(ns, keys, sizes)
+        frame = await self.payloads.run(lambda c: c.call(request, body))
+        return PutReply.from_wire(frame.head).stored
 
     async def get(self, ns: str, keys: list[str]) -> list[memoryview | None]:
         out: list[memoryview | None] = []
 
         def sink(frame: Frame) -> list:
-            sizes = bulk.reply_sizes(frame, len(keys))
+            sizes = GetReply.from_frame(frame, len(keys)).sizes
             view = memoryview(bytearray(frame.body_len))  # one allocation per call; values are views into it
             offset = 0
             for s in sizes:
@@ -95,7 +100,7 @@ class BulkTransport:
                     offset += s
             return [view]
 
-        await self.payloads.run(lambda c: c.call(Op.GET, {"ns": ns, "keys": keys}, sink=sink))
+        await self.payloads.run(lambda c: c.call(GetRequest(ns, keys), sink=sink))
         return out
 
     async def get_into(self, ns: str, keys: list[str], buffers: Sequence[memoryview]) -> list[int]:
@@ -103,7 +108,7 @@ class BulkTransport:
 
         def sink(frame: Frame) -> list:
             targets: list = []
-            for s, buf in zip(bulk.reply_sizes(frame, len(keys)), buffers):
+            for s, buf in zip(GetReply.from_frame(frame, len(keys)).sizes, buffers):
                 if s < 0:
                     out.append(-1)
                 elif s <= len(buf):
@@ -114,7 +119,7 @@ class BulkTransport:
                     out.append(-1)
             return targets
 
-        await self.payloads.run(lambda c: c.call(Op.GET, {"ns": ns, "keys": keys}, sink=sink))
+        await self.payloads.run(lambda c: c.call(GetRequest(ns, keys), sink=sink))
         return out
 
     def close(self) -> None:
@@ -133,18 +138,20 @@ class HttpBatchTransport:
         self.limits = limits
 
     async def _post_json(self, path: str, keys: list[str]) -> httpx.Response:
-        r = await self.http.post(path, content=orjson.dumps({"keys": keys}))
+        r = await self.http.post(path, content=KeysBody(keys).to_json())
         raise_for_status(r)
         return r
 
     async def lookup(self, ns: str, keys: list[str]) -> int:
-        return int((await self._post_json(f"/v1/lookup/{ns}", keys)).json()["count"])
+        r = await self._post_json(api.lookup_path(ns), keys)
+        return LookupReply.from_wire(r.json()).count
 
     async def exists(self, ns: str, keys: list[str]) -> list[bool]:
-        return [bool(p) for p in (await self._post_json(f"/v1/exists/{ns}", keys)).json()["present"]]
+        r = await self._post_json(api.exists_path(ns), keys)
+        return [bool(p) for p in ExistsReply.from_wire(r.json()).present]
 
     async def get(self, ns: str, keys: list[str]) -> list[memoryview | None]:
-        _, values = api.decode_batch((await self._post_json(f"/v1/batch/get/{ns}", keys)).content)
+        _, values = api.decode_batch((await self._post_json(api.batch_get_path(ns), keys)).content)
         return values
 
     async def get_into(self, ns: str, keys: list[str], buffers: Sequence[memoryview]) -> list[int]:
@@ -152,9 +159,9 @@ class HttpBatchTransport:
 
     async def put(self, ns: str, keys: list[str], values: Sequence[PutValue]) -> int:
         body = api.encode_batch(keys, [b"".join(value_parts(v)) for v in values])
-        r = await self.http.post(f"/v1/batch/put/{ns}", content=b"".join(body))
+        r = await self.http.post(api.batch_put_path(ns), content=b"".join(body))
         raise_for_status(r)
-        return int(r.json()["stored"])
+        return PutReply.from_wire(r.json()).stored
 
     async def delete(self, ns: str, keys: list[str]) -> int:
         return await PerKeyTransport(self.http).delete(ns, keys)
@@ -252,8 +259,8 @@ def raise_for_status(r: httpx.Response) -> None:
     if r.status_code < 400:
         return
     try:
-        message = r.json().get("error", r.text)
-    except (ValueError, AttributeError):
+        message = heads.error_message(r.json(), r.text[:200])
+    except ValueError:  # not JSON (a proxy's page)
         message = r.text[:200]
     raise MembrainRequestError(r.status_code, message)
 

@@ -16,13 +16,14 @@ Routes
     GET    /v1/keys/{ns}?limit=N         {"keys": [...], "truncated": bool}: most recently used first
 
 Batch body: u32 little-endian head length | orjson {"keys": [...], "sizes": [...]} | values concatenated.
+The JSON bodies are classes in bodies.py and heads.py; the paths are built here (below), never spelled by callers.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import orjson
 
@@ -43,11 +44,16 @@ class RouteError(Exception):
         self.status = status
 
 
+HEALTHZ_PATH = "/healthz"
+INFO_PATH = "/v1/info"
+STATS_PATH = "/v1/stats"
+METRICS_PATH = "/metrics"
+
 _STATIC = {
-    ("GET", "/healthz"): "healthz",
-    ("GET", "/v1/info"): "info",
-    ("GET", "/v1/stats"): "stats",
-    ("GET", "/metrics"): "metrics",
+    ("GET", HEALTHZ_PATH): "healthz",
+    ("GET", INFO_PATH): "info",
+    ("GET", STATS_PATH): "stats",
+    ("GET", METRICS_PATH): "metrics",
 }
 _BATCH = {"put": "batch_put", "get": "batch_get"}
 _MEMORY_METHODS = {"PUT": "put", "GET": "get", "HEAD": "head", "DELETE": "delete"}
@@ -99,8 +105,40 @@ def keys_limit(target: str) -> int:
     return limit
 
 
+# --- paths, one builder per route: what match_route reads back to the same Route -----------------------------
+
+
+def _segment(name: str) -> str:
+    # The characters valid names may hold stay as they are, so a path's bytes are the ones always sent;
+    # anything else (a '/', '?', '%', a space, non-ASCII) is percent-encoded, which match_route undoes.
+    if name in (".", ".."):  # a dot segment would be resolved away by an HTTP client before it is sent
+        return name.replace(".", "%2E")
+    return quote(name, safe=":@+=")
+
+
 def memory_path(ns: str, key: str) -> str:
-    return f"/memory/{ns}/{key}"
+    return f"/memory/{_segment(ns)}/{_segment(key)}"
+
+
+def batch_put_path(ns: str) -> str:
+    return f"/v1/batch/put/{_segment(ns)}"
+
+
+def batch_get_path(ns: str) -> str:
+    return f"/v1/batch/get/{_segment(ns)}"
+
+
+def lookup_path(ns: str) -> str:
+    return f"/v1/lookup/{_segment(ns)}"
+
+
+def exists_path(ns: str) -> str:
+    return f"/v1/exists/{_segment(ns)}"
+
+
+def keys_path(ns: str, limit: int | None = None) -> str:
+    path = f"/v1/keys/{_segment(ns)}"
+    return path if limit is None else f"{path}?limit={int(limit)}"
 
 
 def encode_batch(keys: list[str], values: list[bytes | memoryview | None]) -> list[bytes | memoryview]:
@@ -142,17 +180,3 @@ def decode_batch(body: bytes | bytearray | memoryview) -> tuple[list[str], list[
     if offset != len(view):
         raise ValueError(f"batch body has {len(view) - offset} trailing bytes")
     return keys, values
-
-
-def decode_keys_body(body: bytes | bytearray) -> list[str]:
-    """{"keys": [...]} request bodies of lookup/exists/batch-get."""
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"body is not JSON: {exc}") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("keys"), list):
-        raise ValueError('body must be {"keys": [...]}')
-    keys = obj["keys"]
-    if not all(isinstance(k, str) for k in keys):
-        raise ValueError("keys must be strings")
-    return keys

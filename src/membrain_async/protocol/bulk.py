@@ -30,20 +30,22 @@ MAX_HEAD_BYTES = 4 << 20  # a head lists keys and sizes; 4 MiB is ~30k keys
 
 
 class Op(IntEnum):
-    AUTH = 1  # head {"token": str}; once per connection
-    PUT = 2  # head {"ns", "keys", "sizes"}; body = values
-    GET = 3  # head {"ns", "keys"}; reply head {"sizes": [len or -1]}, body = present values
-    LOOKUP = 4  # head {"ns", "keys"}; reply head {"count": leading keys present}
-    EXISTS = 5  # head {"ns", "keys"}; reply head {"present": [0|1]}
-    DELETE = 6  # head {"ns", "keys"}; reply head {"deleted": n}
+    """Each op's request and reply heads are the classes in heads.py (AuthRequest, AuthReply, ...)."""
+
+    AUTH = 1  # once per connection
+    PUT = 2  # body = the values
+    GET = 3  # reply body = the present values
+    LOOKUP = 4
+    EXISTS = 5
+    DELETE = 6
     PING = 7
 
 
 REPLY_BIT = 0x80
 
 
-class ProtocolError(Exception):
-    """The peer sent something that is not a valid frame. `status` is the HTTP-like code to answer with."""
+class ProtocolError(ValueError):
+    """The peer sent something that is not a valid frame or head. `status` is the HTTP-like code to answer with."""
 
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
@@ -55,7 +57,7 @@ class Frame:
     op: int
     status: int
     request_id: int
-    head: dict[str, Any]
+    head: dict[str, Any]  # the JSON object as decoded; heads.py turns it into the op's typed head
     body_len: int
 
     @property
@@ -64,23 +66,11 @@ class Frame:
 
 
 def encode_frame(op: int, request_id: int, head: dict[str, Any] | None = None, body_len: int = 0, status: int = 0) -> bytes:
-    """Header + head as one bytes object; the body follows as separate buffers (see `iter_body`)."""
+    """Header + head as one bytes object; the body follows as separate buffers. heads.py builds the heads."""
     head_bytes = orjson.dumps(head) if head else b""
     if len(head_bytes) > MAX_HEAD_BYTES:
         raise ProtocolError(f"frame head of {len(head_bytes)} bytes exceeds {MAX_HEAD_BYTES}", 413)
     return HEADER.pack(MAGIC, VERSION, op, status, request_id & 0xFFFFFFFF, len(head_bytes), body_len) + head_bytes
-
-
-def encode_reply(request: Frame | int, head: dict[str, Any] | None = None, body_len: int = 0, status: int = 0) -> bytes:
-    op = request.op if isinstance(request, Frame) else request
-    rid = request.request_id if isinstance(request, Frame) else 0
-    return encode_frame(op | REPLY_BIT, rid, head, body_len, status)
-
-
-def encode_error(request: Frame | None, status: int, message: str) -> bytes:
-    op = request.op if request is not None else 0
-    rid = request.request_id if request is not None else 0
-    return encode_frame(op | REPLY_BIT, rid, {"error": message}, 0, status)
 
 
 def looks_like_bulk(first_bytes: bytes) -> bool:
@@ -202,31 +192,3 @@ class BodyReader:
             self._index += 1
             self._offset = 0
             self._skip_empty()
-
-
-def keys_and_sizes(frame: Frame) -> tuple[str, list[str], list[int]]:
-    """Validate the common {"ns", "keys", "sizes"?} head shape; raises ProtocolError with a clear message."""
-    head = frame.head
-    ns = head.get("ns")
-    keys = head.get("keys")
-    if not isinstance(ns, str):
-        raise ProtocolError("frame head needs a string 'ns'")
-    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-        raise ProtocolError("frame head needs 'keys', a list of strings")
-    sizes = head.get("sizes", [])
-    if not isinstance(sizes, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
-        raise ProtocolError("'sizes' must be a list of integers")
-    return ns, keys, sizes
-
-
-def reply_sizes(frame: Frame, n_keys: int) -> list[int]:
-    """The value sizes of a GET reply (-1 for a miss), checked against its key count and body length."""
-    sizes = frame.head.get("sizes")
-    if (
-        not isinstance(sizes, list)
-        or len(sizes) != n_keys
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= -1 for s in sizes)
-        or sum(max(s, 0) for s in sizes) != frame.body_len
-    ):
-        raise ProtocolError("GET reply sizes do not match its body")
-    return sizes

@@ -9,8 +9,10 @@ import ssl
 import anyio
 
 from .. import sockio
-from ..protocol import bulk
+from ..protocol import heads
 from ..protocol.bulk import BodyReader, Frame, FrameReader, Op, ProtocolError
+from ..protocol.heads import (AuthReply, AuthRequest, DeleteReply, DeleteRequest, ExistsReply, ExistsRequest, GetReply,
+                              GetRequest, LookupReply, LookupRequest, PingReply, PingRequest, PutReply, PutRequest)
 from .service import RequestError, Service
 
 log = logging.getLogger("membrain.server.bulk")
@@ -44,7 +46,7 @@ class BulkConnection:
                     await self._dispatch(frame)
                 except RequestError as exc:
                     self.service.counters.errors[exc.status] += 1
-                    await sockio.send_all(self.sock, [bulk.encode_error(frame, exc.status, str(exc))])
+                    await sockio.send_all(self.sock, [heads.encode_error(frame, exc.status, str(exc))])
                 # Pipelined lookups come many to a connection: answer those already here back to back
                 # rather than one per turn of the loop, where each would wait for a chunk of every upload.
                 small_in_a_row += 1
@@ -55,7 +57,7 @@ class BulkConnection:
             # Framing is lost: say why, then close.
             self.service.counters.errors[exc.status] += 1
             try:
-                await sockio.send_all(self.sock, [bulk.encode_error(None, exc.status, str(exc))])
+                await sockio.send_all(self.sock, [heads.encode_error(None, exc.status, str(exc))])
             except OSError:
                 pass
         except (_Closed, sockio.PeerClosed):
@@ -104,66 +106,59 @@ class BulkConnection:
             raise ProtocolError(f"frame body of {frame.body_len} bytes is beyond any limit", 413)
         await self._read_body([frame.body_len])
 
-    async def _reply(self, frame: Frame, head: dict, body: list | None = None) -> None:
+    async def _reply(self, frame: Frame, reply: heads.Reply, body: list | None = None) -> None:
         body = body or []
-        header = bulk.encode_reply(frame, head, sum(len(b) for b in body))
+        header = heads.encode_reply(frame, reply, sum(len(b) for b in body))
         await sockio.send_all(self.sock, [header, *body])
 
     async def _dispatch(self, frame: Frame) -> None:
         svc = self.service
-        op = frame.op
-        if op == Op.PING:
-            await self._discard_body(frame)
-            await self._reply(frame, {"pong": True})
-            return
-        if op == Op.AUTH:
-            await self._discard_body(frame)
-            token = frame.head.get("token")
-            if not isinstance(token, str):
-                raise RequestError(400, "AUTH needs a string 'token'")
-            if svc.auth.enabled and svc.auth.match(token) is None:
-                raise RequestError(401, "unknown token")
-            self.token = token
-            await self._reply(frame, {"ok": True})
-            return
-        if op not in (Op.PUT, Op.GET, Op.LOOKUP, Op.EXISTS, Op.DELETE):
-            await self._discard_body(frame)
-            raise RequestError(400, f"unknown bulk op {op}")
         try:
-            ns, keys, sizes = bulk.keys_and_sizes(frame)
+            request = heads.decode_request(frame)
         except ProtocolError as exc:
             await self._discard_body(frame)
             raise RequestError(exc.status, str(exc)) from None
-        if op == Op.PUT:
-            try:
-                if sum(sizes) != frame.body_len:
-                    raise RequestError(400, f"sizes add up to {sum(sizes)} but the body is {frame.body_len} bytes")
-                ns = svc.begin_put(self.token, ns, keys, sizes)
-            except RequestError:
-                await self._discard_body(frame)
-                raise
-            slots = await svc.alloc_put(sizes)
-            try:
-                # Straight into the arena: a value that could not get a slot is read and dropped.
-                await self._read_body([slot.view[:size] if slot is not None else size for slot, size in zip(slots, sizes)])
-                stored = svc.commit_put(ns, keys, slots, sizes)
-            except BaseException:
-                svc.abort_put(slots)
-                raise
-            await self._reply(frame, {"stored": stored})
+        if isinstance(request, PutRequest):
+            await self._put(frame, request)
             return
-        await self._discard_body(frame)
-        if op == Op.GET:
-            entries = await svc.get_entries(self.token, ns, keys)
+        await self._discard_body(frame)  # the other ops carry no body
+        if isinstance(request, PingRequest):
+            await self._reply(frame, PingReply())
+        elif isinstance(request, AuthRequest):
+            if svc.auth.enabled and svc.auth.match(request.token) is None:
+                raise RequestError(401, "unknown token")
+            self.token = request.token
+            await self._reply(frame, AuthReply())
+        elif isinstance(request, GetRequest):
+            entries = await svc.get_entries(self.token, request.ns, request.keys)
             try:  # pinned while they are on the wire: nobody can reuse their slots meanwhile
-                await self._reply(
-                    frame, {"sizes": [-1 if e is None else e.size for e in entries]}, [e.view for e in entries if e]
-                )
+                sizes = [-1 if e is None else e.size for e in entries]
+                await self._reply(frame, GetReply(sizes), [e.view for e in entries if e])
             finally:
                 svc.unpin_all(entries)
-        elif op == Op.LOOKUP:
-            await self._reply(frame, {"count": svc.lookup(self.token, ns, keys)})
-        elif op == Op.EXISTS:
-            await self._reply(frame, {"present": svc.exists(self.token, ns, keys)})
-        elif op == Op.DELETE:
-            await self._reply(frame, {"deleted": svc.delete(self.token, ns, keys)})
+        elif isinstance(request, LookupRequest):
+            await self._reply(frame, LookupReply(svc.lookup(self.token, request.ns, request.keys)))
+        elif isinstance(request, ExistsRequest):
+            await self._reply(frame, ExistsReply(svc.exists(self.token, request.ns, request.keys)))
+        elif isinstance(request, DeleteRequest):
+            await self._reply(frame, DeleteReply(svc.delete(self.token, request.ns, request.keys)))
+
+    async def _put(self, frame: Frame, request: PutRequest) -> None:
+        svc = self.service
+        keys, sizes = request.keys, request.sizes
+        try:
+            if sum(sizes) != frame.body_len:
+                raise RequestError(400, f"sizes add up to {sum(sizes)} but the body is {frame.body_len} bytes")
+            ns = svc.begin_put(self.token, request.ns, keys, sizes)
+        except RequestError:
+            await self._discard_body(frame)
+            raise
+        slots = await svc.alloc_put(sizes)
+        try:
+            # Straight into the arena: a value that could not get a slot is read and dropped.
+            await self._read_body([slot.view[:size] if slot is not None else size for slot, size in zip(slots, sizes)])
+            stored = svc.commit_put(ns, keys, slots, sizes)
+        except BaseException:
+            svc.abort_put(slots)
+            raise
+        await self._reply(frame, PutReply(stored))

@@ -11,6 +11,9 @@ import orjson
 
 from .. import sockio
 from ..protocol import api
+from ..protocol.bulk import ProtocolError
+from ..protocol.bodies import Health, KeysBody
+from ..protocol.heads import ErrorReply, ExistsReply, LookupReply, PutReply
 from .auth import bearer_token
 from .metrics import render_prometheus
 from .service import RequestError, Service
@@ -50,7 +53,7 @@ class HttpConnection:
                     self.service.counters.errors[exc.status] += 1
                     # A body we did not read would be parsed as the next request: close instead.
                     unread_body = self.conn.their_state is h11.SEND_BODY
-                    await self._send_json(exc.status, {"error": str(exc)}, close=exc.status in (408, 413) or unread_body)
+                    await self._send_json(exc.status, ErrorReply(str(exc)).to_wire(), close=exc.status in (408, 413) or unread_body)
                 if self.conn.our_state is h11.MUST_CLOSE or self.conn.their_state is h11.MUST_CLOSE:
                     return
                 try:
@@ -127,9 +130,9 @@ class HttpConnection:
             return
         body = await self._read_body(request)
         if route.name == "healthz":
-            await self._send_json(200, {"status": "ok"})
+            await self._send_json(200, Health().to_wire())
         elif route.name == "info":
-            await self._send_json(200, svc.info())
+            await self._send_json(200, svc.info().to_wire())
         elif route.name == "stats":
             await self._send_json(200, svc.stats(token))
         elif route.name == "metrics":
@@ -149,7 +152,7 @@ class HttpConnection:
                 limit = api.keys_limit(target)
             except api.RouteError as exc:
                 raise RequestError(exc.status, str(exc)) from None
-            await self._send_json(200, svc.list_keys(token, route.namespace, limit))
+            await self._send_json(200, svc.list_keys(token, route.namespace, limit).to_wire())
         elif route.name == "head":
             size = svc.head(token, route.namespace, route.key)
             if size is None:
@@ -169,16 +172,16 @@ class HttpConnection:
             svc.begin_put(token, route.namespace, keys, [len(v) for v in values])
             # Copied into arena slots: the request body is not kept.
             created = await svc.put_values(route.namespace, keys, values)
-            await self._send_json(200, {"stored": sum(c is not None for c in created)})
+            await self._send_json(200, PutReply(sum(c is not None for c in created)).to_wire())
         elif route.name in ("batch_get", "lookup", "exists"):
             try:
-                keys = api.decode_keys_body(body)
-            except ValueError as exc:
-                raise RequestError(400, str(exc)) from None
+                keys = KeysBody.from_json(body).keys
+            except ProtocolError as exc:
+                raise RequestError(exc.status, str(exc)) from None
             if route.name == "lookup":
-                await self._send_json(200, {"count": svc.lookup(token, route.namespace, keys)})
+                await self._send_json(200, LookupReply(svc.lookup(token, route.namespace, keys)).to_wire())
             elif route.name == "exists":
-                await self._send_json(200, {"present": svc.exists(token, route.namespace, keys)})
+                await self._send_json(200, ExistsReply(svc.exists(token, route.namespace, keys)).to_wire())
             else:
                 entries = await svc.get_entries(token, route.namespace, keys)
                 try:
@@ -219,6 +222,6 @@ class HttpConnection:
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         try:
-            await self._send_json(status, {"error": message}, close=True)
+            await self._send_json(status, ErrorReply(message).to_wire(), close=True)
         except (_CloseConnection, OSError, h11.LocalProtocolError):
             pass

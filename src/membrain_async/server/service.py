@@ -13,7 +13,7 @@ import anyio
 
 from .. import __version__
 from ..config import ServerConfig
-from ..protocol import bulk
+from ..protocol.bodies import BulkEndpoint, KeysListing, ServerInfo, ServerLimits
 from ..protocol.names import validate_key, validate_namespace
 from .auth import AuthError, Authorizer
 from .arena import Slot
@@ -199,7 +199,7 @@ class Service:
         disk = self.disk
         return [1 if self.store.contains(ns, k) or (disk is not None and disk.contains(ns, k)) else 0 for k in keys]
 
-    def list_keys(self, token: str | None, ns: str, limit: int) -> dict:
+    def list_keys(self, token: str | None, ns: str, limit: int) -> KeysListing:
         """Keys of one namespace, for operators and tests; needs read access to that namespace only."""
         ns = self._ns(ns)
         self._authorize(token, ns, "read")
@@ -212,7 +212,7 @@ class Service:
                         truncated = True
                         break
                     keys.append(k)
-        return {"keys": keys, "truncated": truncated}
+        return KeysListing(keys, truncated)
 
     def head(self, token: str | None, ns: str, key: str) -> int | None:
         ns = self._ns(ns)
@@ -270,23 +270,16 @@ class Service:
     def require_server_read(self, token: str | None) -> None:
         self._authorize(token, None, "read")
 
-    def info(self) -> dict:
+    def info(self) -> ServerInfo:
         cfg = self.config
-        return {
-            "server": "membrain",
-            "version": __version__,
-            "capabilities": ["memory", "batch", "lookup", "exists", "keys", "bulk", "stats", "metrics"]
+        return ServerInfo(
+            server="membrain",
+            version=__version__,
+            capabilities=["memory", "batch", "lookup", "exists", "keys", "bulk", "stats", "metrics"]
             + (["auth"] if self.auth.enabled else []) + (["disk"] if self.disk is not None else []),
-            "put_existing": "overwrite",
-            "limits": {
-                "capacity": cfg.capacity,
-                "disk_capacity": cfg.disk_capacity,
-                "max_value_bytes": cfg.max_value_bytes,
-                "max_batch_keys": cfg.max_batch_keys,
-                "max_connections": cfg.max_connections,
-                "max_namespace_len": 128,
-                "max_key_len": 512,
-            },
-            "bulk": {"port": self.bound_port, "same_port": True, "magic": bulk.MAGIC.decode(), "version": bulk.VERSION},
-            "auth": self.auth.enabled,
-        }
+            put_existing="overwrite",
+            limits=ServerLimits(cfg.capacity, cfg.disk_capacity, cfg.max_value_bytes, cfg.max_batch_keys,
+                                cfg.max_connections),
+            bulk=BulkEndpoint(self.bound_port, same_port=True),
+            auth=self.auth.enabled,
+        )

@@ -171,6 +171,7 @@ def self_check(config: ConnectorConfig) -> tuple[str, dict[str, dict]]:
     from ..tls import connector_context
 
     from ..client.backends import backend_of, probe
+    from ..protocol import api
     from ..urls import redact_all
 
     where = f"endpoint {redact_all(config.endpoint)}, namespace {config.namespace!r}"
@@ -181,12 +182,12 @@ def self_check(config: ConnectorConfig) -> tuple[str, dict[str, dict]]:
     verify = connector_context(config) or True
     for url in config.endpoint:
         try:
-            r = httpx.get(url.rstrip("/") + "/v1/info", timeout=1.0, verify=verify)
+            r = httpx.get(url.rstrip("/") + api.INFO_PATH, timeout=1.0, verify=verify)
             if r.status_code == 200:
                 infos[url] = info = r.json()
                 status = status or f"server {info.get('server', '?')} {info.get('version', '?')} reachable"
                 continue
-            r = httpx.get(url.rstrip("/") + "/healthz", timeout=1.0, verify=verify)
+            r = httpx.get(url.rstrip("/") + api.HEALTHZ_PATH, timeout=1.0, verify=verify)
             status = status or f"server answered {r.status_code}"
         except httpx.HTTPError as exc:
             status = status or (f"server unreachable now ({type(exc).__name__}): requests compute as plain vLLM "
