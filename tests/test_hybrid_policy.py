@@ -24,6 +24,7 @@ from vllm.v1.kv_cache_interface import (  # noqa: E402
 )
 
 from membrain_async.cache.prefix_query import PrefixQuery, Series, hit_blocks  # noqa: E402
+from membrain_async.cache import open_store  # noqa: E402
 from membrain_async.config import ConnectorConfig  # noqa: E402
 from membrain_async.vllm import identity  # noqa: E402
 from membrain_async.vllm.blockhash import BlockHashes  # noqa: E402
@@ -126,8 +127,9 @@ FULL = KVUnit(1, 1, "full", ("f",), None, False, "f")
 def hybrid_scheduler(url: str, units=(SLIDING, FULL), **overrides) -> MembrainScheduler:
     """The scheduler half over these units (default: one sliding-window group and one full group)."""
     cfg = ConnectorConfig.from_sources(env={}, overrides={"endpoint": url, "lookup_deadline": 5.0, **overrides})
-    sched = MembrainScheduler(cfg, block_size=BS, fingerprint="fp", block_bytes=1 << 20, units=list(units),
-                              unit_fingerprints=[f"fp{u.kind}" for u in units])
+    store = open_store(cfg)
+    sched = MembrainScheduler(cfg, store, block_size=BS, fingerprint="fp", block_bytes=1 << 20, units=list(units),
+                              unit_fingerprints=[f"fp{u.kind}" for u in units], release=store.close)
     sched.bind_kv_cache_manager(Manager())
     return sched
 
@@ -269,3 +271,21 @@ def test_a_draft_models_layers_get_their_own_keys_and_the_targets_keep_the_plain
     hybrid = identity.unit_fingerprints(vc, cfg, [KVUnit(0, 0, "sliding_window", ("a",), 63, False, "s"),
                                                   KVUnit(1, 1, "full", ("b",), None, False, "f")])
     assert len(set(hybrid)) == 2 and identity.fingerprint(vc, cfg) not in hybrid
+
+
+def test_the_connectors_scheduler_half_holds_the_shared_store_and_gives_its_hold_back(tiny):
+    """from_vllm_config (what the connector calls) opens the process's store; shutdown() gives back that
+    hold, and only it: a worker half sharing the store in the same process keeps it running."""
+    from membrain_async.cache import BlockStore
+
+    cfg = ConnectorConfig.from_sources(env={}, overrides={"endpoint": "http://127.0.0.1:9", "namespace": "hold-test"})
+    sched = MembrainScheduler.from_vllm_config(engine_config(tiny), cfg, [KVUnit(0, 0, "full", ("t",), None, False, "s")])
+    worker_hold = open_store(cfg)
+    try:
+        assert isinstance(sched.store, BlockStore) and sched.store is worker_hold and worker_hold._holders == 2
+        sched.shutdown()
+        sched.shutdown()  # once only
+        assert worker_hold._holders == 1 and worker_hold.running is False  # never started: no lookup was sent
+    finally:
+        worker_hold.close()
+    assert worker_hold._holders == 0

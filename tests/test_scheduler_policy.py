@@ -22,6 +22,7 @@ from vllm.v1.core.kv_cache_utils import KVCacheBlock  # noqa: E402
 from vllm.v1.outputs import KVConnectorOutput  # noqa: E402
 from vllm.v1.request import Request  # noqa: E402
 
+from membrain_async.cache import open_store  # noqa: E402
 from membrain_async.config import ConnectorConfig  # noqa: E402
 from membrain_async.testing.proxy import FaultProxy  # noqa: E402
 from membrain_async.vllm.metadata import BlockTransfer  # noqa: E402
@@ -46,7 +47,8 @@ class Manager:
 
 def make_scheduler(url: str, **overrides) -> MembrainScheduler:
     cfg = ConnectorConfig.from_sources(env={}, overrides={"endpoint": url, "lookup_deadline": 5.0, **overrides})
-    sched = MembrainScheduler(cfg, block_size=BS, fingerprint="fp", block_bytes=1 << 20)
+    store = open_store(cfg)
+    sched = MembrainScheduler(cfg, store, block_size=BS, fingerprint="fp", block_bytes=1 << 20, release=store.close)
     sched.bind_kv_cache_manager(Manager())
     return sched
 

@@ -18,7 +18,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import keys
 from ..config import ConnectorConfig
@@ -30,6 +30,7 @@ from .blockhash import BlockHashes
 from .lookups import Lookups
 from .metadata import BlockTransfer, MembrainConnectorMetadata, MembrainWorkerMetadata
 from .save_ledger import PlannedSave, SaveLedger
+from .scheduler_store import SchedulerStore
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -61,8 +62,16 @@ class _RequestState:
 
 
 class MembrainScheduler:
-    def __init__(self, config: ConnectorConfig, *, block_size: int, fingerprint: str, block_bytes: int,
-                 units: "list[KVUnit] | None" = None, unit_fingerprints: list[str] | None = None):
+    """The scheduler half's policy over a `SchedulerStore` it is handed.
+
+    `release`, if given, is called once at `shutdown()`: how whoever opened the store gives it back
+    (`from_vllm_config` passes the hold `open_store` took). Without it the caller owns the store.
+    `clock` (seconds, monotonic) times lookups against `lookup_deadline`; tests pass their own.
+    """
+
+    def __init__(self, config: ConnectorConfig, store: SchedulerStore, *, block_size: int, fingerprint: str,
+                 block_bytes: int, units: "list[KVUnit] | None" = None, unit_fingerprints: list[str] | None = None,
+                 release: Callable[[], None] | None = None, clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.block_size = block_size
         self.fingerprint = fingerprint  # the model's (KV events' ownership); keys use the units' own
@@ -77,12 +86,14 @@ class MembrainScheduler:
         self.async_loads = config.load_mode == "async" or self.hybrid
         # Lookups ask about the first shard; every shard saves and loads the same blocks.
         self.rank = identity.rank_label(0, 0)
-        self.store = open_store(config)  # held until shutdown()
+        self.store = store
+        self._release = release  # given back once, at shutdown()
+        self._clock = clock
         self._requests: dict[str, _RequestState] = {}
         self._loads: list[BlockTransfer] = []
         self._prefetch: list[BlockTransfer] = []
         self._finished: list[str] = []
-        self.lookups = Lookups(self.store, self._count)
+        self.lookups = Lookups(store, self._count, clock)
         self._step = 0
         self._ledger = SaveLedger()
         self._kv_cache_manager: "KVCacheManager | None" = None
@@ -104,11 +115,15 @@ class MembrainScheduler:
     @classmethod
     def from_vllm_config(cls, vllm_config: "VllmConfig", config: ConnectorConfig,
                          units: "list[KVUnit]") -> "MembrainScheduler":
+        """The connector's scheduler half: over this process's shared block store, whose hold it gives back
+        at shutdown."""
         layers = sum(len(u.layer_names) for u in units)
-        return cls(config, block_size=vllm_config.cache_config.block_size,
-                   fingerprint=identity.fingerprint(vllm_config, config),
-                   block_bytes=identity.payload_bytes(vllm_config, layers),
-                   units=units, unit_fingerprints=identity.unit_fingerprints(vllm_config, config, units))
+        facts = dict(block_size=vllm_config.cache_config.block_size,
+                     fingerprint=identity.fingerprint(vllm_config, config),
+                     block_bytes=identity.payload_bytes(vllm_config, layers),
+                     units=units, unit_fingerprints=identity.unit_fingerprints(vllm_config, config, units))
+        store = open_store(config)  # last: nothing above can fail with the hold taken
+        return cls(config, store, release=store.close, **facts)
 
     # ------------------------------------------------------------------ block hashes and keys
 
@@ -168,7 +183,7 @@ class MembrainScheduler:
             if arrival.answer is not None:
                 st.answer_outcome, st.answer = arrival.answer
             return
-        st.lookup_started = time.monotonic()
+        st.lookup_started = self._clock()
         st.lookup_seq = self._ledger.now()
         # Sent at vLLM's next pass, with every request that arrived meanwhile (lookups.py).
         self.lookups.queue(request.request_id, self.lookup_for(hashes))
@@ -195,7 +210,7 @@ class MembrainScheduler:
             # answer lands between vLLM's questions about them.
             self.lookups.drain_once(self._deliver)
             if not st.answer_outcome:
-                if time.monotonic() - st.lookup_started < self.config.lookup_deadline:
+                if self._clock() - st.lookup_started < self.config.lookup_deadline:
                     self.lookups.waited()
                     self._queue_prefetch(st, num_computed_tokens)
                     return None, False  # ask again next step; the engine keeps running
@@ -205,7 +220,7 @@ class MembrainScheduler:
             st.stored_blocks = max(st.hot_blocks, min(st.answer or 0, st.lookup_blocks))
             if self.events is not None and st.lookup_seq is not None:
                 self.events.lookup_missing(st.chain.hashes, st.answer or 0, st.lookup_blocks, st.lookup_seq)
-            self._count("lookup_ms", 1e3 * (time.monotonic() - st.lookup_started))
+            self._count("lookup_ms", 1e3 * (self._clock() - st.lookup_started))
             self._count("lookups")
             if st.answer_outcome == "timeout":
                 self._count("lookup_timeouts")
@@ -482,6 +497,6 @@ class MembrainScheduler:
         self._ledger.clear()
 
     def shutdown(self) -> None:
-        store, self.store = self.store, None  # one hold, given back once
-        if store is not None:
-            store.close()
+        release, self._release = self._release, None  # given back once
+        if release is not None:
+            release()
