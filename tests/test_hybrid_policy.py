@@ -289,3 +289,22 @@ def test_the_connectors_scheduler_half_holds_the_shared_store_and_gives_its_hold
     finally:
         worker_hold.close()
     assert worker_hold._holders == 0
+
+
+def test_a_hybrid_model_always_asks_the_store_even_for_blocks_it_just_saved():
+    """No hot-tier estimate with a sliding-window unit: blocks outside a load's window were never held here,
+    so "this instance recently held the block" would say nothing about them."""
+    sched = hybrid_scheduler(local_cache_bytes=64 << 20)
+    first = request("r1", 4 * BS + 5)
+    sched.on_new_request(first)
+    assert answer(sched, first) == (0, False)
+    tables = ([31, 32, 33, 34, 35], [41, 42, 43, 44, 45])
+    state = SimpleNamespace(get_block_ids=lambda rid: tables)
+    meta = sched.build_connector_meta(SimpleNamespace(
+        kv_connector_block_state=state, num_scheduled_tokens={"r1": first.num_tokens},
+        total_num_scheduled_tokens=first.num_tokens))
+    assert len(meta.saves[0].block_ids) == 8
+    again = request("r2", 4 * BS + 5)
+    sched.on_new_request(again)
+    assert sched.get_num_new_matched_tokens(again, 0) == (None, False)  # looked up
+    assert len(sched.store.sent) == 2 and "hot_lookups" not in sched.take_stats()

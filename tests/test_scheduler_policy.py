@@ -27,6 +27,7 @@ from membrain_async.testing.fake_store import FakeSchedulerStore  # noqa: E402
 from membrain_async.vllm.blockhash import BlockHashes  # noqa: E402
 from membrain_async.vllm.metadata import BlockTransfer  # noqa: E402
 from membrain_async.vllm.scheduler import MembrainScheduler  # noqa: E402
+from membrain_async.vllm.units import KVUnit  # noqa: E402
 
 BS = 32
 
@@ -58,11 +59,15 @@ class Clock:
         self.now += seconds
 
 
-def make_scheduler(clock: Clock | None = None, **overrides) -> MembrainScheduler:
-    """The scheduler half of a plain model over an empty in-memory store (`sched.store`)."""
+# What the connector makes of a plain model's one KV cache group (units.units_of).
+PLAIN_UNIT = KVUnit(0, 0, "full", ("model.layers.0.self_attn.attn",), None, False, "spec")
+
+
+def make_scheduler(clock: Clock | None = None, units: list[KVUnit] | None = None, **overrides) -> MembrainScheduler:
+    """The scheduler half of a plain model (or of `units`) over an empty in-memory store (`sched.store`)."""
     cfg = ConnectorConfig.from_sources(env={}, overrides={"lookup_deadline": 5.0, **overrides})
     sched = MembrainScheduler(cfg, FakeSchedulerStore(), block_size=BS, fingerprint="fp", block_bytes=1 << 20,
-                              clock=clock or Clock())
+                              units=units, clock=clock or Clock())
     sched.bind_kv_cache_manager(Manager())
     return sched
 
@@ -272,3 +277,55 @@ def test_a_lookup_sent_on_arrival_and_answered_after_the_request_was_added(sched
     assert answer(sched, req) == (2 * BS, True)
     assert sched.take_stats()["lookup_jobs"] == 1
     assert len(sched.store.sent) == 1
+
+
+# ---------------------------------------------------------------------------- a plain model: one full unit
+
+
+@pytest.fixture(params=["no_units_named", "one_full_unit"])
+def plain(request):
+    """A plain model's scheduler half, built as tests build it (no units) and as the connector does (its
+    one full-attention unit): the two must behave the same."""
+    s = make_scheduler(units=None if request.param == "no_units_named" else [PLAIN_UNIT],
+                       local_cache_bytes=64 << 20)
+    yield s
+    s.shutdown()
+
+
+def plan_saves(sched: MembrainScheduler, req: Request, ids: list[int]):
+    state = SimpleNamespace(get_block_ids=lambda rid: (ids,))
+    return sched.build_connector_meta(SimpleNamespace(
+        kv_connector_block_state=state, num_scheduled_tokens={req.request_id: req.num_tokens},
+        total_num_scheduled_tokens=req.num_tokens))
+
+
+def test_a_plain_model_asks_for_a_leading_run_of_its_keys_and_plans_plain_transfers(plain):
+    req = request("r1")
+    hashes = store_leading(plain, req, 3)
+    plain.on_new_request(req)
+    assert answer(plain, req) == (3 * BS, True)
+    # The store's prefix count over the one unit's keys (not a per-key PrefixQuery): one round trip that
+    # stops at the first missing key.
+    (job,) = plain.store.sent
+    assert not job.many and job.queries == [plain.keys_for(hashes[:5])]
+    ids = [7, 3, 9, 4, 5, 6]
+    plain.update_state_after_alloc(req, blocks(ids), 3 * BS)
+    assert step(plain).loads == [BlockTransfer("r1", [7, 3, 9], hashes[:3])]  # no per-entry units: all unit 0
+    req.num_computed_tokens = 3 * BS
+    (save,) = plan_saves(plain, req, ids).saves
+    assert save == BlockTransfer("r1", [4, 5], hashes[3:5])  # the blocks after the stored ones
+
+
+def test_a_plain_model_is_not_looked_up_when_this_instance_just_held_every_block(plain):
+    """The hot-tier estimate (VLLM_MEMBRAIN_LOCAL_CACHE_BYTES): blocks this instance recently loaded or saved
+    are in its workers' hot tier, so a request made only of them needs no lookup."""
+    first = request("r1")
+    plain.on_new_request(first)
+    assert answer(plain, first) == (0, False)
+    ids = [7, 3, 9, 4, 5, 6]
+    plain.update_state_after_alloc(first, blocks(ids), 0)
+    assert len(plan_saves(plain, first, ids).saves[0].hashes) == 5
+    again = request("r2")  # the same prompt
+    plain.on_new_request(again)
+    assert plain.get_num_new_matched_tokens(again, 0) == (5 * BS, True)  # at once, from the estimate
+    assert len(plain.store.sent) == 1 and plain.take_stats()["hot_lookups"] == 1
