@@ -27,6 +27,7 @@ from membrain_async.testing.fake_store import FakeSchedulerStore  # noqa: E402
 from membrain_async.vllm.blockhash import BlockHashes  # noqa: E402
 from membrain_async.vllm.metadata import BlockTransfer  # noqa: E402
 from membrain_async.vllm.scheduler import MembrainScheduler  # noqa: E402
+from membrain_async.vllm.stats import COUNTERS, TIMERS, MembrainConnectorStats  # noqa: E402
 from membrain_async.vllm.units import KVUnit  # noqa: E402
 
 BS = 32
@@ -155,7 +156,9 @@ def test_a_failed_async_load_is_not_loaded_again_when_vllm_readmits_the_request(
     sched.update_connector_output(KVConnectorOutput(finished_recving={"r1"}, invalid_block_ids={7}))
     assert {7, 3, 9, 4, 5, 6} <= sched._kv_cache_manager.evicted  # the failed block and all after it
     assert sched.get_num_new_matched_tokens(req, 0) == (0, False)  # recomputed, not loaded again
-    assert sched.take_stats()["reloads_recomputed"] == 1
+    stats = sched.take_stats()
+    assert stats["reloads_recomputed"] == 1
+    assert MembrainConnectorStats(data=stats).reduce()["reloads_recomputed"] == 1  # in vLLM's log and metrics
 
 
 @pytest.mark.parametrize("late", ["past_the_schedulers_deadline", "the_stores_deadline"])
@@ -325,7 +328,24 @@ def test_a_plain_model_is_not_looked_up_when_this_instance_just_held_every_block
     ids = [7, 3, 9, 4, 5, 6]
     plain.update_state_after_alloc(first, blocks(ids), 0)
     assert len(plan_saves(plain, first, ids).saves[0].hashes) == 5
+    plain.take_stats()
     again = request("r2")  # the same prompt
     plain.on_new_request(again)
     assert plain.get_num_new_matched_tokens(again, 0) == (5 * BS, True)  # at once, from the estimate
-    assert len(plain.store.sent) == 1 and plain.take_stats()["hot_lookups"] == 1
+    stats = plain.take_stats()
+    assert len(plain.store.sent) == 1 and stats["hot_lookups"] == 1 and "lookups" not in stats
+    assert MembrainConnectorStats(data=stats).reduce()["hot_lookups"] == 1  # in vLLM's log and metrics
+
+
+def test_every_counter_the_scheduler_half_keeps_reaches_vllms_metrics():
+    """A name counted but not in stats.COUNTERS/TIMERS would be shipped to the front end and dropped there."""
+    import inspect
+    import re
+
+    from membrain_async.vllm import lookups, scheduler
+
+    counted = set()
+    for module in (scheduler, lookups):
+        counted |= set(re.findall(r'_count\(\s*"(\w+)"', inspect.getsource(module)))
+    assert {"lookups", "hot_lookups", "reloads_recomputed", "lookup_rtt_ms"} <= counted  # the scan finds them
+    assert counted <= set(COUNTERS) | set(TIMERS), counted - set(COUNTERS) - set(TIMERS)
