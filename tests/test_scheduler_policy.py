@@ -73,8 +73,8 @@ def make_scheduler(clock: Clock | None = None, units: list[KVUnit] | None = None
     return sched
 
 
-def request(req_id: str, n_tokens: int = 5 * BS + 7) -> Request:
-    return Request(req_id, list(range(1000, 1000 + n_tokens)), SamplingParams(max_tokens=4), None)
+def request(req_id: str, n_tokens: int = 5 * BS + 7, first_token: int = 1000) -> Request:
+    return Request(req_id, list(range(first_token, first_token + n_tokens)), SamplingParams(max_tokens=4), None)
 
 
 def store_leading(sched: MembrainScheduler, req: Request, n_blocks: int) -> list[str]:
@@ -349,3 +349,42 @@ def test_every_counter_the_scheduler_half_keeps_reaches_vllms_metrics():
         counted |= set(re.findall(r'_count\(\s*"(\w+)"', inspect.getsource(module)))
     assert {"lookups", "hot_lookups", "reloads_recomputed", "lookup_rtt_ms"} <= counted  # the scan finds them
     assert counted <= set(COUNTERS) | set(TIMERS), counted - set(COUNTERS) - set(TIMERS)
+
+
+# ---------------------------------------------------------------------------- what one step may load
+
+
+def test_a_steps_loads_are_bounded_and_the_rest_wait_a_step_counted_as_deferred():
+    sched = make_scheduler(step_load_bytes=4 << 20)  # 4 blocks of 1 MiB per step
+    a, b = request("a"), request("b", first_token=5000)  # unrelated prompts
+    store_leading(sched, a, 3)
+    store_leading(sched, b, 3)
+    sched.on_new_request(a)
+    sched.on_new_request(b)
+    assert answer(sched, a) == (3 * BS, True)
+    sched.update_state_after_alloc(a, blocks([7, 3, 9, 4, 5, 6]), 3 * BS)
+    assert sched.get_num_new_matched_tokens(b, 0) == (None, False)  # 3 + 3 > 4: next step
+    assert sched.take_stats()["loads_deferred"] == 1
+    assert len(step(sched).loads) == 1
+    assert sched.get_num_new_matched_tokens(b, 0) == (3 * BS, True)
+
+
+def test_a_hit_larger_than_a_steps_loads_alone_in_its_step_loads_what_the_limit_allows():
+    sched = make_scheduler(step_load_bytes=2 << 20)
+    req = request("r1")
+    store_leading(sched, req, 5)
+    sched.on_new_request(req)
+    assert answer(sched, req) == (2 * BS, True)
+
+
+def test_while_its_lookup_is_pending_the_workers_prefetch_what_the_local_cache_lacks_once(sched):
+    req = request("r1")
+    hashes = store_leading(sched, req, 2)
+    sched.on_new_request(req)
+    assert sched.get_num_new_matched_tokens(req, BS) == (None, False)  # block 0 is in vLLM's prefix cache
+    assert step(sched).prefetch == [BlockTransfer("r1", [], hashes[1:5])]
+    assert sched.get_num_new_matched_tokens(req, BS) == (None, False)
+    assert step(sched).prefetch == []  # sent once
+    sched.store.answer()
+    step(sched)
+    assert sched.get_num_new_matched_tokens(req, BS) == (BS, True)  # block 1 loads; 0 is local
