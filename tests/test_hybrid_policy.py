@@ -1,6 +1,7 @@
 """Hybrid KV caches without an engine: KV units, what a hit needs of each, what is loaded and saved, keys.
 
-vLLM's own KV cache specs, `Request` and `KVCacheBlocks`, a real block store and server on loopback.
+vLLM's own KV cache specs, `Request` and `KVCacheBlocks`, the scheduler half over the in-memory store of
+tests/test_scheduler_policy.py (no server).
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from vllm.v1.kv_cache_interface import (  # noqa: E402
 )
 
 from membrain_async.cache.prefix_query import PrefixQuery, Series, hit_blocks  # noqa: E402
+from membrain_async.cache import open_store  # noqa: E402
 from membrain_async.config import ConnectorConfig  # noqa: E402
+from membrain_async.testing.fake_store import FakeSchedulerStore  # noqa: E402
 from membrain_async.vllm import identity  # noqa: E402
 from membrain_async.vllm.blockhash import BlockHashes  # noqa: E402
 from membrain_async.vllm.scheduler import MembrainScheduler  # noqa: E402
 from membrain_async.vllm.units import KVUnit, UnsupportedKVCache, units_of  # noqa: E402
 
-from .test_scheduler_policy import BS, Manager, answer, request, step  # noqa: E402
+from .test_scheduler_policy import BS, Clock, Manager, answer, request, step  # noqa: E402
 
 WINDOW = 64  # tokens: vLLM keeps the 63 before the next one
 
@@ -123,23 +126,22 @@ SLIDING = KVUnit(0, 0, "sliding_window", ("s",), WINDOW - 1, False, "s")
 FULL = KVUnit(1, 1, "full", ("f",), None, False, "f")
 
 
-def hybrid_scheduler(url: str, units=(SLIDING, FULL), **overrides) -> MembrainScheduler:
-    """The scheduler half over these units (default: one sliding-window group and one full group)."""
-    cfg = ConnectorConfig.from_sources(env={}, overrides={"endpoint": url, "lookup_deadline": 5.0, **overrides})
-    sched = MembrainScheduler(cfg, block_size=BS, fingerprint="fp", block_bytes=1 << 20, units=list(units),
-                              unit_fingerprints=[f"fp{u.kind}" for u in units])
+def hybrid_scheduler(units=(SLIDING, FULL), **overrides) -> MembrainScheduler:
+    """The scheduler half over these units (default: one sliding-window group and one full group), over an
+    empty in-memory store (`sched.store`)."""
+    cfg = ConnectorConfig.from_sources(env={}, overrides={"lookup_deadline": 5.0, **overrides})
+    sched = MembrainScheduler(cfg, FakeSchedulerStore(), block_size=BS, fingerprint="fp", block_bytes=1 << 20,
+                              units=list(units), unit_fingerprints=[f"fp{u.kind}" for u in units], clock=Clock())
     sched.bind_kv_cache_manager(Manager())
     return sched
 
 
 def store(sched, hashes, unit, blocks_):
-    for key in sched.keys_for([hashes[b] for b in blocks_], unit):
-        assert sched.store.save(key, [b"page"])
-    assert sched.store.flush(10)
+    sched.store.put(sched.keys_for([hashes[b] for b in blocks_], unit))
 
 
-def test_the_hit_needs_every_unit_and_the_load_fills_only_the_window(server):
-    sched = hybrid_scheduler(server.url, load_mode="sync")
+def test_the_hit_needs_every_unit_and_the_load_fills_only_the_window():
+    sched = hybrid_scheduler(load_mode="sync")
     try:
         req = request("r1", 9 * BS + 5)
         hashes = BlockHashes(BS).extend(req, 9)
@@ -160,8 +162,8 @@ def test_the_hit_needs_every_unit_and_the_load_fills_only_the_window(server):
         sched.shutdown()
 
 
-def test_a_load_failed_per_request_is_not_loaded_again_when_vllm_readmits_it(server):
-    sched = hybrid_scheduler(server.url)
+def test_a_load_failed_per_request_is_not_loaded_again_when_vllm_readmits_it():
+    sched = hybrid_scheduler()
     try:
         req = request("r1", 9 * BS + 5)
         hashes = BlockHashes(BS).extend(req, 9)
@@ -183,8 +185,8 @@ def test_a_load_failed_per_request_is_not_loaded_again_when_vllm_readmits_it(ser
         sched.shutdown()
 
 
-def test_a_sliding_window_only_model_never_loads_into_or_saves_from_the_null_block(server):
-    sched = hybrid_scheduler(server.url, units=[SLIDING])
+def test_a_sliding_window_only_model_never_loads_into_or_saves_from_the_null_block():
+    sched = hybrid_scheduler(units=[SLIDING])
     try:
         req = request("r1", 9 * BS + 5)
         hashes = BlockHashes(BS).extend(req, 9)
@@ -199,8 +201,8 @@ def test_a_sliding_window_only_model_never_loads_into_or_saves_from_the_null_blo
         sched.shutdown()
 
 
-def test_saves_take_every_unit_block_vllm_still_holds(server):
-    sched = hybrid_scheduler(server.url)
+def test_saves_take_every_unit_block_vllm_still_holds():
+    sched = hybrid_scheduler()
     try:
         req = request("r1", 4 * BS + 5)
         sched.on_new_request(req)
@@ -269,3 +271,40 @@ def test_a_draft_models_layers_get_their_own_keys_and_the_targets_keep_the_plain
     hybrid = identity.unit_fingerprints(vc, cfg, [KVUnit(0, 0, "sliding_window", ("a",), 63, False, "s"),
                                                   KVUnit(1, 1, "full", ("b",), None, False, "f")])
     assert len(set(hybrid)) == 2 and identity.fingerprint(vc, cfg) not in hybrid
+
+
+def test_the_connectors_scheduler_half_holds_the_shared_store_and_gives_its_hold_back(tiny):
+    """from_vllm_config (what the connector calls) opens the process's store; shutdown() gives back that
+    hold, and only it: a worker half sharing the store in the same process keeps it running."""
+    from membrain_async.cache import BlockStore
+
+    cfg = ConnectorConfig.from_sources(env={}, overrides={"endpoint": "http://127.0.0.1:9", "namespace": "hold-test"})
+    sched = MembrainScheduler.from_vllm_config(engine_config(tiny), cfg, [KVUnit(0, 0, "full", ("t",), None, False, "s")])
+    worker_hold = open_store(cfg)
+    try:
+        assert isinstance(sched.store, BlockStore) and sched.store is worker_hold and worker_hold._holders == 2
+        sched.shutdown()
+        sched.shutdown()  # once only
+        assert worker_hold._holders == 1 and worker_hold.running is False  # never started: no lookup was sent
+    finally:
+        worker_hold.close()
+    assert worker_hold._holders == 0
+
+
+def test_a_hybrid_model_always_asks_the_store_even_for_blocks_it_just_saved():
+    """No hot-tier estimate with a sliding-window unit: blocks outside a load's window were never held here,
+    so "this instance recently held the block" would say nothing about them."""
+    sched = hybrid_scheduler(local_cache_bytes=64 << 20)
+    first = request("r1", 4 * BS + 5)
+    sched.on_new_request(first)
+    assert answer(sched, first) == (0, False)
+    tables = ([31, 32, 33, 34, 35], [41, 42, 43, 44, 45])
+    state = SimpleNamespace(get_block_ids=lambda rid: tables)
+    meta = sched.build_connector_meta(SimpleNamespace(
+        kv_connector_block_state=state, num_scheduled_tokens={"r1": first.num_tokens},
+        total_num_scheduled_tokens=first.num_tokens))
+    assert len(meta.saves[0].block_ids) == 8
+    again = request("r2", 4 * BS + 5)
+    sched.on_new_request(again)
+    assert sched.get_num_new_matched_tokens(again, 0) == (None, False)  # looked up
+    assert len(sched.store.sent) == 2 and "hot_lookups" not in sched.take_stats()

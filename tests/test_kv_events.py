@@ -1,8 +1,9 @@
 """Membrain's KV events without an engine: what the scheduler half announces stored or removed, and when.
 
 Driven like tests/test_scheduler_policy.py: vLLM's own `Request` (with vLLM's block hasher, so it has
-vLLM's block hashes), `KVConnectorOutput` and `BlockPool` (whose events ours must match), a real block
-store and server on loopback.
+vLLM's block hashes), `KVConnectorOutput` and `BlockPool` (whose events ours must match), over the
+in-memory store of tests/test_scheduler_policy.py (no server): nothing is uploaded, so the store lacks
+every block until a test puts it there.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def hasher():
 
 
 @pytest.fixture
-def sched(server):
-    s = make_scheduler(server.url)
+def sched():
+    s = make_scheduler()
     s.events = MembrainKVEvents(block_size=BS, fingerprint="fp")
     yield s
     s.shutdown()
@@ -146,7 +147,7 @@ def test_a_later_lookup_finding_an_announced_block_gone_removes_it_and_the_resav
     admit_miss(sched, first, ids)
     settle(sched, schedule(sched, first, ids).step)
     assert len(sched.events.take()) == 1
-    # Nothing was uploaded (no workers): the server lacks every block.
+    # Nothing was uploaded (no workers): the store lacks every block.
     assert answer(sched, early) == (0, False)
     assert sched.events.take() == []  # sent before our plan: "missing" proves nothing
     later = request(hasher, "r2")
@@ -181,7 +182,7 @@ def test_ranks_missing_blocks_are_merged():
     assert (merged.steps, merged.missing) == ([3], ["a", "b", "c"])
 
 
-def test_nothing_is_built_when_vllms_kv_events_are_off(hasher, server):
+def test_nothing_is_built_when_vllms_kv_events_are_off(hasher):
     off = SimpleNamespace(kv_events_config=KVEventsConfig(), cache_config=SimpleNamespace(block_size=BS))
     assert not kv_events.enabled(off) and MembrainKVEvents.for_vllm(off, None, "fp") is None
     assert not kv_events.enabled(SimpleNamespace(kv_events_config=None))
@@ -189,7 +190,7 @@ def test_nothing_is_built_when_vllms_kv_events_are_off(hasher, server):
                          cache_config=SimpleNamespace(block_size=BS))
     assert MembrainKVEvents.for_vllm(on, None, "fp") is not None
     # The scheduler half without events plans and settles as before, with no event state at all.
-    sched = make_scheduler(server.url)
+    sched = make_scheduler()
     try:
         req = request(hasher, "r1")
         admit_miss(sched, req, [7, 3, 9, 4, 5, 6])

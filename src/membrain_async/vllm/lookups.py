@@ -25,7 +25,7 @@ from ..runtime import CompletionRing
 from .blockhash import BlockHashes
 
 if TYPE_CHECKING:
-    from ..cache import BlockStore
+    from .scheduler_store import LookupQuery, SchedulerStore
 
 # A pass with nothing scheduled while lookups are pending rests this long at most (until an answer lands):
 # vLLM steps such an engine in a tight loop that holds the GIL the Membrain thread needs to read the answer.
@@ -51,11 +51,13 @@ Deliver = Callable[[str, str, "int | None"], bool]
 
 
 class Lookups:
-    def __init__(self, store: "BlockStore", count: Callable[[str, float], None]):
+    def __init__(self, store: "SchedulerStore", count: Callable[[str, float], None],
+                 clock: Callable[[], float] = time.monotonic):
         self.store = store
         self._count = count
+        self._clock = clock
         self.answers = CompletionRing()  # drained by the scheduler thread, once per pass
-        self._queued: list[tuple[str, list[str]]] = []
+        self._queued: "list[tuple[str, LookupQuery]]" = []
         self._drained = False  # in this pass
         self._pass_waits = 0  # requests of this pass that sat out for their answer
         self._arrivals: dict[str, Arrival] = {}
@@ -63,8 +65,8 @@ class Lookups:
 
     # ---- on arrival (engine core input thread)
 
-    def send_on_arrival(self, req_id: str, keys: list[str], chain: BlockHashes, seq: int) -> None:
-        arrival = Arrival(chain, len(keys), time.monotonic(), seq)
+    def send_on_arrival(self, req_id: str, keys: "LookupQuery", chain: BlockHashes, seq: int) -> None:
+        arrival = Arrival(chain, len(keys), self._clock(), seq)
         with self._arrivals_lock:
             self._arrivals[req_id] = arrival
         self.store.lookup(keys, tag=(req_id,), ring=self.answers)
@@ -80,7 +82,7 @@ class Lookups:
 
     # ---- queued (scheduler thread)
 
-    def queue(self, req_id: str, keys: list[str]) -> None:
+    def queue(self, req_id: str, keys: "LookupQuery") -> None:
         self._queued.append((req_id, keys))
 
     def send_queued(self, still_wanted: Callable[[str], bool]) -> None:

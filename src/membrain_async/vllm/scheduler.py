@@ -18,18 +18,19 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import keys
 from ..config import ConnectorConfig
 from ..cache import open_store
 from ..cache.prefix_query import PrefixQuery, Series
 from . import identity
-from .units import NULL_BLOCK_ID, KVUnit, unit_by_unit
+from .units import NULL_BLOCK_ID, KVUnit, plain_unit, unit_by_unit
 from .blockhash import BlockHashes
 from .lookups import Lookups
 from .metadata import BlockTransfer, MembrainConnectorMetadata, MembrainWorkerMetadata
 from .save_ledger import PlannedSave, SaveLedger
+from .scheduler_store import SchedulerStore
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -61,28 +62,40 @@ class _RequestState:
 
 
 class MembrainScheduler:
-    def __init__(self, config: ConnectorConfig, *, block_size: int, fingerprint: str, block_bytes: int,
-                 units: "list[KVUnit] | None" = None, unit_fingerprints: list[str] | None = None):
+    """The scheduler half's policy over a `SchedulerStore` it is handed.
+
+    `release`, if given, is called once at `shutdown()`: how whoever opened the store gives it back
+    (`from_vllm_config` passes the hold `open_store` took). Without it the caller owns the store.
+    `clock` (seconds, monotonic) times lookups against `lookup_deadline`; tests pass their own.
+    """
+
+    def __init__(self, config: ConnectorConfig, store: SchedulerStore, *, block_size: int, fingerprint: str,
+                 block_bytes: int, units: "list[KVUnit] | None" = None, unit_fingerprints: list[str] | None = None,
+                 release: Callable[[], None] | None = None, clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.block_size = block_size
         self.fingerprint = fingerprint  # the model's (KV events' ownership); keys use the units' own
-        # One unit (a plain model, whose one KV group holds every layer) unless vLLM's KV cache config says
-        # otherwise: see units.py.
-        self.units = units
+        # vLLM's KV cache groups as KV units (units.py). A plain model is one full-attention unit (what the
+        # connector passes for it, and what no units means): lookups, loads and saves go unit by unit for
+        # every model, and a plain model's answers come out as they always did.
+        self.units: list[KVUnit] = list(units) if units else [plain_unit()]
         self.unit_fingerprints = unit_fingerprints or [fingerprint]
-        # Several units, or a sliding-window one: hits and loads go unit by unit (a window's blocks below a
-        # hit are vLLM's null block). Several KV groups: vLLM only takes load failures per request
-        # (failed_recving), which exist for async loads only; block-level failures would stop its scheduler.
-        self.hybrid = units is not None and unit_by_unit(units)
+        # Where one unit of full attention still differs from the rest (kept apart on purpose):
+        # - load failures: vLLM takes failed block ids of one KV group only; with several groups or a
+        #   sliding window they go per request (failed_recving), which exists for async loads only;
+        # - the hot-tier estimate (_hot_capacity, below).
+        self.hybrid = unit_by_unit(self.units)
         self.async_loads = config.load_mode == "async" or self.hybrid
         # Lookups ask about the first shard; every shard saves and loads the same blocks.
         self.rank = identity.rank_label(0, 0)
-        self.store = open_store(config)  # held until shutdown()
+        self.store = store
+        self._release = release  # given back once, at shutdown()
+        self._clock = clock
         self._requests: dict[str, _RequestState] = {}
         self._loads: list[BlockTransfer] = []
         self._prefetch: list[BlockTransfer] = []
         self._finished: list[str] = []
-        self.lookups = Lookups(self.store, self._count)
+        self.lookups = Lookups(store, self._count, clock)
         self._step = 0
         self._ledger = SaveLedger()
         self._kv_cache_manager: "KVCacheManager | None" = None
@@ -91,8 +104,9 @@ class MembrainScheduler:
         # a block a worker has since dropped is fetched from the server, or recomputed).
         self._hot_capacity = config.local_cache_bytes // block_bytes if config.local_cache_bytes else 0
         if self.hybrid:
-            # A sliding-window unit's blocks outside a load's window are never loaded, so "this instance
-            # recently held the block" says nothing about them: always ask the server.
+            # Kept apart: a sliding-window unit's blocks outside a load's window are never loaded, so "this
+            # instance recently held the block" says nothing about them: always ask the server. (It is
+            # also off for several full-attention units, e.g. a draft model's: as it always was.)
             self._hot_capacity = 0
         # Loads granted in the step being scheduled: bounds what a worker fetches and holds at once.
         self._step_load_limit = max(1, config.step_load_bytes // block_bytes)
@@ -104,11 +118,15 @@ class MembrainScheduler:
     @classmethod
     def from_vllm_config(cls, vllm_config: "VllmConfig", config: ConnectorConfig,
                          units: "list[KVUnit]") -> "MembrainScheduler":
+        """The connector's scheduler half: over this process's shared block store, whose hold it gives back
+        at shutdown."""
         layers = sum(len(u.layer_names) for u in units)
-        return cls(config, block_size=vllm_config.cache_config.block_size,
-                   fingerprint=identity.fingerprint(vllm_config, config),
-                   block_bytes=identity.payload_bytes(vllm_config, layers),
-                   units=units, unit_fingerprints=identity.unit_fingerprints(vllm_config, config, units))
+        facts = dict(block_size=vllm_config.cache_config.block_size,
+                     fingerprint=identity.fingerprint(vllm_config, config),
+                     block_bytes=identity.payload_bytes(vllm_config, layers),
+                     units=units, unit_fingerprints=identity.unit_fingerprints(vllm_config, config, units))
+        store = open_store(config)  # last: nothing above can fail with the hold taken
+        return cls(config, store, release=store.close, **facts)
 
     # ------------------------------------------------------------------ block hashes and keys
 
@@ -120,12 +138,17 @@ class MembrainScheduler:
         return [keys.block_key(fp, self.rank, h) for h in hashes]
 
     def lookup_for(self, hashes: list[str]) -> "list[str] | PrefixQuery":
-        """What to ask the store: the keys of the one unit, or every unit's with what a hit needs of it."""
-        if not self.hybrid:
-            return self.keys_for(hashes)
-        assert self.units is not None
-        return PrefixQuery(tuple(Series(tuple(self.keys_for(hashes, u.index)), u.window_tokens) for u in self.units),
-                           self.block_size)
+        """What to ask the store: every unit's keys, with what a hit needs of each (cache.prefix_query).
+
+        A lone full-attention unit needs a leading run of its keys, which is the store's plain prefix
+        count: it is sent as its key list. Same answer as a one-series PrefixQuery, but the store answers
+        a key list with the server's prefix lookup (one round trip that stops at the first missing key,
+        and warms the server's disk tier), a PrefixQuery by asking whether each key exists.
+        """
+        keys = [self.keys_for(hashes, u.index) for u in self.units]
+        if len(self.units) == 1 and self.units[0].window_tokens is None:
+            return keys[0]
+        return PrefixQuery(tuple(Series(tuple(k), u.window_tokens) for k, u in zip(keys, self.units)), self.block_size)
 
     def _loadable_blocks(self, request: "Request") -> int:
         # At least one prompt token must be computed, so a hit never covers the last token.
@@ -168,7 +191,7 @@ class MembrainScheduler:
             if arrival.answer is not None:
                 st.answer_outcome, st.answer = arrival.answer
             return
-        st.lookup_started = time.monotonic()
+        st.lookup_started = self._clock()
         st.lookup_seq = self._ledger.now()
         # Sent at vLLM's next pass, with every request that arrived meanwhile (lookups.py).
         self.lookups.queue(request.request_id, self.lookup_for(hashes))
@@ -195,7 +218,7 @@ class MembrainScheduler:
             # answer lands between vLLM's questions about them.
             self.lookups.drain_once(self._deliver)
             if not st.answer_outcome:
-                if time.monotonic() - st.lookup_started < self.config.lookup_deadline:
+                if self._clock() - st.lookup_started < self.config.lookup_deadline:
                     self.lookups.waited()
                     self._queue_prefetch(st, num_computed_tokens)
                     return None, False  # ask again next step; the engine keeps running
@@ -205,7 +228,7 @@ class MembrainScheduler:
             st.stored_blocks = max(st.hot_blocks, min(st.answer or 0, st.lookup_blocks))
             if self.events is not None and st.lookup_seq is not None:
                 self.events.lookup_missing(st.chain.hashes, st.answer or 0, st.lookup_blocks, st.lookup_seq)
-            self._count("lookup_ms", 1e3 * (time.monotonic() - st.lookup_started))
+            self._count("lookup_ms", 1e3 * (self._clock() - st.lookup_started))
             self._count("lookups")
             if st.answer_outcome == "timeout":
                 self._count("lookup_timeouts")
@@ -261,20 +284,25 @@ class MembrainScheduler:
 
     def _load_plan(self, req_id: str, tables: tuple, hashes: list[str], first: int, n: int) -> BlockTransfer:
         """Blocks first..first+n of every unit, position by position. A sliding-window unit's blocks below
-        the window before the hit are vLLM's null block: nothing is loaded into them."""
-        if not self.hybrid:
-            return BlockTransfer(req_id, list(tables[0][first : first + n]), hashes[first : first + n])
-        assert self.units is not None
+        the window before the hit are vLLM's null block: nothing is loaded into them. (A full-attention
+        table never holds the null block: a plain model loads its table's blocks first..first+n.)"""
         plan = BlockTransfer(req_id, [], [], [])
         hit = first + n
+        needed = [(u, u.first_needed_block(hit * self.block_size, self.block_size)) for u in self.units]
         for b in range(first, hit):
-            for u in self.units:
+            for u, start in needed:
                 block_id = tables[u.group][b]
-                if block_id == NULL_BLOCK_ID or b < u.first_needed_block(hit * self.block_size, self.block_size):
+                if block_id == NULL_BLOCK_ID or b < start:
                     continue
                 plan.block_ids.append(block_id)
                 plan.hashes.append(hashes[b])
                 plan.units.append(u.index)
+        return self._compact(plan)
+
+    def _compact(self, plan: BlockTransfer) -> BlockTransfer:
+        """One unit: every entry is unit 0, which BlockTransfer says with no units list (less to pickle)."""
+        if len(self.units) == 1:
+            plan.units = []
         return plan
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> MembrainConnectorMetadata:
@@ -328,6 +356,9 @@ class MembrainScheduler:
         Under the recompute policy vLLM keeps them cached, expecting the failed request to refill them;
         if it is aborted or preempted first, or another request is scheduled before the refill, they
         would be served as if valid. Requests that hold them keep them (eviction only drops the hash).
+
+        Block-level failures come with one KV group only (a plain model, table 0): with several, or a
+        sliding window, vLLM takes failures per request (failed_recving), and this is not reached.
         """
         manager = self._kv_cache_manager
         if manager is None:
@@ -405,7 +436,7 @@ class MembrainScheduler:
                 planned = self._ledger.plan(self._step, req_id, first_planned, plan_hashes, block_ids)
                 if self.events is not None:
                     self.events.planned(planned, req, st.chain.hashes)
-                saves.append(plan)
+                saves.append(self._compact(plan))
                 self._remember_hot(plan_hashes)
                 self._count("save_blocks_planned", len(plan.block_ids))
         return saves
@@ -413,12 +444,8 @@ class MembrainScheduler:
     def _plan_position(self, plan: BlockTransfer, tables: tuple, b: int, h: str) -> None:
         """Block `b` of every unit into a save plan. Every unit saves every block it still holds: a later
         hit may end at any block, and a sliding-window unit's window before it is then needed. A block
-        vLLM already freed (outside the window) or never filled (a load's window) is the null block."""
-        if not self.hybrid:
-            plan.block_ids.append(tables[0][b])
-            plan.hashes.append(h)
-            return
-        assert self.units is not None
+        vLLM already freed (outside the window) or never filled (a load's window) is the null block (never
+        in a full-attention table)."""
         for u in self.units:
             block_id = tables[u.group][b]
             if block_id != NULL_BLOCK_ID:
@@ -482,6 +509,6 @@ class MembrainScheduler:
         self._ledger.clear()
 
     def shutdown(self) -> None:
-        store, self.store = self.store, None  # one hold, given back once
-        if store is not None:
-            store.close()
+        release, self._release = self._release, None  # given back once
+        if release is not None:
+            release()

@@ -21,6 +21,10 @@ COUNTERS = {
     ),
     "lookup_jobs": ("vllm:membrain_lookup_jobs", "Lookup jobs sent (requests that arrive together share one)"),
     "lookup_errors": ("vllm:membrain_lookup_errors", "Lookups refused or failed otherwise; served as misses"),
+    "hot_lookups": (
+        "vllm:membrain_hot_lookups",
+        "Requests not looked up: this instance had recently loaded or saved every block asked about (its hot tier)",
+    ),
     "query_tokens": ("vllm:membrain_query_tokens", "Prompt tokens asked about (beyond the local prefix cache)"),
     "hit_tokens": ("vllm:membrain_hit_tokens", "Prompt tokens loaded from Membrain instead of computed"),
     "hit_blocks": ("vllm:membrain_hit_blocks", "Blocks loaded from Membrain"),
@@ -54,6 +58,10 @@ COUNTERS = {
     ),
     "saves_unconfirmed": (
         "vllm:membrain_saves_unconfirmed", "Staged saves dropped because their step's verdict never came (or at shutdown)"
+    ),
+    "reloads_recomputed": (
+        "vllm:membrain_reloads_recomputed",
+        "Requests whose Membrain hit failed to load: recomputed from the first failed block, never loaded again",
     ),
     "evicted_unfilled_blocks": (
         "vllm:membrain_evicted_unfilled_blocks",

@@ -98,6 +98,12 @@ def units_of(kv_cache_config: "KVCacheConfig | None", block_size: int) -> list[K
     return units
 
 
+def plain_unit() -> KVUnit:
+    """A plain model's one unit, for a scheduler half built without units (tests): full attention, unit 0 of
+    group 0. The connector always passes the units of vLLM's KV cache config."""
+    return KVUnit(0, 0, "full", (), None, False, "")
+
+
 def unit_by_unit(units: "list[KVUnit]") -> bool:
     """Several units, or a sliding-window one: hits, loads and saves go unit by unit (a window's blocks below
     a hit are vLLM's null block), and load failures go per request (vLLM takes block ids of one group only)."""
