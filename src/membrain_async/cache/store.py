@@ -44,6 +44,7 @@ from ..config import ConnectorConfig
 from ..runtime.executor import Executor
 from ..runtime.future import MembrainFuture
 from ..runtime.ring import CompletionRing
+from .outcome import Outcome, classify
 from .prefix_query import PrefixQuery, hit_blocks
 from .hot import HotTier
 from .remote import RemoteTier, make_client
@@ -331,9 +332,8 @@ class BlockStore:
     def _job_ended(self, kind: str, outcome: str, value: Any, latency: float) -> str:
         """Executor observer (runtime thread), before the job's future is set. Returns the outcome the
         completion ring reports: "unavailable" for a job the unreachable server failed."""
-        if outcome == "error" and isinstance(value, MembrainUnavailable):
-            outcome = "unavailable"
-        elif outcome == "timeout":
+        outcome = Outcome.CANCELLED if outcome == "cancelled" else classify(value if outcome != "ok" else None)
+        if outcome is Outcome.TIMEOUT:
             if kind == "lookup":
                 self.stats.lookup_timeouts += 1
             elif kind in ("fetch", "load"):

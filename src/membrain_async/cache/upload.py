@@ -18,6 +18,7 @@ from .. import telemetry
 from ..client.errors import MembrainUnavailable
 from ..config import ConnectorConfig
 from .hot import HotTier
+from .outcome import Outcome
 from .remote import RemoteTier
 from .stats import StoreStats
 from .write_behind import PendingSave
@@ -60,21 +61,22 @@ class Uploader:
                     if todo:
                         stored = await self.remote.put_many(todo, [by_key[k].parts for k in todo])
             except MembrainUnavailable:
-                outcome = "unavailable"
+                outcome = Outcome.UNAVAILABLE
                 self.stats.saves_unavailable += len(todo)
             except Exception as exc:  # TimeoutError, refusals: a save is best effort
                 log.debug("membrain save batch failed: %r", exc)
-                outcome = "error"
+                outcome = Outcome.ERROR
             else:
-                outcome = "ok" if stored == len(todo) else "partial"
+                outcome = Outcome.OK if stored == len(todo) else Outcome.FAILED
             # Each save's own outcome, for its submitter's ring. put_many reports only how many it stored:
             # in a partial batch the first `stored` are taken as the stored ones (the counts are exact).
             sent = set(todo)
             for i, k in enumerate(todo):
-                by_key[k].outcome = "ok" if i < stored else ("unavailable" if outcome == "unavailable" else "failed")
+                by_key[k].outcome = Outcome.OK if i < stored else (
+                    Outcome.UNAVAILABLE if outcome is Outcome.UNAVAILABLE else Outcome.FAILED)
             for k in keys:
                 if k not in sent:
-                    by_key[k].outcome = "present"
+                    by_key[k].outcome = Outcome.PRESENT
             if self.hot is not None:
                 for k in keys:
                     parts = by_key[k].parts
@@ -96,4 +98,4 @@ class Uploader:
         """A batch never uploaded (its prepare hook failed): counted as failed."""
         self.stats.saves_failed += len(saves)
         for item in saves:
-            item.outcome = "failed"
+            item.outcome = Outcome.FAILED

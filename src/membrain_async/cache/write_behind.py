@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import anyio
 
 from ..runtime.ring import Completion
+from .outcome import Outcome
 
 log = logging.getLogger("membrain.runtime")
 
@@ -40,7 +41,7 @@ class PendingSave:
     prepare: Callable[[], None] | None  # runs before the upload, off the caller's thread
     ring: Any = None  # CompletionRing: gets Completion("save", tag, key, outcome) when the save ended
     # ok | present (the server held it) | failed | unavailable | dropped (never sent: shutdown, a bad hook)
-    outcome: str = ""
+    outcome: Outcome | None = None
 
 
 # upload(saves, nbytes): one batch, one save per key; must not raise for a failed upload (it counts it).
@@ -130,7 +131,7 @@ class WriteBehind:
                 with self._lock:
                     self._bytes -= size
                 for item in batch:  # an earlier write of a key shares the fate of the one sent
-                    item.outcome = item.outcome or last[item.key].outcome or "dropped"
+                    item.outcome = item.outcome or last[item.key].outcome or Outcome.DROPPED
                 release(batch)
 
     async def drain(self) -> None:
@@ -144,7 +145,7 @@ class WriteBehind:
         """The thread is ending: release whatever is still queued; returns how many saves that was."""
         dropped = len(self._queue)
         for item in self._queue:
-            item.outcome = "dropped"
+            item.outcome = Outcome.DROPPED
         release(self._queue)
         self._queue.clear()
         with self._lock:
@@ -156,7 +157,7 @@ def release(saves) -> None:
     """The saves' bytes are free again, and their outcomes go to their submitters' rings."""
     for item in saves:
         if item.ring is not None:
-            item.ring.push(Completion("save", item.tag, item.key, item.outcome or "dropped"))
+            item.ring.push(Completion("save", item.tag, item.key, item.outcome or Outcome.DROPPED))
         if item.on_done is not None:
             try:
                 item.on_done()

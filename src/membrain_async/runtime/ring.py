@@ -18,7 +18,7 @@ class Completion:
     kind: str  # "lookup" | "fetch" | "prefetch" | "save" | ...
     tag: Any  # the caller's tag, usually a request id
     value: Any  # the result, or the exception for outcome "error"
-    outcome: str  # "ok" | "error" | "unavailable" (the server could not be reached) | "timeout" | "cancelled" | "dropped"
+    outcome: str  # how it ended; for the block store's jobs a cache.outcome.Outcome (ok, unavailable, timeout, ...)
     latency_s: float = 0.0
 
 

@@ -26,12 +26,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from ..cache.outcome import Outcome
 from ..cache.prefix_query import PrefixQuery, hit_blocks
 from ..client.errors import MembrainRequestError, MembrainUnavailable
 from ..runtime.future import MembrainFuture
 from ..runtime.ring import Completion, CompletionRing
 
-OUTCOMES = ("ok", "unavailable", "timeout", "error", "cancelled")
+OUTCOMES = (Outcome.OK, Outcome.UNAVAILABLE, Outcome.TIMEOUT, Outcome.ERROR, Outcome.CANCELLED)
 
 
 @dataclass
@@ -112,6 +113,7 @@ class FakeSchedulerStore:
         return done
 
     def _complete(self, job: FakeLookup, outcome: str, latency_s: float) -> None:
+        outcome = Outcome(outcome)
         job.outcome = outcome
         value: Any
         if outcome == "ok":

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .. import codec
-from ..client.errors import MembrainUnavailable
+from ..cache.outcome import Outcome, classify
 from ..runtime import Completion, CompletionRing
 from .metadata import BlockTransfer
 from .movers import PageMover
@@ -45,9 +45,9 @@ class LoadOutcome:
     block_ids: list[int]
     loaded: int = 0  # leading blocks copied in and valid
     loaded_bytes: int = 0
-    why: str = ""  # for the blocks after `loaded`: missing | corrupt | timeout | unavailable | error | cancelled
+    why: Outcome = Outcome.OK  # what stopped the blocks after `loaded` (OK: every block loaded)
     corrupt_keys: list[str] = field(default_factory=list)
-    missing_hash: str = ""  # why == "missing": the chain hash of the first block the server lacked
+    missing_hash: str = ""  # why is MISSING: the chain hash of the first block the server lacked
     seconds: float = 0.0
 
     @property
@@ -68,7 +68,7 @@ class _Ticket:
         self.future = None
         self.started = time.perf_counter()
         self.ended = threading.Event()
-        self.stop_reason = "cancelled"  # what a stop before the copy is reported as
+        self.stop_reason = Outcome.CANCELLED  # what a stop before the copy is reported as
 
 
 class PageLoader:
@@ -124,7 +124,7 @@ class PageLoader:
             if ticket is None:
                 continue
             if not ticket.ended.wait(max(0.0, end - time.monotonic())):
-                ticket.stop_reason = "timeout"  # late for the forward that needs it: recomputed
+                ticket.stop_reason = Outcome.TIMEOUT  # late for the forward that needs it: recomputed
                 ticket.future.cancel()
                 ticket.ended.wait()  # only a running copy is left: it is never abandoned
 
@@ -156,7 +156,7 @@ class PageLoader:
 
     def _finish(self, ticket: _Ticket, outcome: LoadOutcome) -> None:
         outcome.seconds = time.perf_counter() - ticket.started
-        self.ring.push(Completion("load", ticket, outcome, "ok" if not outcome.why else outcome.why))
+        self.ring.push(Completion("load", ticket, outcome, outcome.why))
         ticket.ended.set()
         self.ended.set()
 
@@ -166,16 +166,8 @@ class PageLoader:
             if ticket.state != _WAITING:
                 return  # the copy ran, or runs: it reports
             ticket.state = _DONE
-        if future.cancelled():
-            why = ticket.stop_reason
-        else:
-            exc = future.exception()
-            if isinstance(exc, TimeoutError):
-                why = "timeout"
-            elif isinstance(exc, MembrainUnavailable):
-                why = "unavailable"  # the server could not be reached: not a miss, not a corrupt page
-            else:
-                why = "error"
+        # An unreachable server is UNAVAILABLE: not a miss, not a corrupt page (classify decides, once).
+        why = ticket.stop_reason if future.cancelled() else classify(future.exception() or RuntimeError())
         self._finish(ticket, LoadOutcome(ticket.load.req_id, list(ticket.load.block_ids), why=why))
 
     def _copy(self, ticket: _Ticket, values: list) -> LoadOutcome | None:
@@ -190,7 +182,8 @@ class PageLoader:
             self._check_and_copy(ticket, values, outcome)
         except Exception:  # a bug or a device error: nothing after `loaded` is trusted
             log.exception("Membrain: copying the pages of request %s failed", load.req_id)
-            outcome.why = outcome.why or "error"
+            if outcome.why is Outcome.OK:
+                outcome.why = Outcome.ERROR
         finally:
             with ticket.lock:
                 ticket.state = _DONE
@@ -203,7 +196,7 @@ class PageLoader:
         good = good_bytes = 0
         for i, (block_id, block_hash, value) in enumerate(zip(load.block_ids, load.hashes, values)):
             if value is None:
-                outcome.why = "missing"
+                outcome.why = Outcome.MISSING
                 outcome.missing_hash = block_hash
                 break
             unit = load.unit(i)
@@ -211,14 +204,14 @@ class PageLoader:
                 check_block(self.movers[unit].layout, value, self.key_of(block_hash, unit))
             except codec.PayloadError as exc:
                 log.warning("Membrain: block %s of request %s failed its check (%s); recomputing", i, load.req_id, exc)
-                outcome.why = "corrupt"
+                outcome.why = Outcome.CORRUPT
                 outcome.corrupt_keys = self._corrupt_keys(load, values, i)
                 break
             good_ids.setdefault(unit, []).append(block_id)
             good += 1
             good_bytes += len(value)
-        if good < len(load.block_ids) and not outcome.why:
-            outcome.why = "missing"  # fewer values than blocks
+        if good < len(load.block_ids) and outcome.why is Outcome.OK:
+            outcome.why = Outcome.MISSING  # fewer values than blocks
             outcome.missing_hash = load.hashes[good]
         for unit, ids in good_ids.items():  # the good blocks lead each unit's slots: one copy per layer
             self.movers[unit].load(ids, ticket.hosts[unit])

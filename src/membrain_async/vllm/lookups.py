@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..cache.outcome import Outcome
 from ..runtime import CompletionRing
 from .blockhash import BlockHashes
 
@@ -43,7 +44,7 @@ class Arrival:
     lookup_blocks: int
     started: float
     seq: int
-    answer: tuple[str, Any] | None = None  # (outcome, count), if it landed before the request was added
+    answer: tuple[Outcome, Any] | None = None  # (outcome, count), if it landed before the request was added
 
 
 # deliver(request id, outcome, leading blocks found or None) -> False if the request is not known (yet).
@@ -107,17 +108,18 @@ class Lookups:
             return
         self._drained = True
         for done in self.answers.poll():
-            counts = done.value if done.outcome == "ok" else None
+            outcome = Outcome(done.outcome)
+            counts = done.value if outcome is Outcome.OK else None
             self._count("lookup_rtt_ms", 1e3 * done.latency_s)  # the round trip alone, not the steps waited
             self._count("lookup_jobs", 1)
             for i, req_id in enumerate(done.tag):
                 count = None if counts is None else counts if isinstance(counts, int) else counts[i]
-                if deliver(req_id, done.outcome, count):
+                if deliver(req_id, outcome, count):
                     continue
                 with self._arrivals_lock:  # sent on arrival, not added yet (or finished meanwhile)
                     arrival = self._arrivals.get(req_id)
                     if arrival is not None:
-                        arrival.answer = (done.outcome, count)
+                        arrival.answer = (outcome, count)
 
     def waited(self) -> None:
         """A request of this pass sits out for its answer."""

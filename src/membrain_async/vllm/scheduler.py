@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .. import keys
 from ..config import ConnectorConfig
+from ..cache.outcome import Outcome
 from ..cache import open_store
 from ..cache.prefix_query import PrefixQuery, Series
 from . import identity
@@ -49,7 +50,7 @@ class _RequestState:
     request: "Request"
     chain: BlockHashes
     answer: int | None = None  # leading blocks the lookup found (None: no answer yet, or it failed)
-    answer_outcome: str = ""  # the lookup job's outcome once it ended ("ok", "error", "timeout", ...)
+    answer_outcome: Outcome | None = None  # the lookup job's outcome once it ended (None: not yet)
     lookup_started: float = 0.0
     lookup_blocks: int = 0  # how many leading blocks the lookup asked about
     lookup_seq: int | None = None  # the save ledger's clock when the lookup was sent (None: no answer)
@@ -199,11 +200,11 @@ class MembrainScheduler:
     def _is_waiting(self, req_id: str) -> bool:
         return req_id in self._requests
 
-    def _deliver(self, req_id: str, outcome: str, count: int | None) -> bool:
+    def _deliver(self, req_id: str, outcome: Outcome, count: int | None) -> bool:
         st = self._requests.get(req_id)
         if st is None:
             return False
-        if not st.answer_outcome:  # else already given up on at the deadline
+        if st.answer_outcome is None:  # else already given up on at the deadline
             st.answer_outcome, st.answer = outcome, count
         return True
 
@@ -217,12 +218,12 @@ class MembrainScheduler:
             # Once per pass: two requests looked up in one job are scheduled in one step even when the
             # answer lands between vLLM's questions about them.
             self.lookups.drain_once(self._deliver)
-            if not st.answer_outcome:
+            if st.answer_outcome is None:
                 if self._clock() - st.lookup_started < self.config.lookup_deadline:
                     self.lookups.waited()
                     self._queue_prefetch(st, num_computed_tokens)
                     return None, False  # ask again next step; the engine keeps running
-                st.answer_outcome = "timeout"  # a late answer is ignored
+                st.answer_outcome = Outcome.TIMEOUT  # a late answer is ignored
             if st.answer is None:
                 st.lookup_seq = None  # no answer: "missing" is not known, so it proves nothing
             st.stored_blocks = max(st.hot_blocks, min(st.answer or 0, st.lookup_blocks))
@@ -230,11 +231,11 @@ class MembrainScheduler:
                 self.events.lookup_missing(st.chain.hashes, st.answer or 0, st.lookup_blocks, st.lookup_seq)
             self._count("lookup_ms", 1e3 * (self._clock() - st.lookup_started))
             self._count("lookups")
-            if st.answer_outcome == "timeout":
+            if st.answer_outcome is Outcome.TIMEOUT:
                 self._count("lookup_timeouts")
-            elif st.answer_outcome == "unavailable":
+            elif st.answer_outcome is Outcome.UNAVAILABLE:
                 self._count("lookup_unavailable")
-            elif st.answer_outcome != "ok":
+            elif st.answer_outcome is not Outcome.OK:
                 self._count("lookup_errors")
         hit_blocks = min(st.stored_blocks, self._loadable_blocks(request))
         local_blocks = num_computed_tokens // self.block_size

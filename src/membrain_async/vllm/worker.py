@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .. import keys
 from ..config import ConnectorConfig
 from ..cache import open_store
+from ..cache.outcome import Outcome
 from ..runtime import CompletionRing
 from . import identity, kv_events
 from .units import KVUnit, unit_by_unit
@@ -145,7 +146,7 @@ class MembrainWorker:
                 self.loader.cancel(finished)
         if self.loader is None:  # no usable layout: every load fails, and vLLM recomputes
             for load in meta.loads:
-                self._fail(load.req_id, load.block_ids, "error")
+                self._fail(load.req_id, load.block_ids, Outcome.ERROR)
                 if self.async_loads:
                     self._finished_recving.add(load.req_id)
             return
@@ -182,9 +183,9 @@ class MembrainWorker:
                 self.store.forget(outcome.corrupt_keys)
             if outcome.missing_hash and self._report_missing:
                 self._missing.append(outcome.missing_hash)
-            if outcome.why == "cancelled":  # the request finished or was aborted: nothing to recompute
+            if outcome.why is Outcome.CANCELLED:  # the request finished or was aborted: nothing to recompute
                 self._count("loads_cancelled")
-            elif outcome.why:
+            elif outcome.why is not Outcome.OK:
                 self._fail(outcome.req_id, outcome.failed_block_ids, outcome.why)
                 if self.hybrid:  # block ids are per group there: vLLM takes the request, and recomputes it
                     self._failed_recving.add(outcome.req_id)
@@ -206,7 +207,7 @@ class MembrainWorker:
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads complete before the forward that reads them (sync) or before vLLM schedules it (async)
 
-    def _fail(self, req_id: str, block_ids: list[int], why: str) -> None:
+    def _fail(self, req_id: str, block_ids: list[int], why: Outcome) -> None:
         # vLLM truncates the request's computed tokens at the first bad block and recomputes from there.
         # Hybrid models: block ids are per group, so the request is reported failed instead.
         if not self.hybrid:
@@ -319,9 +320,9 @@ class MembrainWorker:
     def take_stats(self) -> dict[str, float]:
         # Upload outcomes come back through this worker's completion ring (never waited for).
         for done in self._upload_ring.poll():
-            if done.outcome in ("ok", "present"):
+            if done.outcome in (Outcome.OK, Outcome.PRESENT):
                 self._count("uploaded_blocks")
-            elif done.outcome == "dropped":
+            elif done.outcome is Outcome.DROPPED:
                 self._count("uploads_dropped")
             else:
                 self._count("upload_failed_blocks")
