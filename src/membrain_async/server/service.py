@@ -105,13 +105,19 @@ class Service:
         slots: list[Slot | None] = []
         deadline = None if self.disk is None else anyio.current_time() + SPILL_WAIT  # one wait per request
         store = self.store
+        pending = 0  # this request's bytes not committed yet: its namespace's quota counts them
         try:
             for key, size in zip(keys, sizes):
                 if store.fits(size) and not store.admit(ns, key, size):
                     slots.append(None)
                     continue
-                slot = store.alloc(size, ns) if self.disk is None else await self.disk.alloc(size, deadline, ns)
-                if slot is None:
+                if self.disk is None:
+                    slot = store.alloc(size, ns, pending)
+                else:
+                    slot = await self.disk.alloc(size, deadline, ns, pending)
+                if slot is not None:
+                    pending += size
+                else:
                     if self.store.fits(size):
                         self.store.totals.no_room += 1
                     else:

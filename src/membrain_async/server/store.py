@@ -121,9 +121,10 @@ class Store:
         self.totals.refused += 1
         return False
 
-    def alloc(self, size: int, ns: str | None = None) -> Slot | None:
+    def alloc(self, size: int, ns: str | None = None, pending: int = 0) -> Slot | None:
         """A slot for an incoming value (of namespace `ns`), evicting least recently used values for it:
-        first the namespace's own if that puts it past its quota, then across all namespaces.
+        first the namespace's own if that puts it past its quota (`pending`: bytes of the same request
+        allocated but not committed yet), then across all namespaces.
 
         None if the value can never fit, or if no slot frees up without waiting (readers' pins, values
         waiting for their disk write: `spill_pending` says how much of that is coming back).
@@ -132,7 +133,7 @@ class Store:
             return None
         if ns is not None and ns in self.quotas:
             own, stats, quota = self._own[ns], self._ns(ns), self.quotas[ns]
-            while own and stats.bytes + size > quota:
+            while own and stats.bytes + pending + size > quota:
                 self._evict(next(iter(own.values())))
         need = size_class(size)
         while True:
