@@ -27,6 +27,31 @@ from .arena import Arena, Slot, size_class
 from .eviction import AdmitAll, fingerprint, make_policy
 
 
+# What memory comes on top of --capacity (the arena holds values only). Measured with tracemalloc, 64-character
+# keys, full store after churn (tests/test_memory_bound.py keeps these upper bounds honest): the index entry,
+# its slot and views, the key strings; with an admission filter also its fingerprints (up to 2 generations
+# of 2 x capacity). PROCESS_BYTES: RSS of an empty server (interpreter, event loop, libraries).
+BOOKKEEPING_PER_VALUE = 950
+BOOKKEEPING_PER_VALUE_FILTER = 300
+PROCESS_BYTES = 35 << 20
+
+
+def bookkeeping_per_value(policy: str) -> int:
+    return BOOKKEEPING_PER_VALUE + (0 if policy == "lru" else BOOKKEEPING_PER_VALUE_FILTER)
+
+
+def memory_line(capacity: int, policy: str) -> str:
+    """The start-up line's account of memory beyond --capacity, with the total at capacity for two value sizes."""
+    per = bookkeeping_per_value(policy)
+    examples = []
+    for size, name in ((4 << 10, "4 KiB"), (2 << 20, "2 MiB")):
+        values = capacity // size
+        extra = PROCESS_BYTES + values * per
+        examples.append(f"{name} values: {values} of them, +{extra / 2**20:.0f} MiB ({extra / capacity:.1%})")
+    return (f"memory beyond --capacity: about {PROCESS_BYTES >> 20} MiB for the process + {per} bytes per stored value "
+            f"(--eviction {policy}); full with " + "; with ".join(examples))
+
+
 class Entry:
     """One stored value. `live` turns False once it leaves the index (evicted, replaced, deleted)."""
 
@@ -345,6 +370,7 @@ class Store:
                 no_room=self.totals.no_room,
                 refused=self.totals.refused,
                 eviction=self.policy.stats(),
+                bookkeeping_estimate=PROCESS_BYTES + len(self._values) * bookkeeping_per_value(self.policy.name),
                 arena=self.arena.stats(),
             )
         return out
