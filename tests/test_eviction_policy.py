@@ -114,3 +114,24 @@ async def test_server_applies_the_chosen_policy_over_the_bulk_path():
             stats = await client.server_stats()
     assert stats["eviction"]["policy"] == "second-sight"
     assert stats["refused"] == 2 and stats["namespaces"]["ns"]["refused"] == 2
+
+
+@pytest.mark.anyio
+async def test_with_a_disk_tier_admitted_values_are_demoted_and_refused_ones_stored_nowhere(tmp_path):
+    """Admission is decided once, at the put: RAM's victims (LRU order among admitted values) go to disk;
+    a value the policy refused is on neither tier."""
+    value = bytes(64 << 10)
+    keys = [f"k{i}" for i in range(32)]  # twice what RAM holds
+    with embedded_server(capacity="1MiB", eviction="second-sight", disk_path=str(tmp_path / "disk"),
+                         disk_capacity="16MiB") as srv:
+        async with MembrainClient(srv.url, namespace="ns") as client:
+            for key in keys:
+                await client.put_many([key, key], [value, value])  # second sight within the request
+            assert await client.put_many(["once"], [value]) == 0
+            got = []
+            for i in range(0, len(keys) + 1, 4):  # a few at a time: one get's values must fit in RAM together
+                got += await client.get_many((keys + ["once"])[i:i + 4])
+            stats = await client.server_stats()
+    assert [i for i, v in enumerate(got[:-1]) if v is None or bytes(v) != value] == [], stats
+    assert got[-1] is None
+    assert stats["tiers"]["ram"]["evictions"] >= 16 and stats["tiers"]["disk"]["hits"] >= 16
