@@ -116,6 +116,17 @@ async def test_server_applies_the_chosen_policy_over_the_bulk_path():
     assert stats["refused"] == 2 and stats["namespaces"]["ns"]["refused"] == 2
 
 
+def test_http_put_refused_by_the_policy_is_202_not_an_error():
+    import httpx
+
+    with embedded_server(capacity="1MiB", eviction="second-sight") as srv:
+        with httpx.Client(base_url=srv.url) as c:
+            assert c.put("/memory/ns/k", content=b"v").status_code == 202
+            assert c.get("/memory/ns/k").status_code == 404
+            assert c.put("/memory/ns/k", content=b"v").status_code == 201
+            assert c.get("/memory/ns/k").content == b"v"
+
+
 @pytest.mark.anyio
 async def test_with_a_disk_tier_admitted_values_are_demoted_and_refused_ones_stored_nowhere(tmp_path):
     """Admission is decided once, at the put: RAM's victims (LRU order among admitted values) go to disk;
