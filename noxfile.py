@@ -147,6 +147,16 @@ RELIABILITY_TESTS = [
 
 
 @nox.session(python=PYTHON)
+def replay(session: nox.Session) -> None:
+    """Mooncake's FAST'25 traces replayed against membrain serve (each --eviction policy) and Redis, beside
+    exact-LRU and Belady simulations: bench/results/trace_replay.json, the README's "What stays in the store"."""
+    ensure_debian_packages(session, ["redis-server"])
+    install(session, "redis")
+    session.run("python", "bench/trace_bench.py", "--json", "bench/results/trace_replay.json", *session.posargs)
+    session.run("python", "bench/admission_cost.py", "--json", "bench/results/admission_cost.json")
+
+
+@nox.session(python=PYTHON)
 def reliability(session: nox.Session) -> None:
     """Faults, hostile input and tenants, with figures: bench/results/reliability.{json,md}."""
     ensure_debian_packages(session, TEST_DEBIAN_PACKAGES)

@@ -22,6 +22,9 @@ __all__ = [
 ]
 
 
+EVICTION_POLICIES = ("adaptive", "lru", "second-sight")  # server/eviction.py implements them
+
+
 class ConfigError(ValueError):
     """A setting has a value we cannot use; the message names the setting."""
 
@@ -128,7 +131,15 @@ class ServerConfig(_Settings):
     host: str = _setting("127.0.0.1", "MEMBRAIN_HOST", "Address to listen on. Loopback unless told otherwise.")
     port: int = _setting(9201, "MEMBRAIN_PORT", "Port for the HTTP API and the bulk protocol (sniffed on the same port).", int)
     capacity: int = _setting(
-        1 << 30, "MEMBRAIN_CAPACITY", "Bytes of values the store may hold; least recently used values are evicted beyond it.", parse_size
+        1 << 30, "MEMBRAIN_CAPACITY", "Bytes of values the store may hold; least recently used values are evicted beyond it. "
+        "Bookkeeping comes on top: the start-up line states it per key and at capacity.", parse_size
+    )
+    eviction: str = _setting(
+        "adaptive",
+        "MEMBRAIN_EVICTION",
+        "Which puts the RAM tier stores (eviction is LRU among them): adaptive (admit new keys on second sight "
+        "while miniature simulations of both say that wins, else all), lru (admit all), second-sight (always).",
+        str,
     )
     max_value_bytes: int = _setting(
         64 << 20, "MEMBRAIN_MAX_VALUE_BYTES", "Largest single value (HTTP body or bulk item) accepted; larger gets 413.", parse_size
@@ -169,6 +180,8 @@ class ServerConfig(_Settings):
 
     def validate(self) -> None:
         _positive("capacity", self.capacity)
+        if self.eviction not in EVICTION_POLICIES:
+            raise ConfigError(f"eviction must be one of {', '.join(EVICTION_POLICIES)}, got {self.eviction!r}")
         if self.disk_path and self.disk_capacity < (1 << 20):
             raise ConfigError(
                 f"disk_path needs disk_capacity of at least 1MiB (got {self.disk_capacity} bytes): "

@@ -213,7 +213,7 @@ class PerKeyTransport:
         async def one(i: int) -> bool:
             r = await self.http.put(api.memory_path(ns, keys[i]), content=b"".join(value_parts(values[i])))
             raise_for_status(r)
-            return True
+            return r.status_code != 202  # 202: the server's admission policy did not store it
 
         return sum(await _per_key(range(len(keys)), one))
 

@@ -5,7 +5,7 @@ Routes
     GET    /v1/info                      version, capabilities, limits, bulk endpoint
     GET    /v1/stats                     per-namespace counters (JSON)
     GET    /metrics                      Prometheus text format
-    PUT    /memory/{ns}/{key}            raw bytes body; 201 created, 200 overwritten
+    PUT    /memory/{ns}/{key}            raw bytes body; 201 created, 200 overwritten, 202 not stored (--eviction)
     GET    /memory/{ns}/{key}            raw bytes, 404 on a miss
     HEAD   /memory/{ns}/{key}            200 with Content-Length, 404 on a miss
     DELETE /memory/{ns}/{key}            204, 404 on a miss

@@ -21,6 +21,7 @@ from ..tls import server_context
 from .bulk import BulkConnection
 from .http import HttpConnection
 from .service import Service
+from .store import memory_line
 
 log = logging.getLogger("membrain.server")
 
@@ -94,6 +95,7 @@ class MembrainServer:
         listener = self._listen()
         log.info("membrain serving on %s (capacity %d bytes, auth %s, tls %s)", self.url, self.config.capacity,
                  "on" if self.service.auth.enabled else "off", "on" if self.tls else "off")
+        log.info("%s", memory_line(self.config.capacity, self.config.eviction))
         disk = self.service.disk
         if disk is not None:
             log.info("disk tier at %s: %s, capacity %d bytes, %d values reopened", disk.directory, disk.state,

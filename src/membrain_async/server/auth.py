@@ -3,12 +3,14 @@
 Auth file (JSON):
 
     {"tokens": [
-        {"token": "tenant-a-secret", "namespaces": ["tenant-a"], "scope": "readwrite"},
+        {"token": "tenant-a-secret", "namespaces": ["tenant-a"], "scope": "readwrite", "quota": "25%"},
         {"token": "tenant-b-reader", "namespaces": ["tenant-b"], "scope": "read"},
         {"token": "ops-secret",      "namespaces": ["*"],        "scope": "read"}
     ]}
 
-A token covering "*" may also read server-wide stats and metrics. Tokens are compared in constant time
+A token covering "*" may also read server-wide stats and metrics. `quota` (optional: "25%" or 0.25) gives each
+namespace of the entry that share of --capacity: a namespace past its share evicts its own values first
+(store.py). A namespace named with several quotas gets the smallest. Tokens are compared in constant time
 (every token is checked, through fixed-length digests) and never logged.
 """
 
@@ -44,6 +46,17 @@ class Grant:
         return "*" in self.namespaces or ns in self.namespaces
 
 
+def _share(value, i: int) -> float:
+    """A quota as a share of capacity: 0.25 or "25%"."""
+    try:
+        share = float(value[:-1]) / 100 if isinstance(value, str) and value.endswith("%") else float(value)
+    except (TypeError, ValueError):
+        share = -1.0
+    if isinstance(value, bool) or not 0 < share <= 1:
+        raise ValueError(f"auth file entry {i}: quota must be a share of capacity in (0, 1], like 0.25 or \"25%\"")
+    return share
+
+
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
@@ -51,8 +64,9 @@ def _digest(token: str) -> bytes:
 class Authorizer:
     """`None` grants mean auth is off: everything is allowed."""
 
-    def __init__(self, grants: list[Grant] | None):
+    def __init__(self, grants: list[Grant] | None, quotas: dict[str, float] | None = None):
         self.grants = grants
+        self.quotas = quotas or {}  # namespace -> share of capacity
 
     @property
     def enabled(self) -> bool:
@@ -70,6 +84,7 @@ class Authorizer:
         if not isinstance(entries, list) or not entries:
             raise ValueError(f'auth file {path} needs {{"tokens": [{{"token", "namespaces", "scope"}}, ...]}}')
         grants = []
+        quotas: dict[str, float] = {}
         for i, e in enumerate(entries):
             if not isinstance(e, dict) or not isinstance(e.get("token"), str) or len(e["token"]) < 8:
                 raise ValueError(f"auth file entry {i}: 'token' must be a string of at least 8 characters")
@@ -80,7 +95,13 @@ class Authorizer:
             if scope not in _SCOPES:
                 raise ValueError(f"auth file entry {i}: scope must be read, write or readwrite")
             grants.append(Grant(_digest(e["token"]), frozenset(nss), frozenset(_SCOPES[scope])))
-        return cls(grants)
+            if "quota" in e:
+                share = _share(e["quota"], i)
+                if "*" in nss:
+                    raise ValueError(f"auth file entry {i}: a quota needs named namespaces, not '*'")
+                for ns in nss:
+                    quotas[ns] = min(share, quotas.get(ns, share))
+        return cls(grants, quotas)
 
     def match(self, token: str | None) -> Grant | None:
         if token is None:

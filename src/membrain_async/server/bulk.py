@@ -153,7 +153,7 @@ class BulkConnection:
         except RequestError:
             await self._discard_body(frame)
             raise
-        slots = await svc.alloc_put(sizes)
+        slots = await svc.alloc_put(ns, keys, sizes)
         try:
             # Straight into the arena: a value that could not get a slot is read and dropped.
             await self._read_body([slot.view[:size] if slot is not None else size for slot, size in zip(slots, sizes)])

@@ -269,11 +269,11 @@ class DiskTier:
             self._queue.append(_Tombstone(ns, key))
             self._wake.set()
 
-    async def alloc(self, size: int, deadline: float | None = None):
+    async def alloc(self, size: int, deadline: float | None = None, ns: str | None = None, pending: int = 0):
         """A slot for an incoming value. If RAM is full of evicted values still being written, wait for the
         writer (without blocking the loop) until `deadline` (one per request: SPILL_WAIT from its first
         value); past that, drop them: RAM-only for those. Puts thus go at the disk's pace, not past it."""
-        slot = self.store.alloc(size)
+        slot = self.store.alloc(size, ns, pending)
         if slot is not None or not self.store.spill_pending:
             return slot
         if deadline is None:
@@ -283,10 +283,10 @@ class DiskTier:
                 if self._progress.is_set():
                     self._progress = anyio.Event()
                 await self._progress.wait()
-                slot = self.store.alloc(size)
+                slot = self.store.alloc(size, ns, pending)
         if slot is None:
             self._drop_spills()
-            slot = self.store.alloc(size)
+            slot = self.store.alloc(size, ns, pending)
         return slot
 
     def _drop_spills(self) -> None:

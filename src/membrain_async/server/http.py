@@ -123,7 +123,12 @@ class HttpConnection:
             svc.begin_put(token, route.namespace, [route.key], [len(body)])
             if not svc.store.fits(len(body)):
                 raise RequestError(413, "value larger than the server's whole capacity")
+            refused = svc.store.totals.refused
             (created,) = await svc.put_values(route.namespace, [route.key], [body])
+            if created is None and svc.store.totals.refused > refused:
+                # The admission policy's call (--eviction), not a failure: retrying would only count as sight.
+                await self._send(202, [], b"")
+                return
             if created is None:
                 raise RequestError(503, "no room: every slot is being read or written; retry")
             await self._send(201 if created else 200, [], b"")

@@ -15,6 +15,7 @@ _NS_SERIES = [
     ("puts", "counter", "Values stored"),
     ("evictions", "counter", "Values evicted to stay within capacity"),
     ("deletes", "counter", "Values deleted"),
+    ("refused", "counter", "Puts of new keys not stored by the admission policy (--eviction)"),
 ]
 
 

@@ -44,12 +44,14 @@ class ServerCounters:
 class Service:
     def __init__(self, config: ServerConfig, authorizer: Authorizer | None = None):
         self.config = config
-        self.store = Store(config.capacity)
+        self.store = Store(config.capacity, policy=config.eviction)
         self.disk: DiskTier | None = None
         if config.disk_path:
             self.disk = DiskTier(config.disk_path, config.disk_capacity, self.store)
             self.store.spill = self.disk.spill
         self.auth = authorizer or Authorizer.from_file(config.auth_file)
+        for ns, share in self.auth.quotas.items():
+            self.store.set_quota(ns, max(1, int(share * config.capacity)))
         self.counters = ServerCounters()
         self.bound_port: int | None = None
 
@@ -96,15 +98,26 @@ class Service:
         self._authorize(token, ns, "write")
         return ns
 
-    async def alloc_put(self, sizes: list[int]) -> list[Slot | None]:
-        """Arena slots for a put's values, evicting for them; None where a value cannot be stored now
-        (its bytes are then read and dropped). The caller commits or aborts every slot."""
+    async def alloc_put(self, ns: str, keys: list[str], sizes: list[int]) -> list[Slot | None]:
+        """Arena slots for a put's values, evicting for them; None where a value is not stored (refused by
+        the admission policy, or no room now): its bytes are then read and dropped. The caller commits or
+        aborts every slot."""
         slots: list[Slot | None] = []
         deadline = None if self.disk is None else anyio.current_time() + SPILL_WAIT  # one wait per request
+        store = self.store
+        pending = 0  # this request's bytes not committed yet: its namespace's quota counts them
         try:
-            for size in sizes:
-                slot = self.store.alloc(size) if self.disk is None else await self.disk.alloc(size, deadline)
-                if slot is None:
+            for key, size in zip(keys, sizes):
+                if store.fits(size) and not store.admit(ns, key, size):
+                    slots.append(None)
+                    continue
+                if self.disk is None:
+                    slot = store.alloc(size, ns, pending)
+                else:
+                    slot = await self.disk.alloc(size, deadline, ns, pending)
+                if slot is not None:
+                    pending += size
+                else:
                     if self.store.fits(size):
                         self.store.totals.no_room += 1
                     else:
@@ -134,7 +147,7 @@ class Service:
 
     async def put_values(self, ns: str, keys: list[str], values: list) -> list[bool | None]:
         """Copy values in (the HTTP paths, whose bodies arrive in h11's buffers): created / replaced / not stored."""
-        slots = await self.alloc_put([len(v) for v in values])
+        slots = await self.alloc_put(ns, keys, [len(v) for v in values])
         out: list[bool | None] = []
         for key, slot, value in zip(keys, slots, values):
             if slot is None:

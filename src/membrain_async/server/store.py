@@ -1,4 +1,5 @@
-"""The RAM tier: values in arena slots, byte capacity, LRU eviction, per-namespace counters.
+"""The RAM tier: values in arena slots, byte capacity, LRU eviction behind an admission policy, per-namespace
+counters and quotas.
 
 All calls happen on the server's event-loop thread, so the store needs no locks. A stored value is never
 written again: a put of an existing key takes a new slot and releases the old one, and a slot returns to
@@ -7,6 +8,10 @@ reader.
 
 Put of an existing key overwrites it (and makes it most recently used). KV content under a key is
 deterministic, so overwriting is harmless, and it lets a client repair a value that failed its checksum.
+
+Which puts are stored at all is the admission policy's call (eviction.py: `lru` admits all); among stored
+values eviction is exact LRU. A namespace with a quota (a share of capacity, from the auth file) that is
+past it evicts its own least recently used values first, so its flood cannot push other tenants out.
 
 Eviction asks `spill` first (the disk tier): a value not yet on disk may be kept in its slot until it has
 been written; such slots count as `spill_pending` until `finish_spill` releases them.
@@ -19,6 +24,32 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .arena import Arena, Slot, size_class
+from .eviction import AdmitAll, fingerprint, make_policy
+
+
+# What memory comes on top of --capacity (the arena holds values only). Measured with tracemalloc, 64-character
+# keys, full store after churn (tests/test_memory_bound.py keeps these upper bounds honest): the index entry,
+# its slot and views, the key strings; with an admission filter also its fingerprints (up to 2 generations
+# of 2 x capacity). PROCESS_BYTES: RSS of an empty server (interpreter, event loop, libraries).
+BOOKKEEPING_PER_VALUE = 950
+BOOKKEEPING_PER_VALUE_FILTER = 300
+PROCESS_BYTES = 35 << 20
+
+
+def bookkeeping_per_value(policy: str) -> int:
+    return BOOKKEEPING_PER_VALUE + (0 if policy == "lru" else BOOKKEEPING_PER_VALUE_FILTER)
+
+
+def memory_line(capacity: int, policy: str) -> str:
+    """The start-up line's account of memory beyond --capacity, with the total at capacity for two value sizes."""
+    per = bookkeeping_per_value(policy)
+    examples = []
+    for size, name in ((4 << 10, "4 KiB"), (2 << 20, "2 MiB")):
+        values = capacity // size
+        extra = PROCESS_BYTES + values * per
+        examples.append(f"{name} values: {values} of them, +{extra / 2**20:.0f} MiB ({extra / capacity:.1%})")
+    return (f"memory beyond --capacity: about {PROCESS_BYTES >> 20} MiB for the process + {per} bytes per stored value "
+            f"(--eviction {policy}); full with " + "; with ".join(examples))
 
 
 class Entry:
@@ -47,6 +78,7 @@ class NamespaceStats:
     puts: int = 0
     evictions: int = 0
     deletes: int = 0
+    refused: int = 0  # puts of new keys the admission policy did not store
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -60,10 +92,11 @@ class StoreTotals:
     no_room: int = 0  # values not stored: every slot was pinned by a reader or awaiting its disk write
     hits: int = 0
     evictions: int = 0
+    refused: int = 0  # by the admission policy
 
 
 class Store:
-    def __init__(self, capacity: int, spill: Callable[[Entry], bool] | None = None):
+    def __init__(self, capacity: int, spill: Callable[[Entry], bool] | None = None, policy: str = "lru"):
         if capacity <= 0:
             raise ValueError("capacity must be positive")
         self.capacity = capacity
@@ -74,6 +107,19 @@ class Store:
         self._values: OrderedDict[tuple[str, str], Entry] = OrderedDict()
         self.namespaces: dict[str, NamespaceStats] = {}
         self.totals = StoreTotals()
+        self.policy: AdmitAll = make_policy(policy, capacity)
+        self.quotas: dict[str, int] = {}  # namespace -> bytes it may hold before evicting its own values
+        self._own: dict[str, OrderedDict[str, Entry]] = {}  # LRU order of each namespace with a quota
+
+    def set_quota(self, ns: str, nbytes: int) -> None:
+        if nbytes <= 0:
+            raise ValueError("a quota must be a positive number of bytes")
+        self.quotas[ns] = nbytes
+        own = self._own.setdefault(ns, OrderedDict())
+        own.clear()
+        for (value_ns, key), entry in self._values.items():
+            if value_ns == ns:
+                own[key] = entry
 
     def _ns(self, ns: str) -> NamespaceStats:
         stats = self.namespaces.get(ns)
@@ -89,14 +135,31 @@ class Store:
     def fits(self, size: int) -> bool:
         return size <= self.capacity and self.arena.fits(size)
 
-    def alloc(self, size: int) -> Slot | None:
-        """A slot for an incoming value, evicting least recently used values for it.
+    def admit(self, ns: str, key: str, size: int) -> bool:
+        """Whether a put of (ns, key) should be stored; a refusal is counted. A key already stored is always
+        admitted (its value is replaced)."""
+        if (ns, key) in self._values:
+            return True
+        if self.policy.admit(fingerprint(ns, key), size):
+            return True
+        self._ns(ns).refused += 1
+        self.totals.refused += 1
+        return False
+
+    def alloc(self, size: int, ns: str | None = None, pending: int = 0) -> Slot | None:
+        """A slot for an incoming value (of namespace `ns`), evicting least recently used values for it:
+        first the namespace's own if that puts it past its quota (`pending`: bytes of the same request
+        allocated but not committed yet), then across all namespaces.
 
         None if the value can never fit, or if no slot frees up without waiting (readers' pins, values
         waiting for their disk write: `spill_pending` says how much of that is coming back).
         """
         if not self.fits(size):
             return None
+        if ns is not None and ns in self.quotas:
+            own, stats, quota = self._own[ns], self._ns(ns), self.quotas[ns]
+            while own and stats.bytes + pending + size > quota:
+                self._evict(next(iter(own.values())))
         need = size_class(size)
         while True:
             slot = self.arena.alloc(size)
@@ -142,6 +205,10 @@ class Store:
         entry = Entry(ns, key, slot, size, on_disk)
         slot.owner = entry
         self._values[(ns, key)] = entry
+        own = self._own.get(ns)
+        if own is not None:
+            own.pop(key, None)
+            own[key] = entry
         self.used += size
         stats.keys += 1
         stats.bytes += size
@@ -156,7 +223,9 @@ class Store:
         if not self.fits(size):
             self.totals.rejected += 1
             return None
-        slot = self.alloc(size)
+        if not self.admit(ns, key, size):
+            return None
+        slot = self.alloc(size, ns)
         if slot is None:
             self.totals.no_room += 1
             return None
@@ -165,6 +234,9 @@ class Store:
         return old is None
 
     def _drop(self, entry: Entry) -> None:
+        own = self._own.get(entry.ns)
+        if own is not None and own.get(entry.key) is entry:
+            del own[entry.key]
         entry.live = False
         entry.slot.owner = None
         self.used -= entry.size
@@ -195,7 +267,7 @@ class Store:
         """The stored entry, counting a hit and refreshing recency (no miss counted: another tier may hold it)."""
         entry = self._values.get((ns, key))
         if entry is not None:
-            self._values.move_to_end((ns, key))
+            self._refresh(entry)
             self._ns(ns).hits += 1
             self.totals.hits += 1
             self.totals.bytes_out += entry.size
@@ -235,10 +307,20 @@ class Store:
     def contains(self, ns: str, key: str) -> bool:
         return (ns, key) in self._values
 
+    def _refresh(self, entry: Entry) -> None:
+        """A hit: most recently used again, and seen by the admission policy."""
+        self._values.move_to_end((entry.ns, entry.key))
+        own = self._own.get(entry.ns)
+        if own is not None:
+            own.move_to_end(entry.key)
+        if self.policy.observes:
+            self.policy.accessed(fingerprint(entry.ns, entry.key), entry.size)
+
     def touch(self, ns: str, key: str) -> bool:
-        if (ns, key) not in self._values:
+        entry = self._values.get((ns, key))
+        if entry is None:
             return False
-        self._values.move_to_end((ns, key))
+        self._refresh(entry)
         return True
 
     def prefix_count(self, ns: str, keys: list[str], also: Callable[[str, str], bool] | None = None) -> int:
@@ -273,6 +355,9 @@ class Store:
 
     def stats(self, namespaces: set[str] | None = None) -> dict:
         visible = {ns: s.as_dict() for ns, s in self.namespaces.items() if namespaces is None or ns in namespaces}
+        for ns, stats in visible.items():
+            if ns in self.quotas:
+                stats["quota"] = self.quotas[ns]
         out: dict = {"namespaces": visible}
         if namespaces is None:
             out.update(
@@ -283,6 +368,9 @@ class Store:
                 bytes_out=self.totals.bytes_out,
                 rejected=self.totals.rejected,
                 no_room=self.totals.no_room,
+                refused=self.totals.refused,
+                eviction=self.policy.stats(),
+                bookkeeping_estimate=PROCESS_BYTES + len(self._values) * bookkeeping_per_value(self.policy.name),
                 arena=self.arena.stats(),
             )
         return out
