@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+from membrain_async.cache.outcome import Outcome
 from membrain_async.config import ConnectorConfig
 from membrain_async.cache import BlockStore
 from membrain_async.testing.proxy import FaultProxy
@@ -72,7 +73,7 @@ def test_a_load_copies_every_block_and_is_reported_once(server, layout):
         loader = PageLoader(rt, [CpuPageMover(layout)], key_of, deadline=5.0)
         loader.submit(BlockTransfer("r1", [5, 2, 7], ["a", "b", "c"]))
         (outcome,) = drain_until(loader)
-        assert (outcome.req_id, outcome.loaded, outcome.why) == ("r1", 3, "")
+        assert (outcome.req_id, outcome.loaded, outcome.why) == ("r1", 3, Outcome.OK)
         assert [block_fill(layout, b) for b in (5, 2, 7)] == [{1.0}, {2.0}, {3.0}]
         assert block_fill(layout, 0) == {0.0} and len(loader) == 0
         time.sleep(0.05)
@@ -88,7 +89,7 @@ def test_a_missing_block_stops_the_load_there_and_names_the_rest(server, layout)
         loader = PageLoader(rt, [CpuPageMover(layout)], key_of, deadline=5.0)
         loader.submit(BlockTransfer("r1", [1, 2, 3], ["a", "b", "c"]))
         (outcome,) = drain_until(loader)
-        assert (outcome.loaded, outcome.why, outcome.failed_block_ids) == (1, "missing", [2, 3])
+        assert (outcome.loaded, outcome.why, outcome.failed_block_ids) == (1, Outcome.MISSING, [2, 3])
         assert outcome.missing_hash == "b"  # the block the server lacked (reported in KV events)
         assert block_fill(layout, 1) == {1.0} and block_fill(layout, 3) == {0.0}
     finally:
@@ -108,7 +109,7 @@ def test_a_corrupt_block_is_refused_and_every_corrupt_key_is_named_for_repair(se
         loader = PageLoader(rt, [CpuPageMover(layout)], key_of, deadline=5.0)
         loader.submit(BlockTransfer("r1", [1, 2, 3], ["a", "b", "c"]))
         (outcome,) = drain_until(loader)
-        assert (outcome.loaded, outcome.why, outcome.failed_block_ids) == (1, "corrupt", [2, 3])
+        assert (outcome.loaded, outcome.why, outcome.failed_block_ids) == (1, Outcome.CORRUPT, [2, 3])
         assert outcome.corrupt_keys == [key_of("b"), key_of("c")]
         assert block_fill(layout, 2) == {0.0} and block_fill(layout, 3) == {0.0}
     finally:
@@ -124,7 +125,7 @@ def test_a_load_past_its_deadline_is_reported_late_and_never_written_afterwards(
             loader = PageLoader(rt, [CpuPageMover(layout)], key_of, deadline=0.3)
             loader.submit(BlockTransfer("r1", [4], ["a"]))
             (outcome,) = drain_until(loader)
-            assert (outcome.loaded, outcome.why, outcome.failed_block_ids) == (0, "timeout", [4])
+            assert (outcome.loaded, outcome.why, outcome.failed_block_ids) == (0, Outcome.TIMEOUT, [4])
             time.sleep(1.5)  # the late reply has arrived by now
             assert block_fill(layout, 4) == {0.0}
         finally:
@@ -142,7 +143,7 @@ def test_an_abort_while_fetching_reports_at_once_and_the_late_pages_are_never_co
             assert proxy.held.wait(5)
             loader.cancel("r1")
             (outcome,) = drain_until(loader)
-            assert (outcome.why, outcome.loaded) == ("cancelled", 0)
+            assert (outcome.why, outcome.loaded) == (Outcome.CANCELLED, 0)
             proxy.hold_replies_over = None  # release the pages: they must go nowhere
             time.sleep(0.5)
             assert block_fill(layout, 3) == {0.0} and block_fill(layout, 4) == {0.0}
@@ -171,7 +172,7 @@ def test_an_abort_during_the_copy_is_reported_only_once_the_copy_ended(server, l
         assert loader.drain() == []  # the blocks are still being written: vLLM must not free them yet
         release.set()
         (outcome,) = drain_until(loader)
-        assert outcome.why == "" and outcome.loaded == 1 and block_fill(layout, 6) == {1.0}
+        assert outcome.why is Outcome.OK and outcome.loaded == 1 and block_fill(layout, 6) == {1.0}
     finally:
         rt.close(drain=2)
 
@@ -190,7 +191,7 @@ def test_sync_mode_waits_for_its_loads_and_a_late_one_is_failed_within_the_deadl
             loader.submit(BlockTransfer("r2", [2], ["b"]))
             loader.wait(["r2"], timeout=0.2)
             (outcome,) = loader.drain()
-            assert (outcome.why, outcome.loaded, outcome.failed_block_ids) == ("timeout", 0, [2])
+            assert (outcome.why, outcome.loaded, outcome.failed_block_ids) == (Outcome.TIMEOUT, 0, [2])
             time.sleep(2.5)
             assert block_fill(layout, 2) == {0.0}
         finally:
@@ -207,6 +208,6 @@ def test_a_server_that_cannot_be_reached_is_unavailable_not_missing(layout):
         loader = PageLoader(rt, [CpuPageMover(layout)], key_of, deadline=5.0)
         loader.submit(BlockTransfer("r1", [1, 2], ["a", "b"]))
         (outcome,) = drain_until(loader)
-        assert (outcome.why, outcome.loaded, outcome.failed_block_ids) == ("unavailable", 0, [1, 2])
+        assert (outcome.why, outcome.loaded, outcome.failed_block_ids) == (Outcome.UNAVAILABLE, 0, [1, 2])
     finally:
         rt.close(drain=1)
