@@ -120,8 +120,12 @@ def main() -> None:
     ap.add_argument("--no-loop", action="store_true", help="without the spinning thread that stands for vLLM's loop")
     ap.add_argument("--arms", nargs="+", default=["raw_socket", "save", "load"], choices=["raw_socket", "save", "load"],
                     help="which arms to time (a profiler run may want one)")
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="sys.setswitchinterval for this process (Python's default: 0.005 s)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
 
     torch.set_num_threads(1)
     num_blocks = 2 * args.blocks + 8

@@ -119,6 +119,13 @@ class PageMover:
     def _new_host(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
 
+    def prefault(self, n: int) -> None:
+        """Fault in one pooled buffer of n slots now, at start-up: the first load then pays no page faults
+        (about 10-30 ms for a 40 MB prefix here)."""
+        buf = self.host_buffer(n)
+        buf.zero_()
+        self.release_host(buf)
+
     def release_host(self, buf: torch.Tensor) -> None:
         """Give a host buffer back once nothing writes into or reads from it."""
         with self._lock:
