@@ -8,9 +8,10 @@ per layer), and loads and saves go through the connector's own pieces (`PageLoad
 `BlockStore`), as the worker drives them. Beside it, in the same run, the floor: the same bytes received from a raw loopback socket
 into a buffer and copied once into the pages.
 
-A thread that spins in Python stands for vLLM's engine loop, which holds the GIL whenever it runs: with it
-on, the figures show what the data path takes from the loop (`loop_share`: the loop's progress during the
-transfer over its progress alone) as well as its own speed.
+With `--loop`, a thread that spins in pure Python stands for a loop that never lets go of the GIL, and the
+figures also show what the data path takes from it (`loop_share`: its progress during the transfer over its
+progress alone). That is a worst case, not vLLM (whose threads block or run torch between steps): every
+hand-back of the GIL may then wait a whole switch interval, and run-to-run spread is 10x.
 
 Figures, per arm: wall seconds and GB/s; the process's CPU seconds per GB moved (every thread of this
 process; the server's CPU is not counted); ratios to the raw socket's, measured in the same run.
@@ -117,7 +118,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--blocks", type=int, default=48, help="blocks per load (48 x 1 MiB: a 3072-token prefix)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--no-loop", action="store_true", help="without the spinning thread that stands for vLLM's loop")
+    ap.add_argument("--loop", action="store_true", help="with a thread spinning in Python beside the transfers")
     ap.add_argument("--arms", nargs="+", default=["raw_socket", "save", "load"], choices=["raw_socket", "save", "load"],
                     help="which arms to time (a profiler run may want one)")
     ap.add_argument("--switch-interval", type=float, default=None,
@@ -181,7 +182,7 @@ def main() -> None:
         raw()
         arms = {"raw_socket": raw, "save": save_once, "load": load_once}
         runs: dict[str, list] = {arm: [] for arm in args.arms}
-        with (Spinner() if not args.no_loop else _Null()) as spinner:
+        with (Spinner() if args.loop else _Null()) as spinner:
             spin = spinner if isinstance(spinner, Spinner) else None
             results["loop_alone_iters_per_s"] = spin.rate(0.5) if spin else None
             for _ in range(args.repeats):  # interleaved, so drift hits every arm alike
