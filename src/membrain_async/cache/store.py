@@ -385,7 +385,9 @@ class BlockStore:
             self.stats.hot_hits += before - len(missing)
         if missing:
             before = len(missing)
-            missing = await self.staging.fill(keys, out, missing)
+            # A load into buffers copies the page below, before anything else runs on the loop: the page
+            # stays staged for the other requests that share it.
+            missing = await self.staging.fill(keys, out, missing, take=buffers is None)
             self.stats.prefetch_used += before - len(missing)
         if buffers is not None:
             for i, value in enumerate(out):
