@@ -197,7 +197,7 @@ async def test_staging_fill_waits_for_a_prefetch_on_the_wire_and_takes_each_page
 
 
 def test_store_fetch_uses_staged_pages_and_skips_the_network_for_them(make_store, remote):
-    store = make_store()
+    store = make_store(prefetch_bytes="1MiB")  # prefetch is off by default
     remote.values.update({f"p{i}": bytes(10) for i in range(3)})
     assert done(store.prefetch(["p0", "p1", "p2"], tag="r")).result() == 3
     remote.calls.clear()
@@ -208,7 +208,7 @@ def test_store_fetch_uses_staged_pages_and_skips_the_network_for_them(make_store
 
 
 def test_store_cancel_drops_what_the_request_staged(make_store, remote):
-    store = make_store()
+    store = make_store(prefetch_bytes="1MiB")  # prefetch is off by default
     remote.values["s"] = bytes(100)
     assert done(store.prefetch(["s"], tag="gone")).result() == 1
     store.cancel("gone")
@@ -286,7 +286,7 @@ def test_store_drops_saves_past_the_bound_and_drains_at_shutdown(make_store, rem
 
 
 def test_a_miss_an_unreachable_server_and_a_refusal_are_counted_apart(make_store, remote):
-    store = make_store()
+    store = make_store(prefetch_bytes="1MiB")  # prefetch is off by default
     remote.values["here"] = b"v"
     assert [v is None for v in done(store.fetch(["here", "gone"])).result()] == [False, True]
     assert store.stats.fetch_misses == 1

@@ -93,7 +93,8 @@ def test_saves_of_present_keys_are_skipped(runtime):
     assert runtime.stats.saves_skipped_present == 1 and runtime.stats.saves_uploaded == 1
 
 
-def test_prefetch_then_fetch_is_served_from_staging(runtime):
+def test_prefetch_then_fetch_is_served_from_staging(server, backend):
+    runtime = make_runtime(server.url, backend, prefetch_bytes="1MiB")  # prefetch is off by default
     for i in range(4):
         runtime.save(f"p{i}", [os.urandom(1000)])
     assert runtime.flush(10)
@@ -106,6 +107,7 @@ def test_prefetch_then_fetch_is_served_from_staging(runtime):
     runtime.cancel("gone")
     runtime.lookup(["x"]).wait(5)  # a round trip through the inbox: the cancel has been handled
     assert runtime.snapshot()["staging_bytes"] == 0
+    runtime.close(drain=2)
 
 
 def test_overflow_drops_and_counts_without_blocking(server, backend):
