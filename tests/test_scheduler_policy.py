@@ -377,7 +377,8 @@ def test_a_hit_larger_than_a_steps_loads_alone_in_its_step_loads_what_the_limit_
     assert answer(sched, req) == (2 * BS, True)
 
 
-def test_while_its_lookup_is_pending_the_workers_prefetch_what_the_local_cache_lacks_once(sched):
+def test_while_its_lookup_is_pending_the_workers_prefetch_what_the_local_cache_lacks_once():
+    sched = make_scheduler(prefetch_bytes="64MiB")  # prefetch staging is off by default
     req = request("r1")
     hashes = store_leading(sched, req, 2)
     sched.on_new_request(req)
@@ -388,3 +389,11 @@ def test_while_its_lookup_is_pending_the_workers_prefetch_what_the_local_cache_l
     sched.store.answer()
     step(sched)
     assert sched.get_num_new_matched_tokens(req, BS) == (BS, True)  # block 1 loads; 0 is local
+
+
+def test_no_prefetch_is_planned_while_prefetch_staging_is_off(sched):
+    req = request("r1")
+    store_leading(sched, req, 2)
+    sched.on_new_request(req)
+    assert sched.get_num_new_matched_tokens(req, BS) == (None, False)
+    assert step(sched).prefetch == []

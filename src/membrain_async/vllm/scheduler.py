@@ -253,7 +253,7 @@ class MembrainScheduler:
 
     def _queue_prefetch(self, st: _RequestState, local_tokens: int) -> None:
         """While the lookup is pending, let workers start fetching the blocks the local cache lacks."""
-        if st.prefetch_sent:
+        if st.prefetch_sent or self.config.prefetch_bytes <= 0:  # prefetch staging is off (the default)
             return
         st.prefetch_sent = True
         first = local_tokens // self.block_size
