@@ -36,10 +36,10 @@ import torch
 from membrain_async.cache import BlockStore
 from membrain_async.config import ConnectorConfig
 from membrain_async.server.embed import start_subprocess_server
-from membrain_async.vllm.loads import PageLoader
-from membrain_async.vllm.metadata import BlockTransfer
-from membrain_async.vllm.movers import CpuPageMover
-from membrain_async.vllm.pages import PageLayout, write_header
+from membrain_async.vllm.worker.loads import PageLoader
+from membrain_async.vllm.shared.metadata import BlockTransfer
+from membrain_async.vllm.worker.movers import CpuPageMover
+from membrain_async.vllm.worker.pages import PageLayout, write_header
 
 # The KV-heavy shape: 8 layers, 8 KV heads of 64, block 64, bf16 -> 1 MiB per block, 16 KiB per token.
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 8, 8, 64, 64

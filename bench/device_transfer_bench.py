@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from membrain_async.vllm.movers import DevicePageMover
-from membrain_async.vllm.pages import PageLayout
+from membrain_async.vllm.worker.movers import DevicePageMover
+from membrain_async.vllm.worker.pages import PageLayout
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 

@@ -14,7 +14,7 @@ from vllm.sampling_params import SamplingParams  # noqa: E402
 from vllm.v1.request import Request  # noqa: E402
 
 from membrain_async import keys  # noqa: E402
-from membrain_async.vllm.blockhash import BlockHashes  # noqa: E402
+from membrain_async.vllm.scheduler.blockhash import BlockHashes  # noqa: E402
 
 BS = 16
 TOKENS = list(range(100, 100 + 4 * BS + 5))

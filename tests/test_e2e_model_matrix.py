@@ -76,7 +76,7 @@ BLOCK_SIZES = {"deepseek-v2": (16,), "granite-hybrid": (128,)}
 
 HYBRID = {"gemma3", "granite-hybrid"}  # several KV cache groups with HMA on (from the probe)
 # Models Membrain does not share, and why: it turns itself off for them (one warning), vLLM runs as without it.
-NOT_SHARED = {"granite-hybrid": "its Mamba state group is not restored by Membrain (vllm/units.py)"}
+NOT_SHARED = {"granite-hybrid": "its Mamba state group is not restored by Membrain (vllm/shared/units.py)"}
 ARCHS = ["llama-gqa", "qwen3", "opt", "gemma3", "mistral-swa", "mixtral", "deepseek-v2", "jamba", "granite-hybrid"]
 FAST = {("llama-gqa", 32), ("gemma3", 32), ("opt", 64)}
 
@@ -309,7 +309,7 @@ def _needs_draft_kv_a_lacks(case: Case) -> bool:
 def test_b_hits_a_prefix_with_right_counters(run):
     bs = run.case.block_size
     if _needs_draft_kv_a_lacks(run.case):
-        # B's draft model has KV units of its own (vllm/units.py) that a plain A never saved: a hit needs
+        # B's draft model has KV units of its own (vllm/shared/units.py) that a plain A never saved: a hit needs
         # every unit, so B computes the prefix itself (its target unit alone cannot be used). No load errors.
         assert not run.b["metrics"].get("vllm:membrain_hit_tokens")
         assert run.b["metrics"]["vllm:membrain_load_error_blocks"] == 0

@@ -37,7 +37,7 @@ def block_hashes(model: str, text: str) -> list[str]:
     from vllm.sampling_params import SamplingParams
     from vllm.v1.request import Request
 
-    from membrain_async.vllm.blockhash import BlockHashes
+    from membrain_async.vllm.scheduler.blockhash import BlockHashes
 
     ids = AutoTokenizer.from_pretrained(model).encode(text)
     request = Request("t", ids, SamplingParams(max_tokens=1), None)

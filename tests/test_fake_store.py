@@ -18,7 +18,7 @@ from membrain_async.client.errors import MembrainUnavailable
 from membrain_async.config import ConnectorConfig
 from membrain_async.runtime import CompletionRing
 from membrain_async.testing.fake_store import FakeSchedulerStore
-from membrain_async.vllm.scheduler_store import SchedulerStore
+from membrain_async.vllm.scheduler.store import SchedulerStore
 
 BS = 32
 

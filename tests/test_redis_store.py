@@ -119,7 +119,7 @@ async def test_a_standalone_server_stores_under_the_mapped_keys_and_namespaces_a
 
 
 async def test_payload_checks_apply_to_what_redis_returns(redis_server):
-    """Checksum and key tag are checked above the client (vllm/loads.py decodes every loaded block with its
+    """Checksum and key tag are checked above the client (vllm/worker/loads.py decodes every loaded block with its
     key): Redis returns the bytes as saved, so a payload copied under another key is refused there."""
     c = client_for(redis_server.url, namespace="tags")
     try:

@@ -11,9 +11,9 @@ import torch
 from membrain_async.config import ConnectorConfig
 from membrain_async.vllm import memory_budget as mb
 from membrain_async import codec
-from membrain_async.vllm.movers import DevicePageMover, StreamOps
-from membrain_async.vllm.pages import PageLayout, SaveBudget
-from membrain_async.vllm.save_ledger import AWAIT_STEPS_MAX, SaveLedger
+from membrain_async.vllm.worker.movers import DevicePageMover, StreamOps
+from membrain_async.vllm.worker.pages import PageLayout, SaveBudget
+from membrain_async.vllm.scheduler.save_ledger import AWAIT_STEPS_MAX, SaveLedger
 
 # ---------------------------------------------------------------------------------------- once per instance
 

@@ -24,11 +24,11 @@ from vllm.v1.request import Request  # noqa: E402
 
 from membrain_async.config import ConnectorConfig  # noqa: E402
 from membrain_async.testing.fake_store import FakeSchedulerStore  # noqa: E402
-from membrain_async.vllm.blockhash import BlockHashes  # noqa: E402
-from membrain_async.vllm.metadata import BlockTransfer  # noqa: E402
-from membrain_async.vllm.scheduler import MembrainScheduler  # noqa: E402
-from membrain_async.vllm.stats import COUNTERS, TIMERS, MembrainConnectorStats  # noqa: E402
-from membrain_async.vllm.units import KVUnit  # noqa: E402
+from membrain_async.vllm.scheduler.blockhash import BlockHashes  # noqa: E402
+from membrain_async.vllm.shared.metadata import BlockTransfer  # noqa: E402
+from membrain_async.vllm.scheduler.scheduler import MembrainScheduler  # noqa: E402
+from membrain_async.vllm.shared.stats import COUNTERS, TIMERS, MembrainConnectorStats  # noqa: E402
+from membrain_async.vllm.shared.units import KVUnit  # noqa: E402
 
 BS = 32
 
@@ -342,7 +342,7 @@ def test_every_counter_the_scheduler_half_keeps_reaches_vllms_metrics():
     import inspect
     import re
 
-    from membrain_async.vllm import lookups, scheduler
+    from membrain_async.vllm.scheduler import lookups, scheduler
 
     counted = set()
     for module in (scheduler, lookups):

@@ -1,7 +1,7 @@
 """A prefix lookup over several key series that must all be present: hybrid KV caches.
 
 A model with one KV unit asks "how many leading keys are stored" (one series). A hybrid model (full
-attention and sliding-window layers, see vllm/units.py) stores each block once per unit, and a hit at
+attention and sliding-window layers, see vllm/shared/units.py) stores each block once per unit, and a hit at
 block P needs, for each unit:
 - full attention: every block before P;
 - a sliding window keeping `window_tokens` tokens: only the blocks from (P * block_size - window_tokens)

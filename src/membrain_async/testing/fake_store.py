@@ -10,7 +10,7 @@ when each lookup is answered are the test's to say:
     store.answer()                              # the store answers every pending lookup, oldest first
     store.answer(outcome="unavailable")         # or the server could not be reached
 
-Answers are completed as `cache.store.BlockStore` completes them (see vllm/scheduler_store.py): the
+Answers are completed as `cache.store.BlockStore` completes them (see vllm/scheduler/store.py): the
 returned `MembrainFuture` is set first, then one `Completion("lookup", tag, value, outcome, latency_s)`
 lands in the caller's `CompletionRing`. An "ok" answer counts what `stored` holds when `answer()` runs:
 the leading keys of a key list, the hit (`cache.prefix_query.hit_blocks`) of a `PrefixQuery`, one count per

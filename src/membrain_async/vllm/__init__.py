@@ -1,3 +1,4 @@
-"""vLLM integration: the plugin (env activation), the connector's scheduler and worker halves, page
-transfer and stats. Importing this package does not import vLLM; its modules do, when used.
+"""vLLM integration. plugin.py activates Membrain from the environment; connector.py is the class vLLM
+loads, which hands each role to its half: scheduler/ (engine core), worker/ (model runners), and
+shared/ (what the two exchange). Importing this package does not import vLLM; its modules do, when used.
 """

@@ -4,7 +4,7 @@ A thin facade: in the EngineCore process it forwards to `MembrainScheduler`, in 
 `MembrainWorker`. The two share nothing but `MembrainConnectorMetadata`.
 
 It supports vLLM's hybrid KV cache manager (`SupportsHMA`): every KV cache group of full or sliding-window
-attention is shared, each as its own KV unit (units.py). A model with a group Membrain cannot restore
+attention is shared, each as its own KV unit (shared/units.py). A model with a group Membrain cannot restore
 (recurrent state, for one) keeps HMA on and runs without Membrain: one warning, then plain vLLM.
 
 This module is imported in every vLLM process, the API server included (for the stats classmethods),
@@ -61,7 +61,7 @@ class MembrainConnector(KVConnectorBase_V1, SupportsHMA):
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
         super().__init__(vllm_config, role, kv_cache_config)
-        from .units import UnsupportedKVCache, describe, unit_by_unit, units_of
+        from .shared.units import UnsupportedKVCache, describe, unit_by_unit, units_of
 
         self.config = connector_config(vllm_config)
         self._scheduler = self._worker = None
@@ -76,10 +76,10 @@ class MembrainConnector(KVConnectorBase_V1, SupportsHMA):
             if unit_by_unit(units) and self.config.load_mode == "sync":
                 log.warning("Membrain: VLLM_MEMBRAIN_LOAD_MODE=sync is not possible with several KV cache "
                             "groups or a sliding window (failures go per request there); loading async")
-            from .scheduler import MembrainScheduler
+            from .scheduler.scheduler import MembrainScheduler
 
-            from . import arrival
-            from .kv_events import MembrainKVEvents
+            from .scheduler import arrival
+            from .scheduler.kv_events import MembrainKVEvents
 
             self._scheduler = MembrainScheduler.from_vllm_config(vllm_config, self.config, units)
             # None unless vLLM's KV events are on: then nothing is built for them.
@@ -87,7 +87,7 @@ class MembrainConnector(KVConnectorBase_V1, SupportsHMA):
                 vllm_config, kv_cache_config, self._scheduler.fingerprint)
             arrival.install()  # lookups sent from the engine core's input thread (arrival.py)
         else:
-            from .worker import MembrainWorker
+            from .worker.worker import MembrainWorker
 
             self._worker = MembrainWorker(vllm_config, self.config, kv_cache_config.num_blocks, units)
 
@@ -107,7 +107,7 @@ class MembrainConnector(KVConnectorBase_V1, SupportsHMA):
             self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
-        from .metadata import MembrainConnectorMetadata
+        from .shared.metadata import MembrainConnectorMetadata
 
         if self._scheduler is None:
             return MembrainConnectorMetadata()
@@ -169,7 +169,7 @@ class MembrainConnector(KVConnectorBase_V1, SupportsHMA):
             self._worker.start_load_kv(self._get_connector_metadata())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # pages are in place before any forward reads them (see worker.py)
+        return  # pages are in place before any forward reads them (see worker/worker.py)
 
     def save_kv_layer(self, layer_name: str, kv_layer: "torch.Tensor", attn_metadata: Any, **kwargs: Any) -> None:
         return  # saves copy whole pages of every layer once, in wait_for_save
@@ -199,7 +199,7 @@ class MembrainConnector(KVConnectorBase_V1, SupportsHMA):
     # ------------------------------------------------------------------ both
 
     def get_kv_connector_stats(self):
-        from .stats import MembrainConnectorStats
+        from .shared.stats import MembrainConnectorStats
 
         half = self._scheduler or self._worker
         data = half.take_stats() if half is not None else {}
@@ -207,13 +207,13 @@ class MembrainConnector(KVConnectorBase_V1, SupportsHMA):
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None):
-        from .stats import MembrainConnectorStats
+        from .shared.stats import MembrainConnectorStats
 
         return MembrainConnectorStats(data=dict(data or {}))
 
     @classmethod
     def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
-        from .stats import MembrainPromMetrics
+        from .shared.stats import MembrainPromMetrics
 
         return MembrainPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 

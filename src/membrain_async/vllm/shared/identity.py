@@ -9,8 +9,8 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
-from .. import keys
-from ..config import ConnectorConfig
+from ... import keys
+from ...config import ConnectorConfig
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -161,7 +161,7 @@ def rank_label(tp_rank: int, pp_rank: int) -> str:
 
 def payload_bytes(vllm_config: "VllmConfig", layers: int | None = None) -> int:
     """Bytes of one block's payload (`layers` layers' pages, default all, plus the header), from the config alone."""
-    from .. import codec
+    from ... import codec
 
     mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
     if cc.cache_dtype == "auto":

@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
+from ..shared.metadata import kv_events_enabled
 from .save_ledger import AWAIT_STEPS_MAX, PlannedSave
 
 if TYPE_CHECKING:
@@ -44,12 +45,6 @@ if TYPE_CHECKING:
 
 MEDIUM = "MEMBRAIN"
 LOCALITY = "REMOTE"
-
-
-def enabled(vllm_config: "VllmConfig") -> bool:
-    """vLLM's own switch for KV events (its scheduler builds none of its own otherwise)."""
-    cfg = getattr(vllm_config, "kv_events_config", None)
-    return bool(cfg is not None and cfg.enable_kv_cache_events)
 
 
 def ownership(fingerprint: str) -> str:
@@ -75,7 +70,7 @@ class MembrainKVEvents:
     @classmethod
     def for_vllm(cls, vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | None",
                  fingerprint: str) -> "MembrainKVEvents | None":
-        if not enabled(vllm_config):
+        if not kv_events_enabled(vllm_config):
             return None
         groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
         return cls(block_size=vllm_config.cache_config.block_size, fingerprint=fingerprint,

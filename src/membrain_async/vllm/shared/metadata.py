@@ -10,8 +10,19 @@ strings: cheap to pickle, nothing process-local.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+
+def kv_events_enabled(vllm_config: "VllmConfig") -> bool:
+    """vLLM's own switch for KV events. The worker reports blocks it found missing only when it is on,
+    because only then does the scheduler half turn them into BlockRemoved events (its kv_events.py)."""
+    cfg = getattr(vllm_config, "kv_events_config", None)
+    return bool(cfg is not None and cfg.enable_kv_cache_events)
 
 
 @dataclass
@@ -19,7 +30,7 @@ class BlockTransfer:
     """Move the pages of `block_ids` to or from the blocks named by `hashes` (hex chain hashes).
 
     Workers turn a hash into a key with their own TP rank, so one plan serves every shard. `units[i]` is
-    the KV unit (vllm/units.py) of entry i, whose layers and block table it is in; empty: all unit 0.
+    the KV unit (vllm/shared/units.py) of entry i, whose layers and block table it is in; empty: all unit 0.
     """
 
     req_id: str

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .. import codec
+from ... import codec
 from .pages import PageLayout
 
 # Free host buffers a mover keeps for reuse (more are freed).

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .. import keys
+from ... import keys
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request

@@ -20,18 +20,18 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from .. import keys
-from ..config import ConnectorConfig
-from ..cache.outcome import Outcome
-from ..cache import open_store
-from ..cache.prefix_query import PrefixQuery, Series
-from . import identity
-from .units import NULL_BLOCK_ID, KVUnit, plain_unit, unit_by_unit
+from ... import keys
+from ...config import ConnectorConfig
+from ...cache.outcome import Outcome
+from ...cache import open_store
+from ...cache.prefix_query import PrefixQuery, Series
+from ..shared import identity
+from ..shared.units import NULL_BLOCK_ID, KVUnit, plain_unit, unit_by_unit
 from .blockhash import BlockHashes
 from .lookups import Lookups
-from .metadata import BlockTransfer, MembrainConnectorMetadata, MembrainWorkerMetadata
+from ..shared.metadata import BlockTransfer, MembrainConnectorMetadata, MembrainWorkerMetadata
 from .save_ledger import PlannedSave, SaveLedger
-from .scheduler_store import SchedulerStore
+from .store import SchedulerStore
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

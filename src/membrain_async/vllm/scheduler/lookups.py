@@ -21,12 +21,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..cache.outcome import Outcome
-from ..runtime import CompletionRing
+from ...cache.outcome import Outcome
+from ...runtime import CompletionRing
 from .blockhash import BlockHashes
 
 if TYPE_CHECKING:
-    from .scheduler_store import LookupQuery, SchedulerStore
+    from .store import LookupQuery, SchedulerStore
 
 # A pass with nothing scheduled while lookups are pending rests this long at most (until an answer lands):
 # vLLM steps such an engine in a tight loop that holds the GIL the Membrain thread needs to read the answer.

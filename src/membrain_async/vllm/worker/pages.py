@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import codec
+from ... import codec
 
 _TORCH_DTYPES = {
     torch.uint8: "uint8",

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .metadata import SaveVerdict
+from ..shared.metadata import SaveVerdict
 
 # Steps a staged save may wait for its verdict; past that the scheduler stops tracking it (the workers
 # drop the copies on their side, see worker.STAGED_STEPS_MAX): a lost save is a future miss, nothing worse.

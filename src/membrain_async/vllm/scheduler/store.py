@@ -26,9 +26,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol, Sequence, Union, runtime_checkable
 
 if TYPE_CHECKING:
-    from ..cache.prefix_query import PrefixQuery
-    from ..runtime.future import MembrainFuture
-    from ..runtime.ring import CompletionRing
+    from ...cache.prefix_query import PrefixQuery
+    from ...runtime.future import MembrainFuture
+    from ...runtime.ring import CompletionRing
 
 # The keys of one unit's blocks from the first (a plain model), or every unit's with what a hit needs.
 LookupQuery = Union[Sequence[str], "PrefixQuery"]

@@ -23,15 +23,15 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .. import keys
-from ..config import ConnectorConfig
-from ..cache import open_store
-from ..cache.outcome import Outcome
-from ..runtime import CompletionRing
-from . import identity, kv_events
-from .units import KVUnit, unit_by_unit
+from ... import keys
+from ...config import ConnectorConfig
+from ...cache import open_store
+from ...cache.outcome import Outcome
+from ...runtime import CompletionRing
+from ..shared import identity
+from ..shared.units import KVUnit, unit_by_unit
 from .loads import PageLoader
-from .metadata import MembrainConnectorMetadata, MembrainWorkerMetadata, SaveVerdict
+from ..shared.metadata import MembrainConnectorMetadata, MembrainWorkerMetadata, SaveVerdict, kv_events_enabled
 from .movers import PageMover, make_mover
 from .pages import PageLayout, SaveBudget, UnsupportedLayout, write_header
 
@@ -100,7 +100,7 @@ class MembrainWorker:
         self._stats: dict[str, float] = {}
         self._upload_ring = CompletionRing()  # the end of each save handed to the store
         # Blocks loads found missing on the server, for the scheduler half's KV events (only when vLLM's are on).
-        self._report_missing = kv_events.enabled(vllm_config)
+        self._report_missing = kv_events_enabled(vllm_config)
         self._missing: list[str] = []
 
     def _key(self, block_hash: str, unit: int = 0) -> str:

@@ -25,10 +25,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .. import codec
-from ..cache.outcome import Outcome, classify
-from ..runtime import Completion, CompletionRing
-from .metadata import BlockTransfer
+from ... import codec
+from ...cache.outcome import Outcome, classify
+from ...runtime import Completion, CompletionRing
+from ..shared.metadata import BlockTransfer
 from .movers import PageMover
 from .pages import check_block
 
@@ -76,7 +76,7 @@ class PageLoader:
 
     def __init__(self, store, movers: list[PageMover], key_of: Callable[[str, int], str], deadline: float):
         self.store = store  # the cache layer: fetches, then runs the copy on a worker thread
-        self.movers = movers  # one per KV unit (vllm/units.py): BlockTransfer.units index them
+        self.movers = movers  # one per KV unit (vllm/shared/units.py): BlockTransfer.units index them
         self.key_of = key_of  # (chain hash, unit) -> key
         self.deadline = deadline
         self.ring = CompletionRing()
