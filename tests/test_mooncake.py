@@ -360,3 +360,73 @@ async def test_a_restarted_master_takes_saves_again_with_no_new_client(tmp_path,
                 assert await client.lookup(["before"]) == 0  # gone with the old master
         finally:
             await client.aclose()
+
+
+# ------------------------------------------------------------------ registered slabs (mooncake_buffers.py)
+
+
+@needs_mooncake
+@pytest.mark.anyio
+async def test_gets_and_puts_reuse_a_few_registered_slabs_and_large_values_get_their_own(mc, anyio_backend):
+    from membrain_async.client.mooncake_buffers import SLAB_BYTES
+
+    client = make_client(config_for(mc))
+    try:
+        with anyio.fail_after(GUARD):
+            keys = [f"slab-{anyio_backend}-{i}" for i in range(12)]
+            values = [payload(k, size=1 << 20, fill=i) for i, k in enumerate(keys)]
+            for _ in range(3):
+                assert await client.put_many(keys, values) == len(keys)
+                bufs = [memoryview(bytearray((1 << 20) + 64)) for _ in keys]
+                assert await client.get_many_into(keys, bufs) == [(1 << 20) + 64] * len(keys)
+                assert [bytes(b) for b in bufs] == [b"".join(v) for v in values]
+            slabs = client.transport._slabs
+            pooled = slabs.registered
+            assert 1 <= pooled <= client.transport.settings.threads  # reused, not one per call
+            big_key = f"slab-big-{anyio_backend}"
+            big = payload(big_key, size=SLAB_BYTES + 4096, fill=9)
+            assert await client.put_many([big_key], [big]) == 1
+            buf = memoryview(bytearray(SLAB_BYTES + 4096 + 64))
+            assert await client.get_many_into([big_key], [buf]) == [len(buf)]
+            assert bytes(buf) == b"".join(big)
+            assert slabs.registered == pooled  # the dedicated slabs were unregistered once used
+            for k in keys + [big_key]:  # the module's store is small: leave it as found
+                assert await client.delete(k)
+    finally:
+        await client.aclose()
+
+
+@needs_mooncake
+def test_a_slab_goes_back_only_when_both_the_thread_and_the_caller_are_done(mc):
+    from mooncake.store import MooncakeDistributedStore
+
+    from membrain_async.client.mooncake_buffers import Lease, RegisteredSlabs
+
+    store = MooncakeDistributedStore()
+    assert store.setup("127.0.0.1", mc.metadata, 0, 16 << 20, "tcp", "", mc.master_addr) == 0
+    try:
+        slabs = RegisteredSlabs(store, keep=2)
+        # The caller gives up first (an abandoned call): the slab stays with the thread until it finishes.
+        lease = Lease(slabs)
+        lease.arm()
+        slab = lease.take(4096)
+        lease.close()
+        assert slabs._free == []
+        lease.finish()
+        assert slabs._free == [slab]
+        # The thread finishes first: the caller still reads the slab, then gives it back.
+        lease = Lease(slabs)
+        lease.arm()
+        assert lease.take(4096) is slab  # reused
+        lease.finish()
+        assert slabs._free == []
+        lease.close()
+        assert slabs._free == [slab]
+        # A job that was never queued (refused, or cancelled while waiting its turn): the caller alone.
+        lease = Lease(slabs)
+        lease.close()
+        assert slabs._free == [slab] and slabs.registered == 1
+        slabs.close()
+        assert slabs.registered == 0
+    finally:
+        store.close()

@@ -121,9 +121,12 @@ class BlockingPool:
         for _ in range(self.cap + 1):
             self._jobs.put(None)
 
-    async def run(self, fn: Callable[[], T], *, abandon: bool = True) -> T:
+    async def run(self, fn: Callable[[], T], *, abandon: bool = True,
+                  on_queued: Callable[[], None] | None = None) -> T:
         """`fn()` in a thread. Cancelled (a timeout), it is abandoned: the caller returns at once and the
-        thread's result is dropped. `abandon=False` shields the wait (for bounded work such as a copy)."""
+        thread's result is dropped. `abandon=False` shields the wait (for bounded work such as a copy).
+        `on_queued` runs just before the job is queued: from then on `fn` will run, whatever the caller
+        does (a refused or cancelled call before that point never runs it)."""
         async with self.limiter:
             with self._lock:
                 if self._running >= self.cap:
@@ -152,6 +155,8 @@ class BlockingPool:
                     except Exception:  # the loop is gone (shutdown): nobody waits
                         pass
 
+            if on_queued is not None:
+                on_queued()
             self._jobs.put(job)
             if spawn:
                 start_daemon(self._worker, f"membrain-{self.what}")

@@ -19,11 +19,17 @@ behind a hung store. At exit the process waits up to EXIT_WAIT for calls still i
 against an unreachable master, 20 attempts by default. It runs only once the master's and the metadata
 server's ports accept a connection, with one attempt (see SETUP_RETRIES); until then calls fail fast.
 
-What an abandoned thread may touch: only memory it owns. A put first copies the caller's pages into a
-fresh buffer in a thread that is never abandoned (a memcpy, bounded), then hands only that copy to
-Mooncake; a get lands in Mooncake's own buffer and is copied into a fresh buffer in the thread; copying
-into a caller's buffer (`get_into`) happens on the loop after the thread has returned a complete value.
-So a late or failed transfer never writes into memory vLLM uses, and a buffer is handed on only whole.
+Bytes move through memory registered with Mooncake (mooncake_buffers.py): a put copies the caller's
+pages into a registered slab and Mooncake sends them from there (batch_upsert_from); a load's get lands
+in a slab (batch_get_into) and is copied once into the caller's buffer. Measured against Mooncake's own
+buffer (upsert_batch, batch_get_buffer and a copy out of it): bench/mooncake_client_bench.py.
+
+What an abandoned thread may touch: only memory it owns. A put copies the caller's pages into its slab
+in a thread that is never abandoned (a memcpy, bounded), then hands only the slab to Mooncake; a get
+into a caller's buffer (`get_into`) lands in the thread's slab and is copied on the loop after the
+thread has returned a complete value. A slab goes back to the pool only once both the thread and the
+caller are done with it. So a late or failed transfer never writes into memory vLLM uses, and a buffer
+is handed on only whole.
 
 Keys: `<namespace>/<block key>` (Mooncake has one flat key space per tenant; the namespace is part of
 the key, as it is on a Membrain server). Writes are upserts: Mooncake's plain put of an existing key
@@ -48,8 +54,9 @@ from urllib.parse import urlsplit
 from ..config import ConnectorConfig
 from .blocking import EXIT_WAIT, BlockingPool, start_daemon
 from .breaker import CircuitBreaker
+from .mooncake_buffers import SLAB_BYTES, Lease, RegisteredSlabs
 from .node import StoreClient
-from .store import Limits, PutValue, copy_into, value_parts
+from .store import Limits, PutValue, value_parts
 
 log = logging.getLogger("membrain.client")
 
@@ -181,6 +188,7 @@ class MooncakeTransport:
         self.stats = MooncakeStats()
         self.threads = BlockingPool(settings.threads, "mooncake")
         self._store: Any = None
+        self._slabs: RegisteredSlabs | None = None
         self._setup_running = False
         self._setup_lock = threading.Lock()
         self._closed = False
@@ -216,6 +224,7 @@ class MooncakeTransport:
             if rc == 0:
                 with self._setup_lock:
                     if not self._closed:
+                        self._slabs = RegisteredSlabs(store, keep=s.threads)
                         self._store = store
                         return
             self.stats.setup_failures += 1
@@ -247,6 +256,19 @@ class MooncakeTransport:
         store = await self._ready()
         self.stats.calls += 1
         return await self.threads.run(lambda: fn(store))
+
+    async def _run_leased(self, fn: Callable[[Any], T], lease: Lease, *, abandon: bool = True) -> T:
+        """`fn(store)` in a thread that holds `lease` until it returns (the thread's side of the lease)."""
+        store = await self._ready()
+        self.stats.calls += 1
+
+        def job() -> T:
+            try:
+                return fn(store)
+            finally:
+                lease.finish()
+
+        return await self.threads.run(job, abandon=abandon, on_queued=lease.arm)
 
     def _count(self, code: int) -> None:
         self.stats.error_codes[code] = self.stats.error_codes.get(code, 0) + 1
@@ -308,15 +330,68 @@ class MooncakeTransport:
         return out
 
     async def get_into(self, ns: str, keys: list[str], buffers: Sequence[memoryview]) -> list[int]:
-        # Whole values only, copied on the loop once the thread returned them: a transfer that failed
-        # half-way never leaves a half-filled caller buffer behind.
-        return [copy_into(v, b) for v, b in zip(await self.get(ns, keys), buffers)]
+        """Each value lands in a registered slab and is copied on the loop once the thread returned: a
+        transfer that failed half-way never leaves a half-filled caller buffer behind. -1: not delivered."""
+        await self._ready()
+        full = self._keys(ns, keys)
+        sizes = [len(b) for b in buffers]
+        out: list[int] = []
+        for part in slab_chunks(sizes):
+            lease = Lease(self._slabs_now())
+            try:
+                lengths = await self._run_leased(
+                    lambda s: self._get_into_slab(s, [full[i] for i in part], [sizes[i] for i in part], lease), lease)
+                slab = lease.slab
+                offset = 0
+                for i, n in zip(part, lengths):
+                    if n >= 0:
+                        memoryview(buffers[i])[:n] = slab.view[offset : offset + n]  # type: ignore[union-attr]
+                    out.append(n)
+                    offset += sizes[i]
+            finally:
+                lease.close()
+        return out
+
+    def _slabs_now(self) -> RegisteredSlabs:
+        if self._slabs is None:
+            raise OSError("Mooncake transport is closed")
+        return self._slabs
+
+    def _get_into_slab(self, store: Any, keys: list[str], sizes: list[int], lease: Lease) -> list[int]:
+        """In the thread: one batch_get_into for `keys`, laid out in the lease's slab at their buffers'
+        sizes. Returns each value's length, -1 for a value not delivered (not stored, or too large)."""
+        slab = lease.take(sum(sizes))
+        ptrs, offset = [], 0
+        for n in sizes:
+            ptrs.append(slab.addr + offset)
+            offset += n
+        codes = store.batch_get_into(keys, ptrs, sizes)
+        failed = [c for c in codes if c < 0 and c != OBJECT_NOT_FOUND]
+        if failed:
+            for c in failed:
+                self._count(c)
+            if all(c in _UNREACHABLE for c in failed) and len(failed) == len(codes):
+                raise OSError(f"Mooncake get failed ({failed[0]}) for all {len(codes)} keys")
+            self.stats.gets_failed += len(failed)
+        return [c if c >= 0 else -1 for c in codes]
 
     async def put(self, ns: str, keys: list[str], values: Sequence[PutValue]) -> int:
+        await self._ready()
         full = self._keys(ns, keys)
-        # A copy the put thread owns: an abandoned thread never reads pages the caller has reused.
-        owned = await self.threads.run(lambda: [_joined(v) for v in values], abandon=False)
-        codes = await self._run(lambda s: self._upsert(s, full, owned))
+        parts = [[_bytes_view(p) for p in value_parts(v)] for v in values]
+        sizes = [sum(p.nbytes for p in ps) for ps in parts]
+        codes: list[int] = []
+        for chunk in slab_chunks(sizes):
+            lease = Lease(self._slabs_now())
+            try:
+                # The slab is filled in a thread that is never abandoned: once this returns, no thread reads
+                # the caller's pages any more, whatever happens to the upsert.
+                await self._run_leased(lambda s: _fill(lease, [parts[i] for i in chunk], [sizes[i] for i in chunk]),
+                                       lease, abandon=False)
+                codes += await self._run_leased(
+                    lambda s: _upsert_from(s, [full[i] for i in chunk], lease, [sizes[i] for i in chunk]), lease)
+            finally:
+                lease.close()
         stored = sum(1 for c in codes if c == 0)
         if stored < len(codes):
             for c in codes:
@@ -328,15 +403,6 @@ class MooncakeTransport:
             self.stats.puts_refused_full += full_refusals
             self.stats.puts_refused_other += len(codes) - stored - full_refusals
         return stored
-
-    @staticmethod
-    def _upsert(store: Any, keys: list[str], values: list[bytearray]) -> list[int]:
-        """In the thread: one upsert_batch (measured 1.5-3x faster than an upsert per key); it answers one
-        status for the batch, so after a refusal the keys it did store are asked for (batch_is_exist)."""
-        rc = store.upsert_batch(keys, values)
-        if rc == 0:
-            return [0] * len(keys)
-        return [0 if p == 1 else (rc if p == 0 else p) for p in store.batch_is_exist(keys)]
 
     async def delete(self, ns: str, keys: list[str]) -> int:
         # force: a corrupt block is removed even while leased (a reader that holds it checks it anyway).
@@ -351,6 +417,7 @@ class MooncakeTransport:
         with self._setup_lock:
             self._closed = True
             store, self._store = self._store, None
+            slabs, self._slabs = self._slabs, None
         if store is None:
             self.threads.stop()
             return
@@ -364,6 +431,8 @@ class MooncakeTransport:
             if self.threads.running or not accepts(self.settings.metadata_server, DEFAULT_METADATA_PORT):
                 return  # in use by a hung call, or close() would hold the GIL on a dead host: leave it to exit
             try:
+                if slabs is not None:
+                    slabs.close()
                 store.close()
             except Exception as exc:
                 log.debug("mooncake close: %r", exc)
@@ -381,14 +450,39 @@ class MooncakeTransport:
         return out
 
 
-def _joined(value: PutValue) -> bytearray:
-    parts = [_bytes_view(p) for p in value_parts(value)]
-    out = bytearray(sum(p.nbytes for p in parts))
+def slab_chunks(sizes: Sequence[int]) -> list[list[int]]:
+    """Indices of `sizes` in runs whose total fits one slab (a value larger than a slab is a run alone)."""
+    runs: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(sizes):
+        if runs and total + n <= SLAB_BYTES:
+            runs[-1].append(i)
+            total += n
+        else:
+            runs.append([i])
+            total = n
+    return runs
+
+
+def _fill(lease: Lease, values: list[list[memoryview]], sizes: list[int]) -> None:
+    """In a thread that is never abandoned: the values' parts, back to back, into the lease's slab."""
+    slab = lease.take(sum(sizes))
     offset = 0
-    for p in parts:
-        out[offset : offset + p.nbytes] = p
-        offset += p.nbytes
-    return out
+    for parts in values:
+        for p in parts:
+            slab.view[offset : offset + p.nbytes] = p
+            offset += p.nbytes
+
+
+def _upsert_from(store: Any, keys: list[str], lease: Lease, sizes: list[int]) -> list[int]:
+    """In the thread: one batch_upsert_from of the slab (one status per key)."""
+    slab = lease.slab
+    assert slab is not None
+    ptrs, offset = [], 0
+    for n in sizes:
+        ptrs.append(slab.addr + offset)
+        offset += n
+    return list(store.batch_upsert_from(keys, ptrs, sizes))
 
 
 class MooncakeClient(StoreClient):
