@@ -1,0 +1,246 @@
+"""A small fleet behind a round-robin proxy, driven by vLLM's own benchmark client: with Membrain and without.
+
+    python bench/fleet_bench.py [--json bench/results/fleet.json] [--runs 2]
+
+Two OpenAI servers of one random-weight model, one core each (VLLM_CPU_OMP_THREADS_BIND), sit behind
+bench/rr_proxy.py. `vllm.benchmarks.serve` sends the prefix_repetition dataset (by default 8 prefixes of
+2048 tokens, 32 requests, 1 per second, Poisson arrivals from a fixed seed) through the proxy. The plain
+arm is the same fleet with vLLM's own prefix caching only; the Membrain arm adds one shared
+`membrain serve`. Arms alternate within each run (plain first in odd runs, Membrain first in even ones)
+and each starts from empty caches, so both see the same requests in the same order.
+
+Reported per run: the client's mean/p90/p99 TTFT per arm and their ratios (plain / Membrain: above 1
+means Membrain is faster), and, from the proxy's per-request log, each request classified as the first
+sight of its prefix in the fleet ("cold"), a prefix this instance served before ("local"), or one only
+the other instance served before ("remote": a Membrain hit in the Membrain arm, a recompute in the plain
+arm). The ratio "remote hit / local hit" compares medians of proxy-measured TTFT within the Membrain arm.
+
+The default model is KV-heavy for its compute (8 layers, hidden 512, 8 KV heads, bf16: 16 KiB of KV per
+token, a 2048-token prefix is 32 MiB), the shape where loads must be fast for Membrain to pay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+from membrain_async.server.embed import start_subprocess_server
+from membrain_async.testing import tinymodel
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODEL = {"layers": 8, "hidden": 512, "heads": 8, "kv_heads": 8, "intermediate": 1536, "vocab_size": 1024}
+BLOCK = 64
+
+CLIENT = """
+import json, sys
+from vllm.benchmarks.serve import add_cli_args, main
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+parser = FlexibleArgumentParser()
+add_cli_args(parser)
+main(parser.parse_args(sys.argv[1:]))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url} exited with {proc.returncode}:\n" + open(log).read()[-3000:])
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{url} not healthy after {timeout} s")
+
+
+def start_engine(model: str, core: int, membrain_url: str | None, logs: str, name: str,
+                 max_len: int) -> tuple[subprocess.Popen, str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_MEMBRAIN_")}
+    env.update({"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": str(core), "PYTHONUNBUFFERED": "1"})
+    if membrain_url:
+        env.update({"VLLM_MEMBRAIN_ENABLED": "1", "VLLM_MEMBRAIN_ENDPOINT": membrain_url,
+                    "VLLM_MEMBRAIN_NAMESPACE": "fleet"})
+    port = free_port()
+    log = os.path.join(logs, f"{name}.log")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
+         "--served-model-name", "fleet", "--dtype", "bfloat16", "--enforce-eager", "--block-size", str(BLOCK),
+         "--max-model-len", str(max_len), "--seed", "0"],
+        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def warm_up(url: str, seed: int) -> None:
+    """One short request of its own per instance, so one-time start-up costs are not in the figures."""
+    r = httpx.post(f"{url}/v1/completions", timeout=300, json={
+        "model": "fleet", "prompt": tinymodel.prompt_words(300, seed=1000 + seed), "max_tokens": 4,
+        "temperature": 0})
+    r.raise_for_status()
+
+
+def classify(log_lines: list[dict]) -> list[dict]:
+    """cold / local / remote per request, in the order the proxy received them."""
+    seen: dict[str, set[int]] = {}
+    out = []
+    for rec in sorted(log_lines, key=lambda r: r["order"]):
+        where = seen.setdefault(rec["prefix"], set())
+        kind = "cold" if not where else ("local" if rec["backend"] in where else "remote")
+        where.add(rec["backend"])
+        out.append({**rec, "kind": kind})
+    return out
+
+
+def median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def run_arm(arm: str, model: str, a: argparse.Namespace, logs: str) -> dict:
+    server = None
+    procs: list[subprocess.Popen] = []
+    try:
+        if arm == "membrain":
+            server = start_subprocess_server({"port": 0, "capacity": "4GiB"},
+                                             log_path=os.path.join(logs, f"{arm}-server.log"))
+        max_len = a.prefix_len + a.suffix_len + a.output_len + 64
+        started = [start_engine(model, core, server.url if server else None, logs, f"{arm}-{core}", max_len)
+                   for core in (0, 1)]
+        procs = [p for p, _, _ in started]
+        for p, url, log in started:
+            wait_healthy(url, p, log)
+        for i, (_, url, _) in enumerate(started):
+            warm_up(url, i)
+        proxy_port, proxy_log = free_port(), os.path.join(logs, f"{arm}-proxy.jsonl")
+        proxy = subprocess.Popen([sys.executable, os.path.join(HERE, "rr_proxy.py"), "--port", str(proxy_port),
+                                  "--log", proxy_log, *sum((["--backend", u] for _, u, _ in started), [])],
+                                 stdout=open(os.path.join(logs, f"{arm}-proxy.log"), "w"), stderr=subprocess.STDOUT)
+        procs.append(proxy)
+        wait_healthy(f"http://127.0.0.1:{proxy_port}", proxy, os.path.join(logs, f"{arm}-proxy.log"))
+        result_name = f"{arm}-client.json"
+        client = subprocess.run(
+            [sys.executable, "-c", CLIENT, "--backend", "vllm", "--base-url", f"http://127.0.0.1:{proxy_port}",
+             "--endpoint", "/v1/completions", "--model", "fleet", "--tokenizer", model,
+             "--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", str(a.prefix_len),
+             "--prefix-repetition-suffix-len", str(a.suffix_len),
+             "--prefix-repetition-num-prefixes", str(a.num_prefixes),
+             "--prefix-repetition-output-len", str(a.output_len), "--num-prompts", str(a.num_prompts),
+             "--request-rate", str(a.rate), "--seed", str(a.seed), "--ignore-eos", "--temperature", "0",
+             "--percentile-metrics", "ttft,itl,e2el", "--metric-percentiles", "50,90,99",
+             "--save-result", "--save-detailed", "--result-dir", logs, "--result-filename", result_name],
+            capture_output=True, text=True, timeout=1800)
+        if client.returncode != 0:
+            raise RuntimeError(f"bench client failed:\n{client.stdout[-3000:]}\n{client.stderr[-3000:]}")
+        with open(os.path.join(logs, result_name)) as f:
+            res = json.load(f)
+        stop(proxy)
+        with open(proxy_log) as f:
+            reqs = classify([json.loads(line) for line in f if line.strip()])
+        metrics = {}
+        if server is not None:
+            metrics = httpx.get(f"{server.url}/v1/stats", timeout=10).json()
+        out = {k: res.get(k) for k in ("completed", "failed", "duration", "mean_ttft_ms", "median_ttft_ms",
+                                       "p90_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "p99_itl_ms",
+                                       "request_throughput", "output_throughput")}
+        out["requests"] = [{k: r[k] for k in ("order", "backend", "kind", "proxy_ttft_s")} for r in reqs]
+        for kind in ("cold", "local", "remote"):
+            xs = [r["proxy_ttft_s"] for r in reqs if r["kind"] == kind and r["proxy_ttft_s"] is not None]
+            out[f"{kind}_n"] = len(xs)
+            out[f"{kind}_median_ttft_s"] = median(xs)
+        if metrics:
+            out["server_stats"] = {"keys": metrics.get("keys"), "bytes_in": metrics.get("bytes_in"),
+                                   "bytes_out": metrics.get("bytes_out"),
+                                   "ram_hits": metrics.get("tiers", {}).get("ram", {}).get("hits")}
+        return out
+    finally:
+        for p in procs:
+            stop(p)
+        if server is not None:
+            server.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", default=os.path.join(HERE, "results", "fleet.json"))
+    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--num-prefixes", type=int, default=8)
+    p.add_argument("--prefix-len", type=int, default=2048)
+    p.add_argument("--suffix-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--rate", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    for k, v in MODEL.items():
+        p.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
+    a = p.parse_args()
+    shape = {k: getattr(a, k) for k in MODEL}
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    with tempfile.TemporaryDirectory(prefix="membrain-fleet-") as tmp:
+        model = str(tinymodel.generate(os.path.join(tmp, "model"), max_positions=8192, **shape))
+        runs = []
+        for i in range(a.runs):
+            order = ("plain", "membrain") if i % 2 == 0 else ("membrain", "plain")
+            arms = {}
+            for arm in order:
+                logs = os.path.join(tmp, f"run{i}")
+                os.makedirs(logs, exist_ok=True)
+                arms[arm] = run_arm(arm, model, a, logs)
+                print(f"run {i} {arm}: mean TTFT {arms[arm]['mean_ttft_ms']:.0f} ms, p99 "
+                      f"{arms[arm]['p99_ttft_ms']:.0f} ms; cold/local/remote medians "
+                      f"{arms[arm]['cold_median_ttft_s']} / {arms[arm]['local_median_ttft_s']} / "
+                      f"{arms[arm]['remote_median_ttft_s']} s", flush=True)
+            pl, mb = arms["plain"], arms["membrain"]
+            ratios = {f"{m}_plain_over_membrain": pl[f"{m}_ttft_ms"] / mb[f"{m}_ttft_ms"]
+                      for m in ("mean", "median", "p90", "p99")}
+            if mb["remote_median_ttft_s"] and mb["local_median_ttft_s"]:
+                ratios["remote_hit_over_local_hit"] = mb["remote_median_ttft_s"] / mb["local_median_ttft_s"]
+            runs.append({"order": list(order), "arms": arms, "ratios": ratios})
+            print(f"run {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()), flush=True)
+    out = {"bench": "fleet", "date": started, "commit": git_commit(), "model": shape, "block_size": BLOCK,
+           "workload": {k: getattr(a, k) for k in ("num_prefixes", "prefix_len", "suffix_len", "output_len",
+                                                    "num_prompts", "rate", "seed")},
+           "aims": {"mean_plain_over_membrain": ">= 1.3", "p99": "membrain <= plain",
+                    "remote_hit_over_local_hit": "<= 1.5"},
+           "runs": runs}
+    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+    with open(a.json, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()
