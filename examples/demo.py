@@ -162,7 +162,7 @@ def main() -> None:
          f"loaded {mb.get('vllm:membrain_loaded_bytes', 0) / 1e6:.1f} MB"),
         ("same tokens as vLLM's own prefix cache", "",
          f"{'yes' if all(same) else 'NO'} ({sum(same)}/{len(same)} prompts, token for token)"),
-        ("same tokens as the cold run", "", f"{sum(same_cold)}/{len(same_cold)} prompts (bf16 rounding, see README)"),
+        ("same tokens as the cold run", "", f"{sum(same_cold)}/{len(same_cold)} prompts (bf16 rounding, see docs/index.md)"),
     ]
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     print()

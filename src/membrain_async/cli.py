@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(fn=cmd_stats)
 
     c = sub.add_parser("config", help="print the connector settings from the environment")
-    c.add_argument("--markdown", action="store_true", help="print the table of every setting (as in the README)")
+    c.add_argument("--markdown", action="store_true", help="print the table of every setting (as in docs/configuration.md)")
     c.set_defaults(fn=cmd_config)
 
     d = sub.add_parser("doctor", help="print a prompt's namespace fingerprint and block keys, and which a server holds")

@@ -1,7 +1,7 @@
 """Frozen configuration objects, read from environment variables, vLLM's extra config or CLI flags.
 
-Every setting is declared once, with its env var, flag, default and help text; the README table,
-`membrain serve --help` and `membrain config` are all generated from these declarations so the
+Every setting is declared once, with its env var, flag, default and help text; the table in
+docs/configuration.md, `membrain serve --help` and `membrain config` are all generated from these declarations so the
 documentation cannot drift from the code.
 """
 
@@ -394,7 +394,7 @@ class ConnectorConfig(_Settings):
 
 
 def settings_table() -> str:
-    """The Markdown table of every setting, as printed in the README."""
+    """The Markdown table of every setting, as docs/configuration.md carries it."""
     rows = ["| env var | CLI flag | default | meaning |", "| --- | --- | --- | --- |"]
     for cls, prefix in ((ServerConfig, "--"), (ConnectorConfig, None)):
         for f in cls.fields():

@@ -1,7 +1,7 @@
 """Which values the RAM tier keeps: an admission policy in front of the store's exact LRU.
 
-Replaying Mooncake's FAST'25 traces (bench/trace_bench.py; tables in the README, "What stays in the
-store") showed why LRU loses: most KV blocks are seen once and never again (76% of the conversation
+Replaying Mooncake's FAST'25 traces (bench/trace_bench.py; tables in docs/benchmarks.md, "What stays in
+the store") showed why LRU loses: most KV blocks are seen once and never again (76% of the conversation
 trace's distinct blocks), and at small capacities admitting them flushes blocks that would have been
 reused. Admitting a block only on its second sight doubles the hit ratio there; at large capacities it
 costs one miss per block used exactly twice, which LRU would have kept. In simulation W-TinyLFU, S3-FIFO

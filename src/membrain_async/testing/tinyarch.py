@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .tinymodel import build_tokenizer
 
-# arch -> (transformers config class, usual dtype, short description). The description goes in the README.
+# arch -> (transformers config class, usual dtype, short description). The description goes in docs/models.md.
 ARCHS: dict[str, tuple[str, str, str]] = {
     "llama-gqa": ("LlamaConfig", "bfloat16", "Llama, GQA (4 heads, 2 KV heads)"),
     "qwen2": ("Qwen2Config", "bfloat16", "Qwen2 (QKV bias)"),

@@ -1,0 +1,372 @@
+"""The benchmark tables of docs/benchmarks.md, generated from the committed JSON in bench/results.
+
+Each table sits in the page between `<!-- generated: NAME -->` and `<!-- end generated: NAME -->`; the prose
+around them is written by hand. Every table names its source file with the date and commit the run recorded,
+or says "not recorded" where the JSON has neither (older benchmark scripts did not write them).
+
+    python bench/docs_tables.py            rewrite docs/benchmarks.md from bench/results/*.json
+    python bench/docs_tables.py --check    exit 1 if the page differs from what the JSON gives
+
+tests/test_docs.py runs the check, so a rerun benchmark whose JSON is committed without the page fails CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+from typing import Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results")
+PAGE = os.path.join(ROOT, "docs", "benchmarks.md")
+
+NOT_RECORDED = "not recorded"
+
+
+def load(name: str) -> dict:
+    with open(os.path.join(RESULTS, name)) as f:
+        return json.load(f)
+
+
+def recorded(doc: dict) -> tuple[str, str]:
+    """(date, commit) as the run wrote them; a file of several runs gives the range of its runs' dates."""
+    date = doc.get("date") or doc.get("when")
+    commit = doc.get("commit")
+    runs = doc.get("runs")
+    if date is None and isinstance(runs, list) and runs and all(isinstance(r, dict) and r.get("date") for r in runs):
+        dates = sorted(r["date"] for r in runs)
+        date = dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
+        commits = sorted({r.get("commit") or NOT_RECORDED for r in runs})
+        commit = ", ".join(commits)
+    return (date or NOT_RECORDED, commit or NOT_RECORDED)
+
+
+def source(*names: str) -> str:
+    parts = []
+    for name in names:
+        date, commit = recorded(load(name))
+        parts.append(f"`bench/results/{name}` (date: {date}; commit: {commit})")
+    return "Source: " + ", ".join(parts) + "."
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def f2(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def runs_index() -> str:
+    rows = []
+    for name in sorted(n for n in os.listdir(RESULTS) if n.endswith(".json")):
+        date, commit = recorded(load(name))
+        rows.append([f"`{name}`", date, commit])
+    return table(["file", "date", "commit"], rows)
+
+
+def e2e_ttft() -> str:
+    doc = load("e2e.json")
+    rows = []
+    for r in doc["ttft"]:
+        rows.append([
+            f"{r['prefix_tokens']}",
+            f"{r['cold_ttft_s']:.2f} s",
+            f"{r['cold_with_connector_ttft_s']:.2f} s",
+            f"{r['cold_with_connector_ttft_s'] / r['cold_ttft_s']:.2f}×",
+            f"{r['warm_ttft_s']:.3f} s",
+            f"{r['speedup']:.1f}×",
+            f"{r['limit_s']:.3f} s",
+            f2(r["warm_over_limit"]),
+            f"{r['loaded_bytes'] / 1e6:.0f}",
+            "yes" if r.get("tokens_equal") else "no",
+        ])
+    header = ["prefix tokens", "cold, no Membrain", "cold, connector on", "cold cost of the connector",
+              "warm via Membrain", "speed-up", "limit", "warm / limit", "MB loaded", "tokens equal"]
+    return source("e2e.json") + "\n\n" + table(header, rows)
+
+
+def e2e_sync_async() -> str:
+    doc = load("ttft_8k_sync_async.json")
+    rows = []
+    for mode in ("sync", "async"):
+        r = doc[mode]["ttft"][0]
+        rows.append([mode, f"{r['prefix_tokens']}", f"{r['cold_ttft_s']:.1f} s",
+                     f"{r['cold_with_connector_ttft_s']:.1f} s", f"{r['warm_ttft_s']:.3f} s",
+                     f"{r['local_hit_ttft_s']:.3f} s"])
+    header = ["load mode", "prefix tokens", "cold, no Membrain", "cold, connector on", "warm via Membrain",
+              "local prefix-cache hit"]
+    return source("ttft_8k_sync_async.json") + "\n\n" + table(header, rows)
+
+
+def e2e_no_reuse() -> str:
+    doc = load("e2e.json")["no_reuse"]
+    rows = []
+    for workload in ("batch", "sequential"):
+        w = doc[workload]
+        rows.append([workload, f"{w['off_tokens_per_s_median']:.0f}", f"{w['on_tokens_per_s_median']:.0f}",
+                     f"{w['overhead_pct_median_of_pairs']:.1f} %",
+                     ", ".join(f"{p:.1f}" for p in w["overhead_pct_pairs"]) + " %"])
+    header = ["workload", "tokens/s without", "tokens/s with", "cost (median of pairs)", "per pair"]
+    return source("e2e.json") + "\n\n" + table(header, rows)
+
+
+def _stall_rows(doc: dict) -> list[list[str]]:
+    """One row per arm and link rate: medians over the run's repeats."""
+    links = doc.get("link", {})
+    groups: dict[tuple[str, float | None], list[dict]] = {}
+    for r in doc["runs"]:
+        groups.setdefault((r["arm"], r["rate"]), []).append(r)
+    rows = []
+    for (arm, rate), runs in groups.items():
+        if rate is None:
+            link = "-"
+        else:
+            measured = links.get(f"{rate:.0e}", {}).get("mb_per_s")  # keyed as the bench wrote the rate: "1e+08"
+            nominal = f"{rate / 1e6:.0f} MB/s" if rate < 1e9 else f"{rate / 1e9:.0f} GB/s"
+            link = nominal + (f" ({measured:.0f})" if measured else "")
+        ttfts = [r["hit_ttft_median_s"] for r in runs if r["hit_ttft_median_s"] is not None]
+        rows.append([
+            arm, link, str(len(runs)),
+            f"{statistics.median(r['gap_p50_ms'] for r in runs):.0f} ms",
+            f"{statistics.median(r['gap_p99_ms'] for r in runs):.0f} ms",
+            f"{statistics.median(r['gap_max_ms'] for r in runs):.0f} ms",
+            f"{statistics.median(ttfts):.2f} s" if ttfts else "-",
+        ])
+    return rows
+
+
+STALL_HEADER = ["arm", "link (measured MB/s)", "runs", "gap p50", "gap p99", "gap max", "hit TTFT (median)"]
+
+
+def stall() -> str:
+    return source("stall.json") + "\n\n" + table(STALL_HEADER, _stall_rows(load("stall.json")))
+
+
+def stall_rework() -> str:
+    parts = []
+    for name in ("stall_local.json", "stall_default_shape.json", "stall_cheap_tail.json"):
+        parts.append(source(name) + "\n\n" + table(STALL_HEADER, _stall_rows(load(name))))
+    return "\n\n".join(parts)
+
+
+def datapath() -> str:
+    after, before = load("datapath.json")["summary"], load("datapath_before.json")["summary"]
+    labels = {"raw_socket": "raw socket + memcpy", "load": "load (receive into slots, check, scatter)",
+              "save": "save (gather, checksum, upload)"}
+    rows = []
+    for arm, label in labels.items():
+        a, b = after[arm], before[arm]
+        rows.append([label, f"{a['gbps']:.2f} ({b['gbps']:.2f})",
+                     f"{a.get('speed_vs_raw', 1.0):.2f} ({b.get('speed_vs_raw', 1.0):.2f})",
+                     f"{a['cpu_s_per_gb']:.2f} ({b['cpu_s_per_gb']:.2f})",
+                     f"{a.get('cpu_vs_raw', 1.0):.2f} ({b.get('cpu_vs_raw', 1.0):.2f})"])
+    header = ["arm", "GB/s (before)", "vs raw socket (before)", "CPU s per GB (before)", "CPU vs raw (before)"]
+    return source("datapath.json", "datapath_before.json") + "\n\n" + table(header, rows)
+
+
+def _store_rows(doc: dict, systems: list[str]) -> list[list[str]]:
+    rows = []
+    for cell in doc["cells"]:
+        row = [f"{cell['size']} ×{cell['batch']}", str(cell["clients"])]
+        for system in systems:
+            s = cell["systems"].get(system)
+            row.append(f"{s['put']:.2f} / {s['get']:.2f}" if s and "put" in s and "get" in s else "failed")
+        rows.append(row)
+    return rows
+
+
+def store_redis() -> str:
+    doc = load("store_arena_redis.json")
+    header = ["payload", "clients", "raw put / get GB/s", "Membrain", "Redis"]
+    lookup = doc["lookup64"]
+    note = (f"64-key prefix lookup, p50 (p99): Membrain {lookup['membrain']['p50_ms']:.2f} ms "
+            f"({lookup['membrain']['p99_ms']:.2f}), Redis pipelined EXISTS {lookup['redis']['p50_ms']:.2f} ms "
+            f"({lookup['redis']['p99_ms']:.2f}).")
+    return (source("store_arena_redis.json") + "\n\n"
+            + table(header, _store_rows(doc, ["raw", "membrain", "redis"])) + "\n\n" + note)
+
+
+def store_arena() -> str:
+    before, after = load("store_arena_before.json"), load("store_arena_after.json")
+    rows = []
+    for b, a in zip(_store_rows(before, ["raw", "membrain"]), _store_rows(after, ["raw", "membrain"])):
+        rows.append(b + a[2:])
+    header = ["payload", "clients", "raw (before)", "Membrain before the arena", "raw (after)",
+              "Membrain with the arena"]
+    return source("store_arena_before.json", "store_arena_after.json") + "\n\n" + table(header, rows)
+
+
+def trace_replay() -> str:
+    doc = load("trace_replay.json")
+    rows = []
+    for r in doc["results"]:
+        arms = r["arms"]
+        lru, belady = arms["lru-sim"]["hit_ratio"], arms["belady-sim"]["hit_ratio"]
+        adaptive = arms["membrain adaptive"]["hit_ratio"]
+        gap = belady - lru
+        redis = arms.get("redis", {}).get("hit_ratio")
+        rows.append([
+            r["trace"], f"{r['capacity_tokens'] // (1 << 20)}Mi tokens ({r['capacity_blocks']:,} blocks)",
+            f"{lru:.3f}", f"{belady:.3f}", f"{arms['membrain lru']['hit_ratio']:.3f}", f"**{adaptive:.3f}**",
+            f"{adaptive / lru:.2f}×", f"{(adaptive - lru) / gap:.0%}" if gap > 0 else "-",
+            f"{arms['membrain lru']['prefill_tokens_saved'] / 1e6:.1f}M → "
+            f"{arms['membrain adaptive']['prefill_tokens_saved'] / 1e6:.1f}M",
+            f"{redis:.3f}" if redis is not None else "skipped",
+        ])
+    header = ["trace", "capacity", "LRU (sim)", "Belady (sim)", "server `lru`", "server `adaptive` (default)",
+              "adaptive / LRU", "LRU→Belady gap closed", "prefill tokens saved, `lru` → `adaptive`",
+              "Redis allkeys-lru"]
+    return source("trace_replay.json") + "\n\n" + table(header, rows)
+
+
+def admission_cost() -> str:
+    doc = load("admission_cost.json")
+    rows = [[f"`{policy}`", f"{r['admit_us']:.2f} µs", f"{r['touch_us']:.2f} µs"]
+            for policy, r in doc["results"].items()]
+    return source("admission_cost.json") + "\n\n" + table(["`--eviction`", "put (admit)", "lookup hit (touch)"], rows)
+
+
+def put_ab() -> str:
+    doc = load("trace_replay_put_ab.json")
+    rows = []
+    for i, run in enumerate(doc["runs"], 1):
+        for r in run["results"]:
+            adaptive, lru = r["arms"]["membrain adaptive"]["put_MBps"], r["arms"]["membrain lru"]["put_MBps"]
+            rows.append([str(i), run["date"], run.get("commit") or NOT_RECORDED, r["trace"],
+                         f"{adaptive:.0f} / {lru:.0f}", f"{adaptive / lru:.2f}×"])
+    header = ["run", "date", "commit", "trace", "put MB/s, `adaptive` / `lru`", "ratio"]
+    return source("trace_replay_put_ab.json") + "\n\n" + table(header, rows)
+
+
+def cluster() -> str:
+    doc = load("cluster.json")
+    tp = doc["throughput"]
+    rows = []
+    for nodes in (1, 2, 4):
+        row = [str(nodes)]
+        for system in ("membrain", "redis-cluster", "mooncake"):
+            t = tp.get(f"{system}@{nodes}")
+            row.append(f"{t['put_gbps']:.2f} / {t['get_gbps']:.2f}" if t else "skipped")
+        row.append(" / ".join(
+            f"{tp[f'{s}@{nodes}']['lookup_p50_us']:.0f} ({tp[f'{s}@{nodes}']['lookup_p99_us']:.0f})"
+            for s in ("membrain", "redis-cluster", "mooncake") if f"{s}@{nodes}" in tp))
+        rows.append(row)
+    header = ["nodes", "Membrain put / get GB/s", "Redis Cluster", "Mooncake",
+              "lookup p50 (p99) µs, same order (present arms)"]
+    loss = doc["node_loss"]
+    loss_rows = [[name, f"{r['hit_rate_after']:.1%}",
+                  f"{r['hit_rate_during_failover']:.1%}" if "hit_rate_during_failover" in r else "-"]
+                 for name, r in loss.items()]
+    return (source("cluster.json") + "\n\n" + table(header, rows) + "\n\nLosing one node of four:\n\n"
+            + table(["store", "hit ratio after", "during failover"], loss_rows))
+
+
+def mooncake_client() -> str:
+    doc = load("mooncake_client.json")
+    labels = {"mooncake_client": "Mooncake through Membrain's client (`mooncake://`)",
+              "mooncake_raw": "Mooncake's own API from registered buffers",
+              "membrain_client": "a Membrain node through `MembrainClient`"}
+    rows = []
+    for key, label in labels.items():
+        r = doc[key]
+        lk = r["lookup_40_keys_us"]
+        rows.append([label, f"{r['put_GBps']:.2f} GB/s", f"{r['get_GBps']:.2f} GB/s",
+                     f"{lk['p50']:.0f} / {lk['p99']:.0f} µs"])
+    return source("mooncake_client.json") + "\n\n" + table(["path", "put", "get", "40-key lookup p50 / p99"], rows)
+
+
+def disk() -> str:
+    parts = []
+    for name in ("disk.json", "disk_10gib.json"):
+        doc = load(name)
+        m, raw, reopen = doc["membrain"], doc["raw_after"], doc["reopen"]
+        rows = [
+            ["write / put", f"{raw['write_gbs']:.2f} GB/s", f"{m['put_gbs']:.2f} GB/s", f"{m['put_x_raw_write']:.2f}×"],
+            ["read / get, one request at a time", f"{raw['read_gbs']:.2f} GB/s", f"{m['get_gbs']:.2f} GB/s",
+             f"{m['get_x_raw_read']:.2f}×"],
+            ["read / get, 4 requests in flight", f"{raw['read_gbs']:.2f} GB/s", f"{m['get4_gbs']:.2f} GB/s",
+             f"{m['get4_x_raw_read']:.2f}×"],
+            [f"reopen {reopen['bytes_on_disk'] / (1 << 30):.2f} GiB: hint files / scanning every header", "",
+             f"{reopen['seconds']:.3f} s / {reopen['scan_seconds']:.2f} s", ""],
+        ]
+        parts.append(source(name) + "\n\n" + table(["", "raw (`dd`, O_DIRECT)", "Membrain disk tier", "ratio"], rows))
+    return "\n\n".join(parts)
+
+
+def lookup() -> str:
+    doc = load("lookup.json")
+    rows = []
+    for phase in ("idle", "saving", "saving+engine"):
+        p = doc[phase]
+        rows.append([phase, f"{p['p50_ms']:.1f} ms", f"{p['p99_ms']:.1f} ms", f"{p['lookups_per_s']:.0f}",
+                     f"{p['upload_MBps']:.0f}"])
+    return source("lookup.json") + "\n\n" + table(["phase", "lookup p50", "p99", "lookups/s", "uploads MB/s"], rows)
+
+
+SECTIONS: dict[str, Callable[[], str]] = {
+    "runs": runs_index,
+    "e2e-ttft": e2e_ttft,
+    "e2e-sync-async": e2e_sync_async,
+    "e2e-no-reuse": e2e_no_reuse,
+    "stall": stall,
+    "stall-rework": stall_rework,
+    "datapath": datapath,
+    "store-redis": store_redis,
+    "store-arena": store_arena,
+    "trace-replay": trace_replay,
+    "admission-cost": admission_cost,
+    "put-ab": put_ab,
+    "cluster": cluster,
+    "mooncake-client": mooncake_client,
+    "disk": disk,
+    "lookup": lookup,
+}
+
+_MARKED = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n).*?(<!-- end generated: (?P=name) -->)", re.S)
+
+
+def render(page: str) -> str:
+    """The page with every marked section replaced by its table; a marker naming no table is an error."""
+    seen = set()
+
+    def fill(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in SECTIONS:
+            raise KeyError(f"docs/benchmarks.md marks a table '{name}' that bench/docs_tables.py does not make")
+        seen.add(name)
+        return m.group(1) + SECTIONS[name]() + "\n" + m.group(3)
+
+    out = _MARKED.sub(fill, page)
+    missing = set(SECTIONS) - seen
+    if missing:
+        raise KeyError(f"docs/benchmarks.md has no markers for: {', '.join(sorted(missing))}")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if docs/benchmarks.md is not up to date")
+    args = ap.parse_args()
+    with open(PAGE) as f:
+        page = f.read()
+    new = render(page)
+    if args.check:
+        if new != page:
+            print("docs/benchmarks.md is out of date: run python bench/docs_tables.py", file=sys.stderr)
+            return 1
+        return 0
+    if new != page:
+        with open(PAGE, "w") as f:
+            f.write(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
