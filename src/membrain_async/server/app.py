@@ -53,15 +53,22 @@ def limit_malloc_retention() -> None:
         pass
 
 
+def check_bind(config: ServerConfig) -> bool:
+    """True where the server would listen beyond loopback without auth; ConfigError unless that is allowed."""
+    if _is_loopback(config.host) or config.auth_file:
+        return False
+    if not config.allow_insecure_bind:
+        raise ConfigError(
+            f"refusing to listen on {config.host} without --auth-file: KV blocks reveal prompts. "
+            "Give an auth file, or pass --allow-insecure-bind if the network is trusted."
+        )
+    return True
+
+
 class MembrainServer:
     def __init__(self, config: ServerConfig | None = None):
         self.config = config or ServerConfig()
-        if not _is_loopback(self.config.host) and not self.config.auth_file:
-            if not self.config.allow_insecure_bind:
-                raise ConfigError(
-                    f"refusing to listen on {self.config.host} without --auth-file: KV blocks reveal prompts. "
-                    "Give an auth file, or pass --allow-insecure-bind if the network is trusted."
-                )
+        if check_bind(self.config):
             log.warning(
                 "LISTENING ON %s WITHOUT AUTHENTICATION: anyone who can reach this port can read cached prompts",
                 self.config.host,
