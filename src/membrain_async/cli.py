@@ -69,8 +69,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
             else:
                 print(f"membrain listening on {server.url}", file=sys.stderr)
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for sig in signals:
+                    if sig == signal.SIGHUP:
+                        server.reload()
+                        continue
                     logging.getLogger("membrain.server").info("received %s, shutting down", signal.Signals(sig).name)
                     tg.cancel_scope.cancel()
                     break

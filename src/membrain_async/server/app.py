@@ -18,6 +18,7 @@ from .. import sockio
 from ..config import ConfigError, ServerConfig
 from ..protocol import bulk
 from ..tls import server_context
+from .auth import Authorizer
 from .bulk import BulkConnection
 from .http import HttpConnection
 from .service import Service
@@ -79,6 +80,26 @@ class MembrainServer:
             self.tls = server_context(self.config.tls_cert, self.config.tls_key) if self.config.tls_cert else None
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+
+    def reload(self) -> bool:
+        """SIGHUP: read the auth file and the TLS certificate again, keeping every stored value.
+
+        Both are read before either is used, so a bad new file leaves the server as it was (one error
+        line). The new tokens apply to each request from now on (a bulk connection's token is checked on
+        every frame), the new certificate to each connection accepted from now on.
+        """
+        try:
+            auth = Authorizer.from_file(self.config.auth_file)
+            tls = server_context(self.config.tls_cert, self.config.tls_key) if self.config.tls_cert else None
+        except ValueError as exc:
+            log.error("reload failed, still serving the previous auth file and certificate: %s", exc)
+            return False
+        self.service.use_authorizer(auth)
+        self.tls = tls
+        log.info("reloaded: auth %s, tls %s",
+                 f"{self.config.auth_file} ({len(auth.grants or ())} tokens)" if auth.enabled else "off",
+                 self.config.tls_cert or "off")
+        return True
 
     @property
     def url(self) -> str:
