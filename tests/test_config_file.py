@@ -10,7 +10,7 @@ import pytest
 
 from membrain_async.cli import main
 from membrain_async.config import ServerConfig
-from membrain_async.server.config_file import key_of, serve_config
+from membrain_async.server.config_file import key_of, keys_table, serve_config
 from membrain_async.server.embed import server_command
 from membrain_async.testing.certs import make_certs
 
@@ -65,7 +65,7 @@ def test_every_setting_has_a_key_named_as_its_flag(tmp_path):
     ('max_value_bytes = "1MiB"\n', "unknown key 'max_value_bytes' (did you mean 'max-value-bytes'?)"),
     ("[server]\nport = 1\n", "unknown key 'server'"),
     ('port = "9201"\n', "key 'port': expected an integer, got a string"),
-    ("port = 9201.5\n", "key 'port': expected an integer, got a number"),
+    ("port = 9201.5\n", "key 'port': expected an integer, got a float"),
     ('allow-insecure-bind = "yes"\n', "key 'allow-insecure-bind': expected true or false, got a string"),
     ("capacity = true\n", "key 'capacity': expected a byte count or a size string"),
     ('capacity = "lots"\n', "key 'capacity': not a size: 'lots'"),
@@ -129,3 +129,8 @@ def test_a_served_file_reaches_the_running_server(tmp_path):
         proc.terminate()
         assert proc.wait(timeout=30) == 0
         proc.stdout.close()
+
+
+def test_the_deployment_guide_lists_every_key():
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "deployment.md")) as f:
+        assert keys_table() in f.read(), "paste keys_table() from server/config_file.py into docs/deployment.md"

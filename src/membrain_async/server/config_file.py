@@ -1,6 +1,6 @@
 """`membrain serve --config FILE`: the serve settings as a TOML file.
 
-Keys are the long flag names without their dashes (`capacity`, `disk-path`, `auth-file`), one per
+Keys are the long flag names without the leading `--` (`capacity`, `disk-path`, `auth-file`), one per
 setting that `ServerConfig` declares, so a new setting is a key here with no other change. Precedence,
 lowest first: defaults, the file, `MEMBRAIN_*` environment variables, flags; the file is named by
 `--config` or else by `MEMBRAIN_CONFIG`. A key the server does not know, or a value of the wrong type,
@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import tomllib
 from typing import Any, Mapping
 
-from ..config import ConfigError, ServerConfig, parse_size
+from ..config import ConfigError, ServerConfig, _human_size, parse_size
 from ..tls import server_context
+from .app import check_bind
 from .auth import Authorizer
 
 CONFIG_ENV = "MEMBRAIN_CONFIG"
@@ -32,8 +34,10 @@ _FIELDS = {key_of(f): f for f in ServerConfig.fields()}
 def _toml_type(value: Any) -> str:
     if isinstance(value, bool):
         return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
     if isinstance(value, str):
         return "a string"
     if isinstance(value, dict):
@@ -43,23 +47,46 @@ def _toml_type(value: Any) -> str:
     return f"a {type(value).__name__}"  # TOML dates and times
 
 
-def _value(f: dataclasses.Field, value: Any) -> Any:
-    """The file's value for one setting, checked against the setting's type (ValueError says what was wanted)."""
-    parse = f.metadata.get("parse")
+# What each kind of setting takes in TOML, and how an error message asks for it.
+_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "boolean": ((bool,), "true or false"),
+    "size": ((int, str), 'a byte count or a size string like "8GiB"'),
+    "number": ((int, float), "a number"),
+    "integer": ((int,), "an integer"),
+    "string": ((str,), "a string"),
+}
+
+
+def _kind(f: dataclasses.Field) -> str:
     if isinstance(f.default, bool):
-        ok, wanted = isinstance(value, bool), "true or false"
-    elif parse is parse_size:
-        ok, wanted = isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)), \
-            'a byte count or a size string like "8GiB"'
-    elif isinstance(f.default, float):
-        ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-    elif isinstance(f.default, int):
-        ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
-    else:
-        ok, wanted = isinstance(value, str), "a string"
-    if not ok:
+        return "boolean"
+    if f.metadata.get("parse") is parse_size:
+        return "size"
+    if isinstance(f.default, float):
+        return "number"
+    if isinstance(f.default, int):
+        return "integer"
+    return "string"
+
+
+def _value(f: dataclasses.Field, value: Any) -> Any:
+    """The file's value for one setting, checked against the setting's kind (ValueError says what was wanted)."""
+    types, wanted = _KINDS[_kind(f)]
+    # TOML's booleans are Python ints: only a boolean setting takes one.
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         raise ValueError(f"expected {wanted}, got {_toml_type(value)}")
+    parse = f.metadata.get("parse")
     return parse(value) if parse else type(f.default)(value)
+
+
+def keys_table() -> str:
+    """The Markdown table of every key, as docs/deployment.md prints it."""
+    rows = ["| key | value | env var | default | meaning |", "| --- | --- | --- | --- | --- |"]
+    for key, f in _FIELDS.items():
+        kind = _kind(f)
+        default = f'"{_human_size(f.default)}"' if kind == "size" else json.dumps(f.default)
+        rows.append(f"| `{key}` | {kind} | `{f.metadata['env']}` | `{default}` | {f.metadata['help']} |")
+    return "\n".join(rows)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -106,8 +133,6 @@ def check_files(config: ServerConfig) -> None:
 
     Opens no port and no disk tier; ConfigError (one line) when a file would stop the server.
     """
-    from .app import check_bind
-
     check_bind(config)
     try:
         Authorizer.from_file(config.auth_file)
