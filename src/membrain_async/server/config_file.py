@@ -71,10 +71,13 @@ def _kind(f: dataclasses.Field) -> str:
 
 def _value(f: dataclasses.Field, value: Any) -> Any:
     """The file's value for one setting, checked against the setting's kind (ValueError says what was wanted)."""
-    types, wanted = _KINDS[_kind(f)]
+    kind = _kind(f)
+    types, wanted = _KINDS[kind]
     # TOML's booleans are Python ints: only a boolean setting takes one.
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         raise ValueError(f"expected {wanted}, got {_toml_type(value)}")
+    if kind == "size":
+        return parse_size(str(value))  # a byte count meets the same rules as a flag's (no negative sizes)
     parse = f.metadata.get("parse")
     return parse(value) if parse else type(f.default)(value)
 
