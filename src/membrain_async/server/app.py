@@ -18,6 +18,7 @@ from .. import sockio
 from ..config import ConfigError, ServerConfig
 from ..protocol import bulk
 from ..tls import server_context
+from .auth import Authorizer
 from .bulk import BulkConnection
 from .http import HttpConnection
 from .service import Service
@@ -53,15 +54,22 @@ def limit_malloc_retention() -> None:
         pass
 
 
+def check_bind(config: ServerConfig) -> bool:
+    """True where the server would listen beyond loopback without auth; ConfigError unless that is allowed."""
+    if _is_loopback(config.host) or config.auth_file:
+        return False
+    if not config.allow_insecure_bind:
+        raise ConfigError(
+            f"refusing to listen on {config.host} without --auth-file: KV blocks reveal prompts. "
+            "Give an auth file, or pass --allow-insecure-bind if the network is trusted."
+        )
+    return True
+
+
 class MembrainServer:
     def __init__(self, config: ServerConfig | None = None):
         self.config = config or ServerConfig()
-        if not _is_loopback(self.config.host) and not self.config.auth_file:
-            if not self.config.allow_insecure_bind:
-                raise ConfigError(
-                    f"refusing to listen on {self.config.host} without --auth-file: KV blocks reveal prompts. "
-                    "Give an auth file, or pass --allow-insecure-bind if the network is trusted."
-                )
+        if check_bind(self.config):
             log.warning(
                 "LISTENING ON %s WITHOUT AUTHENTICATION: anyone who can reach this port can read cached prompts",
                 self.config.host,
@@ -72,6 +80,26 @@ class MembrainServer:
             self.tls = server_context(self.config.tls_cert, self.config.tls_key) if self.config.tls_cert else None
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+
+    def reload(self) -> bool:
+        """SIGHUP: read the auth file and the TLS certificate again, keeping every stored value.
+
+        Both are read before either is used, so a bad new file leaves the server as it was (one error
+        line). The new tokens apply to each request from now on (a bulk connection's token is checked on
+        every frame), the new certificate to each connection accepted from now on.
+        """
+        try:
+            auth = Authorizer.from_file(self.config.auth_file)
+            tls = server_context(self.config.tls_cert, self.config.tls_key) if self.config.tls_cert else None
+        except ValueError as exc:
+            log.error("reload failed, still serving the previous auth file and certificate: %s", exc)
+            return False
+        self.service.use_authorizer(auth)
+        self.tls = tls
+        log.info("reloaded: auth %s, tls %s",
+                 f"{self.config.auth_file} ({len(auth.grants or ())} tokens)" if auth.enabled else "off",
+                 self.config.tls_cert or "off")
+        return True
 
     @property
     def url(self) -> str:

@@ -49,11 +49,18 @@ class Service:
         if config.disk_path:
             self.disk = DiskTier(config.disk_path, config.disk_capacity, self.store)
             self.store.spill = self.disk.spill
-        self.auth = authorizer or Authorizer.from_file(config.auth_file)
-        for ns, share in self.auth.quotas.items():
-            self.store.set_quota(ns, max(1, int(share * config.capacity)))
+        self.auth = Authorizer(None)
+        self.use_authorizer(authorizer or Authorizer.from_file(config.auth_file))
         self.counters = ServerCounters()
         self.bound_port: int | None = None
+
+    def use_authorizer(self, auth: Authorizer) -> None:
+        """Take these tokens and quotas from now on (start-up, SIGHUP); stored values stay."""
+        for ns in set(self.auth.quotas) - set(auth.quotas):
+            self.store.clear_quota(ns)
+        for ns, share in auth.quotas.items():
+            self.store.set_quota(ns, max(1, int(share * self.config.capacity)))
+        self.auth = auth
 
     # --- validation -------------------------------------------------------------------------------
 

@@ -121,6 +121,10 @@ class Store:
             if value_ns == ns:
                 own[key] = entry
 
+    def clear_quota(self, ns: str) -> None:
+        self.quotas.pop(ns, None)
+        self._own.pop(ns, None)
+
     def _ns(self, ns: str) -> NamespaceStats:
         stats = self.namespaces.get(ns)
         if stats is None:
