@@ -71,3 +71,106 @@ def test_membrains_variables_pass_vllms_strict_environment_check(clean_env, monk
     monkeypatch.setenv("VLLM_MEMBRAIN_NO_SUCH_SETTING", "1")  # a typo is still vLLM's to report
     with pytest.raises(ValueError, match="VLLM_MEMBRAIN_NO_SUCH_SETTING"):
         current_platform.validate_environ(True)
+
+
+# --- fail clearly: a Membrain mistake never stops vLLM, unless VLLM_MEMBRAIN_STRICT=1 asks it to ---------------
+
+
+class _Records(list):
+    """Membrain's log records (the plugin forwards them to vLLM's logger, which does not propagate)."""
+
+    def __init__(self):
+        super().__init__()
+        import logging
+
+        self.handler = logging.Handler()
+        self.handler.emit = self.append
+
+    def errors(self):
+        import logging
+
+        return [r.getMessage() for r in self if r.levelno >= logging.ERROR]
+
+
+@pytest.fixture
+def activation(clean_env, model):
+    """register() as vLLM runs it, with EngineArgs.create_engine_config restored after the test; a real
+    model's engine config is then built as LLM(...) builds it (no engine starts)."""
+    import logging
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from membrain_async.vllm import plugin
+
+    clean_env.setattr(EngineArgs, "create_engine_config", EngineArgs.create_engine_config)
+    for name in ("VLLM_MEMBRAIN_STRICT", "VLLM_MEMBRAIN_TOKEN"):
+        clean_env.delenv(name, raising=False)
+    records = _Records()
+    logging.getLogger("membrain").addHandler(records.handler)
+
+    def build(**env):
+        for name, value in env.items():
+            clean_env.setenv(name, value)
+        plugin.register()
+        return EngineArgs(model=model).create_engine_config()
+
+    yield build, records
+    logging.getLogger("membrain").removeHandler(records.handler)
+
+
+@pytest.mark.parametrize(
+    "env, named",
+    [
+        ({"VLLM_MEMBRAIN_ENDPOINT": "http://[::1"}, "VLLM_MEMBRAIN_ENDPOINT"),
+        ({"VLLM_MEMBRAIN_ENDPOINT": "redis://u:pw-secret@host:99999"}, "Port out of range"),
+        ({"VLLM_MEMBRAIN_NAMESPACE": "a b"}, "VLLM_MEMBRAIN_NAMESPACE"),
+        ({"VLLM_MEMBRAIN_ENABLED": "maybe"}, "VLLM_MEMBRAIN_ENABLED"),
+    ],
+)
+def test_a_bad_setting_leaves_vllm_plain_and_says_why_once(activation, env, named):
+    import os
+
+    build, records = activation
+    config = build(**{"VLLM_MEMBRAIN_ENABLED": "1", **env})
+    assert config.kv_transfer_config is None  # plain vLLM: no connector
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ
+    (line,) = records.errors()
+    assert named in line and "plain vLLM" in line and "secret" not in line
+
+
+def test_strict_start_stops_on_a_bad_setting(activation):
+    from membrain_async.vllm.plugin import MembrainStartError
+
+    build, records = activation
+    with pytest.raises(MembrainStartError, match="VLLM_MEMBRAIN_ENDPOINT"):
+        build(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT="http://[::1", VLLM_MEMBRAIN_STRICT="1")
+    assert len(records.errors()) == 1
+
+
+def test_strict_start_stops_on_an_unreachable_server_and_plain_start_goes_on(activation):
+    from membrain_async.vllm.plugin import MembrainStartError
+
+    build, records = activation
+    config = build(VLLM_MEMBRAIN_ENABLED="1")  # clean_env's endpoint: nothing listens there
+    assert config.kv_transfer_config.kv_connector == "MembrainConnector" and not records.errors()
+    with pytest.raises(MembrainStartError, match="unreachable"):
+        build(VLLM_MEMBRAIN_STRICT="1")
+
+
+def test_strict_start_goes_on_with_a_server_that_answers(activation, server):
+    build, records = activation
+    config = build(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=server.url, VLLM_MEMBRAIN_STRICT="1")
+    assert config.kv_transfer_config.kv_connector == "MembrainConnector" and not records.errors()
+
+
+def test_an_explicit_membrain_config_with_a_bad_setting_becomes_plain_vllm(clean_env):
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    from membrain_async.vllm.plugin import activate
+
+    explicit = KVTransferConfig(kv_connector="MembrainConnector", kv_role="kv_both",
+                                kv_connector_extra_config={"endpoint": "http://host:99999"})
+    args = EngineArgs(model="dummy", kv_transfer_config=explicit)
+    assert not activate(args)
+    assert args.kv_transfer_config is None
