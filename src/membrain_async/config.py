@@ -55,7 +55,7 @@ def parse_size(text: str | int) -> int:
         raise ValueError(f"not a size: {text!r} (try 1048576, 64MiB, 2GiB; {SIZE_RULE})")
     number, exponent, unit = m.groups()
     if int(exponent or 0) > _MAX_EXPONENT:
-        raise ValueError(f"{text!r} is larger than any memory or disk")
+        raise ValueError("larger than any memory or disk")
     # Exact arithmetic: no float rounding of large byte counts, and no overflow to infinity.
     return int(Fraction(number) * 10 ** int(exponent or 0) * _SIZE_SUFFIXES[unit])
 

@@ -19,7 +19,7 @@ def redact_url(url: str) -> str:
     try:
         p = urlsplit(url)
     except ValueError:
-        return "<unparseable endpoint>"
+        return url if "@" not in url else "<unparseable endpoint>"
     if p.password is None and "@" not in p.netloc:
         return url
     host = p.netloc.rpartition("@")[2]

@@ -13,7 +13,7 @@ import anyio
 
 from .. import __version__
 from ..config import ServerConfig
-from ..protocol.bodies import BulkEndpoint, KeysListing, ServerInfo, ServerLimits
+from ..protocol.bodies import BulkEndpoint, KeysListing, Readiness, ServerInfo, ServerLimits
 from ..protocol.names import validate_key, validate_namespace
 from .auth import AuthError, Authorizer
 from .arena import Slot
@@ -54,6 +54,12 @@ class Service:
             self.store.set_quota(ns, max(1, int(share * config.capacity)))
         self.counters = ServerCounters()
         self.bound_port: int | None = None
+
+    def readiness(self) -> Readiness:
+        """Degraded while the disk tier is off (unusable at start with --allow-degraded, or failed since)."""
+        if self.disk is not None and not self.disk.writable:
+            return Readiness("degraded", f"disk tier off, serving from RAM only: {self.disk.reason}")
+        return Readiness()
 
     # --- validation -------------------------------------------------------------------------------
 
