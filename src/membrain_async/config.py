@@ -41,7 +41,8 @@ for _power, _letter in enumerate("kmgt", start=1):
     _SIZE_SUFFIXES[_letter] = 1000**_power
     _SIZE_SUFFIXES[_letter + "b"] = 1024**_power
     _SIZE_SUFFIXES[_letter + "ib"] = 1024**_power
-SIZE_RULE = "Sizes as Redis reads them: 1k = 1000, 1kb = 1024 (m, g, t likewise), KiB/MiB/GiB/TiB = powers of 1024."
+SIZE_RULE = ("Every size reads as Redis reads it: 1k = 1000, 1kb = 1024 (m, g, t alike), KiB/MiB/GiB/TiB = powers "
+             "of 1024, case-insensitive.")
 _MAX_EXPONENT = 30  # 1e30 bytes is past every host; a bigger exponent would only cost time to compute
 _SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(?:e(\d+))?\s*([a-z]*)")
 
@@ -52,7 +53,7 @@ def parse_size(text: str | int) -> int:
         return text
     m = _SIZE.fullmatch(str(text).strip().lower().replace("_", ""))
     if m is None or m.group(3) not in _SIZE_SUFFIXES:
-        raise ValueError(f"not a size: {text!r} (try 1048576, 64MiB, 2GiB; {SIZE_RULE})")
+        raise ValueError(f"not a size: {text!r} (try 1048576, 64MiB, 2GiB). {SIZE_RULE}")
     number, exponent, unit = m.groups()
     if int(exponent or 0) > _MAX_EXPONENT:
         raise ValueError("larger than any memory or disk")
@@ -260,7 +261,7 @@ class ConnectorConfig(_Settings):
         "default", "VLLM_MEMBRAIN_NAMESPACE", "Tenant namespace on the server; blocks are shared only within it.", str
     )
     token: str = _setting(
-        "", "VLLM_MEMBRAIN_TOKEN", "Bearer token for the namespace, if the server requires one. Printed as ***.", str, shown=_hidden
+        "", "VLLM_MEMBRAIN_TOKEN", "Bearer token for the namespace, if the server requires one. Printed as `***`.", str, shown=_hidden
     )
     redis_username: str = _setting(
         "", "VLLM_MEMBRAIN_REDIS_USERNAME", "Redis ACL user for redis:// endpoints (empty: the URL's, else the default user).", str
@@ -268,7 +269,7 @@ class ConnectorConfig(_Settings):
     redis_password: str = _setting(
         "",
         "VLLM_MEMBRAIN_REDIS_PASSWORD",
-        "Redis password (AUTH) for redis:// endpoints (empty: the URL's, else none). Never logged; a password in the URL is redacted from logs.",
+        "Redis password (AUTH) for redis:// endpoints (empty: the URL's, else none). Printed as `***`; a password in the URL is redacted from logs, errors and `membrain config`.",
         str,
         shown=_hidden,
     )
