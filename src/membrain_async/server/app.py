@@ -20,7 +20,7 @@ from ..protocol import bulk
 from ..tls import server_context
 from .bulk import BulkConnection
 from .http import HttpConnection
-from .host_fit import check_fits_host
+from .host_fit import check_disk, check_memory
 from .service import Service
 from .store import memory_line
 
@@ -67,12 +67,16 @@ class MembrainServer:
                 "LISTENING ON %s WITHOUT AUTHENTICATION: anyone who can reach this port can read cached prompts",
                 self.config.host,
             )
-        check_fits_host(self.config)
+        check_memory(self.config)
         self.service = Service(self.config)
         disk = self.service.disk
-        if disk is not None and not disk.writable and not self.config.allow_degraded:
+        if disk is not None and disk.writable:
+            check_disk(self.config)
+        elif disk is not None and not self.config.allow_degraded:
             raise ConfigError(f"disk_path {self.config.disk_path}: {disk.reason}. Give a usable directory, or pass "
                               "--allow-degraded to serve from RAM only")
+        elif disk is not None:
+            log.warning("disk tier: %s; --allow-degraded: serving from RAM only, /readyz says degraded", disk.reason)
         self.port: int | None = None
         self._listener: socket.socket | None = None
         try:

@@ -24,17 +24,10 @@ def host_memory() -> int:
 
 
 def disk_room(directory: str) -> int:
-    """Bytes a disk tier in `directory` could fill: the file system's free space plus the files already
-    there (a restart reopens its own segments, which count against its capacity)."""
-    existing = 0
-    if os.path.isdir(directory):
-        for entry in os.scandir(directory):
-            if entry.is_file(follow_symlinks=False):
-                existing += entry.stat().st_size
-    probe = os.path.abspath(directory)
-    while not os.path.exists(probe):  # not created yet: the file system it would be created on
-        probe = os.path.dirname(probe)
-    st = os.statvfs(probe)
+    """Bytes a disk tier in `directory` (which exists) could fill: the file system's free space plus the
+    files already there (a restart reopens its own segments, which count against its capacity)."""
+    existing = sum(e.stat().st_size for e in os.scandir(directory) if e.is_file(follow_symlinks=False))
+    st = os.statvfs(directory)
     return st.f_bavail * st.f_frsize + existing
 
 
@@ -42,16 +35,16 @@ def _gib(n: int) -> str:
     return f"{n / (1 << 30):.1f} GiB"
 
 
-def check_fits_host(config: ServerConfig) -> None:
+def check_memory(config: ServerConfig) -> None:
     memory = host_memory()
     if config.capacity > memory:
         raise ConfigError(f"capacity of {config.capacity} bytes ({_gib(config.capacity)}) is more than this host's "
                           f"memory ({_gib(memory)}): give a smaller --capacity")
-    if config.disk_path:
-        try:
-            room = disk_room(config.disk_path)
-        except OSError:
-            return  # an unusable directory: the disk tier says so when it opens
-        if config.disk_capacity > room:
-            raise ConfigError(f"disk_capacity of {config.disk_capacity} bytes ({_gib(config.disk_capacity)}) is more "
-                              f"than {config.disk_path} has free ({_gib(room)}): give a smaller --disk-capacity")
+
+
+def check_disk(config: ServerConfig) -> None:
+    """For a disk tier that opened (its directory exists and takes writes)."""
+    room = disk_room(config.disk_path)
+    if config.disk_capacity > room:
+        raise ConfigError(f"disk_capacity of {config.disk_capacity} bytes ({_gib(config.disk_capacity)}) is more "
+                          f"than {config.disk_path} has free ({_gib(room)}): give a smaller --disk-capacity")
