@@ -7,7 +7,11 @@ pytest.importorskip("vllm")
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for k in ("VLLM_MEMBRAIN_ENABLED", "VLLM_MEMBRAIN_ENDPOINT", "VLLM_CPU_NUM_OF_RESERVED_CPU"):
+    from vllm.engine.arg_utils import EngineArgs
+
+    # register() wraps this method for the whole process: put the original back after each test.
+    monkeypatch.setattr(EngineArgs, "create_engine_config", EngineArgs.create_engine_config)
+    for k in ("VLLM_MEMBRAIN_ENABLED", "VLLM_MEMBRAIN_ENDPOINT", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_MEMBRAIN_STRICT"):
         monkeypatch.setenv(k, "placeholder")  # recorded, so teardown restores whatever was there before
         monkeypatch.delenv(k)
     monkeypatch.setenv("VLLM_MEMBRAIN_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: the self-check says so
@@ -94,17 +98,14 @@ class _Records(list):
 
 @pytest.fixture
 def activation(clean_env, model):
-    """register() as vLLM runs it, with EngineArgs.create_engine_config restored after the test; a real
-    model's engine config is then built as LLM(...) builds it (no engine starts)."""
+    """register() as vLLM runs it; a real model's engine config is then built as LLM(...) builds it (no
+    engine starts)."""
     import logging
 
     from vllm.engine.arg_utils import EngineArgs
 
     from membrain_async.vllm import plugin
 
-    clean_env.setattr(EngineArgs, "create_engine_config", EngineArgs.create_engine_config)
-    for name in ("VLLM_MEMBRAIN_STRICT", "VLLM_MEMBRAIN_TOKEN"):
-        clean_env.delenv(name, raising=False)
     records = _Records()
     logging.getLogger("membrain").addHandler(records.handler)
 
@@ -174,3 +175,26 @@ def test_an_explicit_membrain_config_with_a_bad_setting_becomes_plain_vllm(clean
     args = EngineArgs(model="dummy", kv_transfer_config=explicit)
     assert not activate(args)
     assert args.kv_transfer_config is None
+
+
+@pytest.mark.parametrize("strict", ["0", "1"])
+def test_the_connector_of_an_explicit_config_with_a_bad_setting_is_inert_unless_strict(clean_env, model, strict):
+    """No VLLM_MEMBRAIN_ENABLED, so no activation: vLLM builds the connector in its engine core as given."""
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+    from membrain_async.config import ConfigError
+    from membrain_async.vllm.connector import MembrainConnector
+
+    explicit = KVTransferConfig(kv_connector="MembrainConnector", kv_role="kv_both",
+                                kv_connector_extra_config={"endpoint": "http://host:99999", "strict": strict})
+    vllm_config = EngineArgs(model=model, kv_transfer_config=explicit).create_engine_config()
+    kv_cache_config = KVCacheConfig(num_blocks=8, kv_cache_tensors=[], kv_cache_groups=[])
+    if strict == "1":
+        with pytest.raises(ConfigError, match="Port out of range"):
+            MembrainConnector(vllm_config, KVConnectorRole.SCHEDULER, kv_cache_config)
+        return
+    connector = MembrainConnector(vllm_config, KVConnectorRole.SCHEDULER, kv_cache_config)
+    assert connector.get_num_new_matched_tokens(None, 0) == (0, False)  # plain vLLM: never a hit
