@@ -148,11 +148,19 @@ def test_strict_start_stops_on_a_bad_setting(activation):
     assert len(records.errors()) == 1
 
 
-def test_strict_start_stops_on_an_unreachable_server_and_plain_start_goes_on(activation):
+@pytest.mark.parametrize("scheme", ["http", "redis", "mooncake"])
+def test_strict_start_stops_on_an_unreachable_store_and_plain_start_goes_on(activation, scheme):
+    import socket
+
     from membrain_async.vllm.plugin import MembrainStartError
 
+    if scheme == "redis":
+        pytest.importorskip("hiredis")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"{scheme}://127.0.0.1:{s.getsockname()[1]}"
     build, records = activation
-    config = build(VLLM_MEMBRAIN_ENABLED="1")  # clean_env's endpoint: nothing listens there
+    config = build(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=endpoint)
     assert config.kv_transfer_config.kv_connector == "MembrainConnector" and not records.errors()
     with pytest.raises(MembrainStartError, match="unreachable"):
         build(VLLM_MEMBRAIN_STRICT="1")
