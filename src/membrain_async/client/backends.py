@@ -116,7 +116,7 @@ def probe(config: ConnectorConfig, timeout: float = 1.0) -> tuple[str, bool]:
         p = urlsplit(config.endpoint[0])
         if accepts(f"{p.hostname}:{p.port or DEFAULT_MASTER_PORT}", DEFAULT_MASTER_PORT, timeout):
             return "Mooncake master accepts connections", True
-        return "Mooncake master unreachable now: requests compute as plain vLLM until it answers", False
+        return "Mooncake master unreachable now", False
 
     async def go() -> bool:
         t = redis_transport(config)
@@ -145,8 +145,7 @@ def probe(config: ConnectorConfig, timeout: float = 1.0) -> tuple[str, bool]:
         raise ok  # a setting, not an outage: hiredis missing, say
     if isinstance(ok, Exception):
         exc = ok  # refusals (auth) and timeouts: say which, never the secret
-        return (f"Redis unreachable or refusing now ({type(exc).__name__}: {str(exc)[:120]}): requests compute as "
-                "plain vLLM until it answers"), False
+        return f"Redis unreachable or refusing now ({type(exc).__name__}: {str(exc)[:120]})", False
     if ok:
         return "Redis reachable", True
-    return "Redis unreachable now: requests compute as plain vLLM until it answers", False
+    return "Redis unreachable now", False

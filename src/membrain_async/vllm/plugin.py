@@ -91,7 +91,7 @@ def activate(engine_args) -> bool:
         log.warning("Membrain: not active: --kv-offloading-size configures vLLM's own offloading connector")
         return False
     extra = explicit.kv_connector_extra_config if explicit is not None else None
-    saved = (explicit, engine_args.gpu_memory_utilization, os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU"))
+    saved = (engine_args.gpu_memory_utilization, os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU"))
     try:
         return _activate(engine_args, ConnectorConfig.from_extra_config(extra))
     except Exception as exc:
@@ -104,7 +104,7 @@ def activate(engine_args) -> bool:
         return False
 
 
-def _restore(engine_args, kv_transfer_config, memory_fraction, reserved_cpus) -> None:
+def _restore(engine_args, memory_fraction, reserved_cpus) -> None:
     """Undo what a failed activation changed. An explicit Membrain config whose settings are unusable goes
     too: plain vLLM is the promise, and its connector would only fail in the engine core."""
     engine_args.kv_transfer_config = None
@@ -120,7 +120,7 @@ def _activate(engine_args, config: ConnectorConfig) -> bool:
 
     check = self_check(config)
     if config.strict and not check.reachable:
-        raise MembrainStartError(check.status)
+        raise MembrainStartError(f"the store does not answer at start-up: {check.where}; {check.status}")
     explicit = engine_args.kv_transfer_config
     if explicit is not None:
         if explicit.kv_load_failure_policy != "recompute":
@@ -203,7 +203,9 @@ class StoreCheck:
 
     @property
     def line(self) -> str:
-        return f"{self.where}; {self.status}"
+        if self.reachable:
+            return f"{self.where}; {self.status}"
+        return f"{self.where}; {self.status}: requests compute as plain vLLM until it answers"
 
 
 def self_check(config: ConnectorConfig) -> StoreCheck:
@@ -234,6 +236,5 @@ def self_check(config: ConnectorConfig) -> StoreCheck:
             r = httpx.get(url.rstrip("/") + api.HEALTHZ_PATH, timeout=1.0, verify=verify)
             check.status = check.status or f"server answered {r.status_code}"
         except httpx.HTTPError as exc:
-            check.status = check.status or (f"server unreachable now ({type(exc).__name__}): requests compute as "
-                                            "plain vLLM until it answers")
+            check.status = check.status or f"server unreachable now ({type(exc).__name__})"
     return check
