@@ -93,16 +93,23 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if not args.endpoint.startswith(("http://", "https://")):
         return _fail("stats", f"--endpoint {redact_url(args.endpoint)!r}: stats come from a Membrain server (http:// or https://)")
     headers = {"authorization": f"Bearer {args.token}"} if args.token else {}
-    try:
-        from .tls import client_context
+    from .tls import client_context
 
+    try:
         verify = client_context(args.ca_file) if args.endpoint.startswith("https://") else True
+    except (ValueError, OSError) as exc:
+        return _fail("stats", f"--ca-file {args.ca_file}: {exc}")
+    try:
         r = httpx.get(args.endpoint.rstrip("/") + api.STATS_PATH, headers=headers, timeout=5, verify=verify)
-    except (httpx.HTTPError, ValueError, OSError) as exc:  # ValueError: a CA file that is no PEM bundle
+    except httpx.HTTPError as exc:
         return _fail("stats", f"cannot reach {redact_url(args.endpoint)}: {exc}", 1)
     if r.status_code != 200:
         return _fail("stats", f"{r.status_code} {r.text}", 1)
-    print(orjson.dumps(r.json(), option=orjson.OPT_INDENT_2).decode())
+    try:
+        stats = r.json()
+    except ValueError:
+        return _fail("stats", f"{redact_url(args.endpoint)} answered {api.STATS_PATH} with no JSON: not a Membrain server?", 1)
+    print(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode())
     return 0
 
 
