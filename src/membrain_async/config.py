@@ -36,11 +36,12 @@ class ConfigError(ValueError):
 
 # Redis's rule (redis.conf: "1k => 1000 bytes, 1kb => 1024 bytes"), case-insensitive, extended to t/tb,
 # plus the IEC names, which can only mean powers of 1024.
-_SIZE_SUFFIXES = {"": 1, "b": 1}
-for _power, _letter in enumerate("kmgt", start=1):
-    _SIZE_SUFFIXES[_letter] = 1000**_power
-    _SIZE_SUFFIXES[_letter + "b"] = 1024**_power
-    _SIZE_SUFFIXES[_letter + "ib"] = 1024**_power
+_SIZE_SUFFIXES = {
+    "": 1,
+    "b": 1,
+    **{letter: 1000**power for power, letter in enumerate("kmgt", start=1)},
+    **{letter + tail: 1024**power for power, letter in enumerate("kmgt", start=1) for tail in ("b", "ib")},
+}
 SIZE_RULE = ("Every size reads as Redis reads it: 1k = 1000, 1kb = 1024 (m, g, t alike), KiB/MiB/GiB/TiB = powers "
              "of 1024, case-insensitive.")
 _MAX_EXPONENT = 30  # 1e30 bytes is past every host; a bigger exponent would only cost time to compute
