@@ -18,9 +18,33 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from membrain_async.cache import BlockStore
-from membrain_async.client import MembrainUnavailable
+from membrain_async.client import MembrainRequestError, MembrainUnavailable
 from membrain_async.config import ConnectorConfig
+from membrain_async.protocol.names import validate_key
 from membrain_async.runtime.aio import wait_async
+
+
+class BadRequest(Exception):
+    """A request the app cannot serve: answered 400 with the reason, and the app goes on."""
+
+
+def checked_keys(keys: object) -> list[str]:
+    if not isinstance(keys, list) or not keys:
+        raise BadRequest("'keys' must be a non-empty list of keys")
+    for key in keys:
+        try:
+            validate_key(key)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+    return keys
+
+
+async def keys_of(request: Request) -> list[str]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise BadRequest("the body must be JSON: {\"keys\": [...]}") from None
+    return checked_keys(body.get("keys") if isinstance(body, dict) else None)
 
 
 def build_app(membrain_url: str) -> Starlette:
@@ -32,12 +56,12 @@ def build_app(membrain_url: str) -> Starlette:
         runtime.close()  # drains queued saves within VLLM_MEMBRAIN_SHUTDOWN_DRAIN
 
     async def save(request: Request) -> JSONResponse:
-        key = request.path_params["key"]
+        (key,) = checked_keys([request.path_params["key"]])
         accepted = runtime.save(key, [await request.body()])  # returns at once; uploaded behind
         return JSONResponse({"queued": accepted})
 
     async def load(request: Request) -> JSONResponse:
-        key = request.path_params["key"]
+        (key,) = checked_keys([request.path_params["key"]])
         try:
             (value,) = await wait_async(runtime.fetch([key]))
         except MembrainUnavailable:  # the server is down: say so, rather than "not found"
@@ -45,7 +69,7 @@ def build_app(membrain_url: str) -> Starlette:
         return JSONResponse({"found": value is not None, "bytes": 0 if value is None else len(value)})
 
     async def lookup(request: Request) -> JSONResponse:
-        keys = (await request.json())["keys"]
+        keys = await keys_of(request)
         try:
             return JSONResponse({"count": await wait_async(runtime.lookup(keys))})
         except MembrainUnavailable:
@@ -53,6 +77,12 @@ def build_app(membrain_url: str) -> Starlette:
 
     async def flush(request: Request) -> JSONResponse:
         return JSONResponse({"flushed": runtime.flush(5)})
+
+    async def bad_request(request: Request, exc: BadRequest) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+    async def refused(request: Request, exc: MembrainRequestError) -> JSONResponse:  # a limit, auth
+        return JSONResponse({"error": exc.message}, status_code=400 if exc.status < 500 else 502)
 
     app = Starlette(
         routes=[
@@ -62,6 +92,7 @@ def build_app(membrain_url: str) -> Starlette:
             Route("/flush", flush, methods=["POST"]),
         ],
         lifespan=lifespan,
+        exception_handlers={BadRequest: bad_request, MembrainRequestError: refused},
     )
     app.state.runtime = runtime
     return app

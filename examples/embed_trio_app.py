@@ -13,12 +13,39 @@ import os
 import trio
 
 from membrain_async.cache import BlockStore
-from membrain_async.client import MembrainUnavailable
+from membrain_async.client import MembrainRequestError, MembrainUnavailable
 from membrain_async.config import ConnectorConfig
+from membrain_async.protocol.names import validate_key
 from membrain_async.runtime.aio import wait_async
+
+ARITY = {"SAVE": 2, "LOAD": 1}  # LOOKUP takes one key or more
+
+
+class BadRequest(Exception):
+    """A line the app cannot serve: the client is told why, and the connection goes on."""
+
+
+def parse(line: bytes) -> list[str]:
+    try:
+        words = line.decode().split()
+    except UnicodeDecodeError:
+        raise BadRequest("not UTF-8") from None
+    command, args = (words[0], words[1:]) if words else ("", [])
+    if command not in ("SAVE", "LOAD", "LOOKUP"):
+        raise BadRequest(f"unknown command {command[:20]!r}")
+    if len(args) != ARITY.get(command, len(args)) or not args:
+        raise BadRequest(f"{command} takes {ARITY.get(command, 'one or more')} argument(s)")
+    keys = args[:1] if command == "SAVE" else args
+    for key in keys:
+        try:
+            validate_key(key)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+    return words
 
 
 async def answer(runtime: BlockStore, words: list[str]) -> str:
+    """The reply to a line parse() accepted."""
     if words[0] == "SAVE":
         ok = runtime.save(words[1], [words[2].encode()])
         ok = ok and runtime.flush(5)
@@ -26,9 +53,7 @@ async def answer(runtime: BlockStore, words: list[str]) -> str:
     if words[0] == "LOAD":
         (value,) = await wait_async(runtime.fetch([words[1]]))
         return "MISS" if value is None else f"VALUE {bytes(value).decode()}"
-    if words[0] == "LOOKUP":
-        return f"COUNT {await wait_async(runtime.lookup(words[1:]))}"
-    return "ERR unknown command"
+    return f"COUNT {await wait_async(runtime.lookup(words[1:]))}"  # LOOKUP (parse() let nothing else through)
 
 
 def make_handler(runtime: BlockStore):
@@ -38,11 +63,14 @@ def make_handler(runtime: BlockStore):
             buf += chunk
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
-                words = line.decode().split()
-                if not words:
+                if not line.strip():
                     continue
                 try:
-                    reply = await answer(runtime, words)
+                    reply = await answer(runtime, parse(line))
+                except BadRequest as exc:
+                    reply = f"ERR {exc}"
+                except MembrainRequestError as exc:  # the Membrain server refused it (a limit, auth)
+                    reply = f"ERR {exc.message}"
                 except MembrainUnavailable:  # the server is down: say so, rather than "MISS"
                     reply = "UNAVAILABLE"
                 await stream.send_all(reply.encode() + b"\n")

@@ -49,6 +49,7 @@ def test_http_tokens_and_scopes(auth_server):
         assert c.get("/metrics", headers=_h("beta-secret-22")).status_code == 403
         assert c.get("/metrics", headers=_h("ops-secret-444")).status_code == 200
         assert c.get("/healthz").status_code == 200
+        assert c.get("/readyz").status_code == 200  # probes carry no token
 
 
 @pytest.mark.anyio

@@ -69,7 +69,7 @@ def test_every_setting_has_a_key_named_as_its_flag(tmp_path):
     ('allow-insecure-bind = "yes"\n', "key 'allow-insecure-bind': expected true or false, got a string"),
     ("capacity = true\n", "key 'capacity': expected a byte count or a size string"),
     ('capacity = "lots"\n', "key 'capacity': not a size: 'lots'"),
-    ("disk-capacity = -5\n", "key 'disk-capacity': size must not be negative"),
+    ("disk-capacity = -5\n", "key 'disk-capacity': not a size: '-5'"),
     ('auth-file = ["a", "b"]\n', "key 'auth-file': expected a string, got an array"),
     ('capacity = "1GiB\n', "is not valid TOML: "),
 ])

@@ -199,9 +199,11 @@ def test_membrain_serve_accepts_the_shipped_config(tmp_path):
 
 
 def test_the_shipped_config_and_secret_start_a_real_server(tmp_path):
-    # Everything from the file but the address: loopback and a free port, by flags over it.
+    # Everything from the file but the address (loopback, a free port) and the disk tier's size (the file's
+    # 100GiB is refused where the disk has less free), by flags over it.
     path = _local_copy(tmp_path)
-    proc = subprocess.Popen([*server_command({"host": "127.0.0.1", "port": 0}), "--config", path],
+    proc = subprocess.Popen([*server_command({"host": "127.0.0.1", "port": 0, "disk_capacity": "1GiB"}),
+                             "--config", path],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         url = json.loads(proc.stdout.readline())["url"]

@@ -252,20 +252,44 @@ def test_a_small_disk_tier_stays_within_its_capacity_and_never_fails_a_client(tm
     assert tiers["disk"]["state"] == "ok"
 
 
-def test_an_unwritable_disk_path_at_start_serves_from_ram_with_a_warning(tmp_path):
+def _serve_cli(*flags):
+    return subprocess.run([sys.executable, "-m", "membrain_async.cli", "serve", "--port", "0", *flags],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_an_unwritable_disk_path_refuses_to_start_in_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"not a directory")
+    r = _serve_cli("--disk-path", str(blocker / "disk"), "--disk-capacity", "8MiB")
+    (line,) = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and line.startswith("membrain serve: ")
+    assert str(blocker / "disk") in line and "--allow-degraded" in line
+
+
+def test_an_unwritable_disk_path_with_allow_degraded_serves_from_ram_and_is_not_ready(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_bytes(b"not a directory")
     log = str(tmp_path / "server.log")
     values = _values(8, "u")
-    srv = _serve(str(blocker / "disk"), log)
+    srv = _serve(str(blocker / "disk"), log, allow_degraded=True)
     try:
         anyio.run(_put_all, srv.url, values)
         ok, wrong = anyio.run(_served, srv.url, values)
         state = _tiers(srv)["disk"]["state"]
+        alive, ready = httpx.get(srv.url + "/healthz"), httpx.get(srv.url + "/readyz")
     finally:
         srv.stop()
     assert (ok, wrong, state) == (len(values), 0, "degraded")
     assert "serving from RAM only" in open(log).read()
+    assert alive.status_code == 200  # liveness: the process serves
+    assert ready.status_code == 503 and ready.json()["status"] == "degraded" and "a-file" in ready.json()["reason"]
+
+
+def test_a_disk_capacity_beyond_the_free_space_is_refused(tmp_path):
+    free = shutil.disk_usage(tmp_path).free
+    r = _serve_cli("--disk-path", str(tmp_path / "disk"), "--disk-capacity", str(free * 2))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "disk_capacity" in r.stderr and "free" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def _puts_never_fail_and_ram_serves(srv, log: str, values: dict[str, bytes]) -> None:
@@ -274,6 +298,8 @@ def _puts_never_fail_and_ram_serves(srv, log: str, values: dict[str, bytes]) -> 
     ok, wrong = anyio.run(_served, srv.url, dict(list(values.items())[-32:]))
     assert (ok, wrong, _tiers(srv)["disk"]["state"]) == (32, 0, "degraded")
     assert "serving from RAM only" in open(log).read()
+    ready = httpx.get(srv.url + "/readyz")
+    assert ready.status_code == 503 and ready.json()["status"] == "degraded"
 
 
 def test_a_disk_that_goes_away_mid_run_degrades_to_ram_only(tmp_path):
@@ -305,9 +331,10 @@ def full_filesystem(tmp_path):
 
 def test_a_filesystem_that_fills_up_degrades_to_ram_only_and_no_client_sees_an_error(tmp_path, full_filesystem):
     disk, log = os.path.join(full_filesystem, "disk"), str(tmp_path / "server.log")
-    # 64 MiB of capacity promised on a 4 MiB filesystem: the writes run out of space, not out of capacity.
-    srv = _serve(disk, log, disk_capacity="64MiB")
+    srv = _serve(disk, log, disk_capacity="3MiB")  # fits the 4 MiB filesystem at start...
     try:
+        with open(os.path.join(full_filesystem, "filler"), "wb") as f:  # ...until something else fills it
+            f.write(b"\0" * (3 << 20))
         _puts_never_fail_and_ram_serves(srv, log, _values(96, "full"))  # 24 MiB
     finally:
         srv.stop()

@@ -7,7 +7,11 @@ pytest.importorskip("vllm")
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for k in ("VLLM_MEMBRAIN_ENABLED", "VLLM_MEMBRAIN_ENDPOINT", "VLLM_CPU_NUM_OF_RESERVED_CPU"):
+    from vllm.engine.arg_utils import EngineArgs
+
+    # register() wraps this method for the whole process: put the original back after each test.
+    monkeypatch.setattr(EngineArgs, "create_engine_config", EngineArgs.create_engine_config)
+    for k in ("VLLM_MEMBRAIN_ENABLED", "VLLM_MEMBRAIN_ENDPOINT", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_MEMBRAIN_STRICT"):
         monkeypatch.setenv(k, "placeholder")  # recorded, so teardown restores whatever was there before
         monkeypatch.delenv(k)
     monkeypatch.setenv("VLLM_MEMBRAIN_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: the self-check says so
@@ -71,3 +75,134 @@ def test_membrains_variables_pass_vllms_strict_environment_check(clean_env, monk
     monkeypatch.setenv("VLLM_MEMBRAIN_NO_SUCH_SETTING", "1")  # a typo is still vLLM's to report
     with pytest.raises(ValueError, match="VLLM_MEMBRAIN_NO_SUCH_SETTING"):
         current_platform.validate_environ(True)
+
+
+# --- fail clearly: a Membrain mistake never stops vLLM, unless VLLM_MEMBRAIN_STRICT=1 asks it to ---------------
+
+
+class _Records(list):
+    """Membrain's log records (the plugin forwards them to vLLM's logger, which does not propagate)."""
+
+    def __init__(self):
+        super().__init__()
+        import logging
+
+        self.handler = logging.Handler()
+        self.handler.emit = self.append
+
+    def errors(self):
+        import logging
+
+        return [r.getMessage() for r in self if r.levelno >= logging.ERROR]
+
+
+@pytest.fixture
+def activation(clean_env, model):
+    """register() as vLLM runs it; a real model's engine config is then built as LLM(...) builds it (no
+    engine starts)."""
+    import logging
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from membrain_async.vllm import plugin
+
+    records = _Records()
+    logging.getLogger("membrain").addHandler(records.handler)
+
+    def build(**env):
+        for name, value in env.items():
+            clean_env.setenv(name, value)
+        plugin.register()
+        return EngineArgs(model=model).create_engine_config()
+
+    yield build, records
+    logging.getLogger("membrain").removeHandler(records.handler)
+
+
+@pytest.mark.parametrize(
+    "env, named",
+    [
+        ({"VLLM_MEMBRAIN_ENDPOINT": "http://[::1"}, "VLLM_MEMBRAIN_ENDPOINT"),
+        ({"VLLM_MEMBRAIN_ENDPOINT": "redis://u:pw-secret@host:99999"}, "Port out of range"),
+        ({"VLLM_MEMBRAIN_NAMESPACE": "a b"}, "VLLM_MEMBRAIN_NAMESPACE"),
+        ({"VLLM_MEMBRAIN_ENABLED": "maybe"}, "VLLM_MEMBRAIN_ENABLED"),
+    ],
+)
+def test_a_bad_setting_leaves_vllm_plain_and_says_why_once(activation, env, named):
+    import os
+
+    build, records = activation
+    config = build(**{"VLLM_MEMBRAIN_ENABLED": "1", **env})
+    assert config.kv_transfer_config is None  # plain vLLM: no connector
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ
+    (line,) = records.errors()
+    assert named in line and "plain vLLM" in line and "secret" not in line
+
+
+def test_strict_start_stops_on_a_bad_setting(activation):
+    from membrain_async.vllm.plugin import MembrainStartError
+
+    build, records = activation
+    with pytest.raises(MembrainStartError, match="VLLM_MEMBRAIN_ENDPOINT"):
+        build(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT="http://[::1", VLLM_MEMBRAIN_STRICT="1")
+    assert len(records.errors()) == 1
+
+
+@pytest.mark.parametrize("scheme", ["http", "redis", "mooncake"])
+def test_strict_start_stops_on_an_unreachable_store_and_plain_start_goes_on(activation, scheme):
+    import socket
+
+    from membrain_async.vllm.plugin import MembrainStartError
+
+    if scheme == "redis":
+        pytest.importorskip("hiredis")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"{scheme}://127.0.0.1:{s.getsockname()[1]}"
+    build, records = activation
+    config = build(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=endpoint)
+    assert config.kv_transfer_config.kv_connector == "MembrainConnector" and not records.errors()
+    with pytest.raises(MembrainStartError, match="unreachable"):
+        build(VLLM_MEMBRAIN_STRICT="1")
+
+
+def test_strict_start_goes_on_with_a_server_that_answers(activation, server):
+    build, records = activation
+    config = build(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=server.url, VLLM_MEMBRAIN_STRICT="1")
+    assert config.kv_transfer_config.kv_connector == "MembrainConnector" and not records.errors()
+
+
+def test_an_explicit_membrain_config_with_a_bad_setting_becomes_plain_vllm(clean_env):
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    from membrain_async.vllm.plugin import activate
+
+    explicit = KVTransferConfig(kv_connector="MembrainConnector", kv_role="kv_both",
+                                kv_connector_extra_config={"endpoint": "http://host:99999"})
+    args = EngineArgs(model="dummy", kv_transfer_config=explicit)
+    assert not activate(args)
+    assert args.kv_transfer_config is None
+
+
+@pytest.mark.parametrize("strict", ["0", "1"])
+def test_the_connector_of_an_explicit_config_with_a_bad_setting_is_inert_unless_strict(clean_env, model, strict):
+    """No VLLM_MEMBRAIN_ENABLED, so no activation: vLLM builds the connector in its engine core as given."""
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+    from membrain_async.config import ConfigError
+    from membrain_async.vllm.connector import MembrainConnector
+
+    explicit = KVTransferConfig(kv_connector="MembrainConnector", kv_role="kv_both",
+                                kv_connector_extra_config={"endpoint": "http://host:99999", "strict": strict})
+    vllm_config = EngineArgs(model=model, kv_transfer_config=explicit).create_engine_config()
+    kv_cache_config = KVCacheConfig(num_blocks=8, kv_cache_tensors=[], kv_cache_groups=[])
+    if strict == "1":
+        with pytest.raises(ConfigError, match="Port out of range"):
+            MembrainConnector(vllm_config, KVConnectorRole.SCHEDULER, kv_cache_config)
+        return
+    connector = MembrainConnector(vllm_config, KVConnectorRole.SCHEDULER, kv_cache_config)
+    assert connector.get_num_new_matched_tokens(None, 0) == (0, False)  # plain vLLM: never a hit

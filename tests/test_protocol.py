@@ -233,7 +233,7 @@ def test_route_builders_parse_back_to_their_route(name):
 
 
 def test_static_routes_and_unchanged_paths_for_valid_names():
-    for path, name in [(api.HEALTHZ_PATH, "healthz"), (api.INFO_PATH, "info"), (api.STATS_PATH, "stats"),
+    for path, name in [(api.HEALTHZ_PATH, "healthz"), (api.READYZ_PATH, "readyz"), (api.INFO_PATH, "info"), (api.STATS_PATH, "stats"),
                        (api.METRICS_PATH, "metrics")]:
         assert api.match_route("GET", path) == api.Route(name)
     # Valid names go out as they are: the same request bytes as before there were builders.

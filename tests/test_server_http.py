@@ -54,6 +54,8 @@ def test_batch_lookup_exists(http):
 
 def test_info_stats_metrics_health(http, server):
     assert http.get("/healthz").json() == {"status": "ok"}
+    ready = http.get("/readyz")
+    assert (ready.status_code, ready.json()) == (200, {"status": "ok"})
     info = http.get("/v1/info").json()
     assert info["bulk"]["port"] == server.port and "lookup" in info["capabilities"]
     assert info["put_existing"] == "overwrite"

@@ -10,6 +10,7 @@ import sys
 
 import orjson
 
+from . import __version__
 from .config import ConfigError, ConnectorConfig, ServerConfig, settings_table
 
 RUN_DEFAULTS = {
@@ -41,8 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.check_config:
             check_files(config)
     except ConfigError as exc:
-        print(f"membrain serve: {exc}", file=sys.stderr)
-        return 2
+        return _fail("serve", exc)
     if args.check_config:
         print(f"membrain serve: configuration OK{f' ({path})' if path else ''}")
         return 0
@@ -53,16 +53,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         server = MembrainServer(config)
     except (ConfigError, ValueError) as exc:
-        print(f"membrain serve: {exc}", file=sys.stderr)
-        return 2
+        return _fail("serve", exc)
+    try:
+        server.bind()  # before the event loop: a port in use is one line, not an exception out of a task group
+    except OSError as exc:
+        return _fail("serve", f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}")
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:
-            try:
-                port = await tg.start(server.serve)
-            except OSError as exc:
-                print(f"membrain serve: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
-                raise SystemExit(2) from None
+            port = await tg.start(server.serve)
             if args.announce:
                 # One JSON line on stdout: how embedders and `--endpoint-list` scripts learn the address.
                 sys.stdout.write(orjson.dumps({"url": server.url, "port": port, "host": config.host}).decode() + "\n")
@@ -84,24 +83,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fail(command: str, reason: object, status: int = 2) -> int:
+    """The one line a mistake gets: what is wrong, never a traceback."""
+    print(f"membrain {command}: {reason}", file=sys.stderr)
+    return status
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     import httpx
 
     from .protocol import api
+    from .urls import check_endpoint, redact_url
 
-    headers = {"authorization": f"Bearer {args.token}"} if args.token else {}
     try:
-        from .tls import client_context
+        check_endpoint(args.endpoint)
+    except ValueError as exc:
+        return _fail("stats", f"--endpoint: {exc}")
+    if not args.endpoint.startswith(("http://", "https://")):
+        return _fail("stats", f"--endpoint {redact_url(args.endpoint)!r}: stats come from a Membrain server (http:// or https://)")
+    headers = {"authorization": f"Bearer {args.token}"} if args.token else {}
+    from .tls import client_context
 
+    try:
         verify = client_context(args.ca_file) if args.endpoint.startswith("https://") else True
+    except (ValueError, OSError) as exc:
+        return _fail("stats", f"--ca-file {args.ca_file}: {exc}")
+    try:
         r = httpx.get(args.endpoint.rstrip("/") + api.STATS_PATH, headers=headers, timeout=5, verify=verify)
     except httpx.HTTPError as exc:
-        print(f"membrain stats: cannot reach {args.endpoint}: {exc}", file=sys.stderr)
-        return 1
+        return _fail("stats", f"cannot reach {redact_url(args.endpoint)}: {exc}", 1)
     if r.status_code != 200:
-        print(f"membrain stats: {r.status_code} {r.text}", file=sys.stderr)
-        return 1
-    print(orjson.dumps(r.json(), option=orjson.OPT_INDENT_2).decode())
+        return _fail("stats", f"{r.status_code} {r.text}", 1)
+    try:
+        stats = r.json()
+    except ValueError:
+        return _fail("stats", f"{redact_url(args.endpoint)} answered {api.STATS_PATH} with no JSON: not a Membrain server?", 1)
+    print(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode())
     return 0
 
 
@@ -112,9 +129,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     try:
         cfg = ConnectorConfig.from_sources()
     except ConfigError as exc:
-        print(f"membrain config: {exc}", file=sys.stderr)
-        return 2
-    print(orjson.dumps(cfg.to_extra_config(), option=orjson.OPT_INDENT_2).decode())
+        return _fail("config", exc)
+    print(orjson.dumps(cfg.shown(), option=orjson.OPT_INDENT_2).decode())
     return 0
 
 
@@ -130,13 +146,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        print("membrain run: give a command, e.g. membrain run -- python serve.py", file=sys.stderr)
-        return 2
+        return _fail("run", "give a command, e.g. membrain run -- python serve.py")
     try:
         os.execvpe(command[0], command, run_env())
     except FileNotFoundError:
-        print(f"membrain run: command not found: {command[0]}", file=sys.stderr)
-        return 127
+        return _fail("run", f"command not found: {command[0]}", 127)
+    except PermissionError:
+        return _fail("run", f"not executable: {command[0]}", 126)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -151,15 +167,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     here = os.path.dirname(os.path.abspath(__file__))
     script = os.path.join(os.path.dirname(os.path.dirname(here)), "bench", "store_bench.py")
     if not os.path.exists(script):
-        print("membrain bench: bench/store_bench.py not found (run from a source checkout)", file=sys.stderr)
-        return 2
-    sys.argv = [script, *args.rest]
+        return _fail("bench", "bench/store_bench.py not found (run from a source checkout)")
+    sys.argv = [script, *args.bench_args]
     runpy.run_path(script, run_name="__main__")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="membrain", description="Share vLLM prefix-cache blocks across a fleet.")
+    p.add_argument("--version", action="version", version=f"membrain {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("serve", help="run a Membrain server")
@@ -190,10 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="print a prompt's namespace fingerprint and block keys, and which a server holds")
     d.add_argument("--model", required=True, help="model path or name, as given to vLLM")
     d.add_argument("--prompt", required=True, help="prompt text (or @file)")
-    d.add_argument("--block-size", type=int, default=None, help="vLLM block size (default: the platform's, 128 on CPU)")
+    d.add_argument("--block-size", type=_positive_int, default=None,
+                   help="vLLM block size (default: the platform's, 128 on CPU)")
     d.add_argument("--dtype", default="auto")
     d.add_argument("--kv-cache-dtype", default="auto")
-    d.add_argument("--tp-size", type=int, default=1)
+    d.add_argument("--tp-size", type=_positive_int, default=1)
     d.add_argument("--tp-rank", type=int, default=0)
     d.add_argument("--cache-salt", default=None)
     d.add_argument("--endpoint", default=os.environ.get("VLLM_MEMBRAIN_ENDPOINT", "http://localhost:9201"))
@@ -201,15 +218,37 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--token", default=os.environ.get("VLLM_MEMBRAIN_TOKEN"))
     d.set_defaults(fn=cmd_doctor)
 
-    b = sub.add_parser("bench", help="store benchmark (same as `nox -s bench`)")
-    b.add_argument("rest", nargs=argparse.REMAINDER)
+    # Every option after `bench` is the bench's own (bench/store_bench.py; `membrain bench --help` lists them).
+    b = sub.add_parser("bench", help="store benchmark (same as `nox -s bench`)", add_help=False)
     b.set_defaults(fn=cmd_bench)
     return p
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.fn(args) or 0
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.cmd == "bench":
+        args.bench_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        status = args.fn(args) or 0
+        sys.stdout.flush()  # here, so that a reader that went away is noticed inside the try
+    except BrokenPipeError:
+        # `membrain stats | head`: the reader has what it wanted. Quiet, as a killed-by-SIGPIPE tool is.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    return status
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ documentation cannot drift from the code.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Callable, Mapping
 
 __all__ = [
@@ -19,46 +22,44 @@ __all__ = [
     "parse_size",
     "parse_bool",
     "settings_table",
+    "strict_requested",
 ]
 
 
 EVICTION_POLICIES = ("adaptive", "lru", "second-sight")  # server/eviction.py implements them
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class ConfigError(ValueError):
     """A setting has a value we cannot use; the message names the setting."""
 
 
+# Redis's rule (redis.conf: "1k => 1000 bytes, 1kb => 1024 bytes"), case-insensitive, extended to t/tb,
+# plus the IEC names, which can only mean powers of 1024.
 _SIZE_SUFFIXES = {
     "": 1,
     "b": 1,
-    "k": 1 << 10,
-    "kb": 1000,
-    "kib": 1 << 10,
-    "m": 1 << 20,
-    "mb": 1000**2,
-    "mib": 1 << 20,
-    "g": 1 << 30,
-    "gb": 1000**3,
-    "gib": 1 << 30,
-    "t": 1 << 40,
-    "tib": 1 << 40,
+    **{letter: 1000**power for power, letter in enumerate("kmgt", start=1)},
+    **{letter + tail: 1024**power for power, letter in enumerate("kmgt", start=1) for tail in ("b", "ib")},
 }
+SIZE_RULE = ("Every size reads as Redis reads it: 1k = 1000, 1kb = 1024 (m, g, t alike), KiB/MiB/GiB/TiB = powers "
+             "of 1024, case-insensitive.")
+_MAX_EXPONENT = 30  # 1e30 bytes is past every host; a bigger exponent would only cost time to compute
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(?:e(\d+))?\s*([a-z]*)")
 
 
 def parse_size(text: str | int) -> int:
-    """'512MiB', '2g', '1048576' -> bytes."""
+    """'512MiB', '2gb', '1048576' -> bytes (SIZE_RULE)."""
     if isinstance(text, int):
         return text
-    s = str(text).strip().lower().replace("_", "")
-    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(num) :].strip()
-    if unit not in _SIZE_SUFFIXES or not num:
-        raise ValueError(f"not a size: {text!r} (try 1048576, 64MiB, 2GiB)")
-    value = float(num) * _SIZE_SUFFIXES[unit]
-    if value < 0:
-        raise ValueError(f"size must not be negative: {text!r}")
-    return int(value)
+    m = _SIZE.fullmatch(str(text).strip().lower().replace("_", ""))
+    if m is None or m.group(3) not in _SIZE_SUFFIXES:
+        raise ValueError(f"not a size: {text!r} (try 1048576, 64MiB, 2GiB). {SIZE_RULE}")
+    number, exponent, unit = m.groups()
+    if int(exponent or 0) > _MAX_EXPONENT:
+        raise ValueError("larger than any memory or disk")
+    # Exact arithmetic: no float rounding of large byte counts, and no overflow to infinity.
+    return int(Fraction(number) * 10 ** int(exponent or 0) * _SIZE_SUFFIXES[unit])
 
 
 def parse_bool(text: str | bool) -> bool:
@@ -72,8 +73,20 @@ def parse_bool(text: str | bool) -> bool:
     raise ValueError(f"not a boolean: {text!r} (use 1/0, true/false)")
 
 
-def _setting(default: Any, env: str, help: str, parse: Callable[[Any], Any] | None = None, flag: str | None = None):
-    return field(default=default, metadata={"env": env, "help": help, "parse": parse, "flag": flag})
+def _setting(default: Any, env: str, help: str, parse: Callable[[Any], Any] | None = None, flag: str | None = None,
+             shown: Callable[[Any], Any] | None = None):
+    """`shown`: how the value may appear in printouts and error messages (secrets and URLs with a password)."""
+    return field(default=default, metadata={"env": env, "help": help, "parse": parse, "flag": flag, "shown": shown})
+
+
+def _hidden(value: Any) -> str:
+    return "***" if value else ""
+
+
+def _redacted_urls(value: Any) -> str:
+    from .urls import redact_all
+
+    return redact_all(_parse_list(value))
 
 
 def _parse_list(text: str | list) -> tuple[str, ...]:
@@ -110,15 +123,26 @@ class _Settings:
                 continue
             parse = f.metadata.get("parse")
             try:
-                values[f.name] = parse(raw) if parse else type(f.default)(raw)
+                value = values[f.name] = parse(raw) if parse else type(f.default)(raw)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError("must be a finite number")
             except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{source}={raw!r}: {exc}") from None
+                shown = f.metadata.get("shown")
+                raise ConfigError(f"{source}={shown(raw) if shown else raw!r}: {exc}") from None
         obj = cls(**values)
         obj.validate()  # type: ignore[attr-defined]
         return obj
 
     def validate(self) -> None:  # overridden
         pass
+
+    def shown(self) -> dict[str, Any]:
+        """Every setting as it may be printed: secrets as ***, passwords in URLs redacted."""
+        out = {}
+        for f in self.fields():
+            v = getattr(self, f.name)
+            out[f.name] = f.metadata["shown"](v) if f.metadata.get("shown") else (",".join(v) if isinstance(v, tuple) else v)
+        return out
 
 
 def _positive(name: str, value: float) -> None:
@@ -132,7 +156,8 @@ class ServerConfig(_Settings):
     port: int = _setting(9201, "MEMBRAIN_PORT", "Port for the HTTP API and the bulk protocol (sniffed on the same port).", int)
     capacity: int = _setting(
         1 << 30, "MEMBRAIN_CAPACITY", "Bytes of values the store may hold; least recently used values are evicted beyond it. "
-        "Bookkeeping comes on top: the start-up line states it per key and at capacity.", parse_size
+        "Bookkeeping comes on top: the start-up line states it per key and at capacity. More than the host's memory "
+        f"(or the cgroup's limit) is refused. {SIZE_RULE}", parse_size
     )
     eviction: str = _setting(
         "adaptive",
@@ -162,17 +187,26 @@ class ServerConfig(_Settings):
         "", "MEMBRAIN_TLS_CERT", "PEM certificate chain: serve HTTPS and TLS bulk on the port. Empty: plain TCP.", str
     )
     tls_key: str = _setting("", "MEMBRAIN_TLS_KEY", "PEM private key for --tls-cert (empty: the key is in the cert file).", str)
-    log_level: str = _setting("info", "MEMBRAIN_LOG_LEVEL", "Server log level.", str)
+    log_level: str = _setting("info", "MEMBRAIN_LOG_LEVEL", f"Server log level: {', '.join(LOG_LEVELS)}.", str)
     disk_path: str = _setting(
         "",
         "MEMBRAIN_DISK_PATH",
         "Directory of the disk tier: values evicted from RAM are written behind to segment files there and read "
-        "back on a get; a restart with the same directory serves them again. Empty: RAM only.",
+        "back on a get; a restart with the same directory serves them again. Empty: RAM only. A directory that "
+        "cannot be created or written stops the start (see --allow-degraded).",
         str,
     )
     disk_capacity: int = _setting(
-        0, "MEMBRAIN_DISK_CAPACITY", "Bytes the disk tier may use under --disk-path (needed with it); oldest segments are reclaimed beyond it.",
+        0, "MEMBRAIN_DISK_CAPACITY", "Bytes the disk tier may use under --disk-path (needed with it); oldest segments are "
+        "reclaimed beyond it. More than the file system's free space (plus Membrain's segments already there) is refused.",
         parse_size,
+    )
+    allow_degraded: bool = _setting(
+        False,
+        "MEMBRAIN_ALLOW_DEGRADED",
+        "Start even when --disk-path cannot be used, serving from RAM only; GET /readyz then answers 503 "
+        "\"degraded\" with the reason (as it does whenever the disk tier fails later).",
+        parse_bool,
     )
     disk_flush_seconds: float = _setting(
         5.0, "MEMBRAIN_DISK_FLUSH_SECONDS", "Seconds SIGTERM spends writing what RAM holds (and the disk does not) to the disk tier.", float
@@ -180,6 +214,10 @@ class ServerConfig(_Settings):
 
     def validate(self) -> None:
         _positive("capacity", self.capacity)
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.host.startswith("["):
+            raise ConfigError(f"host {self.host!r}: give an IPv6 address without brackets, e.g. --host ::1")
         if self.eviction not in EVICTION_POLICIES:
             raise ConfigError(f"eviction must be one of {', '.join(EVICTION_POLICIES)}, got {self.eviction!r}")
         if self.disk_path and self.disk_capacity < (1 << 20):
@@ -206,24 +244,35 @@ class ConnectorConfig(_Settings):
     enabled: bool = _setting(
         False, "VLLM_MEMBRAIN_ENABLED", "1 switches the Membrain connector on in vLLM with no other flag.", parse_bool
     )
+    strict: bool = _setting(
+        False,
+        "VLLM_MEMBRAIN_STRICT",
+        "1: a Membrain setting vLLM cannot use, or a store that does not answer at start-up, stops vLLM's start with "
+        "the reason. 0 (the default): vLLM then runs as plain vLLM and logs the reason in one line.",
+        parse_bool,
+    )
     endpoint: tuple[str, ...] = _setting(
         ("http://localhost:9201",),
         "VLLM_MEMBRAIN_ENDPOINT",
         "Where blocks are stored, by scheme: http(s)://host:port Membrain node(s) (a comma-separated list names a cluster); redis:// or rediss:// (TLS) one Redis/Valkey server; redis+cluster:// (rediss+cluster://) a Redis Cluster's seed node(s); mooncake://master:port a Mooncake Store.",
         _parse_list,
+        shown=_redacted_urls,
     )
     namespace: str = _setting(
         "default", "VLLM_MEMBRAIN_NAMESPACE", "Tenant namespace on the server; blocks are shared only within it.", str
     )
-    token: str = _setting("", "VLLM_MEMBRAIN_TOKEN", "Bearer token for the namespace, if the server requires one.", str)
+    token: str = _setting(
+        "", "VLLM_MEMBRAIN_TOKEN", "Bearer token for the namespace, if the server requires one. Printed as `***`.", str, shown=_hidden
+    )
     redis_username: str = _setting(
         "", "VLLM_MEMBRAIN_REDIS_USERNAME", "Redis ACL user for redis:// endpoints (empty: the URL's, else the default user).", str
     )
     redis_password: str = _setting(
         "",
         "VLLM_MEMBRAIN_REDIS_PASSWORD",
-        "Redis password (AUTH) for redis:// endpoints (empty: the URL's, else none). Never logged; a password in the URL is redacted from logs.",
+        "Redis password (AUTH) for redis:// endpoints (empty: the URL's, else none). Printed as `***`; a password in the URL is redacted from logs, errors and `membrain config`.",
         str,
+        shown=_hidden,
     )
     tls_ca_file: str = _setting(
         "",
@@ -316,6 +365,7 @@ class ConnectorConfig(_Settings):
         "VLLM_MEMBRAIN_MOONCAKE_METADATA_SERVER",
         "Mooncake's metadata server (`http://host:port/metadata`, or `P2PHANDSHAKE`). Empty: the master's built-in HTTP metadata server, `http://<master host>:8080/metadata`.",
         str,
+        shown=_redacted_urls,
     )
     mooncake_local_hostname: str = _setting(
         "",
@@ -352,15 +402,13 @@ class ConnectorConfig(_Settings):
             raise ConfigError(f"VLLM_MEMBRAIN_LOAD_MODE must be async or sync, got {self.load_mode!r}")
         if not self.endpoint:
             raise ConfigError("VLLM_MEMBRAIN_ENDPOINT is empty")
-        from .urls import redact_all, redact_url, scheme_of
+        from .urls import check_endpoint, redact_all, scheme_of
 
-        schemes = {"http", "https", "redis", "rediss", "redis+cluster", "rediss+cluster", "mooncake"}
         for url in self.endpoint:
-            if scheme_of(url) not in schemes:
-                raise ConfigError(
-                    "VLLM_MEMBRAIN_ENDPOINT entries must start with http(s)://, redis://, rediss://, "
-                    f"redis+cluster:// or mooncake://, got {redact_url(url)!r}"
-                )
+            try:
+                check_endpoint(url)
+            except ValueError as exc:
+                raise ConfigError(f"VLLM_MEMBRAIN_ENDPOINT: {exc}") from None
         if len(self.endpoint) > 1 and any(scheme_of(u) == "mooncake" for u in self.endpoint):
             raise ConfigError(f"VLLM_MEMBRAIN_ENDPOINT: a mooncake:// endpoint stands alone, got {redact_all(self.endpoint)}")
         families = {"redis" if scheme_of(u).startswith("redis") else scheme_of(u).rstrip("s") for u in self.endpoint}
@@ -384,6 +432,16 @@ class ConnectorConfig(_Settings):
         except ValueError as exc:
             raise ConfigError(f"VLLM_MEMBRAIN_NAMESPACE: {exc}") from None
 
+    @classmethod
+    def from_extra_config(cls, extra: Mapping[str, Any] | None) -> "ConnectorConfig":
+        """kv_connector_extra_config over VLLM_MEMBRAIN_* env vars over defaults."""
+        extra = dict(extra or {})
+        known = {f.name for f in cls.fields()}
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise ConfigError(f"unknown Membrain settings in kv_connector_extra_config: {unknown}; known: {sorted(known)}")
+        return cls.from_sources(overrides=extra)
+
     def to_extra_config(self) -> dict[str, Any]:
         """Picklable dict for kv_connector_extra_config (travels to EngineCore and workers)."""
         out = {}
@@ -391,6 +449,16 @@ class ConnectorConfig(_Settings):
             v = getattr(self, f.name)
             out[f.name] = ",".join(v) if isinstance(v, tuple) else v
         return out
+
+
+def strict_requested(extra: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> bool:
+    """VLLM_MEMBRAIN_STRICT on its own, for when the other settings fail to parse (unreadable: not strict)."""
+    env = os.environ if env is None else env
+    raw = (extra or {}).get("strict", env.get("VLLM_MEMBRAIN_STRICT", False))
+    try:
+        return parse_bool(raw)
+    except ValueError:
+        return False
 
 
 def settings_table() -> str:

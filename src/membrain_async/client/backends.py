@@ -13,12 +13,7 @@ tags, write-behind bounds, "unavailable is a miss") does not know which store it
 from __future__ import annotations
 
 from ..config import ConfigError, ConnectorConfig
-from ..urls import scheme_of
-
-MEMBRAIN_SCHEMES = ("http", "https")
-REDIS_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster")
-MOONCAKE_SCHEMES = ("mooncake",)
-SCHEMES = MEMBRAIN_SCHEMES + REDIS_SCHEMES + MOONCAKE_SCHEMES
+from ..urls import MOONCAKE_SCHEMES, REDIS_SCHEMES, scheme_of
 
 
 def backend_of(config: ConnectorConfig) -> str:
@@ -108,12 +103,20 @@ def open_redis_client(config: ConnectorConfig):
     )
 
 
-def probe(config: ConnectorConfig, timeout: float = 1.0) -> str:
-    """For the start-up line: does a non-Membrain store answer now? (Membrain nodes: plugin.self_check.)"""
+def probe(config: ConnectorConfig, timeout: float = 1.0) -> tuple[str, bool]:
+    """For the start-up line: does a non-Membrain store answer now? (Membrain nodes: plugin.self_check.)
+    Returns what to say and whether it answered."""
     import anyio
 
-    if backend_of(config) != "redis":
-        return "store not probed at start-up"
+    if backend_of(config) == "mooncake":
+        from urllib.parse import urlsplit
+
+        from .mooncake_store import DEFAULT_MASTER_PORT, accepts
+
+        p = urlsplit(config.endpoint[0])
+        if accepts(f"{p.hostname}:{p.port or DEFAULT_MASTER_PORT}", DEFAULT_MASTER_PORT, timeout):
+            return "Mooncake master accepts connections", True
+        return "Mooncake master unreachable now", False
 
     async def go() -> bool:
         t = redis_transport(config)
@@ -138,7 +141,11 @@ def probe(config: ConnectorConfig, timeout: float = 1.0) -> str:
     th.start()
     th.join(timeout + 1.0)
     ok = result[0] if result else TimeoutError("no answer")
+    if isinstance(ok, ConfigError):
+        raise ok  # a setting, not an outage: hiredis missing, say
     if isinstance(ok, Exception):
         exc = ok  # refusals (auth) and timeouts: say which, never the secret
-        return f"Redis unreachable or refusing now ({type(exc).__name__}: {str(exc)[:120]}): requests compute as plain vLLM until it answers"
-    return "Redis reachable" if ok else "Redis unreachable now: requests compute as plain vLLM until it answers"
+        return f"Redis unreachable or refusing now ({type(exc).__name__}: {str(exc)[:120]})", False
+    if ok:
+        return "Redis reachable", True
+    return "Redis unreachable now", False

@@ -52,6 +52,7 @@ from typing import Any, Callable, Sequence, TypeVar
 from urllib.parse import urlsplit
 
 from ..config import ConnectorConfig
+from ..urls import redact_url
 from .blocking import EXIT_WAIT, BlockingPool, start_daemon
 from .breaker import CircuitBreaker
 from .mooncake_buffers import SLAB_BYTES, Lease, RegisteredSlabs
@@ -100,7 +101,7 @@ class MooncakeSettings:
         url = config.endpoint[0]
         parts = urlsplit(url)
         if parts.scheme != "mooncake" or not parts.hostname:
-            raise ValueError(f"not a Mooncake endpoint: {url!r} (expected mooncake://master-host:port)")
+            raise ValueError(f"not a Mooncake endpoint: {redact_url(url)!r} (expected mooncake://master-host:port)")
         host, port = parts.hostname, parts.port or DEFAULT_MASTER_PORT
         return cls(
             master=f"{host}:{port}",
@@ -235,7 +236,7 @@ class MooncakeTransport:
         finally:
             with self._setup_lock:
                 self._setup_running = False
-        raise OSError(f"Mooncake setup failed ({rc}): master {s.master}, metadata {s.metadata_server}")
+        raise OSError(f"Mooncake setup failed ({rc}): master {s.master}, metadata {redact_url(s.metadata_server)}")
 
     async def _ready(self) -> Any:
         if self._store is not None:

@@ -1,7 +1,8 @@
 """The HTTP API: routes and batch bodies, sans-IO. The server routes with it, the client builds paths with it.
 
 Routes
-    GET    /healthz                      liveness
+    GET    /healthz                      liveness: 200 while the process serves
+    GET    /readyz                       readiness: 200 {"status": "ok"}, 503 {"status": "degraded", "reason": ...}
     GET    /v1/info                      version, capabilities, limits, bulk endpoint
     GET    /v1/stats                     per-namespace counters (JSON)
     GET    /metrics                      Prometheus text format
@@ -45,12 +46,14 @@ class RouteError(Exception):
 
 
 HEALTHZ_PATH = "/healthz"
+READYZ_PATH = "/readyz"
 INFO_PATH = "/v1/info"
 STATS_PATH = "/v1/stats"
 METRICS_PATH = "/metrics"
 
 _STATIC = {
     ("GET", HEALTHZ_PATH): "healthz",
+    ("GET", READYZ_PATH): "readyz",
     ("GET", INFO_PATH): "info",
     ("GET", STATS_PATH): "stats",
     ("GET", METRICS_PATH): "metrics",

@@ -51,6 +51,27 @@ class Health(WireObject):
         return cls(str_field(cls, as_object(cls, obj), "status"))
 
 
+@dataclass(frozen=True, slots=True)
+class Readiness(WireObject):
+    """GET /readyz: "ok", or "degraded" with the reason (the disk tier is off: serving from RAM only)."""
+
+    what: ClassVar[str] = "readiness reply"
+    status: str = "ok"
+    reason: str = ""
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ok"
+
+    def to_wire(self) -> dict:
+        return {"status": self.status, "reason": self.reason} if self.reason else {"status": self.status}
+
+    @classmethod
+    def from_wire(cls, obj: object) -> Readiness:
+        obj = as_object(cls, obj)
+        return cls(str_field(cls, obj, "status"), str(obj.get("reason", "")))
+
+
 # GET /v1/info. A client reads it on first contact to pick a transport and its batch sizes. Where a
 # server leaves a field out, the client assumes what these defaults say (a server from before the field).
 

@@ -21,6 +21,7 @@ from ..tls import server_context
 from .auth import Authorizer
 from .bulk import BulkConnection
 from .http import HttpConnection
+from .host_fit import check_disk, check_memory
 from .service import Service
 from .store import memory_line
 
@@ -74,8 +75,18 @@ class MembrainServer:
                 "LISTENING ON %s WITHOUT AUTHENTICATION: anyone who can reach this port can read cached prompts",
                 self.config.host,
             )
+        check_memory(self.config)
         self.service = Service(self.config)
+        disk = self.service.disk
+        if disk is not None and disk.writable:
+            check_disk(self.config)
+        elif disk is not None and not self.config.allow_degraded:
+            raise ConfigError(f"disk_path {self.config.disk_path}: {disk.reason}. Give a usable directory, or pass "
+                              "--allow-degraded to serve from RAM only")
+        elif disk is not None:
+            log.warning("disk tier: %s; --allow-degraded: serving from RAM only, /readyz says degraded", disk.reason)
         self.port: int | None = None
+        self._listener: socket.socket | None = None
         try:
             self.tls = server_context(self.config.tls_cert, self.config.tls_key) if self.config.tls_cert else None
         except ValueError as exc:
@@ -108,19 +119,29 @@ class MembrainServer:
             host = f"[{host}]"
         return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
+    def bind(self) -> None:
+        """Take the port now, so a port in use or a bad address is an error before anything else starts."""
+        if self._listener is None:
+            self._listener = self._listen()
+
     def _listen(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.config.host, self.config.port))
-        sock.listen(1024)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.config.host, self.config.port))
+            sock.listen(1024)
+        except OSError:
+            sock.close()
+            raise
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
         self.service.bound_port = self.port
         return sock
 
     async def serve(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
-        listener = self._listen()
+        self.bind()
+        listener, self._listener = self._listener, None
         log.info("membrain serving on %s (capacity %d bytes, auth %s, tls %s)", self.url, self.config.capacity,
                  "on" if self.service.auth.enabled else "off", "on" if self.tls else "off")
         log.info("%s", memory_line(self.config.capacity, self.config.eviction))

@@ -133,7 +133,7 @@ class DiskTier:
             os.makedirs(self.directory, exist_ok=True)
             names = sorted(n for n in os.listdir(self.directory) if _SEGMENT_NAME.match(n))
         except OSError as exc:
-            self._degrade(f"cannot open {self.directory}: {exc}")
+            self._degrade(f"cannot open {self.directory}: {exc}", at_open=True)
             return
         present = set(names)
         for name in os.listdir(self.directory):  # hints of reclaimed segments, a hint cut short while written
@@ -183,7 +183,7 @@ class DiskTier:
                 f.write(b"ok")
             os.unlink(probe)
         except OSError as exc:
-            self._degrade(f"cannot write to {self.directory}: {exc}")
+            self._degrade(f"cannot write to {self.directory}: {exc}", at_open=True)
 
     # --- state -------------------------------------------------------------------------------------
 
@@ -191,11 +191,12 @@ class DiskTier:
     def writable(self) -> bool:
         return self.state == "ok"
 
-    def _degrade(self, reason: str) -> None:
+    def _degrade(self, reason: str, at_open: bool = False) -> None:
         if self.state != "ok":
             return
         self.state, self.reason = "degraded", reason
-        log.warning("disk tier: %s; serving from RAM only (values already on disk stay readable)", reason)
+        if not at_open:  # at open, the server either refuses to start or starts degraded, and says which
+            log.warning("disk tier: %s; serving from RAM only (values already on disk stay readable)", reason)
         for q in (self._urgent, self._queue):
             while q:
                 item = q.popleft()

@@ -136,6 +136,9 @@ class HttpConnection:
         body = await self._read_body(request)
         if route.name == "healthz":
             await self._send_json(200, Health().to_wire())
+        elif route.name == "readyz":
+            readiness = svc.readiness()
+            await self._send_json(200 if readiness.ready else 503, readiness.to_wire())
         elif route.name == "info":
             await self._send_json(200, svc.info().to_wire())
         elif route.name == "stats":

@@ -13,7 +13,7 @@ import anyio
 
 from .. import __version__
 from ..config import ServerConfig
-from ..protocol.bodies import BulkEndpoint, KeysListing, ServerInfo, ServerLimits
+from ..protocol.bodies import BulkEndpoint, KeysListing, Readiness, ServerInfo, ServerLimits
 from ..protocol.names import validate_key, validate_namespace
 from .auth import AuthError, Authorizer
 from .arena import Slot
@@ -61,6 +61,12 @@ class Service:
         for ns, share in auth.quotas.items():
             self.store.set_quota(ns, max(1, int(share * self.config.capacity)))
         self.auth = auth
+
+    def readiness(self) -> Readiness:
+        """Degraded while the disk tier is off (unusable at start with --allow-degraded, or failed since)."""
+        if self.disk is not None and not self.disk.writable:
+            return Readiness("degraded", f"disk tier off, serving from RAM only: {self.disk.reason}")
+        return Readiness()
 
     # --- validation -------------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from ..config import ConfigError, ConnectorConfig
+from ..config import ConfigError, ConnectorConfig, strict_requested
 
 if TYPE_CHECKING:
     import torch
@@ -45,16 +45,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("membrain.connector")
 
 
-def connector_config(vllm_config: "VllmConfig") -> ConnectorConfig:
-    """Settings from kv_connector_extra_config over VLLM_MEMBRAIN_* env vars over defaults."""
-    extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
-    known = {f.name for f in ConnectorConfig.fields()}
-    unknown = sorted(set(extra) - known)
-    if unknown:
-        raise ConfigError(f"unknown Membrain settings in kv_connector_extra_config: {unknown}; known: {sorted(known)}")
-    return ConnectorConfig.from_sources(overrides=extra)
-
-
 class MembrainConnector(KVConnectorBase_V1, SupportsHMA):
     # Membrain is a remote memory tier reached over the network.
     _cache_hit_source = CacheHitSource.P2P
@@ -63,8 +53,17 @@ class MembrainConnector(KVConnectorBase_V1, SupportsHMA):
         super().__init__(vllm_config, role, kv_cache_config)
         from .shared.units import UnsupportedKVCache, describe, unit_by_unit, units_of
 
-        self.config = connector_config(vllm_config)
         self._scheduler = self._worker = None
+        extra = vllm_config.kv_transfer_config.kv_connector_extra_config
+        try:
+            self.config = ConnectorConfig.from_extra_config(extra)
+        except ConfigError as exc:
+            # Reached with an explicit --kv-transfer-config (the plugin checks its own before vLLM starts).
+            if strict_requested(extra):
+                raise
+            if role == KVConnectorRole.SCHEDULER:
+                log.error("Membrain: not active, vLLM runs without it: %s", exc)
+            return  # every hook below is then a no-op
         try:
             units = units_of(kv_cache_config, vllm_config.cache_config.block_size)
         except UnsupportedKVCache as exc:

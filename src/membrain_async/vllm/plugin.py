@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 
-from ..config import ConfigError, ConnectorConfig
+from ..config import ConfigError, ConnectorConfig, parse_bool, strict_requested
 
 CONNECTOR_NAME = "MembrainConnector"
 CONNECTOR_MODULE = "membrain_async.vllm.connector"
@@ -48,15 +49,12 @@ def register() -> None:
     if CONNECTOR_NAME not in KVConnectorFactory._registry:
         KVConnectorFactory.register_connector(CONNECTOR_NAME, CONNECTOR_MODULE, CONNECTOR_NAME)
     raw = os.environ.get("VLLM_MEMBRAIN_ENABLED")
-    if raw is None:
-        return
     try:
-        config = ConnectorConfig.from_sources()
-    except ConfigError as exc:
-        log.warning("Membrain: not active: %s", exc)
-        return
-    if config.enabled:
-        _install_activation()
+        if raw is None or not parse_bool(raw):
+            return
+    except ValueError:
+        pass  # the user meant something: activation reports it, once, in the process that builds the config
+    _install_activation()
 
 
 def _install_activation() -> None:
@@ -74,28 +72,62 @@ def _install_activation() -> None:
     EngineArgs.create_engine_config = create_engine_config
 
 
-def activate(engine_args) -> bool:
-    """Fill in Membrain's kv_transfer_config unless the user chose another; log one line saying what happened."""
-    from vllm.config import KVTransferConfig
+class MembrainStartError(RuntimeError):
+    """VLLM_MEMBRAIN_STRICT=1 and Membrain cannot be used: vLLM does not start."""
 
-    try:
-        config = ConnectorConfig.from_sources()
-    except ConfigError as exc:
-        log.warning("Membrain: not active: %s", exc)
-        return False
+
+def activate(engine_args) -> bool:
+    """Fill in Membrain's kv_transfer_config unless the user chose another; log one line saying what happened.
+
+    Nothing Membrain gets wrong stops vLLM: a bad setting, an unreachable store or a failure of this code
+    leaves the engine arguments as they were, and vLLM runs as plain vLLM after one ERROR line saying
+    why, unless VLLM_MEMBRAIN_STRICT=1 asks for the start to stop instead.
+    """
     explicit = engine_args.kv_transfer_config
-    if explicit is not None:
-        if explicit.kv_connector != CONNECTOR_NAME:
-            log.warning("Membrain: not active: --kv-transfer-config names %s", explicit.kv_connector)
-            return False
-        if explicit.kv_load_failure_policy != "recompute":
-            log.warning("Membrain: kv_load_failure_policy=%s: a failed load will fail its request", explicit.kv_load_failure_policy)
-        where, infos = self_check(config)
-        log.info("Membrain: active (explicit --kv-transfer-config). %s; %s", where, leave_memory_room(engine_args, config, infos))
-        return True
-    if getattr(engine_args, "kv_offloading_size", None):
+    if explicit is not None and explicit.kv_connector != CONNECTOR_NAME:
+        log.warning("Membrain: not active: --kv-transfer-config names %s", explicit.kv_connector)
+        return False
+    if explicit is None and getattr(engine_args, "kv_offloading_size", None):
         log.warning("Membrain: not active: --kv-offloading-size configures vLLM's own offloading connector")
         return False
+    extra = explicit.kv_connector_extra_config if explicit is not None else None
+    saved = (engine_args.gpu_memory_utilization, os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU"))
+    try:
+        return _activate(engine_args, ConnectorConfig.from_extra_config(extra))
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, (ConfigError, MembrainStartError)) else f"{type(exc).__name__}: {exc}"
+        _restore(engine_args, *saved)
+        if strict_requested(extra):
+            log.error("Membrain: VLLM_MEMBRAIN_STRICT=1, vLLM does not start: %s", reason)
+            raise MembrainStartError(f"Membrain (VLLM_MEMBRAIN_STRICT=1): {reason}") from None
+        log.error("Membrain: not active, vLLM runs as plain vLLM: %s", reason, exc_info=log.isEnabledFor(logging.DEBUG))
+        return False
+
+
+def _restore(engine_args, memory_fraction, reserved_cpus) -> None:
+    """Undo what a failed activation changed. An explicit Membrain config whose settings are unusable goes
+    too: plain vLLM is the promise, and its connector would only fail in the engine core."""
+    engine_args.kv_transfer_config = None
+    engine_args.gpu_memory_utilization = memory_fraction
+    if reserved_cpus is None:
+        os.environ.pop("VLLM_CPU_NUM_OF_RESERVED_CPU", None)
+    else:
+        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = reserved_cpus
+
+
+def _activate(engine_args, config: ConnectorConfig) -> bool:
+    from vllm.config import KVTransferConfig
+
+    check = self_check(config)
+    if config.strict and not check.reachable:
+        raise MembrainStartError(f"the store does not answer at start-up: {check.where}; {check.status}")
+    explicit = engine_args.kv_transfer_config
+    if explicit is not None:
+        if explicit.kv_load_failure_policy != "recompute":
+            log.warning("Membrain: kv_load_failure_policy=%s: a failed load will fail its request", explicit.kv_load_failure_policy)
+        log.info("Membrain: active (explicit --kv-transfer-config). %s; %s", check.line,
+                 leave_memory_room(engine_args, config, check.infos))
+        return True
     engine_args.kv_transfer_config = KVTransferConfig(
         kv_connector=CONNECTOR_NAME,
         kv_connector_module_path=CONNECTOR_MODULE,
@@ -104,8 +136,7 @@ def activate(engine_args) -> bool:
         kv_connector_extra_config=config.to_extra_config(),
     )
     keep_cpu_cores(engine_args)
-    where, infos = self_check(config)
-    log.info("Membrain: active. %s; %s", where, leave_memory_room(engine_args, config, infos))
+    log.info("Membrain: active. %s; %s", check.line, leave_memory_room(engine_args, config, check.infos))
     return True
 
 
@@ -161,11 +192,25 @@ def keep_cpu_cores(engine_args) -> None:
     os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(_ranks(engine_args))
 
 
-def self_check(config: ConnectorConfig) -> tuple[str, dict[str, dict]]:
-    """One probe of each endpoint, so the start-up log says whether the servers answer.
+@dataclass
+class StoreCheck:
+    """What the start-up probe found: `line` for the log, `infos` each answering node's /v1/info."""
 
-    Returns the log text and each answering endpoint's /v1/info (capacity, for the memory room).
-    """
+    where: str
+    status: str
+    reachable: bool
+    infos: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def line(self) -> str:
+        if self.reachable:
+            return f"{self.where}; {self.status}"
+        return f"{self.where}; {self.status}: requests compute as plain vLLM until it answers"
+
+
+def self_check(config: ConnectorConfig) -> StoreCheck:
+    """One probe of each endpoint, so the start-up log says whether the store answers (and a strict start
+    can refuse one that does not)."""
     import httpx
 
     from ..tls import connector_context
@@ -175,21 +220,21 @@ def self_check(config: ConnectorConfig) -> tuple[str, dict[str, dict]]:
     from ..urls import redact_all
 
     where = f"endpoint {redact_all(config.endpoint)}, namespace {config.namespace!r}"
-    infos: dict[str, dict] = {}
     if backend_of(config) != "membrain":
-        return f"{where}; {probe(config)}", infos
-    status = ""
+        return StoreCheck(where, *probe(config))
+    check = StoreCheck(where, "", False)
     verify = connector_context(config) or True
     for url in config.endpoint:
         try:
             r = httpx.get(url.rstrip("/") + api.INFO_PATH, timeout=1.0, verify=verify)
             if r.status_code == 200:
-                infos[url] = info = r.json()
-                status = status or f"server {info.get('server', '?')} {info.get('version', '?')} reachable"
+                check.infos[url] = info = r.json()
+                if not check.reachable:
+                    check.status = f"server {info.get('server', '?')} {info.get('version', '?')} reachable"
+                check.reachable = True
                 continue
             r = httpx.get(url.rstrip("/") + api.HEALTHZ_PATH, timeout=1.0, verify=verify)
-            status = status or f"server answered {r.status_code}"
+            check.status = check.status or f"server answered {r.status_code}"
         except httpx.HTTPError as exc:
-            status = status or (f"server unreachable now ({type(exc).__name__}): requests compute as plain vLLM "
-                                "until it answers")
-    return f"{where}; {status}", infos
+            check.status = check.status or f"server unreachable now ({type(exc).__name__})"
+    return check
