@@ -7,7 +7,7 @@ once before (untimed), so no measurement pays its first page faults. Each round 
 gets them back three times, then removes them (the store never fills, so no put is refused). Then
 `--lookups` prefix lookups of 40 stored keys (one request's blocks at the demo's size). Measured in the
 same run, on the same loopback: Mooncake through `MooncakeClient` (what the connector uses: a worker
-thread per call, copies into and out of Mooncake's buffer); Mooncake's own API called directly from
+thread per call, gets into the caller's buffers, one copy each way through registered slabs); Mooncake's own API called directly from
 registered buffers (batch_put_from / batch_get_into, as bench/peers.py drives it), for the client's
 overhead; and a Membrain node through `MembrainClient`, for scale. One client, one process each.
 """
@@ -43,6 +43,7 @@ def _pct(xs: list[float], q: float) -> float:
 
 async def through_client(client, rounds: int, nkeys: int, lookups: int, tag: str) -> dict:
     value = os.urandom(SIZE)
+    into = [memoryview(bytearray(SIZE)) for _ in range(BATCH)]
     puts, gets = [], []
     for r in range(rounds):
         keys = [f"{tag}-{r}-{i}" for i in range(nkeys)]
@@ -53,8 +54,9 @@ async def through_client(client, rounds: int, nkeys: int, lookups: int, tag: str
         t0 = time.perf_counter()
         for _ in range(3):
             for i in range(0, nkeys, BATCH):
-                got = await client.get_many(keys[i : i + BATCH])
-                assert all(g is not None and len(g) == SIZE for g in got), "get missed"
+                # Into buffers, as the connector's loads do (get_many_into).
+                got = await client.get_many_into(keys[i : i + BATCH], into)
+                assert got == [SIZE] * BATCH, "get missed"
         gets.append(3 * nkeys * SIZE / (time.perf_counter() - t0) / 1e9)
         if r == rounds - 1:
             lat = []
@@ -128,6 +130,16 @@ def mooncake_raw(mc: mooncake.MooncakeCluster, rounds: int, nkeys: int, lookups:
     return _summary(puts, gets, lat)
 
 
+def _commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -144,7 +156,8 @@ def main() -> None:
         return
     out: dict = {"command": "python " + " ".join(sys.argv), "value_bytes": SIZE, "batch": BATCH,
                  "keys_per_round": args.keys, "rounds": args.rounds, "mooncake_version": mooncake.version(),
-                 "protocol": "tcp", "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())}
+                 "protocol": "tcp", "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
+                 "commit": _commit()}
     with mooncake.MooncakeCluster(CAPACITY) as mc:
         warm(mc)
         cfg = ConnectorConfig.from_sources(env={}, overrides={"endpoint": mc.endpoint, "mooncake_metadata_server": mc.metadata,
