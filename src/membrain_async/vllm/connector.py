@@ -30,6 +30,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from .. import telemetry
 from ..config import ConfigError, ConnectorConfig
 
 if TYPE_CHECKING:
@@ -65,6 +66,8 @@ class MembrainConnector(KVConnectorBase_V1, SupportsHMA):
 
         self.config = connector_config(vllm_config)
         self._scheduler = self._worker = None
+        # The processes that do Membrain I/O (engine core, workers) export its spans where OTEL_* says.
+        telemetry.configure_from_env("vllm")
         try:
             units = units_of(kv_cache_config, vllm_config.cache_config.block_size)
         except UnsupportedKVCache as exc:
