@@ -62,3 +62,20 @@ def test_prometheus_scrapes_the_server_and_every_server_series_of_the_dashboard_
             assert set(prom.rules_health().values()) == {"ok"}
         finally:
             prom.stop()
+
+
+def test_docs_name_every_series_the_server_and_connector_expose_and_no_other(tmp_path):
+    import re
+    from pathlib import Path
+
+    from membrain_async.vllm.shared.stats import COUNTERS, TIMERS
+
+    with embedded_server(capacity="16MiB", disk_path=str(tmp_path / "disk"), disk_capacity="16MiB") as srv:
+        families = list(srv.server.service.metrics.registry.collect())
+    suffix = {"counter": "_total", "info": "_info"}
+    server = {f.name + suffix.get(f.type, "") for f in families if f.name.startswith("membrain_")}
+    connector = {name + "_total" for name, _ in COUNTERS.values()} | {name for name, _ in TIMERS.values()}
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "monitoring.md").read_text()
+    named = set(re.findall(r"`((?:vllm:)?membrain_\w+)", doc))
+    assert server | connector <= named, sorted((server | connector) - named)
+    assert named <= server | connector, sorted(named - server - connector)
