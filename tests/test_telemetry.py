@@ -121,16 +121,19 @@ from opentelemetry import trace
 from membrain_async import telemetry
 
 out = {"unasked": telemetry.configure_from_env("x")}
-os.environ["OTEL_TRACES_EXPORTER"] = "none"
+os.environ["OTEL_TRACES_EXPORTER"] = os.environ["OTEL_METRICS_EXPORTER"] = "none"
+os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://127.0.0.1:9"
 out["none"] = telemetry.configure_from_env("x")
+del os.environ["OTEL_TRACES_EXPORTER"], os.environ["OTEL_METRICS_EXPORTER"]
 os.environ["OTEL_SDK_DISABLED"] = "true"
-os.environ["OTEL_TRACES_EXPORTER"] = "console"
 out["disabled"] = telemetry.configure_from_env("x")
 del os.environ["OTEL_SDK_DISABLED"]
 os.environ["OTEL_SERVICE_NAME"] = "named-by-env"
-out["console"] = telemetry.configure_from_env("x")
-out["service"] = trace.get_tracer_provider().resource.attributes["service.name"]
-out["again"] = telemetry.configure_from_env("x")  # a provider is installed: it is left alone
+out["endpoint"] = telemetry.configure_from_env("x")
+provider = trace.get_tracer_provider()
+out["service"] = provider.resource.attributes["service.name"]
+out["exporter"] = type(provider._active_span_processor._span_processors[0].span_exporter).__module__
+out["again"] = telemetry.configure_from_env("x")  # providers are installed: they are left alone
 print(json.dumps(out))
 """
 
@@ -146,8 +149,9 @@ def test_configure_from_env_installs_what_the_otel_variables_ask_and_only_that()
     r = subprocess.run([sys.executable, "-c", _CONFIGURE], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out == {"unasked": [], "none": [], "disabled": [], "console": ["traces:console"],
-                   "service": "named-by-env", "again": []}
+    assert out == {"unasked": [], "none": [], "disabled": [], "endpoint": ["traces:otlp", "metrics:otlp"],
+                   "service": "named-by-env", "exporter": "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+                   "again": []}
 
 
 def test_membrain_serve_exports_its_spans_over_otlp_where_the_variables_point(monkeypatch):
@@ -177,6 +181,7 @@ def test_membrain_serve_exports_its_spans_over_otlp_where_the_variables_point(mo
     threading.Thread(target=collector.serve_forever, daemon=True).start()
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector.server_port}")
     monkeypatch.setenv("OTEL_SERVICE_NAME", "membrain-under-test")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")  # the listener below speaks HTTP
     monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # ms: export soon, not after the default 5 s
     try:

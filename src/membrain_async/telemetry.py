@@ -125,8 +125,10 @@ def _exporters(signal: str) -> list[str]:
 
 
 def _protocol(signal: str) -> str:
+    # grpc unless told: the default of OpenTelemetry's Python distribution and of vLLM's --otlp-traces-endpoint
+    # (which passes its endpoint to vLLM's child processes in OTEL_EXPORTER_OTLP_TRACES_ENDPOINT).
     return (os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL")
-            or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf")
+            or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc")
 
 
 def _span_exporter(name: str) -> Any:
