@@ -1,12 +1,14 @@
-"""A real Prometheus (Debian's package) for the monitoring tests, and the series the shipped dashboard and
-alert rules read."""
+"""A real Prometheus (Debian's package) for the monitoring tests, the series the shipped dashboard and
+alert rules read, and an OTLP/HTTP listener standing in for an OpenTelemetry collector."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import re
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -127,3 +129,47 @@ def membrain_scrape_config(url: str, token_file: Path) -> dict:
 
 def vllm_scrape_config(port: int) -> dict:
     return {"job_name": "vllm", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
+
+
+class OtlpCollector:
+    """Receives OTLP/HTTP exports on a free loopback port (OTEL_EXPORTER_OTLP_ENDPOINT=`url`, protocol
+    http/protobuf) and decodes the spans: {service.name: {span names}}."""
+
+    def __init__(self) -> None:
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                received.append((self.path, self.rfile.read(int(self.headers["content-length"]))))
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def spans(self) -> dict[str, set[str]]:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        out: dict[str, set[str]] = {}
+        for path, body in list(self.received):
+            if path != "/v1/traces":
+                continue
+            for rs in ExportTraceServiceRequest.FromString(body).resource_spans:
+                service = next(a.value.string_value for a in rs.resource.attributes if a.key == "service.name")
+                out.setdefault(service, set()).update(s.name for ss in rs.scope_spans for s in ss.spans)
+        return out
+
+    def wait_for_spans(self, service: str, names: set[str], seconds: float = 60) -> None:
+        deadline = time.monotonic() + seconds  # a guard against a hang, not a performance bound
+        while not names <= self.spans().get(service, set()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert names <= self.spans().get(service, set()), self.spans()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

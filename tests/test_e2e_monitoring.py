@@ -1,6 +1,7 @@
 """The shipped dashboard and alert rules against a real Prometheus scraping a real `membrain serve` (with its
 bearer token) and a real vLLM OpenAI server running the connector: after a save and a load, every series
-they read exists, and the connector's timers are histograms in the engine's /metrics."""
+they read exists, and the connector's timers are histograms in the engine's /metrics. The same engine runs
+with OTEL_* variables pointing at an OTLP listener: the connector's spans arrive there."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from membrain_async.server.embed import start_subprocess_server
 from membrain_async.testing import tinymodel
 
 from .e2e import BLOCK, engine_env, free_port
-from .monitoring import (Prometheus, check_rules_with_promtool, dashboard_expressions, membrain_scrape_config,
-                         require_prometheus, rule_expressions, series_names, vllm_scrape_config)
+from .monitoring import (OtlpCollector, Prometheus, check_rules_with_promtool, dashboard_expressions,
+                         membrain_scrape_config, require_prometheus, rule_expressions, series_names,
+                         vllm_scrape_config)
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
@@ -52,7 +54,10 @@ def test_prometheus_scrapes_server_and_engine_and_every_series_of_the_dashboard_
                                    "disk_path": str(tmp_path / "disk"), "disk_capacity": "256MiB"})
     port = free_port()
     # No local prefix cache: the second request of the same prompt is a Membrain hit, loaded.
-    env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=srv.url, VLLM_MEMBRAIN_TOKEN=TOKEN)
+    collector = OtlpCollector()
+    env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=srv.url, VLLM_MEMBRAIN_TOKEN=TOKEN,
+                     OTEL_EXPORTER_OTLP_ENDPOINT=collector.url, OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+                     OTEL_METRICS_EXPORTER="none", OTEL_BSP_SCHEDULE_DELAY="100")
     log_path = os.path.join(logs, "monitoring-openai-server.log")
     log = open(log_path, "w")
     api = subprocess.Popen(
@@ -90,9 +95,12 @@ def test_prometheus_scrapes_server_and_engine_and_every_series_of_the_dashboard_
         assert prom.missing_series(names) == set()
         prom.wait_rules_evaluated()
         assert set(prom.rules_health().values()) == {"ok"}
+        # The engine core's lookups and the worker's saves, exported as the OTEL_* variables said.
+        collector.wait_for_spans("vllm", {"membrain.lookup", "membrain.save_batch"})
     finally:
         if prom is not None:
             prom.stop()
+        collector.stop()
         ops.close()
         api.terminate()
         try:

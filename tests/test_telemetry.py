@@ -156,48 +156,22 @@ def test_configure_from_env_installs_what_the_otel_variables_ask_and_only_that()
 
 def test_membrain_serve_exports_its_spans_over_otlp_where_the_variables_point(monkeypatch):
     """A real `membrain serve` with OTEL_EXPORTER_OTLP_ENDPOINT set, and a real HTTP listener as collector."""
-    import http.server
-    import threading
-    import time
-
     import httpx
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
     from membrain_async.server import embedded_server
 
-    received: list[tuple[str, bytes]] = []
+    from .monitoring import OtlpCollector
 
-    class Collector(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append((self.path, self.rfile.read(int(self.headers["content-length"]))))
-            self.send_response(200)
-            self.send_header("content-length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    collector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
-    threading.Thread(target=collector.serve_forever, daemon=True).start()
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector.server_port}")
+    collector = OtlpCollector()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")  # what the listener speaks
     monkeypatch.setenv("OTEL_SERVICE_NAME", "membrain-under-test")
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")  # the listener below speaks HTTP
     monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # ms: export soon, not after the default 5 s
     try:
         with embedded_server(mode="subprocess", capacity="16MiB") as srv:
             assert httpx.put(f"{srv.url}/memory/otlp/k", content=b"v").status_code == 201
-            deadline = time.monotonic() + 30
-            while not any(path == "/v1/traces" for path, _ in received) and time.monotonic() < deadline:
-                time.sleep(0.1)
+            collector.wait_for_spans("membrain-under-test", {"membrain.server.put"})
     finally:
-        collector.shutdown()
-    names, services = set(), set()
-    for path, body in received:
-        if path != "/v1/traces":
-            continue
-        req = ExportTraceServiceRequest.FromString(body)
-        for rs in req.resource_spans:
-            services |= {a.value.string_value for a in rs.resource.attributes if a.key == "service.name"}
-            names |= {s.name for ss in rs.scope_spans for s in ss.spans}
-    assert "membrain.server.put" in names and services == {"membrain-under-test"}
+        collector.stop()
+    assert set(collector.spans()) == {"membrain-under-test"}
