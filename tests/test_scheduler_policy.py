@@ -346,8 +346,8 @@ def test_every_counter_the_scheduler_half_keeps_reaches_vllms_metrics():
 
     counted = set()
     for module in (scheduler, lookups):
-        counted |= set(re.findall(r'_count\(\s*"(\w+)"', inspect.getsource(module)))
-    assert {"lookups", "hot_lookups", "reloads_recomputed", "lookup_rtt_ms"} <= counted  # the scan finds them
+        counted |= set(re.findall(r'_(?:count|observe)\(\s*"(\w+)"', inspect.getsource(module)))
+    assert {"lookups", "hot_lookups", "reloads_recomputed", "lookup_rtt_seconds"} <= counted  # the scan finds them
     assert counted <= set(COUNTERS) | set(TIMERS), counted - set(COUNTERS) - set(TIMERS)
 
 
@@ -397,3 +397,33 @@ def test_no_prefetch_is_planned_while_prefetch_staging_is_off(sched):
     sched.on_new_request(req)
     assert sched.get_num_new_matched_tokens(req, BS) == (None, False)
     assert step(sched).prefetch == []
+
+
+def test_timers_become_histograms_in_vllms_registry_and_counters_totals():
+    """What vLLM's front end does with the halves' stats: aggregate (workers, scheduler), then observe."""
+    import functools
+
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    from membrain_async.telemetry import LATENCY_BUCKETS_S
+    from membrain_async.vllm.shared.stats import MembrainPromMetrics
+
+    reg = CollectorRegistry()
+    types = {cls: functools.partial(cls, registry=reg) for cls in (Counter, Gauge, Histogram)}
+    prom = MembrainPromMetrics(SimpleNamespace(kv_transfer_config=None), types, ["engine"], {0: ["0"]})
+    assert reg.get_sample_value("vllm:membrain_load_seconds_count", {"engine": "0"}) == 0  # there before any load
+    rank0 = MembrainConnectorStats(data={"load_seconds": [0.003], "loaded_blocks": 2})
+    rank1 = MembrainConnectorStats(data={"load_seconds": [0.0004, 20.0], "loaded_blocks": 3})
+    both = rank0.aggregate(rank1)
+    assert rank0.data["load_seconds"] == [0.003]  # aggregate builds new lists
+    prom.observe(both.data, engine_idx=0)
+
+    def bucket(le):
+        return reg.get_sample_value("vllm:membrain_load_seconds_bucket", {"engine": "0", "le": le})
+
+    assert reg.get_sample_value("vllm:membrain_load_seconds_count", {"engine": "0"}) == 3
+    assert reg.get_sample_value("vllm:membrain_load_seconds_sum", {"engine": "0"}) == pytest.approx(20.0034)
+    assert bucket("0.0005") == 1 and bucket("0.005") == 2 and bucket(str(LATENCY_BUCKETS_S[-1])) == 2
+    assert bucket("+Inf") == 3
+    assert reg.get_sample_value("vllm:membrain_loaded_blocks_total", {"engine": "0"}) == 5
+    assert both.reduce()["avg_load_ms"] == pytest.approx(1e3 * 20.0034 / 3, abs=1e-3)

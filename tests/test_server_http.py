@@ -66,7 +66,7 @@ def test_info_stats_metrics_health(http, server):
     assert (ns["keys"], ns["bytes"], ns["hits"], ns["misses"]) == (1, 3, 1, 1)
     text = http.get("/metrics").text
     assert 'membrain_namespace_hits_total{namespace="tenant"} 1' in text
-    assert "membrain_used_bytes 3" in text
+    assert 'membrain_tier_bytes{tier="ram"} 3.0' in text
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     limit_malloc_retention()
+    from . import telemetry
+
+    telemetry.configure_from_env("membrain-server")  # OTEL_* variables: one span per request
     try:
         server = MembrainServer(config)
     except (ConfigError, ValueError) as exc:

@@ -197,5 +197,6 @@ class Arena:
             "slabs": len(self._slabs),
             "slabs_created": self.slabs_created,
             "slabs_moved": self.slabs_moved,
+            "free_slot_bytes": sum(s.nfree * s.cls for s in self._slabs),
             "classes": sorted({s.cls for s in self._slabs}),
         }

@@ -13,6 +13,7 @@ from ..protocol import heads
 from ..protocol.bulk import BodyReader, Frame, FrameReader, Op, ProtocolError
 from ..protocol.heads import (AuthReply, AuthRequest, DeleteReply, DeleteRequest, ExistsReply, ExistsRequest, GetReply,
                               GetRequest, LookupReply, LookupRequest, PingReply, PingRequest, PutReply, PutRequest)
+from .metrics import RequestObservation
 from .service import RequestError, Service
 
 log = logging.getLogger("membrain.server.bulk")
@@ -23,6 +24,13 @@ _SMALL_PER_TURN = 64  # small frames (lookup, exists, delete, ping) answered bef
 
 class _Closed(Exception):
     pass
+
+
+def _op_name(op: int) -> str:
+    try:
+        return Op(op).name.lower()
+    except ValueError:
+        return "unknown"
 
 
 class BulkConnection:
@@ -41,11 +49,9 @@ class BulkConnection:
                 frame = await self._read_frame()
                 if frame is None:
                     return
-                self.service.counters.bulk_frames += 1
                 try:
                     await self._dispatch(frame)
                 except RequestError as exc:
-                    self.service.counters.errors[exc.status] += 1
                     await sockio.send_all(self.sock, [heads.encode_error(frame, exc.status, str(exc))])
                 # Pipelined lookups come many to a connection: answer those already here back to back
                 # rather than one per turn of the loop, where each would wait for a chunk of every upload.
@@ -55,7 +61,7 @@ class BulkConnection:
                     await anyio.lowlevel.checkpoint()
         except ProtocolError as exc:
             # Framing is lost: say why, then close.
-            self.service.counters.errors[exc.status] += 1
+            self.service.metrics.count_refusal("bulk", "malformed", exc.status)
             try:
                 await sockio.send_all(self.sock, [heads.encode_error(None, exc.status, str(exc))])
             except OSError:
@@ -117,7 +123,16 @@ class BulkConnection:
             request = heads.decode_request(frame)
         except ProtocolError as exc:
             await self._discard_body(frame)
+            svc.metrics.count_refusal("bulk", _op_name(frame.op), exc.status)
             raise RequestError(exc.status, str(exc)) from None
+        with svc.metrics.request("bulk", _op_name(frame.op)) as obs:
+            obs.namespace = getattr(request, "ns", None)
+            keys = getattr(request, "keys", None)
+            obs.keys = None if keys is None else len(keys)
+            await self._do(frame, request, obs)
+
+    async def _do(self, frame: Frame, request: heads.Request, obs: RequestObservation) -> None:
+        svc = self.service
         if isinstance(request, PutRequest):
             await self._put(frame, request)
             return
@@ -130,16 +145,16 @@ class BulkConnection:
             self.token = request.token
             await self._reply(frame, AuthReply())
         elif isinstance(request, GetRequest):
-            entries = await svc.get_entries(self.token, request.ns, request.keys)
+            entries = await svc.get_entries(self.token, request.ns, request.keys, obs)
             try:  # pinned while they are on the wire: nobody can reuse their slots meanwhile
                 sizes = [-1 if e is None else e.size for e in entries]
                 await self._reply(frame, GetReply(sizes), [e.view for e in entries if e])
             finally:
                 svc.unpin_all(entries)
         elif isinstance(request, LookupRequest):
-            await self._reply(frame, LookupReply(svc.lookup(self.token, request.ns, request.keys)))
+            await self._reply(frame, LookupReply(svc.lookup(self.token, request.ns, request.keys, obs)))
         elif isinstance(request, ExistsRequest):
-            await self._reply(frame, ExistsReply(svc.exists(self.token, request.ns, request.keys)))
+            await self._reply(frame, ExistsReply(svc.exists(self.token, request.ns, request.keys, obs)))
         elif isinstance(request, DeleteRequest):
             await self._reply(frame, DeleteReply(svc.delete(self.token, request.ns, request.keys)))
 

@@ -28,6 +28,7 @@ import re
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import anyio
 
@@ -107,6 +108,7 @@ class DiskTier:
         self.segments: OrderedDict[int, Segment] = OrderedDict()
         self.used = 0
         self.stats = DiskStats()
+        self.observe_io: Callable[[str, float], None] = lambda kind, seconds: None  # "read"/"write" job times
         self.state = "ok"
         self.reason = ""
         self._queue: deque = deque()  # values as they are put, and tombstones
@@ -403,7 +405,9 @@ class DiskTier:
                 self._end_promotion((ns, keys[it[0]]), it[5])
             raise
         finally:
-            self.stats.read_seconds += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            self.stats.read_seconds += took
+            self.observe_io("read", took)
         for it, ok in zip(run, oks):
             key = keys[it[0]]
             it[6] = True
@@ -473,7 +477,9 @@ class DiskTier:
                 diskio.read_into, seg.path, loc.offset, view, loc.size, padded is not None, loc.crc, ns.encode(), key.encode(),
                 limiter=self._read_limiter,
             )
-            self.stats.read_seconds += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            self.stats.read_seconds += took
+            self.observe_io("read", took)
         except BaseException:
             self.store.release(slot)
             raise
@@ -665,7 +671,9 @@ class DiskTier:
                 t0 = time.perf_counter()
                 try:
                     written = await anyio.to_thread.run_sync(self._writer.write, unlink, records, roll, crcs)
-                    self.stats.write_seconds += time.perf_counter() - t0
+                    took = time.perf_counter() - t0
+                    self.stats.write_seconds += took
+                    self.observe_io("write", took)
                 except OSError as exc:
                     self._degrade(f"writing to {self.directory} failed: {exc}")
         finally:

@@ -9,19 +9,22 @@ import anyio
 import h11
 import orjson
 
-from .. import sockio
+from .. import sockio, telemetry
 from ..protocol import api
 from ..protocol.bulk import ProtocolError
 from ..protocol.bodies import Health, KeysBody
 from ..protocol.heads import ErrorReply, ExistsReply, LookupReply, PutReply
 from .auth import bearer_token
-from .metrics import render_prometheus
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import RequestObservation
 from .service import RequestError, Service
 
 log = logging.getLogger("membrain.server.http")
 
 _MAX_HEADER_BYTES = 16 * 1024
 _JSON = [("content-type", "application/json")]
+_OPS = {"batch_put": "put", "batch_get": "get"}  # routes by the operation they do, for metrics and spans
+_NO_SUCH_KEY = ErrorReply("no such key").to_wire()
 
 
 class _CloseConnection(Exception):
@@ -46,11 +49,9 @@ class HttpConnection:
                     return
                 if not isinstance(request, h11.Request):
                     return
-                self.service.counters.http_requests += 1
                 try:
                     await self._handle(request)
                 except RequestError as exc:
-                    self.service.counters.errors[exc.status] += 1
                     # A body we did not read would be parsed as the next request: close instead.
                     unread_body = self.conn.their_state is h11.SEND_BODY
                     await self._send_json(exc.status, ErrorReply(str(exc)).to_wire(), close=exc.status in (408, 413) or unread_body)
@@ -61,7 +62,7 @@ class HttpConnection:
                 except h11.LocalProtocolError:
                     return
         except h11.RemoteProtocolError as exc:
-            self.service.counters.errors[400] += 1
+            self.service.metrics.count_refusal("http", "malformed", 400)
             await self._try_send_error(exc.error_status_hint, f"malformed HTTP request: {exc}")
         except _CloseConnection:
             pass
@@ -111,11 +112,20 @@ class HttpConnection:
         for name, value in request.headers:
             if name == b"authorization":
                 token = bearer_token(value)
+        svc = self.service
         try:
             route = api.match_route(method, target)
         except api.RouteError as exc:
             await self._drain_body(request)
+            svc.metrics.count_refusal("http", "unknown", exc.status)
             raise RequestError(exc.status, str(exc)) from None
+        parent = telemetry.extract_context(request.headers)
+        with svc.metrics.request("http", _OPS.get(route.name, route.name), parent) as obs:
+            obs.namespace = route.namespace
+            await self._route(request, route, token, target, obs)
+
+    async def _route(self, request: h11.Request, route: api.Route, token: str | None, target: str,
+                     obs: RequestObservation) -> None:
         svc = self.service
         if route.name == "put":
             svc.begin_put(token, route.namespace, [route.key], [0])
@@ -145,12 +155,13 @@ class HttpConnection:
             await self._send_json(200, svc.stats(token))
         elif route.name == "metrics":
             svc.require_server_read(token)
-            text = render_prometheus(svc).encode()
-            await self._send(200, [("content-type", "text/plain; version=0.0.4")], text)
+            await self._send(200, [("content-type", METRICS_CONTENT_TYPE)], svc.metrics.render())
         elif route.name == "get":
-            entries = await svc.get_entries(token, route.namespace, [route.key])
+            obs.keys = 1
+            entries = await svc.get_entries(token, route.namespace, [route.key], obs)
             if entries[0] is None:
-                raise RequestError(404, "no such key")
+                await self._send_json(404, _NO_SUCH_KEY)  # a miss: answered, not refused
+                return
             try:
                 await self._send(200, [("content-type", "application/octet-stream")], entries[0].view)
             finally:
@@ -162,13 +173,17 @@ class HttpConnection:
                 raise RequestError(exc.status, str(exc)) from None
             await self._send_json(200, svc.list_keys(token, route.namespace, limit).to_wire())
         elif route.name == "head":
-            size = svc.head(token, route.namespace, route.key)
+            obs.keys = 1
+            size = svc.head(token, route.namespace, route.key, obs)
             if size is None:
-                raise RequestError(404, "no such key")
+                await self._send_json(404, _NO_SUCH_KEY)
+                return
             await self._send(200, [("content-type", "application/octet-stream")], b"", content_length=size)
         elif route.name == "delete":
+            obs.keys = 1
             if not svc.delete(token, route.namespace, [route.key]):
-                raise RequestError(404, "no such key")
+                await self._send_json(404, _NO_SUCH_KEY)
+                return
             await self._send(204, [], b"")
         elif route.name == "batch_put":
             try:
@@ -177,6 +192,7 @@ class HttpConnection:
                 raise RequestError(400, str(exc)) from None
             if any(v is None for v in values):
                 raise RequestError(400, "batch put needs a value (size >= 0) for every key")
+            obs.keys = len(keys)
             svc.begin_put(token, route.namespace, keys, [len(v) for v in values])
             # Copied into arena slots: the request body is not kept.
             created = await svc.put_values(route.namespace, keys, values)
@@ -186,12 +202,13 @@ class HttpConnection:
                 keys = KeysBody.from_json(body).keys
             except ProtocolError as exc:
                 raise RequestError(exc.status, str(exc)) from None
+            obs.keys = len(keys)
             if route.name == "lookup":
-                await self._send_json(200, LookupReply(svc.lookup(token, route.namespace, keys)).to_wire())
+                await self._send_json(200, LookupReply(svc.lookup(token, route.namespace, keys, obs)).to_wire())
             elif route.name == "exists":
-                await self._send_json(200, ExistsReply(svc.exists(token, route.namespace, keys)).to_wire())
+                await self._send_json(200, ExistsReply(svc.exists(token, route.namespace, keys, obs)).to_wire())
             else:
-                entries = await svc.get_entries(token, route.namespace, keys)
+                entries = await svc.get_entries(token, route.namespace, keys, obs)
                 try:
                     parts = api.encode_batch(keys, [None if e is None else e.view for e in entries])
                     await self._send(200, [("content-type", api.BATCH_CONTENT_TYPE)], parts)

@@ -6,7 +6,6 @@ Every check happens here once, so both protocols refuse the same bad input with 
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 import anyio
@@ -18,6 +17,7 @@ from ..protocol.names import validate_key, validate_namespace
 from .auth import AuthError, Authorizer
 from .arena import Slot
 from .disk import SPILL_WAIT, DiskTier
+from .metrics import RequestObservation, ServerMetrics
 from .store import Entry, Store
 
 
@@ -36,9 +36,6 @@ class ServerCounters:
     connections_open: int = 0
     connections_refused: int = 0
     tls_handshake_failures: int = 0
-    http_requests: int = 0
-    bulk_frames: int = 0
-    errors: Counter = field(default_factory=Counter)  # by status code
 
 
 class Service:
@@ -52,6 +49,9 @@ class Service:
         self.auth = Authorizer(None)
         self.use_authorizer(authorizer or Authorizer.from_file(config.auth_file))
         self.counters = ServerCounters()
+        self.metrics = ServerMetrics(self, disk=self.disk is not None)
+        if self.disk is not None:
+            self.disk.observe_io = self.metrics.observe_disk_io
         self.bound_port: int | None = None
 
     def use_authorizer(self, auth: Authorizer) -> None:
@@ -172,7 +172,8 @@ class Service:
             out.append(old is None)
         return out
 
-    async def get_entries(self, token: str | None, ns: str, keys: list[str]) -> list[Entry | None]:
+    async def get_entries(self, token: str | None, ns: str, keys: list[str],
+                          obs: RequestObservation | None = None) -> list[Entry | None]:
         """The stored entries (None for a miss), each pinned: its slot cannot be reused until `unpin_all`,
         so a reply can be sent straight from the arena while other requests evict and overwrite."""
         ns = self._ns(ns)
@@ -189,6 +190,8 @@ class Service:
             elif disk is not None and disk.contains(ns, k):
                 from_disk.append(i)
         if from_disk:
+            if obs is not None:
+                obs.tier = "disk"
             # Neighbouring records in one read each, several reads at once; pinned like the RAM hits.
             try:
                 promoted = await disk.promote_many(ns, [keys[i] for i in from_disk])
@@ -200,6 +203,7 @@ class Service:
         misses = sum(1 for e in out if e is None)
         if misses:
             store._ns(ns).misses += misses
+        self.metrics.count_keys("get", len(keys) - misses, misses)
         return out
 
     def unpin_all(self, entries: list[Entry | None]) -> None:
@@ -207,23 +211,41 @@ class Service:
             if entry is not None:
                 self.store.unpin(entry)
 
-    def lookup(self, token: str | None, ns: str, keys: list[str]) -> int:
+    def lookup(self, token: str | None, ns: str, keys: list[str], obs: RequestObservation | None = None) -> int:
         ns = self._ns(ns)
         self._keys(keys)
         self._authorize(token, ns, "read")
         if self.disk is None:
-            return self.store.prefix_count(ns, keys)
-        n = self.store.prefix_count(ns, keys, also=self.disk.contains)
-        # The loads usually follow: start reading the disk-only part of the prefix back into RAM now.
-        self.disk.prefetch(ns, [k for k in keys[:n] if not self.store.contains(ns, k)])
+            n = self.store.prefix_count(ns, keys)
+        else:
+            n = self.store.prefix_count(ns, keys, also=self.disk.contains)
+            # The loads usually follow: start reading the disk-only part of the prefix back into RAM now.
+            disk_only = [k for k in keys[:n] if not self.store.contains(ns, k)]
+            self.disk.prefetch(ns, disk_only)
+            if disk_only and obs is not None:
+                obs.tier = "disk"
+        self.metrics.count_keys("lookup", n, len(keys) - n)
         return n
 
-    def exists(self, token: str | None, ns: str, keys: list[str]) -> list[int]:
+    def exists(self, token: str | None, ns: str, keys: list[str], obs: RequestObservation | None = None) -> list[int]:
         ns = self._ns(ns)
         self._keys(keys)
         self._authorize(token, ns, "read")
-        disk = self.disk
-        return [1 if self.store.contains(ns, k) or (disk is not None and disk.contains(ns, k)) else 0 for k in keys]
+        store, disk = self.store, self.disk
+        present, on_disk_only = [], False
+        for k in keys:
+            if store.contains(ns, k):
+                present.append(1)
+            elif disk is not None and disk.contains(ns, k):
+                present.append(1)
+                on_disk_only = True
+            else:
+                present.append(0)
+        if on_disk_only and obs is not None:
+            obs.tier = "disk"
+        hits = sum(present)
+        self.metrics.count_keys("exists", hits, len(keys) - hits)
+        return present
 
     def list_keys(self, token: str | None, ns: str, limit: int) -> KeysListing:
         """Keys of one namespace, for operators and tests; needs read access to that namespace only."""
@@ -240,13 +262,16 @@ class Service:
                     keys.append(k)
         return KeysListing(keys, truncated)
 
-    def head(self, token: str | None, ns: str, key: str) -> int | None:
+    def head(self, token: str | None, ns: str, key: str, obs: RequestObservation | None = None) -> int | None:
         ns = self._ns(ns)
         self._keys([key])
         self._authorize(token, ns, "read")
         size = self.store.peek_size(ns, key)
         if size is None and self.disk is not None:
             size = self.disk.size(ns, key)
+            if size is not None and obs is not None:
+                obs.tier = "disk"
+        self.metrics.count_keys("head", int(size is not None), int(size is None))
         return size
 
     def delete(self, token: str | None, ns: str, keys: list[str]) -> int:
@@ -277,9 +302,7 @@ class Service:
                 "connections_total": c.connections_total,
                 "connections_refused": c.connections_refused,
                 "tls_handshake_failures": c.tls_handshake_failures,
-                "http_requests": c.http_requests,
-                "bulk_frames": c.bulk_frames,
-                "errors": {str(k): v for k, v in c.errors.items()},
+                **self.metrics.request_totals(),
             }
         return out
 

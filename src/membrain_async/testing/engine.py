@@ -47,12 +47,12 @@ def _metrics(llm) -> dict[str, float]:
             if "source" in labels:
                 key = f"{name}{{source={labels['source']}}}"
             out[key] = out.get(key, 0) + value
-        # vLLM's reader truncates counters to ints; the connector's timers (seconds) need their fractions.
+        # The connector's timers are histograms: their total seconds (the `_sum`), as vLLM's reader skips them.
         from prometheus_client import REGISTRY
 
         for family in REGISTRY.collect():
-            if family.name.startswith("vllm:membrain_") and family.name.endswith("_seconds"):
-                out[family.name] = sum(s.value for s in family.samples if s.name.endswith("_total"))
+            if family.name.startswith("vllm:membrain_") and family.type == "histogram":
+                out[family.name] = sum(s.value for s in family.samples if s.name.endswith("_sum"))
     except Exception as exc:  # metrics are a report, not a requirement
         out["error"] = str(exc)  # type: ignore[assignment]
     return out

@@ -30,6 +30,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from .. import telemetry
 from ..config import ConfigError, ConnectorConfig, strict_requested
 
 if TYPE_CHECKING:
@@ -64,6 +65,8 @@ class MembrainConnector(KVConnectorBase_V1, SupportsHMA):
             if role == KVConnectorRole.SCHEDULER:
                 log.error("Membrain: not active, vLLM runs without it: %s", exc)
             return  # every hook below is then a no-op
+        # The processes that do Membrain I/O (engine core, workers) export its spans where OTEL_* says.
+        telemetry.configure_from_env("vllm")
         try:
             units = units_of(kv_cache_config, vllm_config.cache_config.block_size)
         except UnsupportedKVCache as exc:

@@ -53,9 +53,10 @@ Deliver = Callable[[str, str, "int | None"], bool]
 
 class Lookups:
     def __init__(self, store: "SchedulerStore", count: Callable[[str, float], None],
-                 clock: Callable[[], float] = time.monotonic):
+                 observe: Callable[[str, float], None], clock: Callable[[], float] = time.monotonic):
         self.store = store
         self._count = count
+        self._observe = observe
         self._clock = clock
         self.answers = CompletionRing()  # drained by the scheduler thread, once per pass
         self._queued: "list[tuple[str, LookupQuery]]" = []
@@ -110,7 +111,7 @@ class Lookups:
         for done in self.answers.poll():
             outcome = Outcome(done.outcome)
             counts = done.value if outcome is Outcome.OK else None
-            self._count("lookup_rtt_ms", 1e3 * done.latency_s)  # the round trip alone, not the steps waited
+            self._observe("lookup_rtt_seconds", done.latency_s)  # the round trip alone, not the steps waited
             self._count("lookup_jobs", 1)
             for i, req_id in enumerate(done.tag):
                 count = None if counts is None else counts if isinstance(counts, int) else counts[i]

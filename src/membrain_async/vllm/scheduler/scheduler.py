@@ -96,7 +96,7 @@ class MembrainScheduler:
         self._loads: list[BlockTransfer] = []
         self._prefetch: list[BlockTransfer] = []
         self._finished: list[str] = []
-        self.lookups = Lookups(store, self._count, clock)
+        self.lookups = Lookups(store, self._count, self._observe, clock)
         self._step = 0
         self._ledger = SaveLedger()
         self._kv_cache_manager: "KVCacheManager | None" = None
@@ -113,7 +113,7 @@ class MembrainScheduler:
         self._step_load_limit = max(1, config.step_load_bytes // block_bytes)
         self._step_load_blocks = 0
         self._hot: OrderedDict[str, None] = OrderedDict()
-        self._stats: dict[str, float] = {}
+        self._stats: dict[str, Any] = {}  # counters (numbers) and timers (lists of seconds), see shared/stats.py
         self.events: "MembrainKVEvents | None" = None  # set by the connector when vLLM's KV events are on
 
     @classmethod
@@ -157,6 +157,9 @@ class MembrainScheduler:
 
     def _count(self, name: str, value: float = 1) -> None:
         self._stats[name] = self._stats.get(name, 0) + value
+
+    def _observe(self, name: str, seconds: float) -> None:
+        self._stats.setdefault(name, []).append(seconds)
 
     # ------------------------------------------------------------------ vLLM scheduler hooks
 
@@ -229,7 +232,7 @@ class MembrainScheduler:
             st.stored_blocks = max(st.hot_blocks, min(st.answer or 0, st.lookup_blocks))
             if self.events is not None and st.lookup_seq is not None:
                 self.events.lookup_missing(st.chain.hashes, st.answer or 0, st.lookup_blocks, st.lookup_seq)
-            self._count("lookup_ms", 1e3 * (self._clock() - st.lookup_started))
+            self._observe("lookup_seconds", self._clock() - st.lookup_started)
             self._count("lookups")
             if st.answer_outcome is Outcome.TIMEOUT:
                 self._count("lookup_timeouts")
@@ -502,7 +505,7 @@ class MembrainScheduler:
         # stream waits for the gather), so blocks can be freed at once.
         return False, None
 
-    def take_stats(self) -> dict[str, float]:
+    def take_stats(self) -> dict[str, Any]:
         stats, self._stats = self._stats, {}
         return stats
 

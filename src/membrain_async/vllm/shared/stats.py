@@ -1,8 +1,10 @@
 """Connector stats for vLLM's logging and Prometheus pipeline.
 
-Both halves report plain counters (msgpack-friendly dicts); vLLM sums the workers', merges the
-scheduler's, ships them to the front end, which rebuilds a `MembrainConnectorStats` for the periodic
-"KV Transfer metrics" log line and feeds `MembrainPromMetrics`.
+Both halves report msgpack-friendly dicts: counters as numbers, timers as lists of observations in
+seconds. vLLM aggregates the workers' and the scheduler's (numbers added, lists joined), ships them to the
+front end, which rebuilds a `MembrainConnectorStats` for the periodic "KV Transfer metrics" log line and
+feeds `MembrainPromMetrics`: counters become `vllm:membrain_*_total`, timers histograms (`_bucket`, `_sum`,
+`_count`) in vLLM's registry, with vLLM's per-engine labels. docs/monitoring.md lists them.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+
+from ...telemetry import LATENCY_BUCKETS_S
 
 # counter name in the stats dict -> (Prometheus name, help)
 COUNTERS = {
@@ -78,12 +82,22 @@ COUNTERS = {
     "upload_failed_blocks": ("vllm:membrain_upload_failed_blocks", "Saved blocks whose upload failed (server down, refused)"),
     "uploads_dropped": ("vllm:membrain_uploads_dropped", "Queued saves never sent: still queued when the drain deadline of a shutdown passed"),
 }
+# timer name in the stats dict (a list of seconds) -> (Prometheus histogram name, help)
 TIMERS = {
-    "lookup_ms": ("vllm:membrain_lookup_seconds", "Time from request arrival to the step that used its lookup's answer"),
-    "lookup_rtt_ms": ("vllm:membrain_lookup_rtt_seconds", "Time lookup jobs took on the Membrain thread (one job per arrival batch)"),
-    "load_ms": ("vllm:membrain_load_seconds", "Time from a load's submission to its pages being in place (fetch, check, copy)"),
-    "load_wait_ms": ("vllm:membrain_load_wait_seconds", "Time sync-mode steps waited for their loads before the forward pass"),
-    "save_copy_ms": ("vllm:membrain_save_copy_seconds", "Time workers spent copying pages out for saving"),
+    "lookup_seconds": (
+        "vllm:membrain_lookup_seconds", "Time from a request's arrival to the step that used its lookup's answer"
+    ),
+    "lookup_rtt_seconds": (
+        "vllm:membrain_lookup_rtt_seconds", "Time each lookup job took on the Membrain thread (one job per arrival batch)"
+    ),
+    "load_seconds": (
+        "vllm:membrain_load_seconds",
+        "Time from a request's load submission to its pages being in place (fetch, check, copy), per worker rank",
+    ),
+    "load_wait_seconds": (
+        "vllm:membrain_load_wait_seconds", "Time a sync-mode step waited for its loads before the forward pass, per rank"
+    ),
+    "save_copy_seconds": ("vllm:membrain_save_copy_seconds", "Time a step spent copying pages out for saving, per rank"),
 }
 
 
@@ -95,18 +109,19 @@ class MembrainConnectorStats(KVConnectorStats):
     def aggregate(self, other: KVConnectorStats) -> "MembrainConnectorStats":
         merged = dict(self.data)
         for k, v in (other.data or {}).items():
-            merged[k] = merged.get(k, 0) + v
+            if k in TIMERS:
+                merged[k] = [*merged.get(k, ()), *v]  # new lists: the operands stay as they were
+            else:
+                merged[k] = merged.get(k, 0) + v
         return MembrainConnectorStats(data=merged)
 
     def reduce(self) -> dict[str, int | float]:
         d = self.data
         out: dict[str, int | float] = {k: d[k] for k in COUNTERS if d.get(k)}
-        if d.get("lookups"):
-            out["avg_lookup_ms"] = round(d.get("lookup_ms", 0) / d["lookups"], 3)
-        if d.get("lookup_jobs"):
-            out["avg_lookup_rtt_ms"] = round(d.get("lookup_rtt_ms", 0) / d["lookup_jobs"], 3)
-        if d.get("load_ms"):
-            out["load_ms"] = round(d["load_ms"], 3)
+        for key, label in (("lookup_seconds", "avg_lookup_ms"), ("lookup_rtt_seconds", "avg_lookup_rtt_ms"),
+                           ("load_seconds", "avg_load_ms")):
+            if d.get(key):
+                out[label] = round(1e3 * sum(d[key]) / len(d[key]), 3)
         queried = d.get("query_tokens", 0)
         if queried:
             out["hit_rate"] = round(d.get("hit_tokens", 0) / queried, 4)
@@ -117,17 +132,32 @@ class MembrainConnectorStats(KVConnectorStats):
 
 
 class MembrainPromMetrics(KVConnectorPromMetrics):
+    """Created through vLLM's metric classes (`metric_types`), so vLLM's multiprocess mode works; every
+    engine's series exist from the start (zero), so dashboards and alerts see them before the first load."""
+
     def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
-        self._series: dict[tuple[int, str], Any] = {}
-        for key, (name, doc) in {**COUNTERS, **TIMERS}.items():
+        self._counters: dict[tuple[int, str], Any] = {}
+        self._histograms: dict[tuple[int, str], Any] = {}
+        for key, (name, doc) in COUNTERS.items():
             counter = self._counter_cls(name=name, documentation=doc, labelnames=labelnames)
             for engine_idx, values in per_engine_labelvalues.items():
-                self._series[(engine_idx, key)] = counter.labels(*values)
+                self._counters[(engine_idx, key)] = counter.labels(*values)
+        for key, (name, doc) in TIMERS.items():
+            histogram = self._histogram_cls(name=name, documentation=doc, labelnames=labelnames,
+                                            buckets=LATENCY_BUCKETS_S)
+            for engine_idx, values in per_engine_labelvalues.items():
+                self._histograms[(engine_idx, key)] = histogram.labels(*values)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         for key, value in transfer_stats_data.items():
-            series = self._series.get((engine_idx, key))
-            if series is None or not value:
+            if not value:
                 continue
-            series.inc(value / 1e3 if key in TIMERS else value)
+            histogram = self._histograms.get((engine_idx, key))
+            if histogram is not None:
+                for seconds in value:
+                    histogram.observe(seconds)
+                continue
+            counter = self._counters.get((engine_idx, key))
+            if counter is not None:
+                counter.inc(value)

@@ -97,7 +97,7 @@ class MembrainWorker:
         # Requests whose load failed this step: their forward ran without the missing pages, so whatever
         # it computed after them is wrong and must not be saved (vLLM recomputes it next step).
         self._failed_requests: set[str] = set()
-        self._stats: dict[str, float] = {}
+        self._stats: dict[str, Any] = {}  # counters (numbers) and timers (lists of seconds), see shared/stats.py
         self._upload_ring = CompletionRing()  # the end of each save handed to the store
         # Blocks loads found missing on the server, for the scheduler half's KV events (only when vLLM's are on).
         self._report_missing = kv_events_enabled(vllm_config)
@@ -108,6 +108,9 @@ class MembrainWorker:
 
     def _count(self, name: str, value: float = 1) -> None:
         self._stats[name] = self._stats.get(name, 0) + value
+
+    def _observe(self, name: str, seconds: float) -> None:
+        self._stats.setdefault(name, []).append(seconds)
 
     def register_kv_caches(self, kv_caches: dict[str, "torch.Tensor"]) -> None:
         first = next(iter(kv_caches.values()), None)
@@ -168,7 +171,7 @@ class MembrainWorker:
             t0 = time.perf_counter()
             self.loader.wait([load.req_id for load in meta.loads], self.config.load_deadline)
             self._collect_loads()
-            self._count("load_wait_ms", 1e3 * (time.perf_counter() - t0))
+            self._observe("load_wait_seconds", time.perf_counter() - t0)
 
     def _prefetch_keys(self, hashes: list[str]) -> list[str]:
         """Every unit's keys a hit at the end of `hashes` would load (of a sliding window, its last blocks)."""
@@ -186,7 +189,7 @@ class MembrainWorker:
                 self._finished_recving.add(outcome.req_id)
             self._count("loaded_blocks", outcome.loaded)
             self._count("loaded_bytes", outcome.loaded_bytes)
-            self._count("load_ms", 1e3 * outcome.seconds)
+            self._observe("load_seconds", outcome.seconds)
             if outcome.corrupt_keys:
                 self.store.forget(outcome.corrupt_keys)
             if outcome.missing_hash and self._report_missing:
@@ -238,7 +241,7 @@ class MembrainWorker:
         if self.movers and meta.saves:
             t0 = time.perf_counter()
             self._stage(meta)
-            self._count("save_copy_ms", 1e3 * (time.perf_counter() - t0))
+            self._observe("save_copy_seconds", time.perf_counter() - t0)
         self._upload_ready()
 
     def _stage(self, meta: MembrainConnectorMetadata) -> None:
@@ -325,7 +328,7 @@ class MembrainWorker:
         self.movers[staged.unit].release_host(staged.host)
         self.budget.release(staged.nbytes)
 
-    def take_stats(self) -> dict[str, float]:
+    def take_stats(self) -> dict[str, Any]:
         # Upload outcomes come back through this worker's completion ring (never waited for).
         for done in self._upload_ring.poll():
             if done.outcome in (Outcome.OK, Outcome.PRESENT):
