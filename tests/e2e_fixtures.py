@@ -15,7 +15,7 @@ import pytest
 from membrain_async.server.embed import start_subprocess_server
 from membrain_async.testing import tinymodel
 
-from .e2e import BASELINE_NAMES, Engine, P, engine_env, tokens
+from .harness import BASELINE_NAMES, Engine, P, engine_env, tokens
 
 
 def server_stats(url: str) -> dict:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import yaml
 
-from .e2e import free_port
+from .harness import free_port
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "membrain.json"

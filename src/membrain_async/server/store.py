@@ -28,7 +28,7 @@ from .eviction import AdmitAll, fingerprint, make_policy
 
 
 # What memory comes on top of --capacity (the arena holds values only). Measured with tracemalloc, 64-character
-# keys, full store after churn (tests/test_memory_bound.py keeps these upper bounds honest): the index entry,
+# keys, full store after churn (tests/unit/test_memory_bound.py keeps these upper bounds honest): the index entry,
 # its slot and views, the key strings; with an admission filter also its fingerprints (up to 2 generations
 # of 2 x capacity). PROCESS_BYTES: RSS of an empty server (interpreter, event loop, libraries).
 BOOKKEEPING_PER_VALUE = 950

@@ -16,7 +16,7 @@ lands in the caller's `CompletionRing`. An "ok" answer counts what `stored` hold
 the leading keys of a key list, the hit (`cache.prefix_query.hit_blocks`) of a `PrefixQuery`, one count per
 query of a `lookup_many` job. A failed job ("unavailable", "timeout", "error") fails its future with
 the exception the real store's would carry (`MembrainUnavailable`, `TimeoutError`, a refusal), which is
-also the completion's value; "cancelled" cancels it. tests/test_fake_store.py holds both stores to this.
+also the completion's value; "cancelled" cancels it. tests/unit/test_fake_store.py holds both stores to this.
 """
 
 from __future__ import annotations

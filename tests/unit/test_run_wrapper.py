@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULTS = {
     "VLLM_MEMBRAIN_ENABLED": "1",
     "VLLM_MEMBRAIN_ENDPOINT": "http://localhost:9201",

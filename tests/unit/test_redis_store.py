@@ -21,7 +21,7 @@ from membrain_async.protocol import resp
 from membrain_async.testing.redis_servers import RedisCluster, RedisServer, unavailable_reason
 from membrain_async.urls import redact_url
 
-from .e2e import free_port
+from ..harness import free_port
 
 pytest.importorskip("hiredis", reason="the Redis backend needs hiredis (extra `redis`)")
 pytestmark = pytest.mark.anyio

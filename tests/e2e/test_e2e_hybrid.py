@@ -21,7 +21,7 @@ import pytest
 from membrain_async.server.embed import start_subprocess_server
 from membrain_async.testing import tinymodel
 
-from .e2e import BLOCK, PROMPTS, Engine, P, engine_env, tokens
+from ..harness import BLOCK, PROMPTS, Engine, P, engine_env, tokens
 from .test_e2e_never_poison import Live, assert_matches_clean, block_hashes, corrupt, keys_of, payloads, poison_env
 from .test_e2e_faults import stored_keys
 

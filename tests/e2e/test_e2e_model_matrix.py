@@ -24,12 +24,12 @@ from membrain_async.server.embed import start_subprocess_server
 from membrain_async.testing import tinyarch, tinymodel
 from membrain_async.testing.driver import key_error
 
-from .e2e import Engine, engine_env
+from ..harness import Engine, engine_env
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PREFIX = tinymodel.prompt_words(260, seed=11)
 PROMPTS = {"a1": PREFIX + " " + tinymodel.prompt_words(40, seed=21),
            "b1": PREFIX + " " + tinymodel.prompt_words(40, seed=22)}

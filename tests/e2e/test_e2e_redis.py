@@ -15,7 +15,7 @@ import pytest
 
 from membrain_async.testing.redis_servers import RedisCluster, RedisServer, unavailable_reason
 
-from .e2e import BLOCK, Engine, P, engine_env, free_port, run_engine, tokens
+from ..harness import BLOCK, Engine, P, engine_env, free_port, run_engine, tokens
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm

@@ -8,7 +8,7 @@ import pytest
 
 from membrain_async.server import embedded_server
 
-from .monitoring import (Prometheus, check_rules_with_promtool, dashboard_expressions, membrain_scrape_config,
+from ..monitoring import (Prometheus, check_rules_with_promtool, dashboard_expressions, membrain_scrape_config,
                          require_prometheus, rule_expressions, series_names)
 
 OPS_TOKEN = "ops-secret-prometheus"
@@ -75,7 +75,7 @@ def test_docs_name_every_series_the_server_and_connector_expose_and_no_other(tmp
     suffix = {"counter": "_total", "info": "_info"}
     server = {f.name + suffix.get(f.type, "") for f in families if f.name.startswith("membrain_")}
     connector = {name + "_total" for name, _ in COUNTERS.values()} | {name for name, _ in TIMERS.values()}
-    doc = (Path(__file__).resolve().parent.parent / "docs" / "monitoring.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "monitoring.md").read_text()
     named = set(re.findall(r"`((?:vllm:)?membrain_\w+)", doc))
     assert server | connector <= named, sorted((server | connector) - named)
     assert named <= server | connector, sorted(named - server - connector)

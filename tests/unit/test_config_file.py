@@ -133,5 +133,5 @@ def test_a_served_file_reaches_the_running_server(tmp_path):
 
 
 def test_the_deployment_guide_lists_every_key():
-    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "deployment.md")) as f:
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs", "deployment.md")) as f:
         assert keys_table() in f.read(), "paste keys_table() from server/config_file.py into docs/deployment.md"

@@ -25,7 +25,7 @@ from membrain_async.server.disk import segment_bytes_for
 from membrain_async.server.embed import server_command
 from membrain_async.server.store import bookkeeping_per_value
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEPLOY = os.path.join(ROOT, "deploy")
 K8S = os.path.join(DEPLOY, "kubernetes")
 TOML_PATH = os.path.join(DEPLOY, "membrain.toml")

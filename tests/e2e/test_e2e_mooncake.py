@@ -12,7 +12,7 @@ import pytest
 
 from membrain_async.testing import mooncake
 
-from .e2e import BLOCK, Engine, P, engine_env, run_engine, tokens
+from ..harness import BLOCK, Engine, P, engine_env, run_engine, tokens
 
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm,

@@ -16,7 +16,7 @@ from membrain_async import codec
 from membrain_async.server.embed import start_subprocess_server
 from membrain_async.testing.proxy import FaultProxy
 
-from .e2e import Engine, P, engine_env, tokens
+from ..harness import Engine, P, engine_env, tokens
 from .test_e2e_vllm import free_port
 
 pytest.importorskip("vllm")

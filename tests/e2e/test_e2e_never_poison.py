@@ -22,7 +22,7 @@ from membrain_async.testing.proxy import FaultProxy
 
 from membrain_async.testing.driver import EngineProcess
 
-from .e2e import BLOCK, ENGINE_KWARGS, PROMPTS, P, engine_env
+from ..harness import BLOCK, ENGINE_KWARGS, PROMPTS, P, engine_env
 from .test_e2e_faults import NS, flip_a_bit, metric_deltas, rewrite, stored_keys
 
 pytest.importorskip("vllm")

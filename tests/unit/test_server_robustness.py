@@ -18,7 +18,7 @@ import pytest
 
 from membrain_async.client import MembrainClient
 from membrain_async.server.embed import start_subprocess_server
-from .e2e import proc_status
+from ..harness import proc_status
 
 _HEAD = struct.Struct("<QQ")  # version, length
 

@@ -13,7 +13,7 @@ import pytest
 from membrain_async.server.embed import start_subprocess_server
 from membrain_async.testing.proxy import FaultProxy
 
-from .e2e import P, engine_env, run_engine, tokens
+from ..harness import P, engine_env, run_engine, tokens
 from .test_e2e_never_poison import Live, assert_matches_clean, fill, payloads, poison_env
 
 pytest.importorskip("vllm")

@@ -160,7 +160,7 @@ def test_membrain_serve_exports_its_spans_over_otlp_where_the_variables_point(mo
 
     from membrain_async.server import embedded_server
 
-    from .monitoring import OtlpCollector
+    from ..monitoring import OtlpCollector
 
     collector = OtlpCollector()
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url)

@@ -21,7 +21,7 @@ import pytest
 
 from membrain_async.server.embed import start_subprocess_server
 
-from .e2e import engine_env, proc_status
+from ..harness import engine_env, proc_status
 from .test_e2e_vllm import free_port
 
 pytest.importorskip("vllm")

@@ -17,8 +17,8 @@ import pytest
 from membrain_async.server.embed import start_subprocess_server
 from membrain_async.testing.proxy import FaultProxy
 
-from .e2e import BLOCK, PROMPTS, Engine, P, engine_env, free_port, run_engine, tokens
-from .e2e_fixtures import server_stats
+from ..harness import BLOCK, PROMPTS, Engine, P, engine_env, free_port, run_engine, tokens
+from ..e2e_fixtures import server_stats
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm

@@ -17,8 +17,8 @@ import pytest
 from membrain_async.server.embed import start_subprocess_server
 from membrain_async.testing import tinymodel
 
-from .e2e import BLOCK, engine_env, free_port
-from .monitoring import (OtlpCollector, Prometheus, check_rules_with_promtool, dashboard_expressions,
+from ..harness import BLOCK, engine_env, free_port
+from ..monitoring import (OtlpCollector, Prometheus, check_rules_with_promtool, dashboard_expressions,
                          membrain_scrape_config, require_prometheus, rule_expressions, series_names,
                          vllm_scrape_config)
 

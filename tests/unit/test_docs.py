@@ -11,7 +11,7 @@ import pytest
 
 from membrain_async.config import settings_table
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SETUP = "python3 -m venv .venv && .venv/bin/pip install nox && .venv/bin/nox -s "
 
 

@@ -399,7 +399,7 @@ def test_a_deleted_value_stays_deleted_across_a_restart(tmp_path):
 
 
 def test_peak_rss_stays_bounded_under_a_put_flood_with_the_disk_tier(tmp_path, reliability):
-    from .e2e import proc_status
+    from ..harness import proc_status
 
     capacity = 96 << 20
     srv = _serve(str(tmp_path / "disk"), str(tmp_path / "server.log"), capacity=capacity, disk_capacity="1GiB")

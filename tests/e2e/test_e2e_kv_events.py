@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from .e2e import BLOCK, Engine, P, engine_env, free_port, tokens
+from ..harness import BLOCK, Engine, P, engine_env, free_port, tokens
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
