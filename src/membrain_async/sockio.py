@@ -21,6 +21,10 @@ _IOV_MAX = 512
 # takes or hands over tens of MiB in one syscall (tcp_rmem autotunes to 32 MiB), which would keep a
 # lookup's reply waiting behind a whole 16 MiB block; 1 MiB is ~0.1-0.3 ms of copying.
 FAIR_SHARE = 1 << 20
+# A frame's head rides in the same syscall as the body that follows it: sent alone, it costs the sender a
+# syscall and the receiver a wake-up of its own for a hundred bytes (bench/put_bench.py). A whole buffer
+# may therefore overshoot FAIR_SHARE by up to this much.
+HEAD_ROOM = 64 << 10
 
 
 class PeerClosed(ConnectionError):
@@ -62,8 +66,9 @@ async def recv_exactly_into(sock: socket.socket, buf: memoryview) -> None:
 async def send_all(sock: socket.socket, buffers, pace=None) -> None:
     """Send every buffer in order with scatter-gather I/O; no buffer is copied or joined.
 
-    At most FAIR_SHARE bytes go per syscall, and the loop runs other tasks between them (`await pace()`
-    if given, a plain checkpoint otherwise)."""
+    About FAIR_SHARE bytes go per syscall (a buffer that fits in FAIR_SHARE + HEAD_ROOM goes whole; a larger
+    one is cut to fill the syscall up to FAIR_SHARE), and the loop runs other tasks between them
+    (`await pace()` if given, a plain checkpoint otherwise)."""
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
     if isinstance(sock, ssl.SSLSocket):
         await _send_all_tls(sock, views)
@@ -72,9 +77,9 @@ async def send_all(sock: socket.socket, buffers, pace=None) -> None:
     while i < len(views):
         batch, size = [], 0
         for v in views[i : i + _IOV_MAX]:
-            if size + len(v) > FAIR_SHARE:
-                if not batch:
-                    batch.append(v[:FAIR_SHARE])
+            if size + len(v) > FAIR_SHARE + HEAD_ROOM:
+                if size < FAIR_SHARE:
+                    batch.append(v[: FAIR_SHARE - size])
                 break
             batch.append(v)
             size += len(v)
