@@ -134,6 +134,7 @@ def bench(session: nox.Session) -> None:
     install_mooncake(session)
     session.run("python", "bench/store_bench.py", "--json", "bench/results/store.json", *session.posargs)
     session.run("python", "bench/mooncake_client_bench.py", "--json", "bench/results/mooncake_client.json")
+    session.run("python", "bench/put_bench.py", "--json", "bench/results/put.json")
     session.run("python", "bench/datapath_bench.py", "--json", "bench/results/datapath.json")
     session.run("python", "bench/e2e_bench.py", "--json", "bench/results/e2e.json")
     session.run("python", "bench/stall_bench.py", "--json", "bench/results/stall.json")
