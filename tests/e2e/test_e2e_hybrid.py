@@ -9,7 +9,7 @@ per request only (block ids are per group), so the request is recomputed whole, 
 and what the server holds afterwards equals what the clean instance stored.
 
 What a hit needs of each unit (and that a partial hit is never counted) is unit-tested without an
-engine in tests/test_hybrid_policy.py.
+engine in tests/unit/test_hybrid_policy.py.
 """
 
 from __future__ import annotations

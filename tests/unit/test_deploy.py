@@ -72,7 +72,7 @@ def _quantity(text: str) -> int:
 
 
 def _memory_needed(settings: dict) -> int:
-    """RSS at capacity: the store's bound (tests/test_server_process.py: 10% over capacity plus 64 MiB) and
+    """RSS at capacity: the store's bound (tests/unit/test_server_process.py: 10% over capacity plus 64 MiB) and
     the bookkeeping of a store full of 64 KiB values (KV blocks are larger; smaller ones would need more)."""
     capacity = parse_size(settings["capacity"])
     per_value = bookkeeping_per_value(settings.get("eviction", "adaptive"))

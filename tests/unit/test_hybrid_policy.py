@@ -1,7 +1,7 @@
 """Hybrid KV caches without an engine: KV units, what a hit needs of each, what is loaded and saved, keys.
 
 vLLM's own KV cache specs, `Request` and `KVCacheBlocks`, the scheduler half over the in-memory store of
-tests/test_scheduler_policy.py (no server).
+tests/unit/test_scheduler_policy.py (no server).
 """
 
 from __future__ import annotations

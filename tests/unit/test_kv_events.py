@@ -1,8 +1,8 @@
 """Membrain's KV events without an engine: what the scheduler half announces stored or removed, and when.
 
-Driven like tests/test_scheduler_policy.py: vLLM's own `Request` (with vLLM's block hasher, so it has
+Driven like tests/unit/test_scheduler_policy.py: vLLM's own `Request` (with vLLM's block hasher, so it has
 vLLM's block hashes), `KVConnectorOutput` and `BlockPool` (whose events ours must match), over the
-in-memory store of tests/test_scheduler_policy.py (no server): nothing is uploaded, so the store lacks
+in-memory store of tests/unit/test_scheduler_policy.py (no server): nothing is uploaded, so the store lacks
 every block until a test puts it there.
 """
 

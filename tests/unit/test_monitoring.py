@@ -1,6 +1,6 @@
 """The shipped dashboard (deploy/grafana) and alert rules (deploy/prometheus) against a real Prometheus
 scraping a real `membrain serve` with its bearer token: promtool accepts the rules, every expression is
-valid PromQL, and every server series they read exists. tests/test_e2e_monitoring.py adds an engine."""
+valid PromQL, and every server series they read exists. tests/e2e/test_e2e_monitoring.py adds an engine."""
 
 import httpx
 import orjson

@@ -4,7 +4,7 @@ Like vLLM's tests of its OffloadingManager: vLLM's own `Request`, `KVCacheBlocks
 objects drive `MembrainScheduler` directly, over an in-memory store (`testing.fake_store`) whose lookups
 are answered when a test says so, and a clock the test moves. Nothing sleeps and nothing depends on
 timing. vLLM's KV cache manager is a small stand-in that records what the scheduler half evicts.
-(tests/test_fake_store.py holds the fake to the real store's answers.)
+(tests/unit/test_fake_store.py holds the fake to the real store's answers.)
 """
 
 from __future__ import annotations

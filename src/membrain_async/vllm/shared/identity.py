@@ -31,7 +31,7 @@ def _files_digest(model: str) -> str:
 # ModelConfig's fields (vLLM's hash factors, before vLLM drops those its compile cache may ignore) that
 # change what a layer writes into its KV pages. config.json is in the files digest; hf_overrides carries
 # rope scaling and every other override of it; quantization covers online quantization of the same
-# weight files. tests/test_identity.py fails when a vLLM release adds a field neither list names.
+# weight files. tests/unit/test_hybrid_policy.py fails when a vLLM release adds a field neither list names.
 KV_MODEL_FACTORS = (
     "model", "revision", "code_revision", "model_weights", "dtype", "quantization", "quantization_config",
     "hf_overrides", "config_format", "model_impl", "model_class_overrides", "convert", "runner",
