@@ -2,6 +2,9 @@
 scraping a real `membrain serve` with its bearer token: promtool accepts the rules, every expression is
 valid PromQL, and every server series they read exists. tests/e2e/test_e2e_monitoring.py adds an engine."""
 
+import re
+from pathlib import Path
+
 import httpx
 import orjson
 import pytest
@@ -12,6 +15,7 @@ from ..monitoring import (Prometheus, check_rules_with_promtool, dashboard_expre
                          require_prometheus, rule_expressions, series_names)
 
 OPS_TOKEN = "ops-secret-prometheus"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def test_series_names_are_what_an_expression_reads():
@@ -64,10 +68,9 @@ def test_prometheus_scrapes_the_server_and_every_server_series_of_the_dashboard_
             prom.stop()
 
 
-def test_docs_name_every_series_the_server_and_connector_expose_and_no_other(tmp_path):
-    import re
-    from pathlib import Path
-
+def exposed_series(tmp_path) -> tuple[set[str], set[str]]:
+    """The series names (with `_total` and `_info` as exposed) of a server with a disk tier, and of the
+    connector; and the histograms among them, whose `_bucket`, `_sum` and `_count` series a page may name."""
     from membrain_async.vllm.shared.stats import COUNTERS, TIMERS
 
     with embedded_server(capacity="16MiB", disk_path=str(tmp_path / "disk"), disk_capacity="16MiB") as srv:
@@ -75,7 +78,34 @@ def test_docs_name_every_series_the_server_and_connector_expose_and_no_other(tmp
     suffix = {"counter": "_total", "info": "_info"}
     server = {f.name + suffix.get(f.type, "") for f in families if f.name.startswith("membrain_")}
     connector = {name + "_total" for name, _ in COUNTERS.values()} | {name for name, _ in TIMERS.values()}
-    doc = (Path(__file__).resolve().parents[2] / "docs" / "monitoring.md").read_text()
-    named = set(re.findall(r"`((?:vllm:)?membrain_\w+)", doc))
-    assert server | connector <= named, sorted((server | connector) - named)
-    assert named <= server | connector, sorted(named - server - connector)
+    histograms = {f.name for f in families if f.type == "histogram"} | {name for name, _ in TIMERS.values()}
+    return server | connector, histograms
+
+
+def named_series(text: str) -> set[str]:
+    """Every `membrain_*` or `vllm:membrain_*` name a page writes in backticks, brace lists expanded
+    (`membrain_tier_{bytes,keys}`), a trailing `*` kept as a wildcard (`membrain_disk_*`)."""
+    names = set()
+    for head, alts, tail in re.findall(r"`((?:vllm:)?membrain_\w*)(?:\{([\w,]+)\})?(\w*\*?)", text):
+        names |= {head + alt + tail for alt in (alts.split(",") if alts else [""])}
+    return names - {"membrain_async"}  # the package, not a series
+
+
+def test_docs_name_every_series_the_server_and_connector_expose_and_no_other(tmp_path):
+    exposed, _ = exposed_series(tmp_path)
+    named = named_series((DOCS / "monitoring.md").read_text())
+    assert exposed <= named, sorted(exposed - named)
+    assert named <= exposed, sorted(named - exposed)
+
+
+def test_every_series_any_page_or_the_readme_names_is_exposed(tmp_path):
+    exposed, histograms = exposed_series(tmp_path)
+    exposed |= {h + s for h in histograms for s in ("_bucket", "_sum", "_count")}
+    pages = [*DOCS.glob("*.md"), DOCS.parent / "README.md"]
+    assert len(pages) > 5
+    for page in pages:
+        for name in named_series(page.read_text()):
+            if name.endswith("*"):
+                assert any(e.startswith(name[:-1]) for e in exposed), f"{page.name}: {name} matches no series"
+            else:
+                assert name in exposed, f"{page.name}: {name} is not a series Membrain exposes"
