@@ -1,6 +1,7 @@
 """Endpoint URLs: which are well formed, and how they may be shown.
 
-A password in the userinfo (redis://user:secret@host) is replaced: every log line, error message and
+A password in the userinfo (redis://user:secret@host), and every value of a query string
+(redis://host/0?password=secret), is replaced: every log line, error message and
 start-up line that names an endpoint goes through `redact_url`, so a credential given in the URL is never
 printed. (The settings' own secrets, tokens and passwords, are shown as *** by `ConnectorConfig.shown`.)
 """
@@ -15,17 +16,26 @@ MOONCAKE_SCHEMES = ("mooncake",)
 SCHEMES = MEMBRAIN_SCHEMES + REDIS_SCHEMES + MOONCAKE_SCHEMES
 
 
+def _redacted_query(query: str) -> str:
+    """Every value hidden: no client reads a query string, and `?password=...` is how other Redis clients take
+    a password, so one that is there may well be a secret."""
+    return "&".join(f"{name}=***" if sep else "***" for name, sep, _ in (part.partition("=") for part in query.split("&")))
+
+
 def redact_url(url: str) -> str:
     try:
         p = urlsplit(url)
     except ValueError:
-        return url if "@" not in url else "<unparseable endpoint>"
-    if p.password is None and "@" not in p.netloc:
+        return url if "@" not in url and "?" not in url else "<unparseable endpoint>"
+    if p.password is None and "@" not in p.netloc and not p.query:
         return url
-    host = p.netloc.rpartition("@")[2]
-    user = p.username or ""
-    userinfo = f"{user}:***" if p.password is not None else (user or "***")
-    return urlunsplit((p.scheme, f"{userinfo}@{host}", p.path, p.query, p.fragment))
+    netloc = p.netloc
+    if "@" in netloc:
+        user = p.username or ""
+        userinfo = f"{user}:***" if p.password is not None else (user or "***")
+        netloc = f"{userinfo}@{netloc.rpartition('@')[2]}"
+    query = _redacted_query(p.query) if p.query else ""
+    return urlunsplit((p.scheme, netloc, p.path, query, p.fragment))
 
 
 def redact_all(urls) -> str:

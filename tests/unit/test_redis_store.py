@@ -92,6 +92,9 @@ def test_passwords_in_urls_are_redacted():
     assert redact_url("redis://bob:hunter2@h:6379/0") == "redis://bob:***@h:6379/0"
     assert redact_url("rediss://:hunter2@h:1") == "rediss://:***@h:1"
     assert redact_url("http://h:9201") == "http://h:9201"
+    assert redact_url("redis://h/0?password=hunter2") == "redis://h/0?password=***"
+    assert redact_url("rediss://bob:hunter2@h/0?hunter2") == "rediss://bob:***@h/0?***"
+    assert redact_url("redis://[::1/0?password=hunter2") == "<unparseable endpoint>"
     assert "hunter2" not in client_for("redis://bob:hunter2@127.0.0.1:1").url
 
 
