@@ -165,14 +165,25 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import runpy
+    import types
 
     here = os.path.dirname(os.path.abspath(__file__))
     script = os.path.join(os.path.dirname(os.path.dirname(here)), "bench", "store_bench.py")
     if not os.path.exists(script):
         return _fail("bench", "bench/store_bench.py not found (run from a source checkout)")
-    sys.argv = [script, *args.bench_args]
-    runpy.run_path(script, run_name="__main__")
+    with open(script) as fh:
+        code = compile(fh.read(), script, "exec")
+    # Run as __main__ the way runpy.run_path does (its spawned workers find the script by __file__), but with
+    # argv[0] left as given, which run_path would set to the script's path: argparse takes its prog from it,
+    # so usage and errors name the command that was typed.
+    main_module = types.ModuleType("__main__")
+    main_module.__file__ = script
+    saved = sys.modules["__main__"]
+    sys.modules["__main__"], sys.argv = main_module, ["membrain bench", *args.bench_args]
+    try:
+        exec(code, main_module.__dict__)
+    finally:
+        sys.modules["__main__"] = saved
     return 0
 
 
@@ -222,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_doctor)
 
     # Every option after `bench` is the bench's own (bench/store_bench.py; `membrain bench --help` lists them).
-    b = sub.add_parser("bench", help="store benchmark (same as `nox -s bench`)", add_help=False)
+    b = sub.add_parser("bench", help="the store benchmark, bench/store_bench.py (one part of `nox -s bench`); --help for its options", add_help=False)
     b.set_defaults(fn=cmd_bench)
     return p
 
