@@ -31,7 +31,12 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class ConfigError(ValueError):
-    """A setting has a value we cannot use; the message names the setting."""
+    """A setting has a value we cannot use; the message names the setting. `field`: the setting whose value is
+    wrong, where one is, so that a caller that knows where the value came from (a config file) can say so."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 # Redis's rule (redis.conf: "1k => 1000 bytes, 1kb => 1024 bytes"), case-insensitive, extended to t/tb,
@@ -44,6 +49,8 @@ _SIZE_SUFFIXES = {
 }
 SIZE_RULE = ("Every size reads as Redis reads it: 1k = 1000, 1kb = 1024 (m, g, t alike), KiB/MiB/GiB/TiB = powers "
              "of 1024, case-insensitive.")
+# Below this a store holds too little to be of use; a bare `--capacity 10` (bytes) is a missing unit.
+MIN_CAPACITY = 1 << 20
 _MAX_EXPONENT = 30  # 1e30 bytes is past every host; a bigger exponent would only cost time to compute
 _SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(?:e(\d+))?\s*([a-z]*)")
 
@@ -60,6 +67,20 @@ def parse_size(text: str | int) -> int:
         raise ValueError("larger than any memory or disk")
     # Exact arithmetic: no float rounding of large byte counts, and no overflow to infinity.
     return int(Fraction(number) * 10 ** int(exponent or 0) * _SIZE_SUFFIXES[unit])
+
+
+def parse_int(text: str | int) -> int:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise ValueError("expected an integer") from None
+
+
+def parse_float(text: str | float) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        raise ValueError("expected a number") from None
 
 
 def parse_bool(text: str | bool) -> bool:
@@ -147,17 +168,17 @@ class _Settings:
 
 def _positive(name: str, value: float) -> None:
     if value <= 0:
-        raise ConfigError(f"{name} must be > 0, got {value}")
+        raise ConfigError(f"{name} must be > 0, got {value}", name)
 
 
 @dataclass(frozen=True)
 class ServerConfig(_Settings):
     host: str = _setting("127.0.0.1", "MEMBRAIN_HOST", "Address to listen on. Loopback unless told otherwise.")
-    port: int = _setting(9201, "MEMBRAIN_PORT", "Port for the HTTP API and the bulk protocol (sniffed on the same port).", int)
+    port: int = _setting(9201, "MEMBRAIN_PORT", "Port for the HTTP API and the bulk protocol (sniffed on the same port).", parse_int)
     capacity: int = _setting(
         1 << 30, "MEMBRAIN_CAPACITY", "Bytes of values the store may hold; least recently used values are evicted beyond it. "
         "Bookkeeping comes on top: the start-up line states it per key and at capacity. More than the host's memory "
-        f"(or the cgroup's limit) is refused. {SIZE_RULE}", parse_size
+        f"(or the cgroup's limit) is refused, and so is less than 1MiB. {SIZE_RULE}", parse_size
     )
     eviction: str = _setting(
         "adaptive",
@@ -169,10 +190,10 @@ class ServerConfig(_Settings):
     max_value_bytes: int = _setting(
         64 << 20, "MEMBRAIN_MAX_VALUE_BYTES", "Largest single value (HTTP body or bulk item) accepted; larger gets 413.", parse_size
     )
-    max_batch_keys: int = _setting(1024, "MEMBRAIN_MAX_BATCH_KEYS", "Most keys in one batch or bulk frame.", int)
-    max_connections: int = _setting(512, "MEMBRAIN_MAX_CONNECTIONS", "Concurrent client connections; more are closed at once.", int)
+    max_batch_keys: int = _setting(1024, "MEMBRAIN_MAX_BATCH_KEYS", "Most keys in one batch or bulk frame.", parse_int)
+    max_connections: int = _setting(512, "MEMBRAIN_MAX_CONNECTIONS", "Concurrent client connections; more are closed at once.", parse_int)
     idle_timeout: float = _setting(
-        60.0, "MEMBRAIN_IDLE_TIMEOUT", "Seconds a connection may sit idle (or a sender stall mid-request) before it is closed.", float
+        60.0, "MEMBRAIN_IDLE_TIMEOUT", "Seconds a connection may sit idle (or a sender stall mid-request) before it is closed.", parse_float
     )
     auth_file: str = _setting(
         "", "MEMBRAIN_AUTH_FILE", "JSON file of bearer tokens per namespace with read/write scopes. Empty: no auth.", str
@@ -209,34 +230,36 @@ class ServerConfig(_Settings):
         parse_bool,
     )
     disk_flush_seconds: float = _setting(
-        5.0, "MEMBRAIN_DISK_FLUSH_SECONDS", "Seconds SIGTERM spends writing what RAM holds (and the disk does not) to the disk tier.", float
+        5.0, "MEMBRAIN_DISK_FLUSH_SECONDS", "Seconds SIGTERM spends writing what RAM holds (and the disk does not) to the disk tier.", parse_float
     )
 
     def validate(self) -> None:
-        _positive("capacity", self.capacity)
+        if self.capacity < MIN_CAPACITY:
+            raise ConfigError(f"capacity must be at least 1MiB, got {self.capacity} bytes (a bare number is bytes: "
+                              "add a unit, e.g. 8GiB)", "capacity")
         if self.log_level.lower() not in LOG_LEVELS:
-            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}", "log_level")
         if self.host.startswith("["):
-            raise ConfigError(f"host {self.host!r}: give an IPv6 address without brackets, e.g. --host ::1")
+            raise ConfigError(f"host {self.host!r}: give an IPv6 address without brackets, e.g. --host ::1", "host")
         if self.eviction not in EVICTION_POLICIES:
-            raise ConfigError(f"eviction must be one of {', '.join(EVICTION_POLICIES)}, got {self.eviction!r}")
+            raise ConfigError(f"eviction must be one of {', '.join(EVICTION_POLICIES)}, got {self.eviction!r}", "eviction")
         if self.disk_path and self.disk_capacity < (1 << 20):
             raise ConfigError(
                 f"disk_path needs disk_capacity of at least 1MiB (got {self.disk_capacity} bytes): "
-                "say how much of the disk Membrain may use, e.g. --disk-capacity 100GiB"
+                "say how much of the disk Membrain may use, e.g. --disk-capacity 100GiB", "disk_capacity"
             )
         if self.disk_capacity and not self.disk_path:
-            raise ConfigError("disk_capacity given without disk_path: name the directory with --disk-path DIR")
+            raise ConfigError("disk_capacity given without disk_path: name the directory with --disk-path DIR", "disk_capacity")
         if self.disk_flush_seconds < 0:
-            raise ConfigError(f"disk_flush_seconds must be >= 0, got {self.disk_flush_seconds}")
+            raise ConfigError(f"disk_flush_seconds must be >= 0, got {self.disk_flush_seconds}", "disk_flush_seconds")
         _positive("max_value_bytes", self.max_value_bytes)
         _positive("max_batch_keys", self.max_batch_keys)
         _positive("max_connections", self.max_connections)
         _positive("idle_timeout", self.idle_timeout)
         if not 0 <= self.port < 65536:
-            raise ConfigError(f"port must be 0..65535, got {self.port}")
+            raise ConfigError(f"port must be 0..65535, got {self.port}", "port")
         if self.tls_key and not self.tls_cert:
-            raise ConfigError("tls_key given without tls_cert")
+            raise ConfigError("tls_key given without tls_cert", "tls_key")
 
 
 @dataclass(frozen=True)
@@ -289,18 +312,18 @@ class ConnectorConfig(_Settings):
     async_backend: str = _setting(
         "asyncio", "VLLM_MEMBRAIN_ASYNC_BACKEND", "Event loop of the Membrain I/O thread: asyncio or trio.", str
     )
-    timeout: float = _setting(2.0, "VLLM_MEMBRAIN_TIMEOUT", "Seconds before any single server call is abandoned.", float)
+    timeout: float = _setting(2.0, "VLLM_MEMBRAIN_TIMEOUT", "Seconds before any single server call is abandoned.", parse_float)
     load_deadline: float = _setting(
         5.0,
         "VLLM_MEMBRAIN_LOAD_DEADLINE",
         "Seconds a worker waits for a load before reporting its blocks as errors (vLLM recomputes them).",
-        float,
+        parse_float,
     )
     lookup_deadline: float = _setting(
         1.0,
         "VLLM_MEMBRAIN_LOOKUP_DEADLINE",
         "Seconds the scheduler keeps a request waiting for its lookup before treating it as a miss.",
-        float,
+        parse_float,
     )
     write_behind_bytes: int = _setting(
         256 << 20,
@@ -333,7 +356,7 @@ class ConnectorConfig(_Settings):
         True, "VLLM_MEMBRAIN_SAVE_DECODE", "Also save blocks filled by generated tokens (helps multi-turn chat).", parse_bool
     )
     replicas: int = _setting(
-        1, "VLLM_MEMBRAIN_REPLICAS", "Copies of each block in a cluster (written to the R top nodes, read from the first up).", int
+        1, "VLLM_MEMBRAIN_REPLICAS", "Copies of each block in a cluster (written to the R top nodes, read from the first up).", parse_int
     )
     local_cache_bytes: int = _setting(
         0,
@@ -342,7 +365,7 @@ class ConnectorConfig(_Settings):
         parse_size,
     )
     connections: int = _setting(
-        16, "VLLM_MEMBRAIN_CONNECTIONS", "Bulk connections per server for payloads (one transfer each); lookups and exists share up to 4 more, pipelined.", int
+        16, "VLLM_MEMBRAIN_CONNECTIONS", "Bulk connections per server for payloads (one transfer each); lookups and exists share up to 4 more, pipelined.", parse_int
     )
     device_path_on_cpu: bool = _setting(
         False,
@@ -351,13 +374,13 @@ class ConnectorConfig(_Settings):
         parse_bool,
     )
     shutdown_drain: float = _setting(
-        5.0, "VLLM_MEMBRAIN_SHUTDOWN_DRAIN", "Seconds shutdown spends uploading queued saves before dropping them.", float
+        5.0, "VLLM_MEMBRAIN_SHUTDOWN_DRAIN", "Seconds shutdown spends uploading queued saves before dropping them.", parse_float
     )
     breaker_threshold: int = _setting(
-        3, "VLLM_MEMBRAIN_BREAKER_THRESHOLD", "Consecutive connection failures that open the circuit breaker.", int
+        3, "VLLM_MEMBRAIN_BREAKER_THRESHOLD", "Consecutive connection failures that open the circuit breaker.", parse_int
     )
     breaker_cooldown: float = _setting(
-        1.0, "VLLM_MEMBRAIN_BREAKER_COOLDOWN", "Seconds the breaker stays open before one probe call is let through.", float
+        1.0, "VLLM_MEMBRAIN_BREAKER_COOLDOWN", "Seconds the breaker stays open before one probe call is let through.", parse_float
     )
     # Mooncake Store (a mooncake://master:port endpoint; see client/mooncake_store.py).
     mooncake_metadata_server: str = _setting(
@@ -392,7 +415,7 @@ class ConnectorConfig(_Settings):
         4,
         "VLLM_MEMBRAIN_MOONCAKE_THREADS",
         "Worker threads for Mooncake's blocking calls (the event loop never runs them). Twice as many calls that overran VLLM_MEMBRAIN_TIMEOUT may still be running before new calls fail fast.",
-        int,
+        parse_int,
     )
 
     def validate(self) -> None:

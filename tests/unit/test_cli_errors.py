@@ -44,6 +44,7 @@ def port_in_use():
         (["--host", "[::1]"], "without brackets"),
         (["--capacity", "1e400"], "capacity"),
         (["--capacity", "lots"], "capacity"),
+        (["--capacity", "10"], "capacity must be at least 1MiB, got 10 bytes (a bare number is bytes"),
         (["--idle-timeout", "nan"], "idle_timeout"),
         (["--auth-file", "/nonexistent/auth.json"], "/nonexistent/auth.json"),
     ],
@@ -52,6 +53,15 @@ def test_serve_refuses_a_bad_flag_in_one_line(flags, named):
     r = membrain("serve", *flags)
     assert r.returncode == 2 and named in the_error(r, "serve")
     assert len(r.stderr.strip().splitlines()) == 1  # nothing else: no log line, no usage
+
+
+@pytest.mark.parametrize("variable, value, says", [
+    ("MEMBRAIN_PORT", "abc", "MEMBRAIN_PORT='abc': expected an integer"),
+    ("MEMBRAIN_IDLE_TIMEOUT", "soon", "MEMBRAIN_IDLE_TIMEOUT='soon': expected a number"),
+])
+def test_serve_names_a_bad_variable_and_what_it_expects(variable, value, says):
+    r = membrain("serve", "--check-config", env={variable: value})
+    assert r.returncode == 2 and the_error(r, "serve") == f"membrain serve: {says}"
 
 
 def test_serve_refuses_a_capacity_beyond_the_hosts_memory():
@@ -89,6 +99,8 @@ def test_config_prints_no_secret():
     r = membrain("config", env={"VLLM_MEMBRAIN_ENDPOINT": "redis://alice:url-secret@host:6379",
                                 "VLLM_MEMBRAIN_TOKEN": "token-secret", "VLLM_MEMBRAIN_REDIS_PASSWORD": "pw-secret"})
     assert r.returncode == 0 and "secret" not in r.stdout and "alice:***@host" in r.stdout
+    r = membrain("config", env={"VLLM_MEMBRAIN_ENDPOINT": "redis://host:6379/0?password=query-secret&db=0"})
+    assert r.returncode == 0 and "secret" not in r.stdout and "redis://host:6379/0?password=***&db=***" in r.stdout
     r = membrain("config", env={"VLLM_MEMBRAIN_ENDPOINT": "redis://alice:url-secret@host:99999"})
     assert r.returncode == 2 and "url-secret" not in the_error(r, "config")
 
@@ -112,8 +124,9 @@ def test_version():
 def test_bench_passes_its_options_on():
     r = membrain("bench", "--help")
     assert r.returncode == 0 and "--seconds" in r.stdout and "--systems" in r.stdout  # the bench's own help
+    assert r.stdout.startswith("usage: membrain bench ")
     r = membrain("bench", "--no-such-option")
-    assert r.returncode == 2 and "store_bench.py: error: unrecognized arguments: --no-such-option" in r.stderr
+    assert r.returncode == 2 and "membrain bench: error: unrecognized arguments: --no-such-option" in r.stderr
 
 
 # --- doctor --------------------------------------------------------------------------------------------------

@@ -72,12 +72,24 @@ def test_every_setting_has_a_key_named_as_its_flag(tmp_path):
     ("disk-capacity = -5\n", "key 'disk-capacity': not a size: '-5'"),
     ('auth-file = ["a", "b"]\n', "key 'auth-file': expected a string, got an array"),
     ('capacity = "1GiB\n', "is not valid TOML: "),
+    # Values of the right type that the server still cannot use.
+    ("port = 99999\n", "key 'port': port must be 0..65535, got 99999"),
+    ("capacity = 10\n", "key 'capacity': capacity must be at least 1MiB, got 10 bytes"),
+    ('eviction = "fifo"\n', "key 'eviction': eviction must be one of"),
+    ("idle-timeout = 0\n", "key 'idle-timeout': idle_timeout must be > 0"),
 ])
 def test_a_mistake_in_the_file_is_one_line_naming_file_and_key(tmp_path, capsys, text, says):
     path = _write(tmp_path, text)
     assert main(["serve", "--config", path]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"membrain serve: config file {path}") and says in err
+
+
+def test_a_bad_value_is_blamed_on_the_file_only_where_the_files_value_is_in_use(tmp_path, capsys):
+    path = _write(tmp_path, "port = 99999\n")
+    assert main(["serve", "--config", path, "--port", "99998"]) == 2  # the flag's value is the one refused
+    assert capsys.readouterr().err == "membrain serve: port must be 0..65535, got 99998\n"
+    assert serve_config(path, NO_FLAGS, {"MEMBRAIN_PORT": "9305"})[0].port == 9305  # the file's value is unused
 
 
 def test_a_missing_file_is_one_line(tmp_path, capsys):

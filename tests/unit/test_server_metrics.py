@@ -17,7 +17,7 @@ OPS_TOKEN = "ops-secret-metrics"
 TENANT_TOKEN = "tenant-secret-metrics"
 AUTH = {"tokens": [{"token": OPS_TOKEN, "namespaces": ["*"], "scope": "readwrite"},
                    {"token": TENANT_TOKEN, "namespaces": ["t"], "scope": "readwrite"}]}
-VALUE = 5000
+VALUE = 65000  # 16 of them fill the smallest capacity allowed, 1 MiB
 
 
 def scrape(url: str, token: str = OPS_TOKEN) -> dict[tuple[str, tuple], float]:

@@ -127,8 +127,15 @@ def serve_config(
     file_values = read_config_file(path) if path else {}
     envs = {f.name: f.metadata["env"] for f in ServerConfig.fields()}
     overrides = {name: v for name, v in file_values.items() if envs[name] not in env}
-    overrides.update({name: v for name, v in flags.items() if v is not None})
-    return ServerConfig.from_sources(env=env, overrides=overrides), path
+    given = {name: v for name, v in flags.items() if v is not None}
+    from_file = set(overrides) - set(given)
+    overrides.update(given)
+    try:
+        return ServerConfig.from_sources(env=env, overrides=overrides), path
+    except ConfigError as exc:
+        if exc.field in from_file:  # the file's value is the one in use: say where to change it
+            raise ConfigError(f"config file {path}: key '{exc.field.replace('_', '-')}': {exc}", exc.field) from None
+        raise
 
 
 def check_files(config: ServerConfig) -> None:
