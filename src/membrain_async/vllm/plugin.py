@@ -5,8 +5,10 @@ Entry point (pyproject): [project.entry-points."vllm.general_plugins"] membrain 
 
 vLLM runs `register()` once per process (API server, EngineCore, workers). Activation wraps
 `EngineArgs.create_engine_config`, which runs in the first process on both the `LLM(...)` and the
-OpenAI-server paths, before the config is pickled to the others. With the variable unset or 0, this
-module registers a connector name and does nothing else: no thread, no connection.
+OpenAI-server paths, before the config is pickled to the others. An explicit `--kv-transfer-config`
+naming MembrainConnector gets the same set-up (start-up line, server check, CPU cores, memory room) with
+or without the variable. Otherwise, with the variable unset or 0, this module registers a connector name
+and does nothing else: no thread, no connection.
 """
 
 from __future__ import annotations
@@ -47,16 +49,9 @@ def register() -> None:
     environ.register()  # no "Unknown vLLM environment variable" for ours; strict mode starts
     if CONNECTOR_NAME not in KVConnectorFactory._registry:
         KVConnectorFactory.register_connector(CONNECTOR_NAME, CONNECTOR_MODULE, CONNECTOR_NAME)
-    raw = os.environ.get("VLLM_MEMBRAIN_ENABLED")
-    if raw is None:
-        return
-    try:
-        config = ConnectorConfig.from_sources()
-    except ConfigError as exc:
-        log.warning("Membrain: not active: %s", exc)
-        return
-    if config.enabled:
-        _install_activation()
+    # Always: activate() also sets up an explicit --kv-transfer-config naming Membrain, and does nothing
+    # for an engine that neither names it nor has VLLM_MEMBRAIN_ENABLED=1.
+    _install_activation()
 
 
 def _install_activation() -> None:
@@ -75,38 +70,64 @@ def _install_activation() -> None:
 
 
 def activate(engine_args) -> bool:
-    """Fill in Membrain's kv_transfer_config unless the user chose another; log one line saying what happened."""
+    """Fill in Membrain's kv_transfer_config unless the user chose another, or set up the one the user
+    gave; log one line saying what happened."""
     from vllm.config import KVTransferConfig
 
+    explicit = engine_args.kv_transfer_config
+    if explicit is not None and explicit.kv_connector == CONNECTOR_NAME:
+        return _set_up_explicit(engine_args, explicit)
+    if "VLLM_MEMBRAIN_ENABLED" not in os.environ:
+        return False
     try:
         config = ConnectorConfig.from_sources()
     except ConfigError as exc:
         log.warning("Membrain: not active: %s", exc)
         return False
-    explicit = engine_args.kv_transfer_config
+    if not config.enabled:
+        return False
     if explicit is not None:
-        if explicit.kv_connector != CONNECTOR_NAME:
-            log.warning("Membrain: not active: --kv-transfer-config names %s", explicit.kv_connector)
-            return False
-        if explicit.kv_load_failure_policy != "recompute":
-            log.warning("Membrain: kv_load_failure_policy=%s: a failed load will fail its request", explicit.kv_load_failure_policy)
-        where, infos = self_check(config)
-        log.info("Membrain: active (explicit --kv-transfer-config). %s; %s", where, leave_memory_room(engine_args, config, infos))
-        return True
+        log.warning("Membrain: not active: --kv-transfer-config names %s", explicit.kv_connector)
+        return False
     if getattr(engine_args, "kv_offloading_size", None):
         log.warning("Membrain: not active: --kv-offloading-size configures vLLM's own offloading connector")
         return False
     engine_args.kv_transfer_config = KVTransferConfig(
         kv_connector=CONNECTOR_NAME,
         kv_connector_module_path=CONNECTOR_MODULE,
-        kv_role="kv_both",
+        kv_role=config.role or "kv_both",
         kv_load_failure_policy="recompute",
         kv_connector_extra_config=config.to_extra_config(),
     )
     keep_cpu_cores(engine_args)
     where, infos = self_check(config)
-    log.info("Membrain: active. %s; %s", where, leave_memory_room(engine_args, config, infos))
+    log.info("Membrain: active%s. %s; %s", _role_note(config.role), where, leave_memory_room(engine_args, config, infos))
     return True
+
+
+def _set_up_explicit(engine_args, explicit) -> bool:
+    """--kv-transfer-config names MembrainConnector: the same set-up as env activation, with the settings
+    that engine will read (its kv_connector_extra_config over VLLM_MEMBRAIN_* variables)."""
+    try:
+        config = ConnectorConfig.from_sources(overrides=dict(explicit.kv_connector_extra_config or {}))
+    except ConfigError as exc:
+        log.warning("Membrain: --kv-transfer-config names it, but: %s", exc)
+        return False
+    if explicit.kv_load_failure_policy != "recompute":
+        log.warning("Membrain: kv_load_failure_policy=%s: a failed load will fail its request", explicit.kv_load_failure_policy)
+    if config.role and config.role != explicit.kv_role:
+        # vLLM reads kv_role for its own producer/consumer behaviour: both must say the same.
+        log.info("Membrain: VLLM_MEMBRAIN_ROLE=%s replaces kv_role=%s", config.role, explicit.kv_role)
+        explicit.kv_role = config.role
+    keep_cpu_cores(engine_args)
+    where, infos = self_check(config)
+    log.info("Membrain: active (explicit --kv-transfer-config%s). %s; %s", _role_note(explicit.kv_role), where,
+             leave_memory_room(engine_args, config, infos))
+    return True
+
+
+def _role_note(role: str) -> str:
+    return f", role {role}" if role and role != "kv_both" else ""
 
 
 def _ranks(engine_args) -> int:

@@ -26,8 +26,10 @@ from ...cache.outcome import Outcome
 from ...cache import open_store
 from ...cache.prefix_query import PrefixQuery, Series
 from ..shared import identity
+from ..shared.roles import BOTH, Role
 from ..shared.units import NULL_BLOCK_ID, KVUnit, plain_unit, unit_by_unit
 from .blockhash import BlockHashes
+from .handoff import Handoff, handoff_params
 from .lookups import Lookups
 from ..shared.metadata import BlockTransfer, MembrainConnectorMetadata, MembrainWorkerMetadata
 from .save_ledger import PlannedSave, SaveLedger
@@ -60,6 +62,7 @@ class _RequestState:
     hot_blocks: int = 0  # leading blocks in this instance's hot tier
     prefetch_sent: bool = False
     loading: bool = False  # an async load was planned; vLLM calls update_state_after_alloc again after it
+    handoff: Handoff | None = None  # a prefill instance's announcement this decode request waits for
 
 
 class MembrainScheduler:
@@ -68,12 +71,15 @@ class MembrainScheduler:
     `release`, if given, is called once at `shutdown()`: how whoever opened the store gives it back
     (`from_vllm_config` passes the hold `open_store` took). Without it the caller owns the store.
     `clock` (seconds, monotonic) times lookups against `lookup_deadline`; tests pass their own.
+    `role` is vLLM's KV role (shared/roles.py): a producer never looks up or loads, a consumer never saves.
     """
 
     def __init__(self, config: ConnectorConfig, store: SchedulerStore, *, block_size: int, fingerprint: str,
                  block_bytes: int, units: "list[KVUnit] | None" = None, unit_fingerprints: list[str] | None = None,
-                 release: Callable[[], None] | None = None, clock: Callable[[], float] = time.monotonic):
+                 release: Callable[[], None] | None = None, clock: Callable[[], float] = time.monotonic,
+                 role: Role = Role(BOTH)):
         self.config = config
+        self.role = role
         self.block_size = block_size
         self.fingerprint = fingerprint  # the model's (KV events' ownership); keys use the units' own
         # vLLM's KV cache groups as KV units (units.py). A plain model is one full-attention unit (what the
@@ -118,7 +124,7 @@ class MembrainScheduler:
 
     @classmethod
     def from_vllm_config(cls, vllm_config: "VllmConfig", config: ConnectorConfig,
-                         units: "list[KVUnit]") -> "MembrainScheduler":
+                         units: "list[KVUnit]", role: Role = Role(BOTH)) -> "MembrainScheduler":
         """The connector's scheduler half: over this process's shared block store, whose hold it gives back
         at shutdown."""
         layers = sum(len(u.layer_names) for u in units)
@@ -127,7 +133,7 @@ class MembrainScheduler:
                      block_bytes=identity.payload_bytes(vllm_config, layers),
                      units=units, unit_fingerprints=identity.unit_fingerprints(vllm_config, config, units))
         store = open_store(config)  # last: nothing above can fail with the hold taken
-        return cls(config, store, release=store.close, **facts)
+        return cls(config, store, release=store.close, role=role, **facts)
 
     # ------------------------------------------------------------------ block hashes and keys
 
@@ -166,7 +172,7 @@ class MembrainScheduler:
         Touches only the request, the ledger's clock (an int) and `lookups`' arrivals (under its lock).
         """
         n = self._loadable_blocks(request)
-        if n == 0 or request.skip_reading_prefix_cache:
+        if n == 0 or request.skip_reading_prefix_cache or not self.role.loads:
             return
         chain = BlockHashes(self.block_size)
         query = self.lookup_for(chain.extend(request, n))
@@ -177,11 +183,14 @@ class MembrainScheduler:
         st = _RequestState(request, arrival.chain if arrival else BlockHashes(self.block_size))
         self._requests[request.request_id] = st
         n = self._loadable_blocks(request)
-        if n == 0 or request.skip_reading_prefix_cache:
+        if n == 0 or request.skip_reading_prefix_cache or not self.role.loads:
+            # A producer saves what the server may hold already: an overwrite of the same bytes, cheaper
+            # than making every prefill wait for a lookup it would use for nothing else.
             st.stored_blocks = 0
             return
         hashes = self._hashes(st, n)
         st.lookup_blocks = len(hashes)
+        st.handoff = Handoff.of(request, self.fingerprint, self._clock(), self.config.handoff_deadline)
         st.hot_blocks = self._hot_leading(hashes)
         if st.hot_blocks == len(hashes):
             st.stored_blocks = st.hot_blocks  # all in this instance's hot tier: the arrival's answer is not needed
@@ -218,6 +227,8 @@ class MembrainScheduler:
             # Once per pass: two requests looked up in one job are scheduled in one step even when the
             # answer lands between vLLM's questions about them.
             self.lookups.drain_once(self._deliver)
+            if self._ask_again_for_handoff(st):
+                return None, False  # the prefill's saves are still on their way: ask the store again
             if st.answer_outcome is None:
                 if self._clock() - st.lookup_started < self.config.lookup_deadline:
                     self.lookups.waited()
@@ -250,6 +261,28 @@ class MembrainScheduler:
         # Async: vLLM parks the request in WAITING_FOR_REMOTE_KVS with its blocks allocated until every
         # worker reports the load finished, and runs the rest of the batch meanwhile.
         return load_blocks * self.block_size, self.async_loads
+
+    def _ask_again_for_handoff(self, st: _RequestState) -> bool:
+        """A decode request handed off by a prefill instance: the store answered with fewer blocks than the
+        prefill announced, so its uploads are still under way. Look up again until they are all there,
+        or until the hand-off's deadline (then load what is there and compute the rest)."""
+        handoff = st.handoff
+        if handoff is None or st.answer_outcome is not Outcome.OK:
+            return False  # no hand-off, no answer yet, or no answer to come (server down: compute)
+        if (st.answer or 0) >= min(handoff.blocks, st.lookup_blocks):
+            st.handoff = None
+            return False
+        if self._clock() >= handoff.deadline:
+            st.handoff = None
+            self._count("handoff_timeouts")
+            return False
+        st.answer_outcome = st.answer = None
+        st.lookup_started = self._clock()
+        st.lookup_seq = self._ledger.now()
+        self.lookups.queue(st.request.request_id, self.lookup_for(st.chain.hashes[: st.lookup_blocks]))
+        self.lookups.waited()
+        self._count("handoff_polls")
+        return True
 
     def _queue_prefetch(self, st: _RequestState, local_tokens: int) -> None:
         """While the lookup is pending, let workers start fetching the blocks the local cache lacks."""
@@ -395,7 +428,7 @@ class MembrainScheduler:
         """Blocks that are full once this step's forward has run, not yet saved, not known stored."""
         saves: list[BlockTransfer] = []
         block_state = scheduler_output.kv_connector_block_state
-        if block_state is None:
+        if block_state is None or not self.role.saves:
             return saves
         bs = self.block_size
         for req_id, scheduled in scheduler_output.num_scheduled_tokens.items():
@@ -500,7 +533,8 @@ class MembrainScheduler:
         self._finished.append(request.request_id)
         # Workers copy pages out in the step that plans them (CPU: in wait_for_save; CUDA: the compute
         # stream waits for the gather), so blocks can be freed at once.
-        return False, None
+        params = handoff_params(request, self.block_size, self.fingerprint) if self.role.hands_off else None
+        return False, params
 
     def take_stats(self) -> dict[str, float]:
         stats, self._stats = self._stats, {}
