@@ -296,9 +296,9 @@ class ConnectorConfig(_Settings):
         _parse_role,
     )
     handoff_deadline: float = _setting(
-        10.0,
+        5.0,
         "VLLM_MEMBRAIN_HANDOFF_DEADLINE",
-        "Seconds a decode request handed off by a prefill instance (its kv_transfer_params) waits for the blocks the prefill announced to reach the store; past it, it loads what is there and computes the rest.",
+        "Seconds a decode request handed off by a prefill instance (its kv_transfer_params) waits for more of the blocks the prefill announced to reach the store; each block that lands restarts it. Past it, the request loads what is there and computes the rest.",
         float,
     )
     replicas: int = _setting(

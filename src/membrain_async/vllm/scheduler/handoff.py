@@ -5,14 +5,16 @@ vLLM sends a finished request's output in the step it stops, whatever `request_f
 proxy, and the decode instance, before the prefill's uploads are in the store. The prefill therefore
 announces in its response's `kv_transfer_params` how many of the prompt's blocks it computed; a proxy
 passes them on with the decode request (as for vLLM's own P/D connectors), and the decode instance
-looks up again until the store holds them all, up to VLLM_MEMBRAIN_HANDOFF_DEADLINE. Past it, it
-loads what is there and computes the rest: a late or failed hand-off costs time, never tokens.
+looks up again until the store holds them all. It stops waiting when the store's count has not grown for
+VLLM_MEMBRAIN_HANDOFF_DEADLINE (a prefill still uploading under load keeps its decode waiting; one that
+died, or dropped saves, does not), then loads what is there and computes the rest: a late or failed
+hand-off costs time, never tokens.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -33,7 +35,9 @@ def handoff_params(request: "Request", block_size: int, fingerprint: str) -> dic
 @dataclass(frozen=True)
 class Handoff:
     blocks: int  # leading prompt blocks the prefill instance computed and saves
-    deadline: float  # on the scheduler's clock: stop waiting for them then
+    wait_s: float  # how long the store's count may stand still before the decode stops waiting
+    deadline: float  # on the scheduler's clock: stop waiting then, unless more blocks land first
+    seen: int = 0  # the most leading blocks the store has answered so far
 
     @classmethod
     def of(cls, request: "Request", fingerprint: str, now: float, wait_s: float) -> "Handoff | None":
@@ -50,4 +54,10 @@ class Handoff:
             log.warning("Membrain: request %s was prefilled for other KV (fingerprint %s, ours %s); "
                         "not waiting for its blocks", request.request_id, announced.get("fingerprint"), fingerprint)
             return None
-        return cls(blocks, now + wait_s)
+        return cls(blocks, wait_s, now + wait_s)
+
+    def answered(self, count: int, now: float) -> "Handoff":
+        """The store holds `count` leading blocks: progress restarts the wait."""
+        if count > self.seen:
+            return replace(self, seen=count, deadline=now + self.wait_s)
+        return self

@@ -265,13 +265,13 @@ class MembrainScheduler:
     def _ask_again_for_handoff(self, st: _RequestState) -> bool:
         """A decode request handed off by a prefill instance: the store answered with fewer blocks than the
         prefill announced, so its uploads are still under way. Look up again until they are all there,
-        or until the hand-off's deadline (then load what is there and compute the rest)."""
-        handoff = st.handoff
-        if handoff is None or st.answer_outcome is not Outcome.OK:
+        or until the count stood still for the hand-off's wait (then load what is there, compute the rest)."""
+        if st.handoff is None or st.answer_outcome is not Outcome.OK:
             return False  # no hand-off, no answer yet, or no answer to come (server down: compute)
-        if (st.answer or 0) >= min(handoff.blocks, st.lookup_blocks):
+        if (st.answer or 0) >= min(st.handoff.blocks, st.lookup_blocks):
             st.handoff = None
             return False
+        handoff = st.handoff = st.handoff.answered(st.answer or 0, self._clock())
         if self._clock() >= handoff.deadline:
             st.handoff = None
             self._count("handoff_timeouts")
