@@ -47,19 +47,35 @@ def test_role_names_and_what_each_role_does():
     assert effective_role(None, "").name == BOTH
 
 
-def test_a_producer_never_looks_up_or_loads_and_saves_every_full_block():
+def test_a_producer_never_loads_and_saves_what_the_store_lacks():
     sched = scheduler(PRODUCER)
     req = request("r1")
     hashes = store_leading(sched, req, 3)  # the store already holds 3 of its blocks
-    sched.on_request_arriving(req)
     sched.on_new_request(req)
-    assert sched.get_num_new_matched_tokens(req, 0) == (0, False)  # at once: nothing to wait for
-    assert sched.store.sent == []  # no lookup, on arrival or queued
+    assert answer(sched, req) == (0, False)  # a hit for kv_both: (3 * BS, True)
     sched.update_state_after_alloc(req, blocks([7, 3, 9, 4, 5, 6]), 0)
     meta = plan_saves(sched, req, [7, 3, 9, 4, 5, 6])
     assert meta.loads == []
     (save,) = meta.saves
-    assert save.hashes == hashes[:5]  # held ones too: an overwrite of the same bytes, no lookup waited for
+    assert save.hashes == hashes[3:5]
+    sched.shutdown()
+
+
+def test_a_producer_saves_again_what_the_server_lost_since_it_saved_it():
+    """Its decode instances wait for every block it announces: a block the server evicted must come back."""
+    sched = scheduler(PRODUCER)
+    first = request("r1")
+    sched.on_new_request(first)
+    assert answer(sched, first) == (0, False)
+    sched.update_state_after_alloc(first, blocks([7, 3, 9, 4, 5, 6]), 0)
+    hashes = plan_saves(sched, first, [7, 3, 9, 4, 5, 6]).saves[0].hashes
+    sched.request_finished(first, [])
+    sched.store.put(sched.keys_for(hashes[:2]))  # the server kept 2 of the 5 blocks
+    again = request("r2")
+    sched.on_new_request(again)
+    assert answer(sched, again) == (0, False)
+    sched.update_state_after_alloc(again, blocks([8, 1, 2, 10, 11, 12]), 0)
+    assert plan_saves(sched, again, [8, 1, 2, 10, 11, 12]).saves[0].hashes == hashes[2:5]
     sched.shutdown()
 
 

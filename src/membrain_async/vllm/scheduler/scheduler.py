@@ -71,7 +71,8 @@ class MembrainScheduler:
     `release`, if given, is called once at `shutdown()`: how whoever opened the store gives it back
     (`from_vllm_config` passes the hold `open_store` took). Without it the caller owns the store.
     `clock` (seconds, monotonic) times lookups against `lookup_deadline`; tests pass their own.
-    `role` is vLLM's KV role (shared/roles.py): a producer never looks up or loads, a consumer never saves.
+    `role` is vLLM's KV role (shared/roles.py): a producer never loads (it looks up, to save only what the
+    store lacks), a consumer never saves.
     """
 
     def __init__(self, config: ConnectorConfig, store: SchedulerStore, *, block_size: int, fingerprint: str,
@@ -172,7 +173,7 @@ class MembrainScheduler:
         Touches only the request, the ledger's clock (an int) and `lookups`' arrivals (under its lock).
         """
         n = self._loadable_blocks(request)
-        if n == 0 or request.skip_reading_prefix_cache or not self.role.loads:
+        if n == 0 or request.skip_reading_prefix_cache:
             return
         chain = BlockHashes(self.block_size)
         query = self.lookup_for(chain.extend(request, n))
@@ -183,9 +184,7 @@ class MembrainScheduler:
         st = _RequestState(request, arrival.chain if arrival else BlockHashes(self.block_size))
         self._requests[request.request_id] = st
         n = self._loadable_blocks(request)
-        if n == 0 or request.skip_reading_prefix_cache or not self.role.loads:
-            # A producer saves what the server may hold already: an overwrite of the same bytes, cheaper
-            # than making every prefill wait for a lookup it would use for nothing else.
+        if n == 0 or request.skip_reading_prefix_cache:
             st.stored_blocks = 0
             return
         hashes = self._hashes(st, n)
@@ -248,6 +247,10 @@ class MembrainScheduler:
                 self._count("lookup_unavailable")
             elif st.answer_outcome is not Outcome.OK:
                 self._count("lookup_errors")
+        if not self.role.loads:
+            # A producer looks up only to save what the store lacks (a block the server evicted since
+            # this instance saved it is saved again: its decode instance waits for every block).
+            return 0, False
         hit_blocks = min(st.stored_blocks, self._loadable_blocks(request))
         local_blocks = num_computed_tokens // self.block_size
         load_blocks = hit_blocks - local_blocks
@@ -489,6 +492,8 @@ class MembrainScheduler:
 
     def _notice_failed_load(self, st: _RequestState) -> None:
         """A failed load sends the request back to the block it failed at: save from there again."""
+        if not self.role.loads:
+            return  # a producer computes the blocks the store holds: they are no load that failed
         self._rewind_failed_load(st, st.request.num_computed_tokens // self.block_size)
 
     def _rewind_failed_load(self, st: _RequestState, valid_blocks: int) -> None:
