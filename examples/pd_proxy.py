@@ -10,6 +10,11 @@ decode instance (kv_consumer), which loads the blocks (waiting for uploads still
 generates. The decode instance's response, streamed or not, is the client's. This is the protocol of
 vLLM's own P/D proxies (examples/online_serving/disaggregated_serving/): the params are opaque here.
 
+    python examples/pd_proxy.py --port 8000 --instance http://127.0.0.1:8100 --instance http://127.0.0.1:8200
+
+sends each request whole to the next instance instead (no disaggregation): the baseline arms of
+bench/pd_bench.py.
+
 Instances are picked round robin. A prefill that fails (the instance is down, or answers an error)
 costs time, never the request: the decode instance then computes the prompt itself.
 
@@ -54,7 +59,7 @@ def decode_body(body: dict[str, Any], handoff: dict[str, Any] | None) -> dict[st
 
 class Router:
     def __init__(self, prefill: list[str], decode: list[str], timeout: float = 600.0):
-        self.prefill = itertools.cycle([u.rstrip("/") for u in prefill])
+        self.prefill = itertools.cycle([u.rstrip("/") for u in prefill]) if prefill else None
         self.decode = itertools.cycle([u.rstrip("/") for u in decode])
         self.decode_urls = [u.rstrip("/") for u in decode]
         self.client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None))
@@ -76,7 +81,7 @@ class Router:
     async def handle(self, path: str, request: Request) -> Response:
         body = await request.json()
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "x-request-id")}
-        handoff = await self.run_prefill(path, body, headers)
+        handoff = await self.run_prefill(path, body, headers) if self.prefill is not None else None
         url = next(self.decode) + path
         payload = decode_body(body, handoff)
         if not body.get("stream"):
@@ -125,11 +130,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--prefill", action="append", required=True, help="a prefill instance's base URL (repeat)")
-    parser.add_argument("--decode", action="append", required=True, help="a decode instance's base URL (repeat)")
+    parser.add_argument("--prefill", action="append", default=[], help="a prefill instance's base URL (repeat)")
+    parser.add_argument("--decode", action="append", default=[], help="a decode instance's base URL (repeat)")
+    parser.add_argument("--instance", action="append", default=[],
+                        help="round robin, no disaggregation: an instance's base URL (repeat; instead of the two above)")
     args = parser.parse_args()
+    if args.instance and (args.prefill or args.decode):
+        parser.error("--instance (round robin) or --prefill/--decode (disaggregated), not both")
+    if not args.instance and not (args.prefill and args.decode):
+        parser.error("name --prefill and --decode instances, or --instance ones")
     logging.basicConfig(level=logging.INFO)
-    uvicorn.run(build_app(args.prefill, args.decode), host=args.host, port=args.port, log_level="warning")
+    app = build_app([], args.instance) if args.instance else build_app(args.prefill, args.decode)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":
