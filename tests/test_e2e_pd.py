@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import pytest
@@ -50,6 +51,12 @@ class PD:
         return self.complete(self.router, name)
 
 
+def decode_counters(pd: PD) -> dict:
+    names = ("lookups", "lookup_timeouts", "lookup_unavailable", "handoff_polls", "handoff_timeouts", "hit_tokens",
+             "load_error_blocks")
+    return {n: pd.decode.counter(f"vllm:membrain_{n}_total") for n in names}
+
+
 def tokens_of(body: dict) -> list[int]:
     return body["choices"][0]["token_ids"]
 
@@ -68,8 +75,7 @@ def pd(model, logs):
     srv = start_subprocess_server({"port": 0, "capacity": "256MiB"})
     fault = FaultProxy(srv.port).__enter__()
     prefill_env = engine_env(VLLM_SERVER_DEV_MODE="1")  # /reset_prefix_cache
-    decode_env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=srv.url, VLLM_MEMBRAIN_ROLE="kv_consumer",
-                            VLLM_MEMBRAIN_HANDOFF_DEADLINE="2")
+    decode_env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=srv.url, VLLM_MEMBRAIN_ROLE="kv_consumer")
     prefill = OpenAIServer(model, free_port(), prefill_env, os.path.join(logs, "pd-prefill.log"),
                            [*SERVER_ARGS, "--kv-transfer-config", PRODUCER_CONFIG % fault.url])
     decode = OpenAIServer(model, free_port(), decode_env, os.path.join(logs, "pd-decode.log"), SERVER_ARGS)
@@ -107,7 +113,7 @@ def test_decode_tokens_equal_plain_vllm_and_it_loads_every_full_prompt_block(pd,
     for name in ("x", "a1", "b1"):
         body = pd.via_router(name)
         assert tokens_of(body) == baseline[name], name
-        assert cached_tokens(body) == loadable_tokens(body) > 0, name
+        assert cached_tokens(body) == loadable_tokens(body) > 0, (name, decode_counters(pd), body.get("kv_transfer_params"))
     assert pd.decode.counter("vllm:membrain_hit_tokens_total") > 0
     assert pd.decode.counter("vllm:membrain_handoff_timeouts_total") == 0
 
@@ -132,6 +138,42 @@ def test_the_producer_never_loads_and_the_consumer_never_saves(pd, baseline):
     assert pd.decode.counter("vllm:membrain_uploaded_blocks_total") == 0
 
 
+def lookup_misses(url: str) -> int:
+    return (httpx.get(f"{url}/v1/stats", timeout=10).json().get("namespaces", {}).get("default") or {}).get("misses", 0)
+
+
+def wait_for(condition, what: str, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, what
+        time.sleep(0.05)
+
+
+def test_the_decode_waits_for_uploads_still_under_way_and_loads_them_all(pd, baseline):
+    """The prefill's response is out before its upload lands (vLLM sends it in the step the request stops):
+    here the upload is held in the fault proxy until the decode instance has looked up, found the blocks
+    missing, and looked up again. Released then, every block is loaded: none is computed twice."""
+    pd.fault.held.clear()
+    pd.fault.hold_requests_over = 4096  # lookups pass; the prefill's upload stops in the fault proxy
+    result: dict = {}
+    request = threading.Thread(target=lambda: result.update(pd.via_router("f2")))
+    try:
+        misses = lookup_misses(pd.srv.url)
+        polls = pd.decode.counter("vllm:membrain_handoff_polls_total")
+        request.start()
+        assert pd.fault.held.wait(120), "the prefill never started its upload"
+        # Three lookups of f2 that missed: the prefill's own (before it computed), then the decode
+        # instance's first and one it sent again.
+        wait_for(lambda: lookup_misses(pd.srv.url) >= misses + 3, "the decode instance did not look up twice")
+    finally:
+        pd.fault.hold_requests_over = None
+    request.join(300)
+    assert tokens_of(result) == baseline["f2"]
+    assert cached_tokens(result) == loadable_tokens(result)
+    assert pd.decode.counter("vllm:membrain_handoff_polls_total") > polls
+    assert pd.decode.counter("vllm:membrain_handoff_timeouts_total") == 0
+
+
 def test_a_prefill_killed_mid_save_costs_the_decode_a_recompute_never_tokens_or_payloads(pd, baseline):
     """Runs last: it kills the prefill instance."""
     before = stored_keys(pd.srv.url)
@@ -143,6 +185,7 @@ def test_a_prefill_killed_mid_save_costs_the_decode_a_recompute_never_tokens_or_
     delete(pd.srv.url, f1_keys)
     hits_before = pd.decode.counter("vllm:membrain_hit_tokens_total")
 
+    pd.fault.held.clear()
     pd.fault.hold_requests_over = 4096  # lookups pass; the prefill's upload stops in the fault proxy
     result: dict = {}
     request = threading.Thread(target=lambda: result.update(pd.via_router("f1")))

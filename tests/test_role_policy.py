@@ -185,6 +185,23 @@ def test_each_block_that_lands_restarts_the_wait():
     sched.shutdown()
 
 
+def test_a_lookup_past_its_deadline_is_asked_again_while_a_handoff_is_pending():
+    """An engine's first lookup may be slow (first connection, a busy host): with a prefill's word that the
+    blocks are coming, that is no miss."""
+    clock = Clock()
+    sched = scheduler(CONSUMER, clock, lookup_deadline=1.0)
+    req = handed_off("d1", announced(5))
+    store_leading(sched, req, 5)
+    sched.on_new_request(req)
+    assert sched.get_num_new_matched_tokens(req, 0) == (None, False)  # sent; the store is slow to answer
+    step(sched)
+    clock.advance(1.5)
+    assert sched.get_num_new_matched_tokens(req, 0) == (None, False)  # past the lookup deadline: asked again
+    assert answer(sched, req) == (5 * BS, True)  # for a kv_both request without a hand-off: (0, False)
+    assert sched.take_stats()["handoff_polls"] == 1
+    sched.shutdown()
+
+
 @pytest.mark.parametrize("case", ["no_handoff", "other_kv", "server_down"])
 def test_nothing_is_waited_for_without_a_handoff_for_this_kv_or_a_server_to_ask(case):
     sched = scheduler(CONSUMER)

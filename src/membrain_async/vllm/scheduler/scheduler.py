@@ -234,6 +234,8 @@ class MembrainScheduler:
                     self._queue_prefetch(st, num_computed_tokens)
                     return None, False  # ask again next step; the engine keeps running
                 st.answer_outcome = Outcome.TIMEOUT  # a late answer is ignored
+                if self._ask_again_for_handoff(st):
+                    return None, False  # a prefill said its blocks are coming: a slow lookup is no miss
             if st.answer is None:
                 st.lookup_seq = None  # no answer: "missing" is not known, so it proves nothing
             st.stored_blocks = max(st.hot_blocks, min(st.answer or 0, st.lookup_blocks))
@@ -269,7 +271,7 @@ class MembrainScheduler:
         """A decode request handed off by a prefill instance: the store answered with fewer blocks than the
         prefill announced, so its uploads are still under way. Look up again until they are all there,
         or until the count stood still for the hand-off's wait (then load what is there, compute the rest)."""
-        if st.handoff is None or st.answer_outcome is not Outcome.OK:
+        if st.handoff is None or st.answer_outcome not in (Outcome.OK, Outcome.TIMEOUT):
             return False  # no hand-off, no answer yet, or no answer to come (server down: compute)
         if (st.answer or 0) >= min(st.handoff.blocks, st.lookup_blocks):
             st.handoff = None
