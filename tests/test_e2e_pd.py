@@ -75,7 +75,8 @@ def pd(model, logs):
     srv = start_subprocess_server({"port": 0, "capacity": "256MiB"})
     fault = FaultProxy(srv.port).__enter__()
     prefill_env = engine_env(VLLM_SERVER_DEV_MODE="1")  # /reset_prefix_cache
-    decode_env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=srv.url, VLLM_MEMBRAIN_ROLE="kv_consumer")
+    decode_env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=srv.url, VLLM_MEMBRAIN_ROLE="kv_consumer",
+                            VLLM_SERVER_DEV_MODE="1")
     prefill = OpenAIServer(model, free_port(), prefill_env, os.path.join(logs, "pd-prefill.log"),
                            [*SERVER_ARGS, "--kv-transfer-config", PRODUCER_CONFIG % fault.url])
     decode = OpenAIServer(model, free_port(), decode_env, os.path.join(logs, "pd-decode.log"), SERVER_ARGS)
@@ -185,20 +186,33 @@ def test_a_prefill_killed_mid_save_costs_the_decode_a_recompute_never_tokens_or_
     delete(pd.srv.url, f1_keys)
     hits_before = pd.decode.counter("vllm:membrain_hit_tokens_total")
 
+    # The router's two calls by hand, so that the prefill dies after its response and before its upload
+    # lands (through the router the kill may also beat the response: the router then decodes without a
+    # hand-off, which proves less).
     pd.fault.held.clear()
     pd.fault.hold_requests_over = 4096  # lookups pass; the prefill's upload stops in the fault proxy
-    result: dict = {}
-    request = threading.Thread(target=lambda: result.update(pd.via_router("f1")))
-    request.start()
+    prefill = httpx.post(f"{pd.prefill.url}/v1/completions", timeout=300, json={
+        "model": pd.decode.model, "prompt": PROMPTS["f1"], "max_tokens": 1, "temperature": 0,
+        "kv_transfer_params": {"do_remote_decode": True}})
+    handoff = prefill.json()["kv_transfer_params"]
     assert pd.fault.held.wait(120), "the prefill never started its upload"
     pd.prefill.kill()
+    pd.fault.mode = "reset"  # what the proxy holds or buffers of the dead prefill's upload never arrives
     pd.fault.hold_requests_over = None
-    request.join(300)
-    assert result, "the request through the router did not complete"
+    # The decode instance computed f1 in the clean run: it must now depend on the store alone.
+    assert httpx.post(f"{pd.decode.url}/reset_prefix_cache", timeout=30).status_code == 200
+    timeouts = pd.decode.counter("vllm:membrain_handoff_timeouts_total")
+    r = httpx.post(f"{pd.decode.url}/v1/completions", timeout=300, json={
+        "model": pd.decode.model, "prompt": PROMPTS["f1"], "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+        "return_token_ids": True, "kv_transfer_params": handoff})
+    assert r.status_code == 200, r.text
+    result = r.json()
 
     assert tokens_of(result) == baseline["f1"]
     loaded = pd.decode.counter("vllm:membrain_hit_tokens_total") - hits_before
     assert loaded < loadable_tokens(result)  # some of f1 was never stored: the decode computed it
+    # It waited for the announced blocks until the store's count stood still for the hand-off deadline.
+    assert pd.decode.counter("vllm:membrain_handoff_timeouts_total") == timeouts + 1
     # Whatever reached the store before the kill is the clean run's, byte for byte; no other key appeared.
     assert stored_keys(pd.srv.url) <= before | set(f1_keys)
     assert_matches_clean(clean, pd.srv.url, must_have=[])

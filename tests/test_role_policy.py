@@ -202,6 +202,18 @@ def test_a_lookup_past_its_deadline_is_asked_again_while_a_handoff_is_pending():
     sched.shutdown()
 
 
+def test_a_handoff_this_instance_holds_in_its_own_prefix_cache_is_not_waited_for():
+    sched = scheduler(CONSUMER)
+    req = handed_off("d1", announced(5))
+    sched.on_new_request(req)
+    assert sched.get_num_new_matched_tokens(req, 5 * BS) == (None, False)
+    sched.store.answer()
+    step(sched)
+    assert sched.get_num_new_matched_tokens(req, 5 * BS) == (0, False)  # the store holds none: no matter
+    assert "handoff_polls" not in sched.take_stats()
+    sched.shutdown()
+
+
 @pytest.mark.parametrize("case", ["no_handoff", "other_kv", "server_down"])
 def test_nothing_is_waited_for_without_a_handoff_for_this_kv_or_a_server_to_ask(case):
     sched = scheduler(CONSUMER)

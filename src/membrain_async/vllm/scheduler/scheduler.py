@@ -273,7 +273,9 @@ class MembrainScheduler:
         or until the count stood still for the hand-off's wait (then load what is there, compute the rest)."""
         if st.handoff is None or st.answer_outcome not in (Outcome.OK, Outcome.TIMEOUT):
             return False  # no hand-off, no answer yet, or no answer to come (server down: compute)
-        if (st.answer or 0) >= min(st.handoff.blocks, st.lookup_blocks):
+        # Blocks this instance's own prefix cache holds need not come from the store.
+        have = max(st.answer or 0, st.local_tokens // self.block_size)
+        if have >= min(st.handoff.blocks, st.lookup_blocks):
             st.handoff = None
             return False
         handoff = st.handoff = st.handoff.answered(st.answer or 0, self._clock())
