@@ -254,9 +254,23 @@ def test_an_explicit_membrain_config_with_a_bad_setting_becomes_plain_vllm(clean
     assert args.kv_transfer_config is None
 
 
+def test_an_explicit_membrain_config_with_a_bad_setting_stops_a_strict_start(clean_env):
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    from membrain_async.vllm.plugin import MembrainStartError, activate
+
+    explicit = KVTransferConfig(kv_connector="MembrainConnector", kv_role="kv_both",
+                                kv_connector_extra_config={"endpoint": "http://host:99999", "strict": "1"})
+    with pytest.raises(MembrainStartError, match="Port out of range"):
+        activate(EngineArgs(model="dummy", kv_transfer_config=explicit))
+
+
 @pytest.mark.parametrize("strict", ["0", "1"])
 def test_the_connector_of_an_explicit_config_with_a_bad_setting_is_inert_unless_strict(clean_env, model, strict):
-    """No VLLM_MEMBRAIN_ENABLED, so no activation: vLLM builds the connector in its engine core as given."""
+    """A process where the plugin did not set the config up (vLLM loaded without it, or the config was
+    pickled to a process that builds the connector as given): the connector itself is inert, or refuses
+    under strict. (With the plugin, activation already drops such a config: the test above.)"""
     from vllm.config import KVTransferConfig
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
     from vllm.engine.arg_utils import EngineArgs
@@ -267,7 +281,8 @@ def test_the_connector_of_an_explicit_config_with_a_bad_setting_is_inert_unless_
 
     explicit = KVTransferConfig(kv_connector="MembrainConnector", kv_role="kv_both",
                                 kv_connector_extra_config={"endpoint": "http://host:99999", "strict": strict})
-    vllm_config = EngineArgs(model=model, kv_transfer_config=explicit).create_engine_config()
+    vllm_config = EngineArgs(model=model).create_engine_config()
+    vllm_config.kv_transfer_config = explicit
     kv_cache_config = KVCacheConfig(num_blocks=8, kv_cache_tensors=[], kv_cache_groups=[])
     if strict == "1":
         with pytest.raises(ConfigError, match="Port out of range"):
