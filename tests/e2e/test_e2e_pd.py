@@ -26,7 +26,9 @@ from .test_e2e_faults import stored_keys
 from .test_e2e_never_poison import assert_matches_clean, delete, payloads
 
 pytest.importorskip("vllm")
-pytestmark = pytest.mark.vllm
+# Not in the default suite (nox -s pd runs it): on 2 busy cores a decode's hand-off wait polls the store
+# at engine-pass rate, and the hand-off then times out now and then (docs/pd.md, known limits).
+pytestmark = [pytest.mark.vllm, pytest.mark.pd]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SERVER_ARGS = ["--dtype", ENGINE_KWARGS["dtype"], "--enforce-eager", "--block-size", str(BLOCK),
