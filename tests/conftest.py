@@ -12,19 +12,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def pytest_collection_modifyitems(config, items):
     """Tests live in folders by tier: tests/unit starts no vLLM engine (nox -s unit), tests/e2e does (marker
     `vllm`, given here to every test there). The full model matrix (marker `matrix`) is long: only `-m`
-    naming it, or MEMBRAIN_MATRIX=1, runs it."""
+    naming it, or MEMBRAIN_MATRIX=1, runs it. The P/D hand-off tests (marker `pd`) run only when `-m`
+    names them (nox -s pd)."""
     for item in items:
         tier = os.path.basename(os.path.dirname(str(item.path)))
         if tier == "e2e":
             item.add_marker("vllm")
         elif tier == "unit" and item.get_closest_marker("vllm") is not None:
             raise pytest.UsageError(f"{item.nodeid} starts an engine: it belongs in tests/e2e")
-    if os.environ.get("MEMBRAIN_MATRIX") == "1" or "matrix" in (config.option.markexpr or ""):
-        return
-    keep = [item for item in items if item.get_closest_marker("matrix") is None]
-    if len(keep) != len(items):
-        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("matrix")])
-        items[:] = keep
+    markexpr = config.option.markexpr or ""
+    skipped = set()
+    if not (os.environ.get("MEMBRAIN_MATRIX") == "1" or "matrix" in markexpr):
+        skipped.add("matrix")
+    if "pd" not in markexpr.split():
+        skipped.add("pd")
+    drop = [item for item in items if any(item.get_closest_marker(m) for m in skipped)]
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = [item for item in items if item not in drop]
 
 
 @pytest.fixture(params=["asyncio", "trio"])

@@ -110,6 +110,12 @@ def _redacted_urls(value: Any) -> str:
     return redact_all(_parse_list(value))
 
 
+def _parse_role(text: str) -> str:
+    from .vllm.shared.roles import parse_role  # no vLLM import: roles.py is plain Python
+
+    return parse_role(text)
+
+
 def _parse_list(text: str | list) -> tuple[str, ...]:
     if isinstance(text, (list, tuple)):
         return tuple(str(t).strip() for t in text if str(t).strip())
@@ -355,6 +361,18 @@ class ConnectorConfig(_Settings):
     save_decode: bool = _setting(
         True, "VLLM_MEMBRAIN_SAVE_DECODE", "Also save blocks filled by generated tokens (helps multi-turn chat).", parse_bool
     )
+    role: str = _setting(
+        "",
+        "VLLM_MEMBRAIN_ROLE",
+        "vLLM's KV role for Membrain: kv_both (load and save), kv_producer (a prefill instance: saves, never loads), kv_consumer (a decode instance: loads, never saves). Empty: --kv-transfer-config's kv_role, else kv_both. When set it wins over kv_role, and is written into it.",
+        _parse_role,
+    )
+    handoff_deadline: float = _setting(
+        5.0,
+        "VLLM_MEMBRAIN_HANDOFF_DEADLINE",
+        "Seconds a decode request handed off by a prefill instance (its kv_transfer_params) waits for more of the blocks the prefill announced to reach the store; each block that lands restarts it. Past it, the request loads what is there and computes the rest.",
+        parse_float,
+    )
     replicas: int = _setting(
         1, "VLLM_MEMBRAIN_REPLICAS", "Copies of each block in a cluster (written to the R top nodes, read from the first up).", parse_int
     )
@@ -441,7 +459,7 @@ class ConnectorConfig(_Settings):
             raise ConfigError("VLLM_MEMBRAIN_REPLICAS is for Membrain nodes; Redis Cluster and Mooncake keep their own replicas")
         _positive("mooncake_threads", self.mooncake_threads)
         _positive("mooncake_local_buffer_size", self.mooncake_local_buffer_size)
-        for name in ("timeout", "load_deadline", "lookup_deadline", "shutdown_drain", "breaker_cooldown"):
+        for name in ("timeout", "load_deadline", "lookup_deadline", "handoff_deadline", "shutdown_drain", "breaker_cooldown"):
             _positive(name, getattr(self, name))
         _positive("breaker_threshold", self.breaker_threshold)
         _positive("connections", self.connections)

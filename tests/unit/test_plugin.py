@@ -11,7 +11,8 @@ def clean_env(monkeypatch):
 
     # register() wraps this method for the whole process: put the original back after each test.
     monkeypatch.setattr(EngineArgs, "create_engine_config", EngineArgs.create_engine_config)
-    for k in ("VLLM_MEMBRAIN_ENABLED", "VLLM_MEMBRAIN_ENDPOINT", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_MEMBRAIN_STRICT"):
+    for k in ("VLLM_MEMBRAIN_ENABLED", "VLLM_MEMBRAIN_ENDPOINT", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_MEMBRAIN_STRICT",
+              "VLLM_MEMBRAIN_ROLE"):
         monkeypatch.setenv(k, "placeholder")  # recorded, so teardown restores whatever was there before
         monkeypatch.delenv(k)
     monkeypatch.setenv("VLLM_MEMBRAIN_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: the self-check says so
@@ -25,6 +26,7 @@ def test_activation_fills_kv_transfer_config_and_keeps_cpu_cores(clean_env):
 
     from membrain_async.vllm.plugin import activate
 
+    clean_env.setenv("VLLM_MEMBRAIN_ENABLED", "1")
     args = EngineArgs(model="dummy", tensor_parallel_size=1)
     assert activate(args)
     cfg = args.kv_transfer_config
@@ -41,6 +43,7 @@ def test_an_explicit_core_reservation_wins(clean_env):
 
     from membrain_async.vllm.plugin import activate
 
+    clean_env.setenv("VLLM_MEMBRAIN_ENABLED", "1")
     clean_env.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "3")
     assert activate(EngineArgs(model="dummy"))
     assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "3"
@@ -52,9 +55,75 @@ def test_another_connector_is_left_alone(clean_env):
 
     from membrain_async.vllm.plugin import activate
 
+    clean_env.setenv("VLLM_MEMBRAIN_ENABLED", "1")
     args = EngineArgs(model="dummy", kv_transfer_config=KVTransferConfig(kv_connector="NixlConnector", kv_role="kv_both"))
     assert not activate(args)
     assert args.kv_transfer_config.kv_connector == "NixlConnector"
+
+
+def test_without_the_variable_or_the_flag_nothing_is_set_up(clean_env):
+    import os
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from membrain_async.vllm.plugin import activate
+
+    args = EngineArgs(model="dummy")
+    assert not activate(args)
+    assert args.kv_transfer_config is None and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ
+
+
+def explicit_config(role: str = "kv_both", **extra):
+    from vllm.config import KVTransferConfig
+
+    return KVTransferConfig(kv_connector="MembrainConnector", kv_role=role, kv_load_failure_policy="recompute",
+                            kv_connector_extra_config={"endpoint": "http://127.0.0.1:9", **extra})
+
+
+def test_an_explicit_kv_transfer_config_gets_the_same_set_up_without_the_variable(clean_env, caplog):
+    """The start-up line with the server check and memory room, and vLLM's CPU cores kept as without a
+    connector (on 2 cores the extra reservation left 2 OMP threads and changed greedy tokens)."""
+    import logging
+    import os
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from membrain_async.vllm.plugin import activate
+
+    clean_env.delenv("VLLM_MEMBRAIN_ENDPOINT")  # the endpoint comes from the flag's extra config alone
+    args = EngineArgs(model="dummy", kv_transfer_config=explicit_config())
+    with caplog.at_level(logging.INFO, logger="membrain"):
+        assert activate(args)
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
+    line = next(r.getMessage() for r in caplog.records if "active (explicit" in r.getMessage())
+    assert "endpoint http://127.0.0.1:9" in line and "server unreachable" in line
+    assert "worker buffers at most" in line
+
+
+@pytest.mark.parametrize("flag_role", ["kv_both", "kv_consumer"])
+def test_the_role_variable_sets_vllms_kv_role_on_both_paths(clean_env, flag_role):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from membrain_async.vllm.plugin import activate
+
+    clean_env.setenv("VLLM_MEMBRAIN_ROLE", "producer")
+    explicit = EngineArgs(model="dummy", kv_transfer_config=explicit_config(flag_role))
+    assert activate(explicit)
+    assert explicit.kv_transfer_config.kv_role == "kv_producer"
+    clean_env.setenv("VLLM_MEMBRAIN_ENABLED", "1")
+    by_env = EngineArgs(model="dummy")
+    assert activate(by_env)
+    assert by_env.kv_transfer_config.kv_role == "kv_producer"
+
+
+def test_the_flags_kv_role_stands_without_the_variable(clean_env):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from membrain_async.vllm.plugin import activate
+
+    args = EngineArgs(model="dummy", kv_transfer_config=explicit_config("kv_consumer"))
+    assert activate(args)
+    assert args.kv_transfer_config.kv_role == "kv_consumer"
 
 
 def test_membrains_variables_pass_vllms_strict_environment_check(clean_env, monkeypatch):
@@ -185,9 +254,23 @@ def test_an_explicit_membrain_config_with_a_bad_setting_becomes_plain_vllm(clean
     assert args.kv_transfer_config is None
 
 
+def test_an_explicit_membrain_config_with_a_bad_setting_stops_a_strict_start(clean_env):
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    from membrain_async.vllm.plugin import MembrainStartError, activate
+
+    explicit = KVTransferConfig(kv_connector="MembrainConnector", kv_role="kv_both",
+                                kv_connector_extra_config={"endpoint": "http://host:99999", "strict": "1"})
+    with pytest.raises(MembrainStartError, match="Port out of range"):
+        activate(EngineArgs(model="dummy", kv_transfer_config=explicit))
+
+
 @pytest.mark.parametrize("strict", ["0", "1"])
 def test_the_connector_of_an_explicit_config_with_a_bad_setting_is_inert_unless_strict(clean_env, model, strict):
-    """No VLLM_MEMBRAIN_ENABLED, so no activation: vLLM builds the connector in its engine core as given."""
+    """A process where the plugin did not set the config up (vLLM loaded without it, or the config was
+    pickled to a process that builds the connector as given): the connector itself is inert, or refuses
+    under strict. (With the plugin, activation already drops such a config: the test above.)"""
     from vllm.config import KVTransferConfig
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
     from vllm.engine.arg_utils import EngineArgs
@@ -198,7 +281,8 @@ def test_the_connector_of_an_explicit_config_with_a_bad_setting_is_inert_unless_
 
     explicit = KVTransferConfig(kv_connector="MembrainConnector", kv_role="kv_both",
                                 kv_connector_extra_config={"endpoint": "http://host:99999", "strict": strict})
-    vllm_config = EngineArgs(model=model, kv_transfer_config=explicit).create_engine_config()
+    vllm_config = EngineArgs(model=model).create_engine_config()
+    vllm_config.kv_transfer_config = explicit
     kv_cache_config = KVCacheConfig(num_blocks=8, kv_cache_tensors=[], kv_cache_groups=[])
     if strict == "1":
         with pytest.raises(ConfigError, match="Port out of range"):

@@ -83,7 +83,13 @@ class MembrainConnector(KVConnectorBase_V1, SupportsHMA):
             from .scheduler import arrival
             from .scheduler.kv_events import MembrainKVEvents
 
-            self._scheduler = MembrainScheduler.from_vllm_config(vllm_config, self.config, units)
+            from .shared.roles import effective_role
+
+            role = effective_role(vllm_config.kv_transfer_config.kv_role, self.config.role)
+            if role.name != "kv_both":
+                log.info("Membrain role %s: %s", role.name,
+                         "saves, never loads" if role.saves else "loads, never saves")
+            self._scheduler = MembrainScheduler.from_vllm_config(vllm_config, self.config, units, role)
             # None unless vLLM's KV events are on: then nothing is built for them.
             self._scheduler.events = MembrainKVEvents.for_vllm(
                 vllm_config, kv_cache_config, self._scheduler.fingerprint)

@@ -1,12 +1,14 @@
 """vLLM general plugin: registers `MembrainConnector` in every vLLM process and, with
-VLLM_MEMBRAIN_ENABLED=1, switches it on with no flag.
+VLLM_MEMBRAIN_ENABLED=1, switches it on with no flag; an explicit --kv-transfer-config naming it gets the
+same set-up (start-up line, server check, memory room, CPU cores).
 
 Entry point (pyproject): [project.entry-points."vllm.general_plugins"] membrain = "membrain_async.vllm.plugin:register"
 
 vLLM runs `register()` once per process (API server, EngineCore, workers). Activation wraps
 `EngineArgs.create_engine_config`, which runs in the first process on both the `LLM(...)` and the
-OpenAI-server paths, before the config is pickled to the others. With the variable unset or 0, this
-module registers a connector name and does nothing else: no thread, no connection.
+OpenAI-server paths, before the config is pickled to the others. With the variable unset or 0 and no
+explicit config naming Membrain, this module registers a connector name and does nothing else: no
+thread, no connection.
 """
 
 from __future__ import annotations
@@ -48,12 +50,8 @@ def register() -> None:
     environ.register()  # no "Unknown vLLM environment variable" for ours; strict mode starts
     if CONNECTOR_NAME not in KVConnectorFactory._registry:
         KVConnectorFactory.register_connector(CONNECTOR_NAME, CONNECTOR_MODULE, CONNECTOR_NAME)
-    raw = os.environ.get("VLLM_MEMBRAIN_ENABLED")
-    try:
-        if raw is None or not parse_bool(raw):
-            return
-    except ValueError:
-        pass  # the user meant something: activation reports it, once, in the process that builds the config
+    # Always: activate() also sets up an explicit --kv-transfer-config naming Membrain, and does nothing
+    # for an engine that neither names it nor has VLLM_MEMBRAIN_ENABLED=1.
     _install_activation()
 
 
@@ -76,8 +74,21 @@ class MembrainStartError(RuntimeError):
     """VLLM_MEMBRAIN_STRICT=1 and Membrain cannot be used: vLLM does not start."""
 
 
+def _enabled_by_env() -> bool:
+    """VLLM_MEMBRAIN_ENABLED asks for Membrain; a value that is not a boolean counts as asking, so that
+    activation reports the mistake (once, in the process that builds the config)."""
+    raw = os.environ.get("VLLM_MEMBRAIN_ENABLED")
+    if raw is None:
+        return False
+    try:
+        return parse_bool(raw)
+    except ValueError:
+        return True
+
+
 def activate(engine_args) -> bool:
-    """Fill in Membrain's kv_transfer_config unless the user chose another; log one line saying what happened.
+    """Fill in Membrain's kv_transfer_config unless the user chose another, or set up the one the user
+    gave (the same set-up as env activation); log one line saying what happened.
 
     Nothing Membrain gets wrong stops vLLM: a bad setting, an unreachable store or a failure of this code
     leaves the engine arguments as they were, and vLLM runs as plain vLLM after one ERROR line saying
@@ -85,11 +96,15 @@ def activate(engine_args) -> bool:
     """
     explicit = engine_args.kv_transfer_config
     if explicit is not None and explicit.kv_connector != CONNECTOR_NAME:
-        log.warning("Membrain: not active: --kv-transfer-config names %s", explicit.kv_connector)
+        if _enabled_by_env():
+            log.warning("Membrain: not active: --kv-transfer-config names %s", explicit.kv_connector)
         return False
-    if explicit is None and getattr(engine_args, "kv_offloading_size", None):
-        log.warning("Membrain: not active: --kv-offloading-size configures vLLM's own offloading connector")
-        return False
+    if explicit is None:
+        if not _enabled_by_env():
+            return False
+        if getattr(engine_args, "kv_offloading_size", None):
+            log.warning("Membrain: not active: --kv-offloading-size configures vLLM's own offloading connector")
+            return False
     extra = explicit.kv_connector_extra_config if explicit is not None else None
     saved = (engine_args.gpu_memory_utilization, os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU"))
     try:
@@ -125,19 +140,29 @@ def _activate(engine_args, config: ConnectorConfig) -> bool:
     if explicit is not None:
         if explicit.kv_load_failure_policy != "recompute":
             log.warning("Membrain: kv_load_failure_policy=%s: a failed load will fail its request", explicit.kv_load_failure_policy)
-        log.info("Membrain: active (explicit --kv-transfer-config). %s; %s", check.line,
-                 leave_memory_room(engine_args, config, check.infos))
+        if config.role and config.role != explicit.kv_role:
+            # vLLM reads kv_role for its own producer/consumer behaviour: both must say the same.
+            log.info("Membrain: VLLM_MEMBRAIN_ROLE=%s replaces kv_role=%s", config.role, explicit.kv_role)
+            explicit.kv_role = config.role
+        keep_cpu_cores(engine_args)
+        log.info("Membrain: active (explicit --kv-transfer-config%s). %s; %s", _role_note(explicit.kv_role),
+                 check.line, leave_memory_room(engine_args, config, check.infos))
         return True
     engine_args.kv_transfer_config = KVTransferConfig(
         kv_connector=CONNECTOR_NAME,
         kv_connector_module_path=CONNECTOR_MODULE,
-        kv_role="kv_both",
+        kv_role=config.role or "kv_both",
         kv_load_failure_policy="recompute",
         kv_connector_extra_config=config.to_extra_config(),
     )
     keep_cpu_cores(engine_args)
-    log.info("Membrain: active. %s; %s", check.line, leave_memory_room(engine_args, config, check.infos))
+    log.info("Membrain: active%s. %s; %s", _role_note(config.role), check.line,
+             leave_memory_room(engine_args, config, check.infos))
     return True
+
+
+def _role_note(role: str) -> str:
+    return f", role {role}" if role and role != "kv_both" else ""
 
 
 def _ranks(engine_args) -> int:

@@ -26,8 +26,10 @@ from ...cache.outcome import Outcome
 from ...cache import open_store
 from ...cache.prefix_query import PrefixQuery, Series
 from ..shared import identity
+from ..shared.roles import BOTH, Role
 from ..shared.units import NULL_BLOCK_ID, KVUnit, plain_unit, unit_by_unit
 from .blockhash import BlockHashes
+from .handoff import Handoff, handoff_params
 from .lookups import Lookups
 from ..shared.metadata import BlockTransfer, MembrainConnectorMetadata, MembrainWorkerMetadata
 from .save_ledger import PlannedSave, SaveLedger
@@ -60,6 +62,7 @@ class _RequestState:
     hot_blocks: int = 0  # leading blocks in this instance's hot tier
     prefetch_sent: bool = False
     loading: bool = False  # an async load was planned; vLLM calls update_state_after_alloc again after it
+    handoff: Handoff | None = None  # a prefill instance's announcement this decode request waits for
 
 
 class MembrainScheduler:
@@ -68,12 +71,16 @@ class MembrainScheduler:
     `release`, if given, is called once at `shutdown()`: how whoever opened the store gives it back
     (`from_vllm_config` passes the hold `open_store` took). Without it the caller owns the store.
     `clock` (seconds, monotonic) times lookups against `lookup_deadline`; tests pass their own.
+    `role` is vLLM's KV role (shared/roles.py): a producer never loads (it looks up, to save only what the
+    store lacks), a consumer never saves.
     """
 
     def __init__(self, config: ConnectorConfig, store: SchedulerStore, *, block_size: int, fingerprint: str,
                  block_bytes: int, units: "list[KVUnit] | None" = None, unit_fingerprints: list[str] | None = None,
-                 release: Callable[[], None] | None = None, clock: Callable[[], float] = time.monotonic):
+                 release: Callable[[], None] | None = None, clock: Callable[[], float] = time.monotonic,
+                 role: Role = Role(BOTH)):
         self.config = config
+        self.role = role
         self.block_size = block_size
         self.fingerprint = fingerprint  # the model's (KV events' ownership); keys use the units' own
         # vLLM's KV cache groups as KV units (units.py). A plain model is one full-attention unit (what the
@@ -118,7 +125,7 @@ class MembrainScheduler:
 
     @classmethod
     def from_vllm_config(cls, vllm_config: "VllmConfig", config: ConnectorConfig,
-                         units: "list[KVUnit]") -> "MembrainScheduler":
+                         units: "list[KVUnit]", role: Role = Role(BOTH)) -> "MembrainScheduler":
         """The connector's scheduler half: over this process's shared block store, whose hold it gives back
         at shutdown."""
         layers = sum(len(u.layer_names) for u in units)
@@ -127,7 +134,7 @@ class MembrainScheduler:
                      block_bytes=identity.payload_bytes(vllm_config, layers),
                      units=units, unit_fingerprints=identity.unit_fingerprints(vllm_config, config, units))
         store = open_store(config)  # last: nothing above can fail with the hold taken
-        return cls(config, store, release=store.close, **facts)
+        return cls(config, store, release=store.close, role=role, **facts)
 
     # ------------------------------------------------------------------ block hashes and keys
 
@@ -185,6 +192,7 @@ class MembrainScheduler:
             return
         hashes = self._hashes(st, n)
         st.lookup_blocks = len(hashes)
+        st.handoff = Handoff.of(request, self.fingerprint, self._clock(), self.config.handoff_deadline)
         st.hot_blocks = self._hot_leading(hashes)
         if st.hot_blocks == len(hashes):
             st.stored_blocks = st.hot_blocks  # all in this instance's hot tier: the arrival's answer is not needed
@@ -221,12 +229,16 @@ class MembrainScheduler:
             # Once per pass: two requests looked up in one job are scheduled in one step even when the
             # answer lands between vLLM's questions about them.
             self.lookups.drain_once(self._deliver)
+            if self._ask_again_for_handoff(st):
+                return None, False  # the prefill's saves are still on their way: ask the store again
             if st.answer_outcome is None:
                 if self._clock() - st.lookup_started < self.config.lookup_deadline:
                     self.lookups.waited()
                     self._queue_prefetch(st, num_computed_tokens)
                     return None, False  # ask again next step; the engine keeps running
                 st.answer_outcome = Outcome.TIMEOUT  # a late answer is ignored
+                if self._ask_again_for_handoff(st):
+                    return None, False  # a prefill said its blocks are coming: a slow lookup is no miss
             if st.answer is None:
                 st.lookup_seq = None  # no answer: "missing" is not known, so it proves nothing
             st.stored_blocks = max(st.hot_blocks, min(st.answer or 0, st.lookup_blocks))
@@ -240,6 +252,10 @@ class MembrainScheduler:
                 self._count("lookup_unavailable")
             elif st.answer_outcome is not Outcome.OK:
                 self._count("lookup_errors")
+        if not self.role.loads:
+            # A producer looks up only to save what the store lacks (a block the server evicted since
+            # this instance saved it is saved again: its decode instance waits for every block).
+            return 0, False
         hit_blocks = min(st.stored_blocks, self._loadable_blocks(request))
         local_blocks = num_computed_tokens // self.block_size
         load_blocks = hit_blocks - local_blocks
@@ -253,6 +269,30 @@ class MembrainScheduler:
         # Async: vLLM parks the request in WAITING_FOR_REMOTE_KVS with its blocks allocated until every
         # worker reports the load finished, and runs the rest of the batch meanwhile.
         return load_blocks * self.block_size, self.async_loads
+
+    def _ask_again_for_handoff(self, st: _RequestState) -> bool:
+        """A decode request handed off by a prefill instance: the store answered with fewer blocks than the
+        prefill announced, so its uploads are still under way. Look up again until they are all there,
+        or until the count stood still for the hand-off's wait (then load what is there, compute the rest)."""
+        if st.handoff is None or st.answer_outcome not in (Outcome.OK, Outcome.TIMEOUT):
+            return False  # no hand-off, no answer yet, or no answer to come (server down: compute)
+        # Blocks this instance's own prefix cache holds need not come from the store.
+        have = max(st.answer or 0, st.local_tokens // self.block_size)
+        if have >= min(st.handoff.blocks, st.lookup_blocks):
+            st.handoff = None
+            return False
+        handoff = st.handoff = st.handoff.answered(st.answer or 0, self._clock())
+        if self._clock() >= handoff.deadline:
+            st.handoff = None
+            self._count("handoff_timeouts")
+            return False
+        st.answer_outcome = st.answer = None
+        st.lookup_started = self._clock()
+        st.lookup_seq = self._ledger.now()
+        self.lookups.queue(st.request.request_id, self.lookup_for(st.chain.hashes[: st.lookup_blocks]))
+        self.lookups.waited()
+        self._count("handoff_polls")
+        return True
 
     def _queue_prefetch(self, st: _RequestState, local_tokens: int) -> None:
         """While the lookup is pending, let workers start fetching the blocks the local cache lacks."""
@@ -398,7 +438,7 @@ class MembrainScheduler:
         """Blocks that are full once this step's forward has run, not yet saved, not known stored."""
         saves: list[BlockTransfer] = []
         block_state = scheduler_output.kv_connector_block_state
-        if block_state is None:
+        if block_state is None or not self.role.saves:
             return saves
         bs = self.block_size
         for req_id, scheduled in scheduler_output.num_scheduled_tokens.items():
@@ -459,6 +499,8 @@ class MembrainScheduler:
 
     def _notice_failed_load(self, st: _RequestState) -> None:
         """A failed load sends the request back to the block it failed at: save from there again."""
+        if not self.role.loads:
+            return  # a producer computes the blocks the store holds: they are no load that failed
         self._rewind_failed_load(st, st.request.num_computed_tokens // self.block_size)
 
     def _rewind_failed_load(self, st: _RequestState, valid_blocks: int) -> None:
@@ -503,7 +545,8 @@ class MembrainScheduler:
         self._finished.append(request.request_id)
         # Workers copy pages out in the step that plans them (CPU: in wait_for_save; CUDA: the compute
         # stream waits for the gather), so blocks can be freed at once.
-        return False, None
+        params = handoff_params(request, self.block_size, self.fingerprint) if self.role.hands_off else None
+        return False, params
 
     def take_stats(self) -> dict[str, Any]:
         stats, self._stats = self._stats, {}

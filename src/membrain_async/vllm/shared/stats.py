@@ -80,6 +80,14 @@ COUNTERS = {
     ),
     "uploaded_blocks": ("vllm:membrain_uploaded_blocks", "Saved blocks the server acknowledged (or already held)"),
     "upload_failed_blocks": ("vllm:membrain_upload_failed_blocks", "Saved blocks whose upload failed (server down, refused)"),
+    "handoff_polls": (
+        "vllm:membrain_handoff_polls",
+        "Lookups sent again because the store held fewer blocks than a prefill instance announced (kv_transfer_params)",
+    ),
+    "handoff_timeouts": (
+        "vllm:membrain_handoff_timeouts",
+        "Decode requests that stopped waiting for a prefill's blocks at VLLM_MEMBRAIN_HANDOFF_DEADLINE (the rest computed)",
+    ),
     "uploads_dropped": ("vllm:membrain_uploads_dropped", "Queued saves never sent: still queued when the drain deadline of a shutdown passed"),
 }
 # timer name in the stats dict (a list of seconds) -> (Prometheus histogram name, help)
