@@ -1,8 +1,9 @@
 """The benchmark tables of docs/benchmarks.md, generated from the committed JSON in bench/results.
 
 Each table sits in the page between `<!-- generated: NAME -->` and `<!-- end generated: NAME -->`; the prose
-around them is written by hand. Every table names its source file with the date and commit the run recorded,
-or says "not recorded" where the JSON has neither (older benchmark scripts did not write them).
+around them is written by hand. Every table names its source file with the date and commit the run recorded;
+files of older runs, whose scripts wrote neither, carry the commit that wrote them (from git, marked
+`recorded_from`), and the table says so.
 
     python bench/docs_tables.py            rewrite docs/benchmarks.md from bench/results/*.json
     python bench/docs_tables.py --check    exit 1 if the page differs from what the JSON gives
@@ -48,8 +49,11 @@ def recorded(doc: dict) -> tuple[str, str]:
 def source(*names: str) -> str:
     parts = []
     for name in names:
-        date, commit = recorded(load(name))
-        parts.append(f"`bench/results/{name}` (date: {date}; commit: {commit})")
+        doc = load(name)
+        date, commit = recorded(doc)
+        # Older runs recorded neither: their files carry the commit that wrote them, from git, and say so.
+        origin = "; from git, the run recorded none" if doc.get("recorded_from") else ""
+        parts.append(f"`bench/results/{name}` (date: {date}; commit: {commit}{origin})")
     return "Source: " + ", ".join(parts) + "."
 
 
@@ -282,6 +286,37 @@ def mooncake_client() -> str:
     return source("mooncake_client.json") + "\n\n" + table(["path", "put", "get", "40-key lookup p50 / p99"], rows)
 
 
+def fleet() -> str:
+    doc = load("fleet.json")
+    rows = []
+    for i, run in enumerate(doc["runs"]):
+        for arm in run["order"]:
+            m = run["arms"][arm]
+            med = [m.get(f"{k}_median_ttft_s") for k in ("cold", "local", "remote")]
+            rows.append([f"{i + 1}", arm, f"{m['mean_ttft_ms']:.0f} ms", f"{m['p90_ttft_ms']:.0f} ms",
+                         f"{m['p99_ttft_ms']:.0f} ms",
+                         " / ".join("-" if x is None else f"{x * 1000:.0f}" for x in med) + " ms"])
+        r = run["ratios"]
+        rows.append([f"{i + 1}", "plain / Membrain", f2(r["mean_plain_over_membrain"]) + "x",
+                     f2(r["p90_plain_over_membrain"]) + "x", f2(r["p99_plain_over_membrain"]) + "x",
+                     "remote / local hit: " + (f2(r["remote_hit_over_local_hit"]) + "x"
+                                              if "remote_hit_over_local_hit" in r else "-")])
+    return source("fleet.json") + "\n\n" + table(
+        ["run", "arm", "mean TTFT", "p90 TTFT", "p99 TTFT", "median TTFT cold / local / remote"], rows)
+
+
+def put() -> str:
+    doc = load("put.json")
+    rows = []
+    for name, cell in doc["cells"].items():
+        rounds = cell["rounds"]
+        rows.append([name.replace("_x", " x "), f"{statistics.median(r['raw_GBps'] for r in rounds):.2f} GB/s",
+                     f"{statistics.median(r['membrain_GBps'] for r in rounds):.2f} GB/s",
+                     f2(cell["median_ratio"]) + "x", ", ".join(f2(r["ratio"]) for r in rounds)])
+    return source("put.json") + "\n\n" + table(
+        ["values per put", "raw socket", "Membrain", "median ratio", "each round"], rows)
+
+
 def disk() -> str:
     parts = []
     for name in ("disk.json", "disk_10gib.json"):
@@ -326,6 +361,8 @@ SECTIONS: dict[str, Callable[[], str]] = {
     "cluster": cluster,
     "mooncake-client": mooncake_client,
     "disk": disk,
+    "fleet": fleet,
+    "put": put,
     "lookup": lookup,
 }
 
