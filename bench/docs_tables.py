@@ -46,6 +46,11 @@ def recorded(doc: dict) -> tuple[str, str]:
     return (date or NOT_RECORDED, commit or NOT_RECORDED)
 
 
+def present(*names: str) -> list[str]:
+    """The named result files that exist (a benchmark repeated later writes a second file beside the first)."""
+    return [n for n in names if os.path.exists(os.path.join(RESULTS, n))]
+
+
 def source(*names: str) -> str:
     parts = []
     for name in names:
@@ -273,23 +278,25 @@ def cluster() -> str:
 
 
 def mooncake_client() -> str:
-    doc = load("mooncake_client.json")
+    files = present("mooncake_client.json", "mooncake_client_repeat.json")
     labels = {"mooncake_client": "Mooncake through Membrain's client (`mooncake://`)",
               "mooncake_raw": "Mooncake's own API from registered buffers",
               "membrain_client": "a Membrain node through `MembrainClient`"}
     rows = []
-    for key, label in labels.items():
-        r = doc[key]
-        lk = r["lookup_40_keys_us"]
-        rows.append([label, f"{r['put_GBps']:.2f} GB/s", f"{r['get_GBps']:.2f} GB/s",
-                     f"{lk['p50']:.0f} / {lk['p99']:.0f} µs"])
-    return source("mooncake_client.json") + "\n\n" + table(["path", "put", "get", "40-key lookup p50 / p99"], rows)
+    for run, name in enumerate(files, 1):
+        doc = load(name)
+        for key, label in labels.items():
+            r = doc[key]
+            lk = r["lookup_40_keys_us"]
+            rows.append([str(run), label, f"{r['put_GBps']:.2f} GB/s", f"{r['get_GBps']:.2f} GB/s",
+                         f"{lk['p50']:.0f} / {lk['p99']:.0f} µs"])
+    return source(*files) + "\n\n" + table(["run", "path", "put", "get", "40-key lookup p50 / p99"], rows)
 
 
 def fleet() -> str:
-    doc = load("fleet.json")
+    files = present("fleet.json", "fleet_repeat.json")
     rows = []
-    for i, run in enumerate(doc["runs"]):
+    for i, run in enumerate(run for name in files for run in load(name)["runs"]):
         for arm in run["order"]:
             m = run["arms"][arm]
             med = [m.get(f"{k}_median_ttft_s") for k in ("cold", "local", "remote")]
@@ -301,20 +308,20 @@ def fleet() -> str:
                      f2(r["p90_plain_over_membrain"]) + "x", f2(r["p99_plain_over_membrain"]) + "x",
                      "remote / local hit: " + (f2(r["remote_hit_over_local_hit"]) + "x"
                                               if "remote_hit_over_local_hit" in r else "-")])
-    return source("fleet.json") + "\n\n" + table(
+    return source(*files) + "\n\n" + table(
         ["run", "arm", "mean TTFT", "p90 TTFT", "p99 TTFT", "median TTFT cold / local / remote"], rows)
 
 
 def put() -> str:
-    doc = load("put.json")
+    files = present("put.json", "put_repeat.json")
     rows = []
-    for name, cell in doc["cells"].items():
+    for run, (name, cell) in ((i + 1, c) for i, f in enumerate(files) for c in load(f)["cells"].items()):
         rounds = cell["rounds"]
-        rows.append([name.replace("_x", " x "), f"{statistics.median(r['raw_GBps'] for r in rounds):.2f} GB/s",
+        rows.append([str(run), name.replace("_x", " x "), f"{statistics.median(r['raw_GBps'] for r in rounds):.2f} GB/s",
                      f"{statistics.median(r['membrain_GBps'] for r in rounds):.2f} GB/s",
                      f2(cell["median_ratio"]) + "x", ", ".join(f2(r["ratio"]) for r in rounds)])
-    return source("put.json") + "\n\n" + table(
-        ["values per put", "raw socket", "Membrain", "median ratio", "each round"], rows)
+    return source(*files) + "\n\n" + table(
+        ["run", "values per put", "raw socket", "Membrain", "median ratio", "each round"], rows)
 
 
 def disk() -> str:
