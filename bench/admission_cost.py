@@ -10,11 +10,10 @@ network's noise. Compare with a put's cost over loopback (bench/store_bench.py: 
 from __future__ import annotations
 
 import argparse
-import datetime
-import subprocess
 import timeit
 
 import orjson
+import provenance  # bench/, beside this script
 
 from membrain_async.server.store import Store
 
@@ -52,9 +51,8 @@ def main() -> None:
         print(f"{p:13s} admit {r['admit_us']:.2f} us, lookup hit {r['touch_us']:.2f} us")
     if args.json:
         with open(args.json, "wb") as f:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-            date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            doc = {"bench": "admission_cost", "date": date, "commit": commit, "results": results}
+            doc = {"bench": "admission_cost", "date": provenance.utc_now(), "commit": provenance.commit(),
+                   "results": results}
             f.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
 
 

@@ -20,17 +20,16 @@ process; the server's CPU is not counted); ratios to the raw socket's, measured 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
 
+import provenance  # bench/, beside this script
 import torch
 
 from membrain_async.cache import BlockStore
@@ -143,8 +142,7 @@ def main() -> None:
     results: dict = {"config": {**vars(args), "layers": LAYERS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
                                 "block_size": BLOCK, "block_bytes": layout.payload_bytes, "bytes_per_op": nbytes},
                      "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                     "commit": _commit()}
+                     "date": provenance.utc_now(), "commit": provenance.commit()}
     key_of = lambda h, unit=0: f"bench-{h}"  # noqa: E731
     round_ = [0]
 
@@ -215,14 +213,6 @@ class _Null:
 
     def __exit__(self, *exc):
         return False
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        return ""
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ token, a 2048-token prefix is 32 MiB), the shape where loads must be fast for Me
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import socket
@@ -34,22 +33,16 @@ import time
 
 import httpx
 
+import provenance  # bench/, beside this script
+from arg_types import positive_float, positive_int
+
 from membrain_async.server.embed import start_subprocess_server
 from membrain_async.testing import tinymodel
+from membrain_async.testing.openai_server import OpenAIServer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL = {"layers": 8, "hidden": 512, "heads": 8, "kv_heads": 8, "intermediate": 1536, "vocab_size": 1024}
 BLOCK = 64
-
-CLIENT = """
-import json, sys
-from vllm.benchmarks.serve import add_cli_args, main
-from vllm.utils.argparse_utils import FlexibleArgumentParser
-parser = FlexibleArgumentParser()
-add_cli_args(parser)
-main(parser.parse_args(sys.argv[1:]))
-"""
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -57,15 +50,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def start_engine(model: str, core: int, membrain_url: str | None, logs: str, name: str,
+                 max_len: int) -> OpenAIServer:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_MEMBRAIN_")}
+    env.update({"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": str(core), "PYTHONUNBUFFERED": "1"})
+    if membrain_url:
+        env.update({"VLLM_MEMBRAIN_ENABLED": "1", "VLLM_MEMBRAIN_ENDPOINT": membrain_url,
+                    "VLLM_MEMBRAIN_NAMESPACE": "fleet"})
+    return OpenAIServer(model, free_port(), env, os.path.join(logs, f"{name}.log"),
+                        ["--served-model-name", "fleet", "--dtype", "bfloat16", "--enforce-eager", "--block-size",
+                         str(BLOCK), "--max-model-len", str(max_len), "--seed", "0"])
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, log: str, timeout: float = 600) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, log: str, timeout: float = 60) -> None:
+    """The proxy's /health (it answers once the backends do)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -75,25 +73,8 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: str, timeout: float = 60
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(1)
+        time.sleep(0.5)
     raise RuntimeError(f"{url} not healthy after {timeout} s")
-
-
-def start_engine(model: str, core: int, membrain_url: str | None, logs: str, name: str,
-                 max_len: int) -> tuple[subprocess.Popen, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_MEMBRAIN_")}
-    env.update({"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": str(core), "PYTHONUNBUFFERED": "1"})
-    if membrain_url:
-        env.update({"VLLM_MEMBRAIN_ENABLED": "1", "VLLM_MEMBRAIN_ENDPOINT": membrain_url,
-                    "VLLM_MEMBRAIN_NAMESPACE": "fleet"})
-    port = free_port()
-    log = os.path.join(logs, f"{name}.log")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
-         "--served-model-name", "fleet", "--dtype", "bfloat16", "--enforce-eager", "--block-size", str(BLOCK),
-         "--max-model-len", str(max_len), "--seed", "0"],
-        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    return proc, f"http://127.0.0.1:{port}", log
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -131,29 +112,26 @@ def median(xs: list[float]) -> float | None:
 
 
 def run_arm(arm: str, model: str, a: argparse.Namespace, logs: str) -> dict:
-    server = None
-    procs: list[subprocess.Popen] = []
+    server = proxy = None
+    engines: list[OpenAIServer] = []
     try:
         if arm == "membrain":
             server = start_subprocess_server({"port": 0, "capacity": "4GiB"},
                                              log_path=os.path.join(logs, f"{arm}-server.log"))
         max_len = a.prefix_len + a.suffix_len + a.output_len + 64
-        started = [start_engine(model, core, server.url if server else None, logs, f"{arm}-{core}", max_len)
+        engines = [start_engine(model, core, server.url if server else None, logs, f"{arm}-{core}", max_len)
                    for core in (0, 1)]
-        procs = [p for p, _, _ in started]
-        for p, url, log in started:
-            wait_healthy(url, p, log)
-        for i, (_, url, _) in enumerate(started):
-            warm_up(url, i)
+        for i, api in enumerate(engines):
+            api.wait_ready()
+            warm_up(api.url, i)
         proxy_port, proxy_log = free_port(), os.path.join(logs, f"{arm}-proxy.jsonl")
         proxy = subprocess.Popen([sys.executable, os.path.join(HERE, "rr_proxy.py"), "--port", str(proxy_port),
-                                  "--log", proxy_log, *sum((["--backend", u] for _, u, _ in started), [])],
+                                  "--log", proxy_log, *sum((["--backend", api.url] for api in engines), [])],
                                  stdout=open(os.path.join(logs, f"{arm}-proxy.log"), "w"), stderr=subprocess.STDOUT)
-        procs.append(proxy)
         wait_healthy(f"http://127.0.0.1:{proxy_port}", proxy, os.path.join(logs, f"{arm}-proxy.log"))
         result_name = f"{arm}-client.json"
         client = subprocess.run(
-            [sys.executable, "-c", CLIENT, "--backend", "vllm", "--base-url", f"http://127.0.0.1:{proxy_port}",
+            [sys.executable, os.path.join(HERE, "vllm_client.py"), "--backend", "vllm", "--base-url", f"http://127.0.0.1:{proxy_port}",
              "--endpoint", "/v1/completions", "--model", "fleet", "--tokenizer", model,
              "--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", str(a.prefix_len),
              "--prefix-repetition-suffix-len", str(a.suffix_len),
@@ -167,7 +145,7 @@ def run_arm(arm: str, model: str, a: argparse.Namespace, logs: str) -> dict:
             raise RuntimeError(f"bench client failed:\n{client.stdout[-3000:]}\n{client.stderr[-3000:]}")
         with open(os.path.join(logs, result_name)) as f:
             res = json.load(f)
-        stop(proxy)
+        stop(proxy)  # the proxy writes each request's line as its response ends
         with open(proxy_log) as f:
             reqs = classify([json.loads(line) for line in f if line.strip()])
         metrics = {}
@@ -187,8 +165,10 @@ def run_arm(arm: str, model: str, a: argparse.Namespace, logs: str) -> dict:
                                    "ram_hits": metrics.get("tiers", {}).get("ram", {}).get("hits")}
         return out
     finally:
-        for p in procs:
-            stop(p)
+        if proxy is not None:
+            stop(proxy)
+        for api in engines:
+            api.stop()
         if server is not None:
             server.stop()
 
@@ -196,19 +176,19 @@ def run_arm(arm: str, model: str, a: argparse.Namespace, logs: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", default=os.path.join(HERE, "results", "fleet.json"))
-    p.add_argument("--runs", type=int, default=2)
-    p.add_argument("--num-prefixes", type=int, default=8)
-    p.add_argument("--prefix-len", type=int, default=2048)
-    p.add_argument("--suffix-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--rate", type=float, default=1.0)
+    p.add_argument("--runs", type=positive_int, default=2)
+    p.add_argument("--num-prefixes", type=positive_int, default=8)
+    p.add_argument("--prefix-len", type=positive_int, default=2048)
+    p.add_argument("--suffix-len", type=positive_int, default=64)
+    p.add_argument("--output-len", type=positive_int, default=32)
+    p.add_argument("--num-prompts", type=positive_int, default=32)
+    p.add_argument("--rate", type=positive_float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     for k, v in MODEL.items():
-        p.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
+        p.add_argument(f"--{k.replace('_', '-')}", type=positive_int, default=v)
     a = p.parse_args()
     shape = {k: getattr(a, k) for k in MODEL}
-    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    started = provenance.utc_now()
     with tempfile.TemporaryDirectory(prefix="membrain-fleet-") as tmp:
         model = str(tinymodel.generate(os.path.join(tmp, "model"), max_positions=8192, **shape))
         runs = []
@@ -230,7 +210,7 @@ def main() -> None:
                 ratios["remote_hit_over_local_hit"] = mb["remote_median_ttft_s"] / mb["local_median_ttft_s"]
             runs.append({"order": list(order), "arms": arms, "ratios": ratios})
             print(f"run {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()), flush=True)
-    out = {"bench": "fleet", "date": started, "commit": git_commit(), "model": shape, "block_size": BLOCK,
+    out = {"bench": "fleet", "date": started, "commit": provenance.commit(), "model": shape, "block_size": BLOCK,
            "workload": {k: getattr(a, k) for k in ("num_prefixes", "prefix_len", "suffix_len", "output_len",
                                                     "num_prompts", "rate", "seed")},
            "aims": {"mean_plain_over_membrain": ">= 1.3", "p99": "membrain <= plain",

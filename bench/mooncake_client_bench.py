@@ -24,6 +24,8 @@ import time
 import anyio
 import orjson
 
+import provenance  # bench/, beside this script
+
 from membrain_async.cache.remote import make_client
 from membrain_async.client import MembrainClient
 from membrain_async.config import ConnectorConfig
@@ -130,16 +132,6 @@ def mooncake_raw(mc: mooncake.MooncakeCluster, rounds: int, nkeys: int, lookups:
     return _summary(puts, gets, lat)
 
 
-def _commit() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -157,7 +149,7 @@ def main() -> None:
     out: dict = {"command": "python " + " ".join(sys.argv), "value_bytes": SIZE, "batch": BATCH,
                  "keys_per_round": args.keys, "rounds": args.rounds, "mooncake_version": mooncake.version(),
                  "protocol": "tcp", "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
-                 "commit": _commit()}
+                 "commit": provenance.commit()}
     with mooncake.MooncakeCluster(CAPACITY) as mc:
         warm(mc)
         cfg = ConnectorConfig.from_sources(env={}, overrides={"endpoint": mc.endpoint, "mooncake_metadata_server": mc.metadata,

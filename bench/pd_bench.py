@@ -22,7 +22,6 @@ On a host with more cores, pin the two instances apart: --bind 0-7 8-15 (VLLM_CP
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -35,20 +34,14 @@ import httpx
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
 
+import provenance  # noqa: E402  (bench/, beside this script)
+from arg_types import positive_float, positive_int  # noqa: E402
+
 from membrain_async.server.embed import start_subprocess_server  # noqa: E402
 from membrain_async.testing import tinymodel  # noqa: E402
 from membrain_async.testing.openai_server import OpenAIServer  # noqa: E402
 
 ARMS = ("pd", "plain", "kv_both")
-BENCH_CLIENT = """
-import sys
-from vllm.benchmarks.serve import add_cli_args, main
-from vllm.utils.argparse_utils import FlexibleArgumentParser
-if __name__ == "__main__":
-    parser = FlexibleArgumentParser()
-    add_cli_args(parser)
-    main(parser.parse_args(sys.argv[1:]))
-"""
 # What the JSON keeps of the client's result (it also holds every request's timings).
 CLIENT_FIELDS = ("completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
                  *(f"{stat}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el") for stat in ("mean", "median", "p99")))
@@ -108,7 +101,7 @@ def run_arm(arm: str, args, model: str, out_dir: str) -> dict:
         before = [{c: api.counter(c) for c in COUNTERS} for api in instances]
         started = time.monotonic()
         client = subprocess.run(
-            [sys.executable, "-c", BENCH_CLIENT, "--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}",
+            [sys.executable, os.path.join(ROOT, "bench", "vllm_client.py"), "--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}",
              "--model", model, "--tokenizer", model, *dataset_args(args), "--num-prompts", str(args.num_prompts),
              "--request-rate", str(args.request_rate), "--seed", str(args.seed), "--ignore-eos",
              "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
@@ -152,36 +145,33 @@ def wait_http(url: str, timeout: float = 60) -> None:
     raise TimeoutError(url)
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return ""
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "pd.json"))
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     p.add_argument("--model", help="a model directory (default: a generated random-weight Llama, --layers/--hidden)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=positive_int, default=4)
+    p.add_argument("--hidden", type=positive_int, default=512)
     p.add_argument("--dataset", choices=("random", "prefix_repetition"), default="random")
-    p.add_argument("--input-len", type=int, default=1024, help="prompt tokens (prefix + suffix for prefix_repetition)")
-    p.add_argument("--prefix-len", type=int, default=768)
-    p.add_argument("--num-prefixes", type=int, default=4)
-    p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--request-rate", type=float, default=1.0)
+    p.add_argument("--input-len", type=positive_int, default=1024, help="prompt tokens (prefix + suffix for prefix_repetition)")
+    p.add_argument("--prefix-len", type=positive_int, default=768)
+    p.add_argument("--num-prefixes", type=positive_int, default=4)
+    p.add_argument("--output-len", type=positive_int, default=64)
+    p.add_argument("--num-prompts", type=positive_int, default=64)
+    p.add_argument("--request-rate", type=positive_float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=2, help="untimed requests per instance before each arm")
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--block-size", type=positive_int, default=128)
+    p.add_argument("--max-model-len", type=positive_int, default=4096)
     p.add_argument("--kv-cache-gib", default="2", help="VLLM_CPU_KVCACHE_SPACE per instance")
     p.add_argument("--store-capacity", default="2GiB")
     p.add_argument("--bind", nargs=2, metavar=("CPUS_A", "CPUS_B"), help="VLLM_CPU_OMP_THREADS_BIND per instance")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds the client may take per arm")
+    p.add_argument("--timeout", type=positive_float, default=3600, help="seconds the client may take per arm")
     args = p.parse_args()
+    if args.dataset == "prefix_repetition" and args.prefix_len >= args.input_len:
+        p.error(f"--prefix-len ({args.prefix_len}) must be below --input-len ({args.input_len}): the rest is each prompt's own suffix")
+    if args.model and not os.path.isdir(args.model):
+        p.error(f"--model {args.model}: not a directory")
 
     work = tempfile.mkdtemp(prefix="pd-bench-")
     model = args.model or str(tinymodel.generate(os.path.join(work, "model"), layers=args.layers, hidden=args.hidden))
@@ -194,7 +184,7 @@ def main() -> None:
               f"ITL median {c['median_itl_ms']:.1f} ms p99 {c['p99_itl_ms']:.1f} ms, "
               f"{c['output_throughput']:.1f} output tok/s, {c['completed']} completed", flush=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("json", "arms")}
-    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
+    report = {"date": provenance.utc_now(), "commit": provenance.commit(),
               "cpus": os.cpu_count(), "settings": settings, "logs": work, "arms": arms}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:

@@ -11,11 +11,9 @@ figure is the median of each round's ratio, because the machine is shared and no
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -23,6 +21,8 @@ import anyio
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import provenance  # noqa: E402
+from arg_types import positive_float, positive_int  # noqa: E402
 import rawsock  # noqa: E402
 
 from membrain_async.client import MembrainClient  # noqa: E402
@@ -62,22 +62,13 @@ async def fill(url: str) -> None:
             await client.put_many([f"fill-{i + j}" for j in range(8)], [value] * 8)
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--seconds", type=float, default=1.5)
+    p.add_argument("--rounds", type=positive_int, default=5)
+    p.add_argument("--seconds", type=positive_float, default=1.5)
     p.add_argument("--json", default=None)
     a = p.parse_args()
-    out = {"bench": "put", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "commit": commit(), "value_bytes": SIZE, "capacity_bytes": CAPACITY, "cpus": os.cpu_count(),
+    out = {"bench": "put", "date": provenance.utc_now(), "commit": provenance.commit(), "value_bytes": SIZE, "capacity_bytes": CAPACITY, "cpus": os.cpu_count(),
            "command": "python " + " ".join(sys.argv), "cells": {}}
     server = start_subprocess_server({"port": 0, "capacity": str(CAPACITY)})
     try:

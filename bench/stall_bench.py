@@ -39,6 +39,8 @@ import sys
 import tempfile
 import time
 
+import provenance  # bench/, beside this script
+
 from membrain_async.testing.driver import EventProcess
 
 MODEL = {"layers": 8, "hidden": 1024, "heads": 8, "kv_heads": 4, "intermediate": 4096, "vocab_size": 2048}
@@ -280,9 +282,7 @@ def main() -> None:
         "config": {**vars(args), "model": m, "kv_bytes_per_token": kv_per_token,
                    "prefix_kv_mb": kv_per_token * args.prefix_words / 1e6, "engine": ENGINE},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip(),
+        "date": provenance.utc_now(), "commit": provenance.commit(),
         "runs": [], "logs": logs,
     }
     print(f"model: {m['layers']} layers, hidden {m['hidden']}, {kv_per_token} KV bytes per token "

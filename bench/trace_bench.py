@@ -24,7 +24,6 @@ request at a time either way, so every run sees the same order).
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import orjson
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import provenance  # noqa: E402
 from trace_sim import BLOCK_TOKENS, load_trace, simulate_belady, simulate_lru, summarize  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -176,13 +176,6 @@ def _rss(pid: int) -> int | None:
         return None
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "?"
-
-
 def table(results: list[dict], policies: list[str]) -> str:
     """Hit ratio per trace x capacity, each arm beside LRU and Belady (printed; docs/benchmarks.md builds its own
     table from the JSON)."""
@@ -238,8 +231,7 @@ def main() -> None:
             results.append(row)
             print(f"{name} {cap_text}: " + ", ".join(f"{k} {v['hit_ratio']:.4f}" for k, v in arms.items()), flush=True)
     doc = {
-        "bench": "trace_replay", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(), "args": vars(args), "block_tokens": BLOCK_TOKENS, "cpus": os.cpu_count(),
+        "bench": "trace_replay", "date": provenance.utc_now(), "commit": provenance.commit(), "args": vars(args), "block_tokens": BLOCK_TOKENS, "cpus": os.cpu_count(),
         "redis_skipped": redis_reason, "results": results,
     }
     print(table(results, args.policies))

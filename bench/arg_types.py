@@ -1,0 +1,26 @@
+"""Argument types for the benchmark scripts: a count or a duration of zero or less is a usage error (argparse
+prints one line and exits 2), not a run that divides by zero at the end."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:  # nan fails this too; inf passes (a request rate of inf is a burst)
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
