@@ -217,6 +217,8 @@ def main() -> None:
                       f"{arms[arm]['p99_ttft_ms']:.0f} ms; cold/local/remote medians "
                       f"{arms[arm]['cold_median_ttft_s']} / {arms[arm]['local_median_ttft_s']} / "
                       f"{arms[arm]['remote_median_ttft_s']} s", flush=True)
+                for name, cpu in arms[arm]["cpu"].items():
+                    print(f"    {name}: {cpu['cpu_s']:.1f} CPU-s {cpu.get('parts', '')}", flush=True)
             pl, mb = arms["plain"], arms["membrain"]
             ratios = {f"{m}_plain_over_membrain": pl[f"{m}_ttft_ms"] / mb[f"{m}_ttft_ms"]
                       for m in ("mean", "median", "p90", "p99")}
