@@ -382,7 +382,14 @@ def shape(reqs) -> dict:
                 kind[1] += uses[b] > 1
         known.update(r.blocks)
     q = lambda p: first_gaps[int(len(first_gaps) * p)] if first_gaps else None  # noqa: E731
+    roots = collections.Counter(r.blocks[0] for r in reqs if r.blocks)
+    successors = collections.defaultdict(set)  # the prefix tree: which blocks follow each block
+    for r in reqs:
+        for a, b in zip(r.blocks, r.blocks[1:]):
+            successors[a].add(b)
     return {"requests": len(reqs), "blocks": len(seq), "distinct": len(uses),
+            "roots": len(roots), "roots_requested_once": sum(1 for c in roots.values() if c == 1),
+            "branching_blocks": sum(1 for s in successors.values() if len(s) > 1),
             "distinct_used_once": sum(1 for c in uses.values() if c == 1),
             "infinite_cache_hit_ratio": summarize(reqs, simulate_lru(reqs, len(uses)))["hit_ratio"],
             "first_reuse_gap_blocks": {"p25": q(0.25), "p50": q(0.5), "p75": q(0.75)},
