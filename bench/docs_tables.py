@@ -258,10 +258,12 @@ def trace_shape() -> str:
     for name, s in doc["shape"].items():
         gaps = s["first_reuse_gap_blocks"]
         rows.append([name, f"{s['blocks']:,}", f"{s['distinct']:,}", f"{s['distinct_used_once'] / s['distinct']:.0%}",
+                     f"{s['roots']:,} ({s['roots_requested_once'] / s['roots']:.0%})", f"{s['branching_blocks']:,}",
                      f"{s['infinite_cache_hit_ratio']:.3f}", f"{gaps['p25']:,} / {gaps['p50']:,} / {gaps['p75']:,}",
                      f"{s['put_used_again']['fresh']:.0%}" if s["put_used_again"]["fresh"] is not None else "-",
                      f"{s['put_used_again']['after_prefix']:.0%}"])
-    header = ["trace", "blocks", "distinct", "distinct used once", "infinite cache", "first reuse after (blocks; p25 / p50 / p75)",
+    header = ["trace", "blocks", "distinct", "distinct used once", "chain roots (requested once)",
+              "blocks with 2+ successors", "infinite cache", "first reuse after (blocks; p25 / p50 / p75)",
               "new block used again: chain new from its root", "after a known prefix"]
     return source("policy_candidates.json") + "\n\n" + table(header, rows)
 
