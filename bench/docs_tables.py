@@ -235,6 +235,39 @@ def trace_replay() -> str:
     return source("trace_replay.json") + "\n\n" + table(header, rows)
 
 
+def policy_candidates() -> str:
+    doc = load("policy_candidates.json")
+    online = ["second-sight", "second-sight-16x", "s3-fifo", "w-tinylfu", "arc", "lfu-da", "lru-2", "freq-admit",
+              "fresh-chain", "depth-bonus"]
+    bounds = ["oracle-if-reused", "oracle-uses-left", "belady"]
+    rows = []
+    for r in doc["results"]:
+        ratios = r["hit_ratio"]
+        lru = ratios["lru"]
+        best = max(online, key=lambda c: ratios[c])
+        rows.append([r["trace"], r["capacity"], f"{lru:.3f}"]
+                    + [f"**{ratios[c]:.3f}**" if c == best else f"{ratios[c]:.3f}" for c in online]
+                    + [f"{ratios[c]:.3f} ({ratios[c] / lru:.2f}×)" for c in bounds])
+    header = ["trace", "capacity", "lru", *online, *(f"{c} (bound)" for c in bounds)]
+    return source("policy_candidates.json") + "\n\n" + table(header, rows)
+
+
+def trace_shape() -> str:
+    doc = load("policy_candidates.json")
+    rows = []
+    for name, s in doc["shape"].items():
+        gaps = s["first_reuse_gap_blocks"]
+        rows.append([name, f"{s['blocks']:,}", f"{s['distinct']:,}", f"{s['distinct_used_once'] / s['distinct']:.0%}",
+                     f"{s['roots']:,} ({s['roots_requested_once'] / s['roots']:.0%})", f"{s['branching_blocks']:,}",
+                     f"{s['infinite_cache_hit_ratio']:.3f}", f"{gaps['p25']:,} / {gaps['p50']:,} / {gaps['p75']:,}",
+                     f"{s['put_used_again']['fresh']:.0%}" if s["put_used_again"]["fresh"] is not None else "-",
+                     f"{s['put_used_again']['after_prefix']:.0%}"])
+    header = ["trace", "blocks", "distinct", "distinct used once", "chain roots (requested once)",
+              "blocks with 2+ successors", "infinite cache", "first reuse after (blocks; p25 / p50 / p75)",
+              "new block used again: chain new from its root", "after a known prefix"]
+    return source("policy_candidates.json") + "\n\n" + table(header, rows)
+
+
 def admission_cost() -> str:
     doc = load("admission_cost.json")
     rows = [[f"`{policy}`", f"{r['admit_us']:.2f} µs", f"{r['touch_us']:.2f} µs"]
@@ -363,6 +396,8 @@ SECTIONS: dict[str, Callable[[], str]] = {
     "store-redis": store_redis,
     "store-arena": store_arena,
     "trace-replay": trace_replay,
+    "policy-candidates": policy_candidates,
+    "trace-shape": trace_shape,
     "admission-cost": admission_cost,
     "put-ab": put_ab,
     "cluster": cluster,
