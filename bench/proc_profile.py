@@ -7,8 +7,8 @@
     prof.summary  # {"engine0": {"cpu_s": ..., "threads": {...}, "top": [...]}, ...}
 
 CPU seconds come from psutil (per process and per thread, before and after), so they cost nothing while
-the workload runs. py-spy, where asked for, samples the engine core with `--native --threads` (active
-threads only: a sample is CPU time, not wall time), writes collapsed stacks (`<name>-<pid>.txt`, for
+the workload runs. py-spy, where asked for, samples the model's worker process with `--native --threads`;
+samples whose innermost frame is a wait (epoll, futex, sleep) are dropped, so the rest approximates CPU time, writes collapsed stacks (`<name>-<pid>.txt`, for
 flamegraph.pl or speedscope), and the summary attributes its samples to a few named parts of the step.
 py-spy needs ptrace: it is used when present and permitted, and skipped with a note otherwise.
 """
@@ -24,8 +24,8 @@ import sys
 
 import psutil
 
-# Where a sample's time goes, by the first frame (innermost first) that names one of these. Order matters:
-# Membrain's own frames win over the torch call that they make.
+# Where a sample's time goes: the first part (in this order) that a frame of its stack names. Membrain's
+# parts come first, so its work inside vLLM's step (the save gather in execute_model) counts as Membrain's.
 PARTS = [
     ("membrain save", ("_stage", "start_save", "_gather", "wait_for_save", "_upload", "write_header")),
     ("membrain load", ("PageLoader", "_scatter", "loads.py", "finish_load", "_copy_in")),
@@ -34,6 +34,19 @@ PARTS = [
     ("model forward", ("execute_model", "_model_forward", "forward")),
     ("vllm scheduler", ("schedule", "update_from_output")),
 ]
+
+
+# Leaf frames of a thread that waits (py-spy --native samples every thread, idle or not).
+WAITS = ("epoll_wait", "epoll_pwait", "poll (", "select (", "pthread_cond_wait", "pthread_cond_timedwait",
+         "sem_wait", "sem_timedwait", "sem_clockwait", "futex", "nanosleep", "clock_nanosleep", "accept",
+         "__GI___poll", "do_futex_wait", "pthread_cond_clockwait", "recvmsg (", "read (libc")
+
+
+def waiting(stack: str) -> bool:
+    leaf = stack.rsplit(";", 1)[-1]
+    if leaf.startswith("0x") and "(libc.so" in leaf:
+        return True  # an unsymbolised libc address: in the profiles seen here, a futex wait's
+    return any(w in leaf for w in WAITS)
 
 
 def part_of(stack: str) -> str:
@@ -49,16 +62,18 @@ def _py_spy() -> str | None:
     return here if os.path.exists(here) else shutil.which("py-spy")
 
 
-def _engine_core(pid: int) -> psutil.Process:
-    """vLLM's engine core is the API server's child that runs the model; fall back to the process itself."""
+def _model_worker(pid: int) -> psutil.Process:
+    """The process that runs the model: vLLM's worker (its own process under the multiprocessing executor,
+    titled VLLM::Worker), else the engine core, else the process itself."""
     proc = psutil.Process(pid)
-    for child in proc.children(recursive=True):
-        try:
-            if "EngineCore" in " ".join(child.cmdline()) or "EngineCore" in child.name():
-                return child
-        except psutil.Error:
-            continue
     kids = proc.children(recursive=True)
+    for title in ("Worker", "EngineCore"):
+        for child in kids:
+            try:
+                if title in child.name() or title in " ".join(child.cmdline()):
+                    return child
+            except psutil.Error:
+                continue
     return kids[0] if kids else proc
 
 
@@ -80,7 +95,7 @@ def _thread_name(pid: int, tid: int) -> str:
 
 
 class ProcessProfile:
-    def __init__(self, out_dir: str, label: str, rate: int = 97):
+    def __init__(self, out_dir: str, label: str, rate: int = 49):
         self.out_dir, self.label, self.rate = out_dir, label, rate
         self._watched: dict[str, tuple[list[psutil.Process], float, dict]] = {}
         self._spies: dict[str, tuple[subprocess.Popen, str]] = {}
@@ -94,7 +109,7 @@ class ProcessProfile:
         self._watched[name] = (procs, 0.0, before)
         spy = _py_spy()
         if sample and spy:
-            core = _engine_core(pid)
+            core = _model_worker(pid)
             path = os.path.join(self.out_dir, f"{self.label}-{name}-{core.pid}.txt")
             self._spies[name] = (subprocess.Popen(
                 [spy, "record", "--pid", str(core.pid), "--native", "--threads", "--rate", str(self.rate),
@@ -133,6 +148,8 @@ class ProcessProfile:
                     if not count.isdigit():
                         continue
                     n = int(count)
+                    if waiting(stack):
+                        continue
                     total += n
                     parts[part_of(stack)] += n
                     threads[stack.split(";", 1)[0]] += n

@@ -94,14 +94,33 @@ def test_a_load_copies_only_the_leading_slots_it_is_given():
     assert torch.equal(page(kv, layout, 0, 12), before[12])
 
 
-def test_host_buffers_are_pooled_and_grow_with_the_batch():
+def test_host_buffers_are_pooled_best_fit_within_their_bound():
     layout = PageLayout.from_kv_caches(caches(LAYOUTS["cpu"][0](), "cpu", 3), NB, "cpu-pages")
-    mover = CpuPageMover(layout)
+    slot = CpuPageMover(layout).slot_bytes
+    mover = CpuPageMover(layout, pool_bytes=40 * slot)
     a = mover.host_buffer(2)
-    assert a.numel() >= 2 * mover.slot_bytes
+    assert a.numel() == 4 * slot  # sized to the batch, in whole quanta of slots
     mover.release_host(a)
     assert mover.host_buffer(3) is a  # reused: no fresh memory, no page faults
-    big = mover.host_buffer(100)
-    assert big.numel() >= 100 * mover.slot_bytes
-    mover.release_host(a)  # sized for the old capacity: not taken back
-    assert mover.host_buffer(1) is not a
+    assert mover.allocated == 1
+    big = mover.host_buffer(30)
+    assert big.numel() == 32 * slot and mover.allocated == 2
+    mover.release_host(a)
+    mover.release_host(big)
+    assert mover.host_buffer(20) is big  # the smallest free buffer that fits
+    assert mover.host_buffer(1) is a
+    mover.release_host(big)
+    assert mover.host_buffer(1) is not big  # over twice the batch: kept for a larger one
+    assert mover.allocated == 3
+
+
+def test_the_pool_keeps_free_buffers_within_its_bytes_with_those_in_use():
+    layout = PageLayout.from_kv_caches(caches(LAYOUTS["cpu"][0](), "cpu", 3), NB, "cpu-pages")
+    slot = CpuPageMover(layout).slot_bytes
+    mover = CpuPageMover(layout, pool_bytes=40 * slot)
+    small, big, held = mover.host_buffer(4), mover.host_buffer(32), mover.host_buffer(8)
+    mover.release_host(small)  # 4 free beside 40 in use: over the bound, so it is not kept
+    mover.release_host(big)  # 32 free beside 8 in use: kept
+    assert mover.host_buffer(4) is not small
+    mover.release_host(held)
+    assert mover.host_buffer(30) is big  # the large one stayed

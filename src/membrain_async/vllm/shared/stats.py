@@ -88,6 +88,10 @@ COUNTERS = {
         "vllm:membrain_handoff_timeouts",
         "Decode requests that stopped waiting for a prefill's blocks at VLLM_MEMBRAIN_HANDOFF_DEADLINE (the rest computed)",
     ),
+    "host_buffers_allocated": (
+        "vllm:membrain_host_buffers_allocated",
+        "Host buffers a worker allocated for loads or saves because no pooled one fitted (each pays page faults on first use)",
+    ),
     "uploads_dropped": ("vllm:membrain_uploads_dropped", "Queued saves never sent: still queued when the drain deadline of a shutdown passed"),
 }
 # timer name in the stats dict (a list of seconds) -> (Prometheus histogram name, help)

@@ -99,6 +99,7 @@ class MembrainWorker:
         self._failed_requests: set[str] = set()
         self._stats: dict[str, Any] = {}  # counters (numbers) and timers (lists of seconds), see shared/stats.py
         self._upload_ring = CompletionRing()  # the end of each save handed to the store
+        self._allocated_reported = 0  # host buffers the movers had made at the last take_stats
         # Blocks loads found missing on the server, for the scheduler half's KV events (only when vLLM's are on).
         self._report_missing = kv_events_enabled(vllm_config)
         self._missing: list[str] = []
@@ -119,7 +120,9 @@ class MembrainWorker:
             layouts = [self._unit_layout(kv_caches, u, identity.kv_layout(device.type if device else "cpu"))
                        for u in self.units]
             # Chosen once: accelerators take the device path; CPU moves pages between the cache and the slots.
-            self.movers = [make_mover(layout, device, self.config.device_path_on_cpu) for layout in layouts]
+            # Free host buffers are kept up to the budgets that bound them in flight (memory_budget.py).
+            pool = (self.config.write_behind_bytes + self.config.step_load_bytes) // len(layouts)
+            self.movers = [make_mover(layout, device, self.config.device_path_on_cpu, pool) for layout in layouts]
         except (UnsupportedLayout, ValueError) as exc:
             log.warning("Membrain disabled on this worker: %s", exc)
             self.movers = []
@@ -337,6 +340,10 @@ class MembrainWorker:
                 self._count("uploads_dropped")
             else:
                 self._count("upload_failed_blocks")
+        allocated = sum(m.allocated for m in self.movers)
+        if allocated > self._allocated_reported:
+            self._count("host_buffers_allocated", allocated - self._allocated_reported)
+            self._allocated_reported = allocated
         stats, self._stats = self._stats, {}
         return stats
 
