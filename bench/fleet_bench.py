@@ -153,6 +153,10 @@ def run_arm(arm: str, model: str, a: argparse.Namespace, logs: str, run: int) ->
             raise RuntimeError(f"bench client failed:\n{client.stdout[-3000:]}\n{client.stderr[-3000:]}")
         with open(os.path.join(logs, result_name)) as f:
             res = json.load(f)
+        if server is not None:  # the connector's own account of its copies, from each engine's /metrics
+            connector = {name: sum(api.counter(f"vllm:membrain_{name}") for api in engines)
+                         for name in ("save_copy_seconds_sum", "save_copy_seconds_count", "saved_bytes_total",
+                                      "host_buffers_allocated_total", "loaded_bytes_total", "load_seconds_sum")}
         stop(proxy)  # the proxy writes each request's line as its response ends
         with open(proxy_log) as f:
             reqs = classify([json.loads(line) for line in f if line.strip()])
@@ -163,6 +167,8 @@ def run_arm(arm: str, model: str, a: argparse.Namespace, logs: str, run: int) ->
                                        "p90_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "p99_itl_ms",
                                        "request_throughput", "output_throughput")}
         out["cpu"] = profile.summary
+        if server is not None:
+            out["connector"] = connector
         out["requests"] = [{k: r[k] for k in ("order", "backend", "kind", "proxy_ttft_s")} for r in reqs]
         for kind in ("cold", "local", "remote"):
             xs = [r["proxy_ttft_s"] for r in reqs if r["kind"] == kind and r["proxy_ttft_s"] is not None]
@@ -210,13 +216,15 @@ def main() -> None:
             order = ("plain", "membrain") if i % 2 == 0 else ("membrain", "plain")
             arms = {}
             for arm in order:
-                logs = os.path.join(tmp, f"run{i}")
+                logs = os.path.join(a.profile or tmp, f"run{i}")  # kept with the profiles
                 os.makedirs(logs, exist_ok=True)
                 arms[arm] = run_arm(arm, model, a, logs, i)
                 print(f"run {i} {arm}: mean TTFT {arms[arm]['mean_ttft_ms']:.0f} ms, p99 "
                       f"{arms[arm]['p99_ttft_ms']:.0f} ms; cold/local/remote medians "
                       f"{arms[arm]['cold_median_ttft_s']} / {arms[arm]['local_median_ttft_s']} / "
                       f"{arms[arm]['remote_median_ttft_s']} s", flush=True)
+                if "connector" in arms[arm]:
+                    print(f"    connector: {arms[arm]['connector']}", flush=True)
                 for name, cpu in arms[arm]["cpu"].items():
                     print(f"    {name}: {cpu['cpu_s']:.1f} CPU-s {cpu.get('parts', '')}", flush=True)
             pl, mb = arms["plain"], arms["membrain"]
