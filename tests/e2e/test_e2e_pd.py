@@ -8,6 +8,7 @@ one set of engines serves every test of the module (the kill test runs last).
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -20,20 +21,22 @@ import pytest
 from membrain_async.server.embed import start_subprocess_server
 from membrain_async.testing.openai_server import OpenAIServer
 from membrain_async.testing.proxy import FaultProxy
+from membrain_async.vllm.scheduler.handoff import FIRST_POLL_S, MAX_POLL_S
 
 from ..harness import BLOCK, ENGINE_KWARGS, PROMPTS, engine_env, free_port
 from .test_e2e_faults import stored_keys
 from .test_e2e_never_poison import assert_matches_clean, delete, payloads
 
 pytest.importorskip("vllm")
-# Not in the default suite (nox -s pd runs it): on 2 busy cores a decode's hand-off wait polls the store
-# at engine-pass rate, and the hand-off then times out now and then (docs/pd.md, known limits).
+# Not in the default suite (nox -s pd runs it): on 2 busy cores a prefill's last upload sometimes stalls
+# about 5 s, past the decode's hand-off deadline (docs/pd.md, "Known problem").
 pytestmark = [pytest.mark.vllm, pytest.mark.pd]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SERVER_ARGS = ["--dtype", ENGINE_KWARGS["dtype"], "--enforce-eager", "--block-size", str(BLOCK),
                "--max-model-len", str(ENGINE_KWARGS["max_model_len"]), "--seed", str(ENGINE_KWARGS["seed"]),
                "--enable-prompt-tokens-details"]
+HANDOFF_DEADLINE = 5.0  # the decode instance's VLLM_MEMBRAIN_HANDOFF_DEADLINE
 PRODUCER_CONFIG = ('{"kv_connector":"MembrainConnector","kv_role":"kv_producer","kv_load_failure_policy":"recompute",'
                    '"kv_connector_extra_config":{"endpoint":"%s"}}')
 
@@ -78,7 +81,7 @@ def pd(model, logs):
     fault = FaultProxy(srv.port).__enter__()
     prefill_env = engine_env(VLLM_SERVER_DEV_MODE="1")  # /reset_prefix_cache
     decode_env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=srv.url, VLLM_MEMBRAIN_ROLE="kv_consumer",
-                            VLLM_SERVER_DEV_MODE="1")
+                            VLLM_MEMBRAIN_HANDOFF_DEADLINE=str(HANDOFF_DEADLINE), VLLM_SERVER_DEV_MODE="1")
     prefill = OpenAIServer(model, free_port(), prefill_env, os.path.join(logs, "pd-prefill.log"),
                            [*SERVER_ARGS, "--kv-transfer-config", PRODUCER_CONFIG % fault.url])
     decode = OpenAIServer(model, free_port(), decode_env, os.path.join(logs, "pd-decode.log"), SERVER_ARGS)
@@ -206,6 +209,7 @@ def test_a_prefill_killed_mid_save_costs_the_decode_a_recompute_never_tokens_or_
     # The decode instance computed f1 in the clean run: it must now depend on the store alone.
     assert httpx.post(f"{pd.decode.url}/reset_prefix_cache", timeout=30).status_code == 200
     timeouts = pd.decode.counter("vllm:membrain_handoff_timeouts_total")
+    polls = pd.decode.counter("vllm:membrain_handoff_polls_total")
     r = httpx.post(f"{pd.decode.url}/v1/completions", timeout=300, json={
         "model": pd.decode.model, "prompt": PROMPTS["f1"], "max_tokens": 12, "temperature": 0, "ignore_eos": True,
         "return_token_ids": True, "kv_transfer_params": handoff})
@@ -217,6 +221,11 @@ def test_a_prefill_killed_mid_save_costs_the_decode_a_recompute_never_tokens_or_
     assert loaded < loadable_tokens(result)  # some of f1 was never stored: the decode computed it
     # It waited for the announced blocks until the store's count stood still for the hand-off deadline.
     assert pd.decode.counter("vllm:membrain_handoff_timeouts_total") == timeouts + 1
+    # Spaced re-polls (handoff.py), not one lookup per engine pass: with the store's count standing still
+    # from the first answer, the interval doubles to its cap and the last look is at the deadline. A
+    # slower machine only sends fewer.
+    ramp = math.ceil(math.log2(MAX_POLL_S / FIRST_POLL_S)) + 1
+    assert pd.decode.counter("vllm:membrain_handoff_polls_total") - polls <= ramp + math.ceil(HANDOFF_DEADLINE / MAX_POLL_S) + 1
     # Whatever reached the store before the kill is the clean run's, byte for byte; no other key appeared.
     assert stored_keys(pd.srv.url) <= before | set(f1_keys)
     assert_matches_clean(clean, pd.srv.url, must_have=[])

@@ -16,7 +16,7 @@ pytest.importorskip("vllm")
 from vllm.sampling_params import SamplingParams  # noqa: E402
 from vllm.v1.request import Request  # noqa: E402
 
-from membrain_async.vllm.scheduler.handoff import PARAM  # noqa: E402
+from membrain_async.vllm.scheduler.handoff import FIRST_POLL_S, PARAM  # noqa: E402
 from membrain_async.vllm.shared.roles import BOTH, CONSUMER, PRODUCER, Role, effective_role, parse_role  # noqa: E402
 
 from .test_scheduler_policy import BS, Clock, answer, blocks, make_scheduler, plan_saves, request, step, store_leading  # noqa: E402
@@ -129,7 +129,11 @@ def test_a_handed_off_request_waits_until_the_store_holds_every_announced_block(
     assert sched.get_num_new_matched_tokens(req, 0) == (None, False)
     sched.store.answer()
     step(sched)
-    assert sched.get_num_new_matched_tokens(req, 0) == (None, False)  # 2 < 5: asked again
+    assert sched.get_num_new_matched_tokens(req, 0) == (None, False)  # 2 < 5: asked again, after a back-off
+    step(sched)
+    assert sched.store.pending == 0  # not at the very next pass (tests/unit/test_handoff_backoff.py)
+    clock.advance(FIRST_POLL_S)
+    assert sched.get_num_new_matched_tokens(req, 0) == (None, False)
     step(sched)
     assert sched.store.pending == 1
     store_leading(sched, req, 5)  # the rest lands
@@ -177,10 +181,11 @@ def test_each_block_that_lands_restarts_the_wait():
     sched.on_new_request(req)
     for landed in (1, 2, 3, 4):  # one more block every 1.5 s: 6 s in all, past 2 s after arrival
         store_leading(sched, req, landed)
-        assert one_pass(sched, req) == (None, False)
-        assert one_pass(sched, req, clock, 1.5) == (None, False)
+        for _ in range(15):  # passes 0.1 s apart
+            assert one_pass(sched, req, clock, 0.1) == (None, False)
     store_leading(sched, req, 5)
-    assert answer(sched, req) == (5 * BS, True)
+    got = [one_pass(sched, req, clock, 0.1) for _ in range(5)]  # a re-poll is due within MAX_POLL_S
+    assert (5 * BS, True) in got
     assert "handoff_timeouts" not in sched.take_stats()
     sched.shutdown()
 
@@ -197,6 +202,11 @@ def test_a_lookup_past_its_deadline_is_asked_again_while_a_handoff_is_pending():
     step(sched)
     clock.advance(1.5)
     assert sched.get_num_new_matched_tokens(req, 0) == (None, False)  # past the lookup deadline: asked again
+    step(sched)
+    clock.advance(FIRST_POLL_S)
+    assert sched.get_num_new_matched_tokens(req, 0) == (None, False)  # the re-poll goes out
+    step(sched)
+    assert sched.store.pending == 2  # the slow lookup and the re-poll
     assert answer(sched, req) == (5 * BS, True)  # for a kv_both request without a hand-off: (0, False)
     assert sched.take_stats()["handoff_polls"] == 1
     sched.shutdown()

@@ -9,6 +9,12 @@ looks up again until the store holds them all. It stops waiting when the store's
 VLLM_MEMBRAIN_HANDOFF_DEADLINE (a prefill still uploading under load keeps its decode waiting; one that
 died, or dropped saves, does not), then loads what is there and computes the rest: a late or failed
 hand-off costs time, never tokens.
+
+Looks up again with back-off, not at every engine pass: an otherwise idle engine passes every
+millisecond or so, and a lookup per pass (thousands in one wait) loads the store and the host for
+nothing, since uploads land at the rate the prefill sends them. The first re-poll comes soon (uploads
+usually land within milliseconds of the prefill's response), then the interval doubles to a cap, so a
+wait costs a few dozen lookups, and the last one is sent at the deadline itself.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("membrain.connector")
 
 PARAM = "membrain_handoff"  # the key inside kv_transfer_params
+# Re-poll intervals (seconds): the first after an answer that fell short, doubling up to the cap.
+FIRST_POLL_S = 0.004
+MAX_POLL_S = 0.128
 
 
 def handoff_params(request: "Request", block_size: int, fingerprint: str) -> dict[str, Any]:
@@ -38,6 +47,7 @@ class Handoff:
     wait_s: float  # how long the store's count may stand still before the decode stops waiting
     deadline: float  # on the scheduler's clock: stop waiting then, unless more blocks land first
     seen: int = 0  # the most leading blocks the store has answered so far
+    interval: float = FIRST_POLL_S  # until the next re-poll after the next answer that falls short
 
     @classmethod
     def of(cls, request: "Request", fingerprint: str, now: float, wait_s: float) -> "Handoff | None":
@@ -61,3 +71,14 @@ class Handoff:
         if count > self.seen:
             return replace(self, seen=count, deadline=now + self.wait_s)
         return self
+
+    def expired(self, now: float) -> bool:
+        return now >= self.deadline
+
+    def next_poll(self, now: float) -> "tuple[float, Handoff]":
+        """An answer fell short at `now`: when to look up again, and the hand-off with its interval doubled.
+
+        Never later than the deadline, so the last look is taken when the wait would end anyway.
+        """
+        at = min(now + self.interval, self.deadline)
+        return at, replace(self, interval=min(self.interval * 2, MAX_POLL_S))

@@ -63,6 +63,7 @@ class _RequestState:
     prefetch_sent: bool = False
     loading: bool = False  # an async load was planned; vLLM calls update_state_after_alloc again after it
     handoff: Handoff | None = None  # a prefill instance's announcement this decode request waits for
+    poll_at: float | None = None  # when to look up again for the hand-off (None: no re-poll scheduled)
 
 
 class MembrainScheduler:
@@ -229,6 +230,9 @@ class MembrainScheduler:
             # Once per pass: two requests looked up in one job are scheduled in one step even when the
             # answer lands between vLLM's questions about them.
             self.lookups.drain_once(self._deliver)
+            if st.poll_at is not None and st.answer_outcome is None:
+                self._poll_handoff_when_due(st)
+                return None, False  # waiting for the next re-poll, or for its answer
             if self._ask_again_for_handoff(st):
                 return None, False  # the prefill's saves are still on their way: ask the store again
             if st.answer_outcome is None:
@@ -279,20 +283,29 @@ class MembrainScheduler:
         # Blocks this instance's own prefix cache holds need not come from the store.
         have = max(st.answer or 0, st.local_tokens // self.block_size)
         if have >= min(st.handoff.blocks, st.lookup_blocks):
-            st.handoff = None
+            st.handoff = st.poll_at = None
             return False
-        handoff = st.handoff = st.handoff.answered(st.answer or 0, self._clock())
-        if self._clock() >= handoff.deadline:
-            st.handoff = None
+        now = self._clock()
+        handoff = st.handoff.answered(st.answer or 0, now)
+        if handoff.expired(now):
+            st.handoff = st.poll_at = None
             self._count("handoff_timeouts")
             return False
+        st.poll_at, st.handoff = handoff.next_poll(now)
         st.answer_outcome = st.answer = None
+        self._poll_handoff_when_due(st)
+        return True
+
+    def _poll_handoff_when_due(self, st: _RequestState) -> None:
+        """Send the hand-off's next lookup once its time has come (handoff.py: back-off, not every pass)."""
+        if st.poll_at is None or self._clock() < st.poll_at:
+            return
+        st.poll_at = None
         st.lookup_started = self._clock()
         st.lookup_seq = self._ledger.now()
         self.lookups.queue(st.request.request_id, self.lookup_for(st.chain.hashes[: st.lookup_blocks]))
         self.lookups.waited()
         self._count("handoff_polls")
-        return True
 
     def _queue_prefetch(self, st: _RequestState, local_tokens: int) -> None:
         """While the lookup is pending, let workers start fetching the blocks the local cache lacks."""
