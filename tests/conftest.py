@@ -12,8 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def pytest_collection_modifyitems(config, items):
     """Tests live in folders by tier: tests/unit starts no vLLM engine (nox -s unit), tests/e2e does (marker
     `vllm`, given here to every test there). The full model matrix (marker `matrix`) is long: only `-m`
-    naming it, or MEMBRAIN_MATRIX=1, runs it. The P/D hand-off tests (marker `pd`) run only when `-m`
-    names them (nox -s pd)."""
+    naming it, or MEMBRAIN_MATRIX=1, runs it."""
     for item in items:
         tier = os.path.basename(os.path.dirname(str(item.path)))
         if tier == "e2e":
@@ -24,8 +23,6 @@ def pytest_collection_modifyitems(config, items):
     skipped = set()
     if not (os.environ.get("MEMBRAIN_MATRIX") == "1" or "matrix" in markexpr):
         skipped.add("matrix")
-    if "pd" not in markexpr.split():
-        skipped.add("pd")
     drop = [item for item in items if any(item.get_closest_marker(m) for m in skipped)]
     if drop:
         config.hook.pytest_deselected(items=drop)

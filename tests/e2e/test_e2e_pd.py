@@ -28,8 +28,6 @@ from .test_e2e_faults import stored_keys
 from .test_e2e_never_poison import assert_matches_clean, delete, payloads
 
 pytest.importorskip("vllm")
-# Not in the default suite (nox -s pd runs it): on 2 busy cores a prefill's last upload sometimes stalls
-# about 5 s, past the decode's hand-off deadline (docs/pd.md, "Known problem").
 pytestmark = [pytest.mark.vllm, pytest.mark.pd]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -79,9 +77,12 @@ def cached_tokens(body: dict) -> int:
 def pd(model, logs):
     srv = start_subprocess_server({"port": 0, "capacity": "256MiB"})
     fault = FaultProxy(srv.port).__enter__()
-    prefill_env = engine_env(VLLM_SERVER_DEV_MODE="1")  # /reset_prefix_cache
+    # One core each, as prefill and decode instances have machines of their own: left to vLLM's auto
+    # binding, both workers pin themselves to the same core.
+    prefill_env = engine_env(VLLM_SERVER_DEV_MODE="1", VLLM_CPU_OMP_THREADS_BIND="0")  # /reset_prefix_cache
     decode_env = engine_env(VLLM_MEMBRAIN_ENABLED="1", VLLM_MEMBRAIN_ENDPOINT=srv.url, VLLM_MEMBRAIN_ROLE="kv_consumer",
-                            VLLM_MEMBRAIN_HANDOFF_DEADLINE=str(HANDOFF_DEADLINE), VLLM_SERVER_DEV_MODE="1")
+                            VLLM_MEMBRAIN_HANDOFF_DEADLINE=str(HANDOFF_DEADLINE), VLLM_SERVER_DEV_MODE="1",
+                            VLLM_CPU_OMP_THREADS_BIND="1")
     prefill = OpenAIServer(model, free_port(), prefill_env, os.path.join(logs, "pd-prefill.log"),
                            [*SERVER_ARGS, "--kv-transfer-config", PRODUCER_CONFIG % fault.url])
     decode = OpenAIServer(model, free_port(), decode_env, os.path.join(logs, "pd-decode.log"), SERVER_ARGS)
