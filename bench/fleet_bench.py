@@ -207,6 +207,11 @@ def main() -> None:
     for k, v in MODEL.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=positive_int, default=v)
     a = p.parse_args()
+    if a.profile:
+        try:
+            os.makedirs(a.profile, exist_ok=True)
+        except OSError as exc:
+            p.error(f"--profile {a.profile}: {exc.strerror}")
     shape = {k: getattr(a, k) for k in MODEL}
     started = provenance.utc_now()
     with tempfile.TemporaryDirectory(prefix="membrain-fleet-") as tmp:

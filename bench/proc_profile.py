@@ -97,7 +97,7 @@ def _thread_name(pid: int, tid: int) -> str:
 class ProcessProfile:
     def __init__(self, out_dir: str, label: str, rate: int = 49):
         self.out_dir, self.label, self.rate = out_dir, label, rate
-        self._watched: dict[str, tuple[list[psutil.Process], float, dict]] = {}
+        self._watched: dict[str, tuple[list[psutil.Process], dict]] = {}
         self._spies: dict[str, tuple[subprocess.Popen, str]] = {}
         self.summary: dict[str, dict] = {}
         os.makedirs(out_dir, exist_ok=True)
@@ -106,7 +106,7 @@ class ProcessProfile:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
         before = {p.pid: _cpu(p) for p in procs}
-        self._watched[name] = (procs, 0.0, before)
+        self._watched[name] = (procs, before)
         spy = _py_spy()
         if sample and spy:
             core = _model_worker(pid)
@@ -120,7 +120,7 @@ class ProcessProfile:
         return self
 
     def __exit__(self, *exc) -> None:
-        for name, (procs, _, before) in self._watched.items():
+        for name, (procs, before) in self._watched.items():
             cpu_s, threads = 0.0, collections.Counter()
             for p in procs:
                 total0, threads0 = before.get(p.pid, (0.0, {}))
