@@ -327,22 +327,47 @@ def mooncake_client() -> str:
 
 
 def fleet() -> str:
-    files = present("fleet.json", "fleet_repeat.json")
+    files = present("fleet.json", "fleet_repeat.json", "fleet_engine_side.json")
     rows = []
     for i, run in enumerate(run for name in files for run in load(name)["runs"]):
         for arm in run["order"]:
             m = run["arms"][arm]
             med = [m.get(f"{k}_median_ttft_s") for k in ("cold", "local", "remote")]
+            engine = m.get("engine_side", {})  # runs before 2026-12-07 did not record it
             rows.append([f"{i + 1}", arm, f"{m['mean_ttft_ms']:.0f} ms", f"{m['p90_ttft_ms']:.0f} ms",
                          f"{m['p99_ttft_ms']:.0f} ms",
-                         " / ".join("-" if x is None else f"{x * 1000:.0f}" for x in med) + " ms"])
+                         " / ".join("-" if x is None else f"{x * 1000:.0f}" for x in med) + " ms",
+                         f"{engine['engine_ttft_mean_ms']:.0f} ms" if "engine_ttft_mean_ms" in engine else "-",
+                         f"{engine['lookup_wait_mean_ms']:.0f} ms" if "lookup_wait_mean_ms" in engine else "-"])
         r = run["ratios"]
         rows.append([f"{i + 1}", "plain / Membrain", f2(r["mean_plain_over_membrain"]) + "x",
                      f2(r["p90_plain_over_membrain"]) + "x", f2(r["p99_plain_over_membrain"]) + "x",
                      "remote / local hit: " + (f2(r["remote_hit_over_local_hit"]) + "x"
-                                              if "remote_hit_over_local_hit" in r else "-")])
+                                              if "remote_hit_over_local_hit" in r else "-"), "", ""])
     return source(*files) + "\n\n" + table(
-        ["run", "arm", "mean TTFT", "p90 TTFT", "p99 TTFT", "median TTFT cold / local / remote"], rows)
+        ["run", "arm", "mean TTFT", "p90 TTFT", "p99 TTFT", "median TTFT cold / local / remote",
+         "mean TTFT in vLLM", "lookup wait (mean)"], rows)
+
+
+def cold_cost() -> str:
+    doc = load("cold_cost.json")
+    rows = []
+
+    def ms(x) -> str:
+        return "-" if x is None else f"{x:.0f} ms"
+
+    for i, run in enumerate(doc["rounds"]):
+        base = run["arms"]["plain"]["median_ttft_ms"]
+        for arm in run["order"]:
+            m = run["arms"][arm]
+            rows.append([str(i + 1), arm, ms(m["median_ttft_ms"]), f2(m["median_ttft_ms"] / base) + "x",
+                         ms(m["engine_ttft_ms"]), ms(m["lookup_rtt_ms"]), ms(m["lookup_wait_ms"]),
+                         ms(m["save_copy_ms"]), ms(m["worker_thread_cpu_ms_per_request"]),
+                         ms(m["worker_thread_waiting_ms_per_request"]), ms(m["server_cpu_ms_per_request"])])
+    return source("cold_cost.json") + "\n\n" + table(
+        ["round", "arm", "TTFT (client, median)", "vs plain", "TTFT in vLLM (mean)", "lookup round trip",
+         "lookup wait", "save gather", "worker main thread CPU / request", "worker main thread runnable, off CPU / request",
+         "server CPU / request"], rows)
 
 
 def put() -> str:
@@ -405,6 +430,7 @@ SECTIONS: dict[str, Callable[[], str]] = {
     "disk": disk,
     "fleet": fleet,
     "put": put,
+    "cold-cost": cold_cost,
     "lookup": lookup,
 }
 

@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+import provenance  # bench/, beside this script
 from membrain_async.server.embed import start_subprocess_server
 from membrain_async.testing import tinymodel
 from membrain_async.testing.driver import EngineProcess
@@ -245,7 +246,8 @@ def main() -> None:
         with open(args.json) as f:
             results = json.load(f)
     model_facts = {**m, "parameters": param_count(m, vocab), "kv_bytes_per_token": kv_per_token}
-    results.update({"memcpy_gbps": bw, "logs": logs})
+    results.update({"memcpy_gbps": bw, "logs": logs, "date": provenance.utc_now(), "commit": provenance.commit(),
+                    "cpu": provenance.cpu_model()})
     results.setdefault("load_modes", {}).update({stage: args.load_mode or "async" for stage in args.stages})
     models = results.setdefault("models", {})
     if "model" in results and "ttft" in results and "ttft" not in models:

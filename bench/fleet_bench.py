@@ -153,6 +153,16 @@ def run_arm(arm: str, model: str, a: argparse.Namespace, logs: str, run: int) ->
             raise RuntimeError(f"bench client failed:\n{client.stdout[-3000:]}\n{client.stderr[-3000:]}")
         with open(os.path.join(logs, result_name)) as f:
             res = json.load(f)
+        # vLLM's own time to first token (from the request's arrival in the engine), to tell time spent inside
+        # the engine from time spent in the API servers and the proxy; and the lookups' round trip and wait.
+        engine_side = {}
+        for key, name in (("engine_ttft", "vllm:time_to_first_token_seconds"),
+                          ("lookup_rtt", "vllm:membrain_lookup_rtt_seconds"),
+                          ("lookup_wait", "vllm:membrain_lookup_seconds")):
+            total = sum(api.counter(f"{name}_sum") for api in engines)
+            count = sum(api.counter(f"{name}_count") for api in engines)
+            if count:
+                engine_side[f"{key}_mean_ms"] = round(total / count * 1000, 1)
         if server is not None:  # the connector's own account of its copies, from each engine's /metrics
             connector = {name: sum(api.counter(f"vllm:membrain_{name}") for api in engines)
                          for name in ("save_copy_seconds_sum", "save_copy_seconds_count", "saved_bytes_total",
@@ -167,6 +177,7 @@ def run_arm(arm: str, model: str, a: argparse.Namespace, logs: str, run: int) ->
                                        "p90_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "p99_itl_ms",
                                        "request_throughput", "output_throughput")}
         out["cpu"] = profile.summary
+        out["engine_side"] = engine_side
         if server is not None:
             out["connector"] = connector
         out["requests"] = [{k: r[k] for k in ("order", "backend", "kind", "proxy_ttft_s")} for r in reqs]
