@@ -124,3 +124,18 @@ def test_the_pool_keeps_free_buffers_within_its_bytes_with_those_in_use():
     assert mover.host_buffer(4) is not small
     mover.release_host(held)
     assert mover.host_buffer(30) is big  # the large one stayed
+
+
+def test_a_load_takes_the_prefaulted_buffer_whatever_its_size_and_a_save_does_not():
+    layout = PageLayout.from_kv_caches(caches(LAYOUTS["cpu"][0](), "cpu", 3), NB, "cpu-pages")
+    slot = CpuPageMover(layout).slot_bytes
+    mover = CpuPageMover(layout, pool_bytes=64 * slot)
+    mover.prefault(32)  # what the worker does at start-up, for a whole step's loads
+    assert mover.allocated == 1
+    small_save = mover.host_buffer(2)
+    assert small_save.numel() == 4 * slot and mover.allocated == 2  # over twice its batch: not for a save
+    load = mover.host_buffer(2, any_size=True)
+    assert load.numel() == 32 * slot and mover.allocated == 2  # a load takes it: no fresh memory
+    assert not load.any()  # faulted in by writing it
+    mover.release_host(load)
+    assert mover.host_buffer(30, any_size=True) is load

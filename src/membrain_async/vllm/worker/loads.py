@@ -95,7 +95,7 @@ class PageLoader:
         self._inflight[load.req_id] = ticket
         units = [load.unit(i) for i in range(len(load.hashes))]
         for unit in set(units):
-            ticket.hosts[unit] = self.movers[unit].host_buffer(units.count(unit))
+            ticket.hosts[unit] = self.movers[unit].host_buffer(units.count(unit), any_size=True)
         keys, slots, taken = [], [], dict.fromkeys(ticket.hosts, 0)
         for block_hash, unit in zip(load.hashes, units):
             keys.append(self.key_of(block_hash, unit))
