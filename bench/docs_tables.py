@@ -81,7 +81,11 @@ def runs_index() -> str:
 
 
 def e2e_ttft() -> str:
-    doc = load("e2e.json")
+    return "\n\n".join(_e2e_ttft(name) for name in present("e2e.json", "e2e_prefault.json"))
+
+
+def _e2e_ttft(name: str) -> str:
+    doc = load(name)
     rows = []
     for r in doc["ttft"]:
         rows.append([
@@ -98,7 +102,7 @@ def e2e_ttft() -> str:
         ])
     header = ["prefix tokens", "cold, no Membrain", "cold, connector on", "cold cost of the connector",
               "warm via Membrain", "speed-up", "limit", "warm / limit", "MB loaded", "tokens equal"]
-    return source("e2e.json") + "\n\n" + table(header, rows)
+    return source(name) + "\n\n" + table(header, rows)
 
 
 def e2e_sync_async() -> str:
