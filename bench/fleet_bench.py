@@ -119,6 +119,8 @@ def run_arm(arm: str, model: str, a: argparse.Namespace, logs: str, run: int) ->
         if arm == "membrain":
             server = start_subprocess_server({"port": 0, "capacity": "4GiB"},
                                              log_path=os.path.join(logs, f"{arm}-server.log"))
+            if a.server_nice:  # an operator's choice on a host whose cores are all vLLM's (needs privilege below 0)
+                os.setpriority(os.PRIO_PROCESS, server.process.pid, a.server_nice)
         max_len = a.prefix_len + a.suffix_len + a.output_len + 64
         engines = [start_engine(model, core, server.url if server else None, logs, f"{arm}-{core}", max_len, a.dtype)
                    for core in (0, 1)]
@@ -212,6 +214,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=tinymodel.compute_dtype(),
                    help="the engines' dtype (default: bfloat16 where the CPU has bf16 instructions, else float32)")
+    p.add_argument("--server-nice", type=int, default=0,
+                   help="the Membrain server's nice value (default 0, as started; below 0 needs privilege)")
     p.add_argument("--profile", metavar="DIR",
                    help="sample each engine core with py-spy (--native --threads) into DIR; CPU seconds per "
                         "process and thread are recorded either way")
@@ -250,7 +254,7 @@ def main() -> None:
                 ratios["remote_hit_over_local_hit"] = mb["remote_median_ttft_s"] / mb["local_median_ttft_s"]
             runs.append({"order": list(order), "arms": arms, "ratios": ratios})
             print(f"run {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()), flush=True)
-    out = {"bench": "fleet", "date": started, "commit": provenance.commit(), "model": shape, "dtype": a.dtype, "block_size": BLOCK, "cpu": provenance.cpu_model(),
+    out = {"bench": "fleet", "date": started, "commit": provenance.commit(), "server_nice": a.server_nice, "model": shape, "dtype": a.dtype, "block_size": BLOCK, "cpu": provenance.cpu_model(),
            "workload": {k: getattr(a, k) for k in ("num_prefixes", "prefix_len", "suffix_len", "output_len",
                                                     "num_prompts", "rate", "seed")},
            "aims": {"mean_plain_over_membrain": ">= 1.3", "p99": "membrain <= plain",
