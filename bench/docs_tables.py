@@ -331,20 +331,22 @@ def mooncake_client() -> str:
 
 
 def fleet() -> str:
-    files = present("fleet.json", "fleet_repeat.json", "fleet_engine_side.json")
+    files = present("fleet.json", "fleet_repeat.json", "fleet_engine_side.json", "fleet_server_nice.json")
     rows = []
-    for i, run in enumerate(run for name in files for run in load(name)["runs"]):
+    runs = [(run, load(name).get("server_nice", 0)) for name in files for run in load(name)["runs"]]
+    for i, (run, nice) in enumerate(runs):
+        label = f"{i + 1}" + (f" (server nice {nice})" if nice else "")
         for arm in run["order"]:
             m = run["arms"][arm]
             med = [m.get(f"{k}_median_ttft_s") for k in ("cold", "local", "remote")]
             engine = m.get("engine_side", {})  # runs before 2026-12-07 did not record it
-            rows.append([f"{i + 1}", arm, f"{m['mean_ttft_ms']:.0f} ms", f"{m['p90_ttft_ms']:.0f} ms",
+            rows.append([label, arm, f"{m['mean_ttft_ms']:.0f} ms", f"{m['p90_ttft_ms']:.0f} ms",
                          f"{m['p99_ttft_ms']:.0f} ms",
                          " / ".join("-" if x is None else f"{x * 1000:.0f}" for x in med) + " ms",
                          f"{engine['engine_ttft_mean_ms']:.0f} ms" if "engine_ttft_mean_ms" in engine else "-",
                          f"{engine['lookup_wait_mean_ms']:.0f} ms" if "lookup_wait_mean_ms" in engine else "-"])
         r = run["ratios"]
-        rows.append([f"{i + 1}", "plain / Membrain", f2(r["mean_plain_over_membrain"]) + "x",
+        rows.append([label, "plain / Membrain", f2(r["mean_plain_over_membrain"]) + "x",
                      f2(r["p90_plain_over_membrain"]) + "x", f2(r["p99_plain_over_membrain"]) + "x",
                      "remote / local hit: " + (f2(r["remote_hit_over_local_hit"]) + "x"
                                               if "remote_hit_over_local_hit" in r else "-"), "", ""])
