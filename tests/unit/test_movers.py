@@ -139,3 +139,16 @@ def test_a_load_takes_the_prefaulted_buffer_whatever_its_size_and_a_save_does_no
     assert not load.any()  # faulted in by writing it
     mover.release_host(load)
     assert mover.host_buffer(30, any_size=True) is load
+
+
+def test_a_buffer_the_host_cannot_give_leaves_the_pool_as_it_was():
+    layout = PageLayout.from_kv_caches(caches(LAYOUTS["cpu"][0](), "cpu", 3), NB, "cpu-pages")
+
+    class NoMemory(CpuPageMover):
+        def _new_host(self, nbytes):
+            raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    mover = NoMemory(layout)
+    with pytest.raises(RuntimeError):
+        mover.prefault(8)
+    assert mover.allocated == 0 and mover._out == 0

@@ -135,7 +135,13 @@ class PageMover:
                     break
             self.allocated += 1
             self._out += slots * self.slot_bytes
-        return self._new_host(slots * self.slot_bytes)
+        try:
+            return self._new_host(slots * self.slot_bytes)
+        except BaseException:  # no memory: nothing was handed out
+            with self._lock:
+                self.allocated -= 1
+                self._out -= slots * self.slot_bytes
+            raise
 
     def _new_host(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)

@@ -127,12 +127,9 @@ class MembrainWorker:
             return
         self.loader = PageLoader(self.store, self.movers, self._key, self.config.load_deadline)
         # The first load must not pay for what a serving instance pays once: the I/O thread and its
-        # connections, and fresh host memory. A buffer for a whole step's loads is faulted in now (it is
-        # counted in the worker's memory budget as VLLM_MEMBRAIN_STEP_LOAD_BYTES); with 64 MiB, a fresh
-        # instance's first 84 and 168 MB loads took 0.28 and 0.56 s over their limit, most of it page faults.
+        # connections, and fresh host memory (below).
         self.store.start()
-        for mover in self.movers:
-            mover.prefault(max(1, self.config.step_load_bytes // mover.slot_bytes // len(self.movers)))
+        self._prefault_loads()
         first_layout = layouts[0]
         log.info(
             "Membrain worker rank %s: %d layers in %d KV unit(s), page %s %s, %d bytes per block, %s",
@@ -140,6 +137,22 @@ class MembrainWorker:
             first_layout.dtype_name, sum(lay.payload_bytes for lay in layouts), type(self.movers[0]).__name__,
         )
 
+
+    def _prefault_loads(self) -> None:
+        """Fault in a buffer for a whole step's loads (VLLM_MEMBRAIN_STEP_LOAD_BYTES, counted in the worker's
+        memory budget). With 64 MiB, a fresh instance's first 84 and 168 MB loads took 0.28 and 0.56 s over
+        their limit, most of it page faults. At most half the memory available now, and a failure costs only
+        the first loads their faults: a step-load budget the host cannot give must not stop vLLM."""
+        import psutil  # vLLM's dependency, as in plugin.py
+
+        wanted = min(self.config.step_load_bytes, psutil.virtual_memory().available // 2)
+        for mover in self.movers:
+            try:
+                mover.prefault(max(1, wanted // mover.slot_bytes // len(self.movers)))
+            except (RuntimeError, MemoryError) as exc:
+                log.warning("Membrain: could not fault in %d MiB of host buffers for loads (%s); first loads "
+                            "will pay page faults", wanted >> 20, str(exc).splitlines()[0])
+                return
     def _unit_layout(self, kv_caches: dict[str, "torch.Tensor"], unit: KVUnit, layout: str) -> PageLayout:
         missing = [n for n in unit.layer_names if n not in kv_caches]
         if missing:
