@@ -24,3 +24,13 @@ def positive_float(text: str) -> float:
     if not value > 0:  # nan fails this too; inf passes (a request rate of inf is a burst)
         raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
     return value
+
+
+def nice_value(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not -20 <= value <= 19:
+        raise argparse.ArgumentTypeError(f"a nice value is -20..19, got {value}")
+    return value

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import socket
 import statistics
 import subprocess
@@ -34,6 +33,7 @@ import psutil
 
 import provenance  # bench/, beside this script
 from arg_types import positive_int
+from engine_metrics import histogram_mean_ms
 from proc_profile import _model_worker
 
 from membrain_async.server.embed import start_subprocess_server
@@ -65,12 +65,7 @@ def first_token_s(url: str, prompt: str) -> float:
 
 
 def histogram_means(text: str) -> dict[str, float | None]:
-    out = {}
-    for key, name in HISTOGRAMS.items():
-        total = sum(float(v) for v in re.findall(rf"^{re.escape(name)}_sum(?:{{[^}}]*}})? (\S+)$", text, re.M))
-        count = sum(float(v) for v in re.findall(rf"^{re.escape(name)}_count(?:{{[^}}]*}})? (\S+)$", text, re.M))
-        out[key] = round(total / count * 1000, 1) if count else None
-    return out
+    return {key: histogram_mean_ms([text], name) for key, name in HISTOGRAMS.items()}
 
 
 def schedstat(pid: int, tid: int) -> tuple[float, float]:
@@ -122,6 +117,8 @@ def main() -> None:
     p.add_argument("--words", type=positive_int, default=1400, help="words per prompt (about 2000 tokens)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=tinymodel.compute_dtype())
     a = p.parse_args()
+    if a.json and not os.access(os.path.dirname(os.path.abspath(a.json)), os.W_OK):
+        p.error(f"--json {a.json}: its directory is not writable")  # found now, not after the runs
     if (os.cpu_count() or 1) < 2:
         p.error("needs two cores: the worker is bound to core 0 and the server to core 1")
     started = provenance.utc_now()

@@ -34,7 +34,8 @@ import time
 import httpx
 
 import provenance  # bench/, beside this script
-from arg_types import positive_float, positive_int
+from arg_types import nice_value, positive_float, positive_int
+from engine_metrics import histogram_mean_ms
 from proc_profile import ProcessProfile
 
 from membrain_async.server.embed import start_subprocess_server
@@ -119,8 +120,11 @@ def run_arm(arm: str, model: str, a: argparse.Namespace, logs: str, run: int) ->
         if arm == "membrain":
             server = start_subprocess_server({"port": 0, "capacity": "4GiB"},
                                              log_path=os.path.join(logs, f"{arm}-server.log"))
-            if a.server_nice:  # an operator's choice on a host whose cores are all vLLM's (needs privilege below 0)
-                os.setpriority(os.PRIO_PROCESS, server.process.pid, a.server_nice)
+            if a.server_nice:  # an operator's choice on a host whose cores are all vLLM's
+                try:
+                    os.setpriority(os.PRIO_PROCESS, server.process.pid, a.server_nice)
+                except PermissionError:
+                    raise SystemExit(f"--server-nice {a.server_nice}: not permitted (below 0 needs CAP_SYS_NICE)")
         max_len = a.prefix_len + a.suffix_len + a.output_len + 64
         engines = [start_engine(model, core, server.url if server else None, logs, f"{arm}-{core}", max_len, a.dtype)
                    for core in (0, 1)]
@@ -157,14 +161,10 @@ def run_arm(arm: str, model: str, a: argparse.Namespace, logs: str, run: int) ->
             res = json.load(f)
         # vLLM's own time to first token (from the request's arrival in the engine), to tell time spent inside
         # the engine from time spent in the API servers and the proxy; and the lookups' round trip and wait.
-        engine_side = {}
-        for key, name in (("engine_ttft", "vllm:time_to_first_token_seconds"),
-                          ("lookup_rtt", "vllm:membrain_lookup_rtt_seconds"),
-                          ("lookup_wait", "vllm:membrain_lookup_seconds")):
-            total = sum(api.counter(f"{name}_sum") for api in engines)
-            count = sum(api.counter(f"{name}_count") for api in engines)
-            if count:
-                engine_side[f"{key}_mean_ms"] = round(total / count * 1000, 1)
+        texts = [httpx.get(f"{api.url}/metrics", timeout=10).text for api in engines]
+        engine_side = {f"{key}_mean_ms": mean for key, name in (
+            ("engine_ttft", "vllm:time_to_first_token_seconds"), ("lookup_rtt", "vllm:membrain_lookup_rtt_seconds"),
+            ("lookup_wait", "vllm:membrain_lookup_seconds")) if (mean := histogram_mean_ms(texts, name)) is not None}
         if server is not None:  # the connector's own account of its copies, from each engine's /metrics
             connector = {name: sum(api.counter(f"vllm:membrain_{name}") for api in engines)
                          for name in ("save_copy_seconds_sum", "save_copy_seconds_count", "saved_bytes_total",
@@ -214,7 +214,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=tinymodel.compute_dtype(),
                    help="the engines' dtype (default: bfloat16 where the CPU has bf16 instructions, else float32)")
-    p.add_argument("--server-nice", type=int, default=0,
+    p.add_argument("--server-nice", type=nice_value, default=0,
                    help="the Membrain server's nice value (default 0, as started; below 0 needs privilege)")
     p.add_argument("--profile", metavar="DIR",
                    help="sample each engine core with py-spy (--native --threads) into DIR; CPU seconds per "
