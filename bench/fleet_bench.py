@@ -35,7 +35,7 @@ import httpx
 
 import provenance  # bench/, beside this script
 from arg_types import nice_value, positive_float, positive_int
-from engine_metrics import histogram_mean_ms
+from engine_metrics import histogram_mean_ms, total
 from proc_profile import ProcessProfile
 
 from membrain_async.server.embed import start_subprocess_server
@@ -166,7 +166,7 @@ def run_arm(arm: str, model: str, a: argparse.Namespace, logs: str, run: int) ->
             ("engine_ttft", "vllm:time_to_first_token_seconds"), ("lookup_rtt", "vllm:membrain_lookup_rtt_seconds"),
             ("lookup_wait", "vllm:membrain_lookup_seconds")) if (mean := histogram_mean_ms(texts, name)) is not None}
         if server is not None:  # the connector's own account of its copies, from each engine's /metrics
-            connector = {name: sum(api.counter(f"vllm:membrain_{name}") for api in engines)
+            connector = {name: total(texts, f"vllm:membrain_{name}")
                          for name in ("save_copy_seconds_sum", "save_copy_seconds_count", "saved_bytes_total",
                                       "host_buffers_allocated_total", "loaded_bytes_total", "load_seconds_sum")}
         stop(proxy)  # the proxy writes each request's line as its response ends
