@@ -333,7 +333,7 @@ def mooncake_client() -> str:
 def fleet() -> str:
     files = present("fleet.json", "fleet_repeat.json", "fleet_engine_side.json", "fleet_server_nice.json")
     rows = []
-    runs = [(run, load(name).get("server_nice", 0)) for name in files for run in load(name)["runs"]]
+    runs = [(run, doc.get("server_nice", 0)) for doc in map(load, files) for run in doc["runs"]]
     for i, (run, nice) in enumerate(runs):
         label = f"{i + 1}" + (f" (server nice {nice})" if nice else "")
         for arm in run["order"]:
