@@ -198,6 +198,31 @@ def test_sync_mode_waits_for_its_loads_and_a_late_one_is_failed_within_the_deadl
             rt.close(drain=2)
 
 
+def test_an_idle_step_rests_until_a_load_ends_and_not_at_all_with_none_in_flight(server, layout):
+    """The rest a step with nothing to compute takes is bounded by the first load to end, not by its timeout
+    (60 s here: a rest that ran to it would fail the test, not slow it by a few milliseconds)."""
+    with FaultProxy(server.port) as proxy:
+        rt = make_runtime(proxy.url)
+        try:
+            store(rt, layout, {"a": 1.0})
+            loader = PageLoader(rt, [CpuPageMover(layout)], key_of, deadline=30.0)
+            t0 = time.monotonic()
+            loader.idle_wait(60.0)  # nothing in flight: nothing to rest for
+            assert time.monotonic() - t0 < 30.0
+            proxy.delay = 0.3
+            loader.submit(BlockTransfer("r1", [4], ["a"]))
+            assert loader.drain() == []  # still on its way through the delaying proxy
+            t0 = time.monotonic()
+            loader.idle_wait(60.0)
+            assert time.monotonic() - t0 < 30.0
+            (outcome,) = loader.drain()  # the rest ended because this load did
+            assert (outcome.req_id, outcome.loaded) == ("r1", 1) and block_fill(layout, 4) == {1.0}
+            t0 = time.monotonic()
+            loader.idle_wait(60.0)  # its outcome drained: nothing left in flight
+            assert time.monotonic() - t0 < 30.0
+        finally:
+            rt.close(drain=2)
+
 
 def test_a_server_that_cannot_be_reached_is_unavailable_not_missing(layout):
     with socket.socket() as s:  # a port nothing listens on
