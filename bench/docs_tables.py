@@ -81,28 +81,37 @@ def runs_index() -> str:
 
 
 def e2e_ttft() -> str:
-    return "\n\n".join(_e2e_ttft(name) for name in present("e2e.json", "e2e_prefault.json"))
+    return "\n\n".join(_e2e_ttft(name) for name in present("e2e.json", "e2e_prefault.json", "e2e_ttft_repeats.json"))
 
 
 def _e2e_ttft(name: str) -> str:
     doc = load(name)
     rows = []
     for r in doc["ttft"]:
+        loopback = r.get("warm_over_loopback_limit")
+        load_rate = r.get("load_gbps")
         rows.append([
             f"{r['prefix_tokens']}",
+            f"{r.get('repeats', 1)}",
             f"{r['cold_ttft_s']:.2f} s",
-            f"{r['cold_with_connector_ttft_s']:.2f} s",
             f"{r['cold_with_connector_ttft_s'] / r['cold_ttft_s']:.2f}×",
             f"{r['warm_ttft_s']:.3f} s",
             f"{r['speedup']:.1f}×",
-            f"{r['limit_s']:.3f} s",
+            f"{r['local_hit_ttft_s']:.3f} s",
+            "-" if loopback is None else f2(loopback),
             f2(r["warm_over_limit"]),
             f"{r['loaded_bytes'] / 1e6:.0f}",
+            "-" if load_rate is None else f"{load_rate:.2f} ({r['load_over_loopback']:.2f}×)",
             "yes" if r.get("tokens_equal") else "no",
         ])
-    header = ["prefix tokens", "cold, no Membrain", "cold, connector on", "cold cost of the connector",
-              "warm via Membrain", "speed-up", "limit", "warm / limit", "MB loaded", "tokens equal"]
-    return source(name) + "\n\n" + table(header, rows)
+    header = ["prefix tokens", "prompts", "cold, no Membrain", "cold cost of the connector", "warm via Membrain",
+              "speed-up", "local prefix-cache hit", "warm / limit at loopback speed", "warm / limit at memcpy speed",
+              "MB loaded", "load GB/s in the engine (× loopback)", "tokens equal"]
+    speeds = [f"memcpy {doc['ttft_memcpy_gbps']:.1f} GB/s" if doc.get("ttft_memcpy_gbps") else None,
+              f"loopback receive {doc['ttft_loopback_gbps']:.2f} GB/s" if doc.get("ttft_loopback_gbps") else None]
+    speeds = [x for x in speeds if x]
+    note = f" Measured in the run: {', '.join(speeds)}." if speeds else ""
+    return source(name) + note + "\n\n" + table(header, rows)
 
 
 def e2e_sync_async() -> str:

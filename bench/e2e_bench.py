@@ -9,8 +9,11 @@ Membrain server. Every instance first serves a warm-up prompt, so one-time engin
 
 - TTFT: instance off-1 computes a long prompt cold (no Membrain); on-1 computes it with the connector
   (and saves it); on-2, another process, serves it warm (loaded through Membrain), then again (from its
-  local prefix cache). Greedy tokens must be equal in all four. The limit is that local-cache TTFT (the uncached tail's compute and
-  the engine's own work) plus the KV bytes on-2 loaded divided by memcpy bandwidth measured in this run.
+  local prefix cache). Greedy tokens must be equal in all four. `--repeats` distinct prompts per size; the
+  table gives medians. The limit is that local-cache TTFT (the uncached tail's compute and the engine's own
+  work) plus the KV bytes on-2 loaded at the wire's speed: a raw loopback socket's receive, measured in this
+  run before any engine starts (and, stricter, at memcpy speed). The load rate inside the engine is the bytes
+  loaded over the worker's own load time (`vllm:membrain_load_seconds`).
 - No reuse: batches of distinct prompts, off-1 and on-1 alternating, fresh prompts every round.
 - Chat: sessions with their own context, many turns, each turn sent to the other instance of a pair
   (no session affinity); once through the pair without Membrain, once through the pair with it.
@@ -29,6 +32,8 @@ import time
 import numpy as np
 
 import provenance  # bench/, beside this script
+import rawsock
+from arg_types import positive_int
 from membrain_async.server.embed import start_subprocess_server
 from membrain_async.testing import tinymodel
 from membrain_async.testing.driver import EngineProcess
@@ -89,8 +94,9 @@ class Instance:
         self.proc.finish(timeout=120)
 
 
-def ttft_prompt(i: int, n: int) -> str:
-    return f"{words(n, seed=1000 + i)} {words(32, seed=2000 + i)}"
+def ttft_prompt(i: int, n: int, repeat: int = 0) -> str:
+    seed = 1000 + i + 100 * repeat
+    return f"{words(n, seed=seed)} {words(32, seed=seed + 1000)}"
 
 
 def stop_all(group: list[Instance]) -> None:
@@ -99,34 +105,68 @@ def stop_all(group: list[Instance]) -> None:
     group.clear()
 
 
-def ttft_bench(cold: dict, on1: Instance, on2: Instance, sizes: list[int], bw: float, kv_per_token: int, bar) -> list[dict]:
+def loopback_gbps(size: int = 32 << 20) -> float:
+    """A raw Python socket receiving `size`-byte messages on loopback: the wire a load crosses."""
+    return rawsock.measure(size, seconds=1.0)["get"]
+
+
+def ttft_sample(prompt: str, c: dict, on1: Instance, on2: Instance, name: str, memcpy: float, loopback: float) -> dict:
+    with_conn = on1.run(f"save-{name}", [prompt], settle=2.0)
+    warm = on2.run(f"warm-{name}", [prompt])
+    local = on2.run(f"local-{name}", [prompt])["results"][0]
+    w = warm["results"][0]
+    loaded = warm["delta"].get("vllm:membrain_loaded_bytes", 0)
+    load_s = warm["delta"].get("vllm:membrain_load_seconds", 0)
+    limit = local["ttft_s"] + loaded / (memcpy * 1e9)
+    limit_loopback = local["ttft_s"] + loaded / (loopback * 1e9)
+    return {
+        "prompt_tokens": w["prompt_tokens"], "cold_ttft_s": c["ttft_s"],
+        "cold_with_connector_ttft_s": with_conn["results"][0]["ttft_s"], "warm_ttft_s": w["ttft_s"],
+        "local_hit_ttft_s": local["ttft_s"], "limit_s": limit, "limit_loopback_s": limit_loopback,
+        "loaded_bytes": loaded, "loaded_blocks": warm["delta"].get("vllm:membrain_loaded_blocks", 0),
+        "load_s": load_s, "load_gbps": loaded / load_s / 1e9 if load_s else None,
+        "membrain_hit_tokens": w["num_cached_tokens"],
+        "tokens_equal": w["tokens"] == c["tokens"] == local["tokens"] == with_conn["results"][0]["tokens"],
+    }
+
+
+def ttft_bench(cold: dict, on1: Instance, on2: Instance, sizes: list[int], repeats: int, memcpy: float,
+               loopback: float, kv_per_token: int, bar) -> list[dict]:
+    """Per prefix size, `repeats` distinct prompts; the row holds each sample and the medians."""
     rows = []
     for i, n in enumerate(sizes):
-        prompt = ttft_prompt(i, n)
-        c = cold[n]
-        with_conn = on1.run(f"save-{n}", [prompt], settle=2.0)
-        bar.update()
-        warm = on2.run(f"warm-{n}", [prompt])
-        bar.update()
-        local = on2.run(f"local-{n}", [prompt])["results"][0]
-        bar.update()
-        w = warm["results"][0]
-        loaded = warm["delta"].get("vllm:membrain_loaded_bytes", 0)
-        limit = local["ttft_s"] + loaded / (bw * 1e9)
-        rows.append({
-            "prefix_tokens": n, "prompt_tokens": w["prompt_tokens"],
-            "cold_ttft_s": c["ttft_s"], "cold_with_connector_ttft_s": with_conn["results"][0]["ttft_s"],
-            "warm_ttft_s": w["ttft_s"], "local_hit_ttft_s": local["ttft_s"], "limit_s": limit,
-            "loaded_bytes": loaded, "loaded_blocks": warm["delta"].get("vllm:membrain_loaded_blocks", 0),
-            "membrain_hit_tokens": w["num_cached_tokens"], "kv_bytes_per_token": kv_per_token,
-            "speedup": c["ttft_s"] / w["ttft_s"], "limit_speedup": c["ttft_s"] / limit,
-            "warm_over_limit": w["ttft_s"] / limit,
-            "tokens_equal": w["tokens"] == c["tokens"] == local["tokens"] == with_conn["results"][0]["tokens"],
-        })
-        r = rows[-1]
-        bar.write(f"{n:>5} tokens: cold {r['cold_ttft_s']:.2f} s, warm {r['warm_ttft_s']:.3f} s ({r['speedup']:.1f}x), "
-                  f"limit {r['limit_s']:.3f} s ({r['limit_speedup']:.1f}x), {loaded / 1e6:.0f} MB loaded, "
-                  f"tokens equal: {r['tokens_equal']}")
+        samples = []
+        for r in range(repeats):
+            samples.append(ttft_sample(ttft_prompt(i, n, r), cold[n][r], on1, on2, f"{n}-{r}", memcpy, loopback))
+            bar.update(3)
+
+        def med(key: str) -> float:
+            return statistics.median(s[key] for s in samples)
+
+        rates = [s["load_gbps"] for s in samples if s["load_gbps"]]
+        row = {
+            "prefix_tokens": n, "prompt_tokens": samples[0]["prompt_tokens"], "repeats": repeats,
+            "cold_ttft_s": med("cold_ttft_s"), "cold_with_connector_ttft_s": med("cold_with_connector_ttft_s"),
+            "warm_ttft_s": med("warm_ttft_s"), "local_hit_ttft_s": med("local_hit_ttft_s"),
+            "limit_s": med("limit_s"), "limit_loopback_s": med("limit_loopback_s"),
+            "loaded_bytes": med("loaded_bytes"), "loaded_blocks": med("loaded_blocks"),
+            "membrain_hit_tokens": med("membrain_hit_tokens"), "kv_bytes_per_token": kv_per_token,
+            # Ratios per sample, then their median: each sample's warm and local TTFT share one moment.
+            "speedup": statistics.median(s["cold_ttft_s"] / s["warm_ttft_s"] for s in samples),
+            "limit_speedup": statistics.median(s["cold_ttft_s"] / s["limit_s"] for s in samples),
+            "warm_over_limit": statistics.median(s["warm_ttft_s"] / s["limit_s"] for s in samples),
+            "warm_over_loopback_limit": statistics.median(s["warm_ttft_s"] / s["limit_loopback_s"] for s in samples),
+            "load_gbps": statistics.median(rates) if rates else None,
+            "load_over_loopback": statistics.median(rates) / loopback if rates else None,
+            "tokens_equal": all(s["tokens_equal"] for s in samples),
+            "samples": samples,
+        }
+        rows.append(row)
+        bar.write(f"{n:>5} tokens, median of {repeats}: cold {row['cold_ttft_s']:.2f} s, warm {row['warm_ttft_s']:.3f} s "
+                  f"({row['speedup']:.1f}x), local hit {row['local_hit_ttft_s']:.3f} s, warm/limit "
+                  f"{row['warm_over_loopback_limit']:.2f} (loopback) {row['warm_over_limit']:.2f} (memcpy), "
+                  f"loads {row['load_gbps'] or 0:.2f} GB/s ({row['load_over_loopback'] or 0:.2f}x loopback), "
+                  f"tokens equal: {row['tokens_equal']}")
     return rows
 
 
@@ -203,6 +243,7 @@ def chat_bench(pair: list[Instance], label: str, sessions: int, turns: int, cont
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
+    ap.add_argument("--repeats", type=positive_int, default=3, help="distinct prompts per TTFT size (medians reported)")
     ap.add_argument("--layers", type=int, default=MODEL["layers"])
     ap.add_argument("--hidden", type=int, default=MODEL["hidden"])
     ap.add_argument("--heads", type=int, default=MODEL["heads"])
@@ -225,7 +266,9 @@ def main() -> None:
     vocab = json.load(open(os.path.join(model, "config.json")))["vocab_size"]
     kv_per_token = m["layers"] * 2 * m["kv_heads"] * (m["hidden"] // m["heads"]) * 2
     bw = memcpy_gbps()
-    print(f"model: {param_count(m, vocab) / 1e6:.0f}M parameters, {kv_per_token} KV bytes per token; memcpy {bw:.1f} GB/s")
+    loopback = loopback_gbps()  # before any engine starts: idle vLLM engines poll
+    print(f"model: {param_count(m, vocab) / 1e6:.0f}M parameters, {kv_per_token} KV bytes per token; memcpy {bw:.1f} GB/s, "
+          f"loopback receive {loopback:.2f} GB/s")
     logs = tempfile.mkdtemp(prefix="membrain-e2e-bench-")
     server = start_subprocess_server({"port": 0, "capacity": "6GiB"})
     base = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_MEMBRAIN_")}
@@ -238,7 +281,7 @@ def main() -> None:
         on_env["VLLM_MEMBRAIN_LOAD_MODE"] = args.load_mode
     # Room for the longest prompt: a TTFT prefix, a no-reuse prompt, or a chat at its last turn.
     max_len = max(max(args.sizes) + 256, 1024 + 256, CHAT_CONTEXT + args.turns * 192 + 256)
-    steps = (("ttft" in args.stages) * (2 + 4 * len(args.sizes)) + ("no_reuse" in args.stages) * (1 + 4 * args.rounds)
+    steps = (("ttft" in args.stages) * (2 + 4 * len(args.sizes) * args.repeats) + ("no_reuse" in args.stages) * (1 + 4 * args.rounds)
              + ("chat" in args.stages) * (2 + 2 * args.sessions * args.turns))
     bar = tqdm(total=steps, desc="e2e bench", unit="step")
     results = {}
@@ -277,12 +320,14 @@ def main() -> None:
         if "ttft" in args.stages:
             # TTFT: off-1 alone, then the two instances with the connector.
             alive = start("off-1")
-            cold = {n: alive[0].run(f"cold-{n}", [ttft_prompt(i, n)])["results"][0] for i, n in enumerate(args.sizes)}
-            bar.update(len(args.sizes))
+            cold = {n: [alive[0].run(f"cold-{n}-{r}", [ttft_prompt(i, n, r)])["results"][0] for r in range(args.repeats)]
+                    for i, n in enumerate(args.sizes)}
+            bar.update(len(args.sizes) * args.repeats)
             stop_all(alive)
             alive = start("on-1", "on-2")
-            results["ttft"] = ttft_bench(cold, alive[0], alive[1], args.sizes, bw, kv_per_token, bar)
+            results["ttft"] = ttft_bench(cold, alive[0], alive[1], args.sizes, args.repeats, bw, loopback, kv_per_token, bar)
             results["ttft_memcpy_gbps"] = bw  # what the TTFT limits were computed with
+            results["ttft_loopback_gbps"] = loopback
             save()
             stop_all(alive)
         if "no_reuse" in args.stages:
