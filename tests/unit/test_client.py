@@ -261,3 +261,19 @@ async def test_connections_the_server_closed_while_idle_are_redialled_not_failed
             assert await c.put_many(["c"], [b"z" * 5000]) == 1
             assert [bytes(v) for v in await c.get_many(["a", "c"])] == [b"x" * 5000, b"z" * 5000]
             assert c.stats.failures == 0
+
+
+def test_a_plain_http_client_loads_no_ca_store_and_would_verify_any_tls_it_met():
+    """http:// never negotiates TLS, so its HTTP client skips the CA bundle (a first call's ~20 ms); the
+    context it holds instead trusts nothing, so it cannot be mistaken for verify=False."""
+    import ssl
+
+    async def contexts():
+        async with MembrainClient("http://127.0.0.1:1") as plain, MembrainClient("https://127.0.0.1:1") as tls:
+            return (plain._http_client()._transport._pool._ssl_context,
+                    tls._http_client()._transport._pool._ssl_context)
+
+    plain, tls = anyio.run(contexts)
+    assert plain.cert_store_stats()["x509_ca"] == 0
+    assert plain.verify_mode == ssl.CERT_REQUIRED and plain.check_hostname
+    assert tls.verify_mode == ssl.CERT_REQUIRED and tls.check_hostname
