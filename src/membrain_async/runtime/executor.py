@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Callable, Protocol
 
 import anyio
 
-from .. import telemetry
+from .. import telemetry, thread_cpus
 from .aio import loop_options
 from .future import CANCELLED, Cancelled, MembrainFuture
 from .ring import Completion, CompletionRing
@@ -168,6 +168,7 @@ class Executor:
         self._thread.join(join_timeout if join_timeout is not None else self.drain_deadline + 5)
 
     def _thread_main(self) -> None:
+        thread_cpus.widen_this_thread()  # before anything starts threads of its own: they inherit it
         try:
             anyio.run(self._main, backend=self.backend, backend_options=loop_options(self.backend))
         except BaseException:  # the thread must never die silently

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..config import ConfigError, ConnectorConfig, parse_bool, strict_requested
+from .. import thread_cpus
 
 CONNECTOR_NAME = "MembrainConnector"
 CONNECTOR_MODULE = "membrain_async.vllm.connector"
@@ -46,6 +47,8 @@ def register() -> None:
 
     from . import environ
 
+    # Before vLLM-on-CPU pins this process's compute threads: Membrain's threads run on these (thread_cpus.py).
+    thread_cpus.remember_process_cpus()
     _route_logs_through_vllm()
     environ.register()  # no "Unknown vLLM environment variable" for ours; strict mode starts
     if CONNECTOR_NAME not in KVConnectorFactory._registry:
