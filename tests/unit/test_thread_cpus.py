@@ -67,3 +67,16 @@ def test_the_first_note_wins(monkeypatch):
     monkeypatch.setattr(thread_cpus, "_process_cpus", frozenset({7}))
     thread_cpus.remember_process_cpus()
     assert thread_cpus._process_cpus == frozenset({7})
+
+
+def test_a_worker_pinned_before_plugins_load_notes_the_cpus_of_the_process_that_started_it(monkeypatch):
+    """libgomp pins a vLLM worker's main thread when torch loads, before the plugin runs: the engine core
+    that started the worker still has the CPUs vLLM was given."""
+    ppid = os.getppid()
+    for own, parent, noted in (({0}, {0, 1, 2, 3}, {0, 1, 2, 3}),  # the worker under OpenMP pinning
+                               ({0, 1}, {0, 1}, {0, 1}),  # nothing pinned
+                               ({0}, {1}, {0})):  # a parent that does not hold ours: no guessing
+        monkeypatch.setattr(thread_cpus, "_process_cpus", None)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: parent if pid == ppid else own, raising=False)
+        thread_cpus.remember_process_cpus()
+        assert thread_cpus._process_cpus == frozenset(noted)

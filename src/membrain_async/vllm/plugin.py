@@ -47,7 +47,7 @@ def register() -> None:
 
     from . import environ
 
-    # Before vLLM-on-CPU pins this process's compute threads: Membrain's threads run on these (thread_cpus.py).
+    # The CPUs vLLM was given, which Membrain's threads run on (thread_cpus.py: OpenMP pins a worker's main thread).
     thread_cpus.remember_process_cpus()
     _route_logs_through_vllm()
     environ.register()  # no "Unknown vLLM environment variable" for ours; strict mode starts
