@@ -173,7 +173,8 @@ def stall() -> str:
 
 def stall_rework() -> str:
     parts = []
-    for name in ("stall_local.json", "stall_default_shape.json", "stall_cheap_tail.json"):
+    for name in present("stall_local.json", "stall_default_shape.json", "stall_cheap_tail.json",
+                        "stall_default_shape_repeat.json", "stall_cheap_tail_repeat.json"):
         parts.append(source(name) + "\n\n" + table(STALL_HEADER, _stall_rows(load(name))))
     return "\n\n".join(parts)
 
