@@ -388,7 +388,7 @@ def cold_cost() -> str:
 
 
 def put() -> str:
-    files = present("put.json", "put_repeat.json")
+    files = present("put.json", "put_repeat.json", "put_warm_client.json")
     rows = []
     for run, (name, cell) in ((i + 1, c) for i, f in enumerate(files) for c in load(f)["cells"].items()):
         rounds = cell["rounds"]
