@@ -108,3 +108,28 @@ def test_an_unhashable_tag_is_refused_at_submit_not_on_the_loop(executor):
     with pytest.raises(TypeError):
         executor.submit("probe", lambda: anyio.sleep(0), tag=["not", "hashable"])
     assert executor.submit("probe", lambda: anyio.sleep(0), tag=("fine",)).wait(10) and executor.running
+
+
+def test_jobs_submitted_together_start_in_one_dispatch_however_far_apart_they_were_submitted(executor):
+    """A step's loads of one prefix share its fetch only if the loop starts them before the first one ends:
+    inside `together()` nothing reaches the loop until the block ends."""
+    order = []
+
+    def job(name):
+        async def run():
+            order.append(f"{name} starts")
+            await anyio.lowlevel.checkpoint()  # the other job runs here, if it was started with this one
+            order.append(f"{name} ends")
+        return run
+
+    executor.start()
+    with executor.together():
+        first = executor.submit("probe", job("a"))
+        threading.Event().wait(0.2)  # a loop that had it would have run "a" to its end by now
+        assert not first.done()
+        second = executor.submit("probe", job("b"))
+    assert first.wait(10) and second.wait(10)
+    assert sorted(order[:2]) == ["a starts", "b starts"]  # both started before either ended (trio may
+    assert sorted(order[2:]) == ["a ends", "b ends"]  # run them in either order)
+    third = executor.submit("probe", job("c"))  # outside the block: sent as before
+    assert third.wait(10) and order[-2:] == ["c starts", "c ends"]

@@ -100,6 +100,11 @@ class BlockStore:
         """Start the runtime thread now (otherwise the first call does)."""
         self.executor.start()
 
+    def together(self):
+        """`with store.together():` the calls inside start on the runtime thread at once (one step's loads
+        of a shared prefix then fetch it once: see Executor.together)."""
+        return self.executor.together()
+
     def acquire(self) -> bool:
         """Take one more hold on a live store (see `open_store`); False if it is already stopping."""
         with self._holders_lock:

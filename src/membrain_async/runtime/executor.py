@@ -15,6 +15,7 @@ then cancels the task group: every task has an owner and an end.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -22,7 +23,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Iterator, Protocol
 
 import anyio
 
@@ -113,6 +114,7 @@ class Executor:
         self._describe = describe or (lambda kind, value: {})
         self.drain_deadline = drain_deadline
         self._inbox: deque = deque()
+        self._held = threading.local()  # messages of a `together()` block, per submitting thread
         self._lock = threading.Lock()  # guards thread start; never held across I/O
         self._thread: threading.Thread | None = None
         self.pid = os.getpid()
@@ -222,7 +224,30 @@ class Executor:
         if self._thread is not None and not self._stopping:
             self._post(("cancel_tag", tag, then))
 
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Submissions made inside (on this thread) reach the loop at once, so it starts them in one dispatch.
+
+        Without it a loop on another core may start and finish the first job before the caller has
+        submitted the second: a step's loads of one prefix would then each fetch it, since a fetch is
+        shared only with loads running at the same moment (cache/shared_fetch.py)."""
+        if getattr(self._held, "messages", None) is not None:  # nested: the outer block sends them
+            yield
+            return
+        self._held.messages = held = []
+        try:
+            yield
+        finally:
+            self._held.messages = None
+            if held:
+                self._inbox.extend(held)  # one call under the GIL: the loop sees all of them or none
+                self._wake()
+
     def _post(self, message: tuple) -> None:
+        held = getattr(self._held, "messages", None)
+        if held is not None:
+            held.append(message)
+            return
         self._inbox.append(message)
         self._wake()
 

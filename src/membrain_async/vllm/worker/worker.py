@@ -180,10 +180,11 @@ class MembrainWorker:
                 if self.async_loads:
                     self._finished_recving.add(load.req_id)
             return
-        for hint in meta.prefetch:
-            self.store.prefetch(self._prefetch_keys(hint.hashes), tag=hint.req_id)
-        for load in meta.loads:
-            self.loader.submit(load)  # returns at once: the runtime fetches, a worker thread copies
+        with self.store.together():  # requests sharing a prefix in this step fetch it once
+            for hint in meta.prefetch:
+                self.store.prefetch(self._prefetch_keys(hint.hashes), tag=hint.req_id)
+            for load in meta.loads:
+                self.loader.submit(load)  # returns at once: the runtime fetches, a worker thread copies
         if meta.loads and not self.async_loads:
             # Sync mode: the forward pass needs these pages, so this step waits for them (bounded by the
             # deadline; whatever is late is reported and recomputed).
