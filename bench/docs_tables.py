@@ -128,15 +128,17 @@ def e2e_sync_async() -> str:
 
 
 def e2e_no_reuse() -> str:
-    doc = load("e2e.json")["no_reuse"]
+    files = [name for name in present("e2e.json", "e2e_no_reuse_repeat.json") if "no_reuse" in load(name)]
     rows = []
-    for workload in ("batch", "sequential"):
-        w = doc[workload]
-        rows.append([workload, f"{w['off_tokens_per_s_median']:.0f}", f"{w['on_tokens_per_s_median']:.0f}",
-                     f"{w['overhead_pct_median_of_pairs']:.1f} %",
-                     ", ".join(f"{p:.1f}" for p in w["overhead_pct_pairs"]) + " %"])
-    header = ["workload", "tokens/s without", "tokens/s with", "cost (median of pairs)", "per pair"]
-    return source("e2e.json") + "\n\n" + table(header, rows)
+    for run, name in enumerate(files, 1):
+        doc = load(name)["no_reuse"]
+        for workload in ("batch", "sequential"):
+            w = doc[workload]
+            rows.append([str(run), workload, f"{w['off_tokens_per_s_median']:.0f}", f"{w['on_tokens_per_s_median']:.0f}",
+                         f"{w['overhead_pct_median_of_pairs']:.1f} %",
+                         ", ".join(f"{p:.1f}" for p in w["overhead_pct_pairs"]) + " %"])
+    header = ["run", "workload", "tokens/s without", "tokens/s with", "cost (median of pairs)", "per pair"]
+    return source(*files) + "\n\n" + table(header, rows)
 
 
 def _stall_rows(doc: dict) -> list[list[str]]:
