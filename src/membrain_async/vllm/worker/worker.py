@@ -141,7 +141,6 @@ class MembrainWorker:
             first_layout.dtype_name, sum(lay.payload_bytes for lay in layouts), type(self.movers[0]).__name__,
         )
 
-
     def _prefault_loads(self) -> None:
         """Fault in a buffer for a whole step's loads (VLLM_MEMBRAIN_STEP_LOAD_BYTES, counted in the worker's
         memory budget). With 64 MiB, a fresh instance's first 84 and 168 MB loads took 0.28 and 0.56 s over
@@ -157,6 +156,7 @@ class MembrainWorker:
                 log.warning("Membrain: could not fault in %d MiB of host buffers for loads (%s); first loads "
                             "will pay page faults", wanted >> 20, str(exc).splitlines()[0])
                 return
+
     def _unit_layout(self, kv_caches: dict[str, "torch.Tensor"], unit: KVUnit, layout: str) -> PageLayout:
         missing = [n for n in unit.layer_names if n not in kv_caches]
         if missing:
