@@ -27,6 +27,12 @@ FAIR_SHARE = 1 << 20
 HEAD_ROOM = 64 << 10
 
 
+# A large body is received in wake-ups of at least this many bytes (SO_RCVLOWAT, `BodyWakeups`). Without
+# it the kernel wakes the reader for every ~64 KiB segment that lands: a 50 MB load took ~520 receives and
+# ~300 event-loop wake-ups, each winning the GIL back from the forward pass (bench/datapath_bench.py).
+RECV_BATCH = 256 << 10
+
+
 class PeerClosed(ConnectionError):
     """The other end closed the connection."""
 
@@ -53,6 +59,39 @@ async def recv_into(sock: socket.socket, buf: memoryview) -> int:
             await anyio.wait_writable(sock)
         except ssl.SSLZeroReturnError:
             return 0
+
+
+class BodyWakeups:
+    """While a large body is read, the socket wakes its reader only once RECV_BATCH bytes, or the rest of the
+    body, are queued (SO_RCVLOWAT). Never more than the body still owes: the reader cannot wait for bytes
+    that are not coming (and a peer that closes wakes it regardless). Back to one byte when the body ends,
+    so the next frame's head is read as soon as it lands. Plain TCP sockets only: TLS records and other
+    sockets keep the default."""
+
+    __slots__ = ("sock", "current")
+
+    def __init__(self, sock: socket.socket):
+        tcp = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+        self.sock = sock if tcp and not isinstance(sock, ssl.SSLSocket) else None
+        self.current = 1
+
+    def expect(self, remaining: int) -> None:
+        """Before waiting: `remaining` bytes of the body are still to come."""
+        want = min(remaining, RECV_BATCH) if remaining > RECV_BATCH // 4 else 1
+        if want != self.current and (want < self.current or self.current == 1):
+            self._set(want)
+
+    def done(self) -> None:
+        if self.current != 1:
+            self._set(1)
+
+    def _set(self, n: int) -> None:
+        self.current = n
+        if self.sock is not None:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+            except OSError:  # closed, or a socket kind without it: waking early is only slower
+                self.sock = None
 
 
 async def recv_exactly_into(sock: socket.socket, buf: memoryview) -> None:

@@ -194,16 +194,21 @@ class BulkConnection:
 
     async def _read_body(self, targets: list) -> None:
         body = BodyReader(targets)
+        wakeups = sockio.BodyWakeups(self.sock)
         since_yield = 0
-        while not body.done:
-            n = await sockio.recv_into(self.sock, body.want())
-            if n == 0:
-                raise ConnectionLost("server closed the bulk connection mid-body")
-            body.advance(n)
-            since_yield += n
-            if since_yield >= sockio.FAIR_SHARE and not body.done:
-                since_yield = 0
-                await anyio.lowlevel.checkpoint()  # a load is waited for: it does not pace
+        try:
+            while not body.done:
+                wakeups.expect(body.remaining)
+                n = await sockio.recv_into(self.sock, body.want())
+                if n == 0:
+                    raise ConnectionLost("server closed the bulk connection mid-body")
+                body.advance(n)
+                since_yield += n
+                if since_yield >= sockio.FAIR_SHARE and not body.done:
+                    since_yield = 0
+                    await anyio.lowlevel.checkpoint()  # a load is waited for: it does not pace
+        finally:
+            wakeups.done()
 
     def _break(self, exc: BaseException) -> None:
         """The byte stream is lost: fail every request in flight, close the socket, never reuse it."""

@@ -156,7 +156,7 @@ class FrameReader:
 class BodyReader:
     """Fills a list of caller-chosen buffers in order, then is done. `None` entries are skipped bytes."""
 
-    __slots__ = ("_targets", "_index", "_offset", "_scratch")
+    __slots__ = ("_targets", "_index", "_offset", "_scratch", "remaining")
 
     def __init__(self, targets: list[memoryview | bytearray | int]):
         # An int target means "discard that many bytes" (e.g. an oversize or unwanted value).
@@ -164,6 +164,7 @@ class BodyReader:
         self._index = 0
         self._offset = 0
         self._scratch: memoryview | None = None
+        self.remaining = sum(self._size(t) for t in targets)  # bytes of the body still to come
         self._skip_empty()
 
     def _skip_empty(self) -> None:
@@ -187,6 +188,7 @@ class BodyReader:
         return memoryview(t)[self._offset :]
 
     def advance(self, n: int) -> None:
+        self.remaining -= n
         self._offset += n
         if self._offset >= self._size(self._targets[self._index]):
             self._index += 1

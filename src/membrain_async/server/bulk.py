@@ -96,15 +96,20 @@ class BulkConnection:
 
     async def _read_body(self, targets: list) -> None:
         body = BodyReader(targets)
+        wakeups = sockio.BodyWakeups(self.sock)
         since_yield = 0
-        while not body.done:
-            n = await self._recv(body.want()[: sockio.FAIR_SHARE])
-            body.advance(n)
-            since_yield += n
-            if since_yield >= sockio.FAIR_SHARE and not body.done:
-                # Data keeps coming without a wait: let the other connections' small requests in.
-                since_yield = 0
-                await anyio.lowlevel.checkpoint()
+        try:
+            while not body.done:
+                wakeups.expect(body.remaining)
+                n = await self._recv(body.want()[: sockio.FAIR_SHARE])
+                body.advance(n)
+                since_yield += n
+                if since_yield >= sockio.FAIR_SHARE and not body.done:
+                    # Data keeps coming without a wait: let the other connections' small requests in.
+                    since_yield = 0
+                    await anyio.lowlevel.checkpoint()
+        finally:
+            wakeups.done()
 
     async def _discard_body(self, frame: Frame) -> None:
         cfg = self.service.config
