@@ -15,6 +15,12 @@ hand-back of the GIL may then wait a whole switch interval, and run-to-run sprea
 
 Figures, per arm: wall seconds and GB/s; the process's CPU seconds per GB moved (every thread of this
 process; the server's CPU is not counted); ratios to the raw socket's, measured in the same run.
+
+With `--gil-seconds S` (the default), each arm then runs back to back for S seconds under `py-spy record
+--gil --nonblocking` attached to this process: samples are kept only where a thread holds the GIL, so their
+count over the sampling rate is the seconds the GIL was held, per GB moved. That is what a transfer takes
+from vLLM's own Python threads, which need the GIL to step. Skipped, with the reason, where py-spy is
+missing or may not attach (ptrace).
 """
 
 from __future__ import annotations
@@ -23,9 +29,12 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -83,6 +92,38 @@ def measure(fn, spinner: Spinner | None) -> dict:
     return out
 
 
+def py_spy() -> str | None:
+    beside = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    return beside if os.path.exists(beside) else shutil.which("py-spy")
+
+
+def gil_held(fn, seconds: float, rate: int = 1000) -> dict:
+    """Run fn back to back for `seconds` under py-spy --gil; GIL-held seconds per GB moved."""
+    exe = py_spy()
+    if exe is None:
+        return {"skipped": "py-spy is not installed"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "gil.txt")
+        spy = subprocess.Popen([exe, "record", "--pid", str(os.getpid()), "--gil", "--nonblocking", "--rate", str(rate),
+                                "--format", "raw", "--output", out, "--duration", str(int(seconds) + 2)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)  # attached and sampling
+        moved, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            moved += fn()
+        _, err = spy.communicate(timeout=seconds + 30)
+        if spy.returncode != 0 or not os.path.exists(out):
+            return {"skipped": f"py-spy could not sample this process: {err.strip()[-300:]}"}
+        samples = 0
+        with open(out) as f:
+            for line in f:
+                stack, _, count = line.rstrip().rpartition(" ")
+                if stack and count.isdigit():
+                    samples += int(count)
+    return {"samples": samples, "rate_hz": rate, "gil_s": samples / rate, "bytes": moved,
+            "gil_s_per_gb": samples / rate / (moved / 1e9)}
+
+
 def raw_socket_arm(nbytes: int) -> callable:
     """The floor: recv_into a buffer from a loopback socket, then one memcpy into memory like the pages."""
     listener = socket.create_server(("127.0.0.1", 0))
@@ -122,6 +163,8 @@ def main() -> None:
                     help="which arms to time (a profiler run may want one)")
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="sys.setswitchinterval for this process (Python's default: 0.005 s)")
+    ap.add_argument("--gil-seconds", type=float, default=3.0,
+                    help="per arm, seconds of back-to-back runs sampled by py-spy --gil (0: skip)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.switch_interval:
@@ -196,6 +239,14 @@ def main() -> None:
         for arm in [a for a in ("load", "save") if a in summary and "raw_socket" in summary]:
             summary[arm]["speed_vs_raw"] = summary[arm]["gbps"] / summary["raw_socket"]["gbps"]
             summary[arm]["cpu_vs_raw"] = summary[arm]["cpu_s_per_gb"] / summary["raw_socket"]["cpu_s_per_gb"]
+        if args.gil_seconds > 0:
+            results["gil"] = {arm: gil_held(arms[arm], args.gil_seconds) for arm in args.arms}
+            for arm, g in results["gil"].items():
+                if "gil_s_per_gb" in g:
+                    summary[arm]["gil_s_per_gb"] = g["gil_s_per_gb"]
+            for arm in [a for a in ("load", "save") if "gil_s_per_gb" in summary.get(a, {})]:
+                if "gil_s_per_gb" in summary.get("raw_socket", {}):
+                    summary[arm]["gil_vs_raw"] = summary[arm]["gil_s_per_gb"] / summary["raw_socket"]["gil_s_per_gb"]
         results["summary"] = summary
         print(json.dumps(summary, indent=1))
     finally:
