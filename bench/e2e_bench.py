@@ -11,9 +11,12 @@ Membrain server. Every instance first serves a warm-up prompt, so one-time engin
   (and saves it); on-2, another process, serves it warm (loaded through Membrain), then again (from its
   local prefix cache). Greedy tokens must be equal in all four. `--repeats` distinct prompts per size; the
   table gives medians. The limit is that local-cache TTFT (the uncached tail's compute and the engine's own
-  work) plus the KV bytes on-2 loaded at the wire's speed: a raw loopback socket's receive, measured in this
-  run before any engine starts (and, stricter, at memcpy speed). The load rate inside the engine is the bytes
-  loaded over the worker's own load time (`vllm:membrain_load_seconds`).
+  work) plus the KV bytes on-2 loaded at the wire's speed: a raw loopback socket's receive (and, stricter,
+  at memcpy speed). The load rate inside the engine is the bytes loaded over the worker's own load time
+  (`vllm:membrain_load_seconds`). The loopback receive is measured again before every warm run, in the state
+  that run meets: on this shared 2-core machine it swung between 1.5 and 3.2 GB/s from one minute to the
+  next, so a figure taken once at the start would credit or blame Membrain for the machine's drift. Each
+  sample's limit and load ratio use its own; the row gives the medians of the per-sample ratios.
 - No reuse: batches of distinct prompts, off-1 and on-1 alternating, fresh prompts every round.
 - Chat: sessions with their own context, many turns, each turn sent to the other instance of a pair
   (no session affinity); once through the pair without Membrain, once through the pair with it.
@@ -105,13 +108,14 @@ def stop_all(group: list[Instance]) -> None:
     group.clear()
 
 
-def loopback_gbps(size: int = 32 << 20) -> float:
+def loopback_gbps(size: int = 32 << 20, seconds: float = 1.0) -> float:
     """A raw Python socket receiving `size`-byte messages on loopback: the wire a load crosses."""
-    return rawsock.measure(size, seconds=1.0)["get"]
+    return rawsock.measure(size, seconds=seconds)["get"]
 
 
-def ttft_sample(prompt: str, c: dict, on1: Instance, on2: Instance, name: str, memcpy: float, loopback: float) -> dict:
+def ttft_sample(prompt: str, c: dict, on1: Instance, on2: Instance, name: str, memcpy: float) -> dict:
     with_conn = on1.run(f"save-{name}", [prompt], settle=2.0)
+    loopback = loopback_gbps(seconds=0.5)  # the wire now, just before the warm run
     warm = on2.run(f"warm-{name}", [prompt])
     local = on2.run(f"local-{name}", [prompt])["results"][0]
     w = warm["results"][0]
@@ -124,26 +128,28 @@ def ttft_sample(prompt: str, c: dict, on1: Instance, on2: Instance, name: str, m
         "cold_with_connector_ttft_s": with_conn["results"][0]["ttft_s"], "warm_ttft_s": w["ttft_s"],
         "local_hit_ttft_s": local["ttft_s"], "limit_s": limit, "limit_loopback_s": limit_loopback,
         "loaded_bytes": loaded, "loaded_blocks": warm["delta"].get("vllm:membrain_loaded_blocks", 0),
-        "load_s": load_s, "load_gbps": loaded / load_s / 1e9 if load_s else None,
+        "loopback_gbps": loopback, "load_s": load_s, "load_gbps": loaded / load_s / 1e9 if load_s else None,
+        "load_over_loopback": loaded / load_s / 1e9 / loopback if load_s else None,
         "membrain_hit_tokens": w["num_cached_tokens"],
         "tokens_equal": w["tokens"] == c["tokens"] == local["tokens"] == with_conn["results"][0]["tokens"],
     }
 
 
 def ttft_bench(cold: dict, on1: Instance, on2: Instance, sizes: list[int], repeats: int, memcpy: float,
-               loopback: float, kv_per_token: int, bar) -> list[dict]:
+               kv_per_token: int, bar) -> list[dict]:
     """Per prefix size, `repeats` distinct prompts; the row holds each sample and the medians."""
     rows = []
     for i, n in enumerate(sizes):
         samples = []
         for r in range(repeats):
-            samples.append(ttft_sample(ttft_prompt(i, n, r), cold[n][r], on1, on2, f"{n}-{r}", memcpy, loopback))
+            samples.append(ttft_sample(ttft_prompt(i, n, r), cold[n][r], on1, on2, f"{n}-{r}", memcpy))
             bar.update(3)
 
         def med(key: str) -> float:
             return statistics.median(s[key] for s in samples)
 
         rates = [s["load_gbps"] for s in samples if s["load_gbps"]]
+        load_ratios = [s["load_over_loopback"] for s in samples if s["load_over_loopback"]]
         row = {
             "prefix_tokens": n, "prompt_tokens": samples[0]["prompt_tokens"], "repeats": repeats,
             "cold_ttft_s": med("cold_ttft_s"), "cold_with_connector_ttft_s": med("cold_with_connector_ttft_s"),
@@ -157,7 +163,8 @@ def ttft_bench(cold: dict, on1: Instance, on2: Instance, sizes: list[int], repea
             "warm_over_limit": statistics.median(s["warm_ttft_s"] / s["limit_s"] for s in samples),
             "warm_over_loopback_limit": statistics.median(s["warm_ttft_s"] / s["limit_loopback_s"] for s in samples),
             "load_gbps": statistics.median(rates) if rates else None,
-            "load_over_loopback": statistics.median(rates) / loopback if rates else None,
+            "loopback_gbps": med("loopback_gbps"),
+            "load_over_loopback": statistics.median(load_ratios) if load_ratios else None,
             "tokens_equal": all(s["tokens_equal"] for s in samples),
             "samples": samples,
         }
@@ -266,7 +273,7 @@ def main() -> None:
     vocab = json.load(open(os.path.join(model, "config.json")))["vocab_size"]
     kv_per_token = m["layers"] * 2 * m["kv_heads"] * (m["hidden"] // m["heads"]) * 2
     bw = memcpy_gbps()
-    loopback = loopback_gbps()  # before any engine starts: idle vLLM engines poll
+    loopback = loopback_gbps()  # at the start, for the record; each TTFT sample measures its own
     print(f"model: {param_count(m, vocab) / 1e6:.0f}M parameters, {kv_per_token} KV bytes per token; memcpy {bw:.1f} GB/s, "
           f"loopback receive {loopback:.2f} GB/s")
     logs = tempfile.mkdtemp(prefix="membrain-e2e-bench-")
@@ -325,7 +332,7 @@ def main() -> None:
             bar.update(len(args.sizes) * args.repeats)
             stop_all(alive)
             alive = start("on-1", "on-2")
-            results["ttft"] = ttft_bench(cold, alive[0], alive[1], args.sizes, args.repeats, bw, loopback, kv_per_token, bar)
+            results["ttft"] = ttft_bench(cold, alive[0], alive[1], args.sizes, args.repeats, bw, kv_per_token, bar)
             results["ttft_memcpy_gbps"] = bw  # what the TTFT limits were computed with
             results["ttft_loopback_gbps"] = loopback
             save()
