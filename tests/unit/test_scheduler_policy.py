@@ -427,3 +427,31 @@ def test_timers_become_histograms_in_vllms_registry_and_counters_totals():
     assert bucket("+Inf") == 3
     assert reg.get_sample_value("vllm:membrain_loaded_blocks_total", {"engine": "0"}) == 5
     assert both.reduce()["avg_load_ms"] == pytest.approx(1e3 * 20.0034 / 3, abs=1e-3)
+
+
+# ------------------------------------------------------------------ an idle pass rests for its lookups' answers
+
+
+def test_an_idle_pass_with_a_lookup_pending_rests_until_the_answer_lands_and_a_busy_one_never(monkeypatch):
+    from membrain_async.runtime import Completion
+    from membrain_async.vllm.scheduler import lookups as lookups_mod
+
+    # Far longer than the test may take: only an answer landing can end the rest (pytest-timeout guards it).
+    monkeypatch.setattr(lookups_mod, "IDLE_WAIT_S", 600.0)
+    lk = lookups_mod.Lookups(FakeSchedulerStore(), count=lambda *a: None, observe=lambda *a: None)
+    lk.end_pass(idle=True)  # nothing waits for an answer: no rest
+    lk.waited()
+    lk.end_pass(idle=False)  # something else ran this step: no rest either
+    lk.waited()
+    order = []
+
+    def answer() -> None:
+        order.append("answered")
+        lk.answers.push(Completion("lookup", ("r1",), 3, "ok"))
+
+    timer = threading.Timer(0.05, answer)
+    timer.start()
+    lk.end_pass(idle=True)  # nothing was scheduled and r1 waits: rest until its answer
+    order.append("rested")
+    timer.join()
+    assert order == ["answered", "rested"]
