@@ -26,6 +26,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def seconds_or_zero(text: str) -> float:
+    """A finite duration, where 0 means "skip this part"."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= value < float("inf"):  # nan and inf fail too: a loop must end
+        raise argparse.ArgumentTypeError(f"must be 0 (skip) or a finite number of seconds above it, got {text}")
+    return value
+
+
 def nice_value(text: str) -> int:
     try:
         value = int(text)

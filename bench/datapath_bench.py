@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import socket
 import statistics
 import subprocess
@@ -39,6 +38,8 @@ import threading
 import time
 
 import provenance  # bench/, beside this script
+from arg_types import seconds_or_zero
+from proc_profile import _py_spy
 import torch
 
 from membrain_async.cache import BlockStore
@@ -92,14 +93,9 @@ def measure(fn, spinner: Spinner | None) -> dict:
     return out
 
 
-def py_spy() -> str | None:
-    beside = os.path.join(os.path.dirname(sys.executable), "py-spy")
-    return beside if os.path.exists(beside) else shutil.which("py-spy")
-
-
 def gil_held(fn, seconds: float, rate: int = 1000) -> dict:
     """Run fn back to back for `seconds` under py-spy --gil; GIL-held seconds per GB moved."""
-    exe = py_spy()
+    exe = _py_spy()
     if exe is None:
         return {"skipped": "py-spy is not installed"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,7 +159,7 @@ def main() -> None:
                     help="which arms to time (a profiler run may want one)")
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="sys.setswitchinterval for this process (Python's default: 0.005 s)")
-    ap.add_argument("--gil-seconds", type=float, default=3.0,
+    ap.add_argument("--gil-seconds", type=seconds_or_zero, default=3.0,
                     help="per arm, seconds of back-to-back runs sampled by py-spy --gil (0: skip)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
