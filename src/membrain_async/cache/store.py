@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 
 import anyio
 
-from .. import telemetry
+from .. import scatter, telemetry
 from ..client.errors import MembrainUnavailable
 from ..config import ConnectorConfig
 from ..runtime.executor import Executor
@@ -199,7 +199,8 @@ class BlockStore:
         keys: Sequence[str],
         apply: Callable[[list], Any],
         *,
-        into: Sequence[memoryview] | None = None,
+        into: Sequence[scatter.Target] | None = None,
+        begin: Callable[[], bool] | None = None,
         release: Callable[[], None] | None = None,
         tag: Any = None,
         ring: CompletionRing | None = None,
@@ -214,17 +215,21 @@ class BlockStore:
         `apply` returns.
 
         `into`: one buffer per key, where its value is received (the values `apply` sees are views of
-        them), so a load allocates nothing. A key another load is receiving right now is not asked of the
-        server again: it is copied from that load's buffer (`shared_fetch.py`). `release()` then runs on the
-        runtime thread once nothing can write into or read from the buffers any more (after `apply`, and
-        whatever happened). It is not called for a job cancelled before it started: such buffers were
-        never written, and the caller's pool simply does not get them back.
+        them, or the Scatters themselves), so a load allocates nothing. A key another load is receiving
+        right now is not asked of the server again: it is copied from that load's buffer
+        (`shared_fetch.py`). `begin()`, if given, runs on the runtime thread before anything is written
+        into the buffers; if it returns False the job ends there (its caller has given the buffers up).
+        `release()` then runs on the runtime thread once nothing can write into or read from the buffers
+        any more (after `apply`, and whatever happened). Neither is called for a job cancelled before it
+        started: such buffers were never written, and the caller's pool simply does not get them back.
         """
         keys = list(keys)
         buffers = list(into) if into is not None else None
 
         async def go() -> Any:
             try:
+                if begin is not None and not begin():
+                    return None
                 values = await self._fetch(keys, buffers)
                 return await anyio.to_thread.run_sync(apply, values)
             finally:
@@ -424,7 +429,7 @@ class BlockStore:
         shared_before = self.shared.shared
         sizes = await self.shared.get_into(keys, buffers, self.remote.get_many_into)
         self.stats.fetch_shared += self.shared.shared - shared_before
-        return [buf[:size] if size >= 0 else None for buf, size in zip(buffers, sizes)]
+        return [scatter.filled(buf, size) if size >= 0 else None for buf, size in zip(buffers, sizes)]
 
     async def _prefetch(self, keys: list[str], tag: Any) -> int:
         try:
@@ -478,10 +483,7 @@ def _result_attributes(kind: str, value: Any) -> dict:
     return {}
 
 
-def _copy_into(value, buf: memoryview) -> memoryview | None:
-    """A value a local tier held, copied into the load's buffer (None: too big for it, served as a miss)."""
-    n = len(value)
-    if n > len(buf):
-        return None
-    buf[:n] = value
-    return buf[:n]
+def _copy_into(value, buf: scatter.Target) -> scatter.Target | None:
+    """A value a local tier held, copied into the load's buffer (None: it does not fit, served as a miss)."""
+    n = scatter.write(buf, value)
+    return None if n < 0 else scatter.filled(buf, n)

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TypeVar
 from urllib.parse import urlsplit
 
+from .. import scatter
 from ..config import ConnectorConfig
 from ..urls import redact_url
 from .blocking import EXIT_WAIT, BlockingPool, start_daemon
@@ -346,7 +347,7 @@ class MooncakeTransport:
                 offset = 0
                 for i, n in zip(part, lengths):
                     if n >= 0:
-                        memoryview(buffers[i])[:n] = slab.view[offset : offset + n]  # type: ignore[union-attr]
+                        n = scatter.write(buffers[i], slab.view[offset : offset + n])  # type: ignore[union-attr]
                     out.append(n)
                     offset += sizes[i]
             finally:

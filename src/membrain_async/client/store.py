@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+from .. import scatter
+from ..scatter import Target
+
 Buffer = bytes | bytearray | memoryview
 # A value to put may be one buffer or a sequence of buffers sent back to back (header + payload).
 PutValue = Buffer | Sequence[Buffer]
@@ -69,7 +72,8 @@ class Transport(Protocol):
     async def get(self, ns: str, keys: list[str]) -> list[memoryview | None]: ...
 
     async def get_into(self, ns: str, keys: list[str], buffers: Sequence[memoryview]) -> list[int]:
-        """Each value's size received into its buffer, or -1 (a miss, or a value bigger than its buffer)."""
+        """Each value's size received into its buffer, or -1 (a miss, or a value that does not fit it:
+        scatter.fits)."""
 
     async def put(self, ns: str, keys: list[str], values: Sequence[PutValue]) -> int:
         """How many were stored."""
@@ -80,8 +84,7 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
-def copy_into(value: memoryview | None, buf: memoryview) -> int:
-    if value is None or len(value) > len(buf):
-        return -1
-    memoryview(buf)[: len(value)] = value
-    return len(value)
+def copy_into(value: memoryview | None, buf: Target) -> int:
+    """A value a transport received whole, copied into the caller's buffer: its size, or -1 (a miss, or a
+    value that does not fit)."""
+    return -1 if value is None else scatter.write(buf, value)

@@ -8,6 +8,7 @@ from typing import Sequence
 import anyio
 import httpx
 
+from .. import scatter
 from ..protocol import api, heads
 from ..protocol.bulk import Frame
 from ..protocol.bodies import KeysBody
@@ -111,11 +112,11 @@ class BulkTransport:
             for s, buf in zip(GetReply.from_frame(frame, len(keys)).sizes, buffers):
                 if s < 0:
                     out.append(-1)
-                elif s <= len(buf):
-                    targets.append(memoryview(buf)[:s])
+                elif scatter.fits(buf, s):
+                    targets.extend(scatter.targets(buf, s))  # a Scatter's pieces: straight into the KV pages
                     out.append(s)
                 else:
-                    targets.append(s)  # too big for its buffer: read past it, report a miss
+                    targets.append(s)  # does not fit its buffer: read past it, report a miss
                     out.append(-1)
             return targets
 

@@ -1,9 +1,11 @@
 """Loading pages into a worker's KV cache: fetched, checked and copied off the forward path.
 
-Each request's load is one job of the block store: the runtime thread receives its pages straight into the slots
-of a pooled host buffer (movers.py), then a worker thread checks them (header, checksum, key tag, shape) and
-copies them whole into the request's allocated blocks, one copy per layer. Torch copies and the checksum
-release the GIL, so the forward pass runs on meanwhile. The job's outcome lands
+Each request's load is one job of the block store. On a CPU cache the runtime thread receives every block
+straight into the request's allocated blocks (a `Scatter`: the header to a small buffer, each layer's page
+where it lies), and a worker thread checks them (header, checksum, key tag, shape): no copy at all. On a
+device, or a cache that is not one contiguous tensor per layer, pages are received into the slots of a
+pooled host buffer (movers.py) and the worker thread copies the checked ones into the blocks, one copy per
+layer. Torch copies and the checksum release the GIL, so the forward pass runs on meanwhile. The job's outcome lands
 in this worker's completion ring; the worker drains it once per step (`drain`), and vLLM learns which
 requests finished receiving and which blocks failed.
 
@@ -12,9 +14,13 @@ it, and the batch never waits. In sync mode the worker waits for the step's load
 
 The one rule that keeps reused KV correct: nothing may write into a request's blocks after the request is
 reported finished, because vLLM may then hand those blocks to another request. A `_Ticket` makes the
-report and the copy exclusive: the copy starts only if the load is still wanted, and once it started
+report and every write exclusive: the copy starts only if the load is still wanted, and once it started
 the load is reported only when the copy ended. A deadline or an abort that arrives mid-copy waits for it
 (a copy of one request's pages takes milliseconds; the network wait before it is what deadlines bound).
+A load received straight into the blocks writes from its first byte: its job begins only if the load is
+still wanted, and a load stopped once it began is reported only when its job is over (`_release`), never
+while a receive may still land in the blocks. A block whose receive failed half-way holds garbage, and is
+reported failed like any other: vLLM recomputes it before anything reads it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Callable
 from ... import codec
 from ...cache.outcome import Outcome, classify
 from ...runtime import Completion, CompletionRing
+from ...scatter import Scatter
 from ..shared.metadata import BlockTransfer
 from .movers import PageMover
 from .pages import check_block
@@ -58,13 +65,15 @@ class LoadOutcome:
 class _Ticket:
     """One load in flight: guards the hand-off between the copying thread and the report."""
 
-    __slots__ = ("load", "hosts", "lock", "state", "future", "started", "ended", "stop_reason")
+    __slots__ = ("load", "hosts", "lock", "state", "writing", "deferred", "future", "started", "ended", "stop_reason")
 
     def __init__(self, load: BlockTransfer):
         self.load = load
-        self.hosts: dict[int, object] = {}  # unit -> the host buffer its pages are received into
+        self.hosts: dict[int, object] = {}  # unit -> the host buffer its pages are received into (not direct)
         self.lock = threading.Lock()
         self.state = _WAITING
+        self.writing = False  # its job began and may still write into the blocks (direct units)
+        self.deferred: LoadOutcome | None = None  # stopped while writing: reported when the job is over
         self.future = None
         self.started = time.perf_counter()
         self.ended = threading.Event()
@@ -95,20 +104,42 @@ class PageLoader:
         self._inflight[load.req_id] = ticket
         units = [load.unit(i) for i in range(len(load.hashes))]
         for unit in set(units):
-            ticket.hosts[unit] = self.movers[unit].host_buffer(units.count(unit), any_size=True)
+            if not self.movers[unit].direct:
+                ticket.hosts[unit] = self.movers[unit].host_buffer(units.count(unit), any_size=True)
+        headers = memoryview(bytearray(codec.HEADER_SIZE * len(units)))  # direct blocks' headers land here
         keys, slots, taken = [], [], dict.fromkeys(ticket.hosts, 0)
-        for block_hash, unit in zip(load.hashes, units):
+        for i, (block_id, block_hash, unit) in enumerate(zip(load.block_ids, load.hashes, units)):
             keys.append(self.key_of(block_hash, unit))
-            slots.append(self.movers[unit].slot(ticket.hosts[unit], taken[unit]))
-            taken[unit] += 1
+            mover = self.movers[unit]
+            if mover.direct:
+                header = headers[i * codec.HEADER_SIZE : (i + 1) * codec.HEADER_SIZE]
+                slots.append(Scatter([header, *mover.pieces(block_id)]))
+            else:
+                slots.append(mover.slot(ticket.hosts[unit], taken[unit]))
+                taken[unit] += 1
         ticket.future = self.store.load(keys, lambda values: self._copy(ticket, values), into=slots,
-                                        release=lambda: self._release(ticket), tag=load.req_id, deadline=self.deadline)
+                                        begin=lambda: self._begin(ticket), release=lambda: self._release(ticket),
+                                        tag=load.req_id, deadline=self.deadline)
         ticket.future.add_done_callback(lambda fut: self._ended_without_copy(ticket, fut))
 
+    def _begin(self, ticket: _Ticket) -> bool:
+        """The job begins (runtime thread), before any byte is received: only if the load is still wanted."""
+        with ticket.lock:
+            if ticket.state != _WAITING:
+                return False  # reported already: its blocks may belong to someone else now
+            ticket.writing = True
+            return True
+
     def _release(self, ticket: _Ticket) -> None:
-        """The job is over (runtime thread): nothing writes into or reads from its host buffers any more."""
+        """The job is over (runtime thread): nothing writes into the blocks, or into or from its host
+        buffers, any more. A load stopped meanwhile is reported now."""
         for unit, host in ticket.hosts.items():
             self.movers[unit].release_host(host)
+        with ticket.lock:
+            ticket.writing = False
+            deferred, ticket.deferred = ticket.deferred, None
+        if deferred is not None:
+            self._finish(ticket, deferred)
 
     def cancel(self, req_id: str) -> None:
         """The request finished or was aborted: stop its fetch (a copy already running completes)."""
@@ -162,13 +193,17 @@ class PageLoader:
 
     def _ended_without_copy(self, ticket: _Ticket, future) -> None:
         """The job ended (failed, timed out, cancelled) before any copy started: report it now."""
+        # An unreachable server is UNAVAILABLE: not a miss, not a corrupt page (classify decides, once).
+        why = ticket.stop_reason if future.cancelled() else classify(future.exception() or RuntimeError())
+        outcome = LoadOutcome(ticket.load.req_id, list(ticket.load.block_ids), why=why)
         with ticket.lock:
             if ticket.state != _WAITING:
                 return  # the copy ran, or runs: it reports
             ticket.state = _DONE
-        # An unreachable server is UNAVAILABLE: not a miss, not a corrupt page (classify decides, once).
-        why = ticket.stop_reason if future.cancelled() else classify(future.exception() or RuntimeError())
-        self._finish(ticket, LoadOutcome(ticket.load.req_id, list(ticket.load.block_ids), why=why))
+            if ticket.writing:  # cancelled mid-receive: a receive may still land in the blocks
+                ticket.deferred = outcome
+                return
+        self._finish(ticket, outcome)
 
     def _copy(self, ticket: _Ticket, values: list) -> LoadOutcome | None:
         """On a worker thread: check the fetched pages and copy the valid leading ones into the blocks."""
@@ -214,7 +249,8 @@ class PageLoader:
             outcome.why = Outcome.MISSING  # fewer values than blocks
             outcome.missing_hash = load.hashes[good]
         for unit, ids in good_ids.items():  # the good blocks lead each unit's slots: one copy per layer
-            self.movers[unit].load(ids, ticket.hosts[unit])
+            if unit in ticket.hosts:  # direct units' pages are in their blocks already
+                self.movers[unit].load(ids, ticket.hosts[unit])
         # Only now: a copy that raised leaves `loaded` at 0, and every block is reported failed.
         outcome.loaded, outcome.loaded_bytes = good, good_bytes
 

@@ -206,6 +206,12 @@ class PageMover:
 
     # ------------------------------------------------------------------ the interface
 
+    # True: loads are received straight into the cache (`pieces`), with no host buffer and no copy.
+    direct = False
+
+    def pieces(self, block_id: int) -> list[memoryview]:
+        raise NotImplementedError
+
     def start_save(self, block_ids: list[int]) -> tuple[torch.Tensor, Any]:
         """Gather blocks' pages into the slots of a host buffer. Returns it and an event whose `query()`
         says the pages are there (poll it; never block on the forward path)."""
@@ -218,7 +224,26 @@ class PageMover:
 
 
 class CpuPageMover(PageMover):
-    """The host buffer's slots are where pages are gathered to and scattered from."""
+    """The host buffer's slots are where pages are gathered to; loads need no host buffer at all when every
+    layer's cache is one contiguous tensor: a block's pages are received where they lie (`pieces`)."""
+
+    def __init__(self, layout: PageLayout, pool_bytes: int = POOL_BYTES):
+        super().__init__(layout, pool_bytes)
+        self._page_bytes = layout.page_elems * self._elem
+        # Per layer, the whole cache as flat bytes: a block's page is a slice of it (no tensor op per page).
+        self._flat: list[memoryview] | None = None
+        if all(kv.is_contiguous() for kv in layout.block_major):
+            self._flat = [memoryview(kv.view(torch.uint8).reshape(-1).numpy()) for kv in layout.block_major]
+
+    @property
+    def direct(self) -> bool:
+        return self._flat is not None
+
+    def pieces(self, block_id: int) -> list[memoryview]:
+        """Where block `block_id`'s page of every layer lies, in payload order (only when `direct`)."""
+        assert self._flat is not None
+        start = block_id * self._page_bytes
+        return [flat[start : start + self._page_bytes] for flat in self._flat]
 
     def start_save(self, block_ids: list[int]) -> tuple[torch.Tensor, Any]:
         host = self.host_buffer(len(block_ids))

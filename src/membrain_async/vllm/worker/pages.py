@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ... import codec
+from ...scatter import Scatter
 
 _TORCH_DTYPES = {
     torch.uint8: "uint8",
@@ -123,7 +124,10 @@ def encode_block_header(layout: PageLayout, body, key: str) -> bytes:
 
 def check_block(layout: PageLayout, value, key: str) -> None:
     """Check a fetched payload (header, key, checksum, dtype, shape, layout); raises PayloadError."""
-    payload = codec.decode(value, key=key)
+    if isinstance(value, Scatter):  # received straight into the KV pages
+        payload = codec.decode_pieces(value.parts, key=key)
+    else:
+        payload = codec.decode(value, key=key)
     if payload.dtype != layout.dtype_name or payload.shape != layout.payload_shape or payload.layout != layout.layout:
         raise codec.PayloadError(
             f"payload is {payload.dtype} {payload.shape} {payload.layout}, "

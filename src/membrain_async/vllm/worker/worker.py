@@ -144,12 +144,14 @@ class MembrainWorker:
     def _prefault_loads(self) -> None:
         """Fault in a buffer for a whole step's loads (VLLM_MEMBRAIN_STEP_LOAD_BYTES, counted in the worker's
         memory budget). With 64 MiB, a fresh instance's first 84 and 168 MB loads took 0.28 and 0.56 s over
-        their limit, most of it page faults. At most a quarter of the memory available now; a failure costs only
+        their limit, most of it page faults (a CPU cache received into directly needs none). At most a quarter of the memory available now; a failure costs only
         the first loads their faults: a step-load budget the host cannot give must not stop vLLM."""
         import psutil  # vLLM's dependency, as in plugin.py
 
         wanted = min(self.config.step_load_bytes, psutil.virtual_memory().available // 4)
         for mover in self.movers:
+            if mover.direct:
+                continue  # its loads land straight in the KV cache: no host buffer to fault in
             try:
                 mover.prefault(max(1, wanted // mover.slot_bytes // len(self.movers)))
             except (RuntimeError, MemoryError) as exc:

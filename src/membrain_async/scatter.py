@@ -1,0 +1,82 @@
+"""Where a fetched value lands: one buffer, or a `Scatter` of pieces filled in order.
+
+A load on a CPU KV cache receives each block straight into the cache: the 64-byte payload header goes to a
+small buffer of its own, and the block's page of every layer to where that page lies (`kv[layer][block]`).
+No staging buffer, and no copy after the receive (vllm/worker/movers.py). Everything that hands a value to
+a load's buffer (the bulk transport's body reader, the byte-copying transports, the local tiers, a shared
+fetch) goes through the functions here, so either kind of buffer works everywhere.
+
+A plain buffer takes any value up to its size (the value is `buf[:n]`); a Scatter takes only a value of
+exactly its size, since its pieces are a block's fixed layout.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+
+class Scatter:
+    """One value's destination in pieces, filled in order."""
+
+    __slots__ = ("parts", "nbytes")
+
+    def __init__(self, parts: Sequence):
+        self.parts = [memoryview(p).cast("B") for p in parts]
+        self.nbytes = sum(len(p) for p in self.parts)
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def __repr__(self) -> str:
+        return f"Scatter({len(self.parts)} parts, {self.nbytes} bytes)"
+
+    def tobytes(self) -> bytes:
+        return b"".join(self.parts)
+
+
+Target = Union[memoryview, Scatter]
+
+
+def fits(buf: Target, n: int) -> bool:
+    """Can a value of n bytes land in buf?"""
+    return n == buf.nbytes if isinstance(buf, Scatter) else 0 <= n <= len(buf)
+
+
+def targets(buf: Target, n: int) -> list[memoryview]:
+    """The pieces a value of n bytes (that fits) is received into, in order."""
+    if isinstance(buf, Scatter):
+        return list(buf.parts)
+    return [memoryview(buf).cast("B")[:n]]
+
+
+def filled(buf: Target, n: int) -> Target:
+    """The value now in buf, n bytes long (it fitted)."""
+    return buf if isinstance(buf, Scatter) else memoryview(buf)[:n]
+
+
+def pieces(value) -> list[memoryview]:
+    """A value (a buffer or a Scatter) as the buffers that hold it, in order."""
+    if isinstance(value, Scatter):
+        return value.parts
+    return [memoryview(value).cast("B")]
+
+
+def write(buf: Target, value) -> int:
+    """Copy a value (a buffer or a Scatter) into buf; its size, or -1 if it does not fit (nothing copied)."""
+    n = len(value) if isinstance(value, Scatter) else memoryview(value).nbytes
+    if not fits(buf, n):
+        return -1
+    dst = targets(buf, n)
+    src = pieces(value)
+    di = si = doff = soff = 0
+    while si < len(src) and di < len(dst):
+        d, s = dst[di], src[si]
+        step = min(len(d) - doff, len(s) - soff)
+        d[doff : doff + step] = s[soff : soff + step]
+        doff += step
+        soff += step
+        if doff == len(d):
+            di, doff = di + 1, 0
+        if soff == len(s):
+            si, soff = si + 1, 0
+    return n
