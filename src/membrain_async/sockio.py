@@ -61,6 +61,18 @@ async def recv_into(sock: socket.socket, buf: memoryview) -> int:
             return 0
 
 
+async def recv_into_many(sock: socket.socket, bufs: list[memoryview]) -> int:
+    """Receive at least one byte into bufs, filled in order, with one syscall (recvmsg_into); 0 means the
+    peer closed. TLS has no scatter receive: there it fills the first buffer only."""
+    if len(bufs) == 1 or isinstance(sock, ssl.SSLSocket):
+        return await recv_into(sock, bufs[0])
+    while True:
+        try:
+            return sock.recvmsg_into(bufs[:_IOV_MAX])[0]
+        except (BlockingIOError, InterruptedError):
+            await anyio.wait_readable(sock)
+
+
 class BodyWakeups:
     """While a large body is read, the socket wakes its reader only once RECV_BATCH bytes, or the rest of the
     body, are queued (SO_RCVLOWAT). Never more than the body still owes: the reader cannot wait for bytes

@@ -59,6 +59,28 @@ def test_body_reader_fills_targets_in_place_and_skips():
     assert bytes(a) == b"abc" and bytes(b) == b"de"
 
 
+def test_body_reader_gives_several_targets_to_one_receive_within_its_limit_and_discards_alone():
+    pages = [bytearray(5) for _ in range(4)]
+    tail = bytearray(3)
+    reader = BodyReader([memoryview(p) for p in pages] + [6, memoryview(tail)])
+    stream = memoryview(bytes(range(20)) + b"SKIPME" + b"xyz")
+    seen = []
+    while not reader.done:
+        views = reader.want_many(limit=8, max_parts=3)
+        seen.append([len(v) for v in views])
+        assert sum(len(v) for v in views) <= 8 and len(views) <= 3
+        n = min(7, sum(len(v) for v in views))  # a receive may fill fewer bytes than it was offered
+        left = n
+        for v in views:
+            step = min(left, len(v))
+            v[:step] = stream[:step]
+            stream, left = stream[step:], left - step
+        reader.advance(n)
+    assert b"".join(pages) == bytes(range(20)) and bytes(tail) == b"xyz"
+    assert seen[0] == [5, 3] and [6] in seen  # pages side by side; the discarded stretch on its own
+    assert reader.remaining == 0
+
+
 REQUESTS = [
     heads.AuthRequest("secret-token"),
     heads.PingRequest(),

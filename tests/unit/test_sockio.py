@@ -133,3 +133,28 @@ def test_a_body_sent_in_small_pieces_is_read_whole_in_few_wake_ups(monkeypatch):
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.anyio
+async def test_one_scatter_receive_fills_several_buffers_in_order(anyio_backend):
+    a, b = socket.socketpair()
+    sockio.configure(a)
+    sockio.configure(b)
+    try:
+        data = bytes(range(256)) * 40  # 10240 bytes
+        a.sendall(data)
+        bufs = [memoryview(bytearray(n)) for n in (1000, 4000, 5240)]
+        got = 0
+        while got < len(data):  # the kernel may hand them over in more than one go; each fills in order
+            left, skip = [], got
+            for buf in bufs:
+                if skip >= len(buf):
+                    skip -= len(buf)
+                    continue
+                left.append(buf[skip:])
+                skip = 0
+            got += await sockio.recv_into_many(b, left)
+        assert b"".join(bytes(x) for x in bufs) == data
+    finally:
+        a.close()
+        b.close()

@@ -199,7 +199,8 @@ class BulkConnection:
         try:
             while not body.done:
                 wakeups.expect(body.remaining)
-                n = await sockio.recv_into(self.sock, body.want())
+                # A value in pieces (a block's pages where they lie): one receive fills several.
+                n = await sockio.recv_into_many(self.sock, body.want_many(sockio.FAIR_SHARE))
                 if n == 0:
                     raise ConnectionLost("server closed the bulk connection mid-body")
                 body.advance(n)

@@ -187,10 +187,34 @@ class BodyReader:
             return self._scratch[: min(len(self._scratch), t - self._offset)]
         return memoryview(t)[self._offset :]
 
+    def want_many(self, limit: int, max_parts: int = 64) -> list[memoryview]:
+        """The buffers one scatter receive may fill, in order: up to `limit` bytes over at most `max_parts`
+        targets. A value received in pieces (a block's pages where they lie) then costs one syscall per
+        `limit` bytes, not one per piece. A stretch to discard goes alone."""
+        if isinstance(self._targets[self._index], int):
+            return [self.want()]
+        out: list[memoryview] = []
+        size, i, offset = 0, self._index, self._offset
+        while i < len(self._targets) and size < limit and len(out) < max_parts:
+            t = self._targets[i]
+            if isinstance(t, int):
+                break
+            view = memoryview(t)[offset : offset + limit - size]
+            if len(view):
+                out.append(view)
+                size += len(view)
+            i, offset = i + 1, 0
+        return out
+
     def advance(self, n: int) -> None:
+        """n more bytes were received into what `want` or `want_many` gave."""
         self.remaining -= n
-        self._offset += n
-        if self._offset >= self._size(self._targets[self._index]):
-            self._index += 1
-            self._offset = 0
-            self._skip_empty()
+        while n:
+            size = self._size(self._targets[self._index])
+            step = min(n, size - self._offset)
+            self._offset += step
+            n -= step
+            if self._offset >= size:
+                self._index += 1
+                self._offset = 0
+                self._skip_empty()
