@@ -81,7 +81,8 @@ def runs_index() -> str:
 
 
 def e2e_ttft() -> str:
-    runs = present("e2e.json", "e2e_prefault.json", "e2e_ttft_repeats.json", "e2e_ttft_sample_loopback.json")
+    runs = present("e2e.json", "e2e_prefault.json", "e2e_ttft_repeats.json", "e2e_ttft_sample_loopback.json",
+                   "e2e_ttft_direct.json")
     return "\n\n".join(_e2e_ttft(name) for name in runs)
 
 
@@ -191,7 +192,7 @@ def stall_rework() -> str:
 
 def datapath() -> str:
     after, before = load("datapath.json")["summary"], load("datapath_before.json")["summary"]
-    labels = {"raw_socket": "raw socket + memcpy", "load": "load (receive into slots, check, scatter)",
+    labels = {"raw_socket": "raw socket + memcpy", "load": "load (receive into the KV pages, check)",
               "save": "save (gather, checksum, upload)"}
     rows = []
     for arm, label in labels.items():
