@@ -357,7 +357,7 @@ def mooncake_client() -> str:
 def fleet() -> str:
     files = present("fleet.json", "fleet_repeat.json", "fleet_engine_side.json", "fleet_server_nice.json",
                     "fleet_idle_rest.json", "fleet_unpinned.json", "fleet_unpinned_repeat.json", "fleet_wakeups.json",
-                    "fleet_wakeups_off.json", "fleet_lookup_rest_10ms.json")
+                    "fleet_wakeups_off.json", "fleet_lookup_rest_10ms.json", "fleet_direct.json")
     rows = []
     runs = [(run, doc.get("server_nice", 0)) for doc in map(load, files) for run in doc["runs"]]
     for i, (run, nice) in enumerate(runs):
