@@ -7,7 +7,9 @@ a load's buffer (the bulk transport's body reader, the byte-copying transports, 
 fetch) goes through the functions here, so either kind of buffer works everywhere.
 
 A plain buffer takes any value up to its size (the value is `buf[:n]`); a Scatter takes only a value of
-exactly its size, since its pieces are a block's fixed layout.
+exactly its size, since its pieces are a block's fixed layout. A stored value that does not fit its buffer is
+not a miss: the transports report it as MISFIT, and the load sees a `Misfit`, which fails the block's check
+like any corrupt payload (so the key is forgotten and the next save repairs it).
 """
 
 from __future__ import annotations
@@ -36,6 +38,21 @@ class Scatter:
 
 Target = Union[memoryview, Scatter]
 
+# A get_into size: the value is stored but does not fit its buffer (nothing was written into the buffer).
+MISFIT = -2
+
+
+class Misfit:
+    """A fetched value that did not fit its buffer: none of its bytes were delivered."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return 0  # no bytes landed
+
+    def __repr__(self) -> str:
+        return "Misfit()"
+
 
 def fits(buf: Target, n: int) -> bool:
     """Can a value of n bytes land in buf?"""
@@ -49,8 +66,13 @@ def targets(buf: Target, n: int) -> list[memoryview]:
     return [memoryview(buf).cast("B")[:n]]
 
 
-def filled(buf: Target, n: int) -> Target:
-    """The value now in buf, n bytes long (it fitted)."""
+def filled(buf: Target, n: int) -> Target | Misfit | None:
+    """What a get_into size means for the load: the value now in buf (n bytes long), a Misfit (MISFIT), or
+    None (a miss)."""
+    if n == MISFIT:
+        return Misfit()
+    if n < 0:
+        return None
     return buf if isinstance(buf, Scatter) else memoryview(buf)[:n]
 
 
@@ -62,10 +84,10 @@ def pieces(value) -> list[memoryview]:
 
 
 def write(buf: Target, value) -> int:
-    """Copy a value (a buffer or a Scatter) into buf; its size, or -1 if it does not fit (nothing copied)."""
+    """Copy a value (a buffer or a Scatter) into buf; its size, or MISFIT if it does not fit (nothing copied)."""
     n = len(value) if isinstance(value, Scatter) else memoryview(value).nbytes
     if not fits(buf, n):
-        return -1
+        return MISFIT
     dst = targets(buf, n)
     src = pieces(value)
     di = si = doff = soff = 0

@@ -129,6 +129,25 @@ def test_a_corrupt_block_is_refused_and_every_corrupt_key_is_named_for_repair(se
         rt.close(drain=2)
 
 
+@pytest.mark.parametrize("kind", ["direct", "staged"])
+def test_a_stored_value_of_the_wrong_size_is_corrupt_not_missing_so_the_next_save_repairs_it(server, layout, kind):
+    rt = make_runtime(server.url)
+    try:
+        longer = payload(layout, "b", 2.0) + b"\0" * 64  # stored, but fits no block: not a miss
+        shorter = payload(layout, "c", 3.0)[:-64]
+        for h, value in (("a", payload(layout, "a", 1.0)), ("b", longer), ("c", shorter)):
+            assert rt.save(key_of(h), [value])
+        assert rt.flush(10)
+        loader = PageLoader(rt, [make_mover(kind, layout)], key_of, deadline=5.0)
+        loader.submit(BlockTransfer("r1", [1, 2, 3], ["a", "b", "c"]))
+        (outcome,) = drain_until(loader)
+        assert (outcome.loaded, outcome.why, outcome.failed_block_ids) == (1, Outcome.CORRUPT, [2, 3])
+        assert outcome.corrupt_keys == [key_of("b"), key_of("c")] and outcome.missing_hash == ""
+        assert block_fill(layout, 2) == {0.0}  # a value that does not fit is never written anywhere
+    finally:
+        rt.close(drain=2)
+
+
 def test_a_load_past_its_deadline_is_reported_late_and_never_written_afterwards(server, layout):
     with FaultProxy(server.port) as proxy:
         rt = make_runtime(proxy.url, timeout=5.0)

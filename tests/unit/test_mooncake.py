@@ -109,7 +109,9 @@ async def test_round_trip_through_the_client_interface(mc, anyio_backend):
             assert sizes == [4096 + 64] * 3 + [-1]
             assert bytes(bufs[1][: sizes[1]]) == b"".join(values[1])
             small = [memoryview(bytearray(10))]
-            assert await client.get_many_into(keys[:1], small) == [-1]  # too big for its buffer: a miss
+            # Too big for its buffer: Mooncake's transfer refuses it without saying why, so it reads as a miss
+            # (a stored value too short for its buffer is a scatter.MISFIT, as on the other transports).
+            assert await client.get_many_into(keys[:1], small) == [-1]
             assert bytes(small[0]) == bytes(10)  # and nothing written into it
             assert await client.delete(keys[0]) is True
             assert await client.lookup(keys) == 0

@@ -29,7 +29,7 @@ def test_only_a_value_of_exactly_its_size_fits_a_scatter_and_nothing_is_written_
     s = pieces(64, 100)
     for n in (163, 165, 0):
         assert not scatter.fits(s, n)
-        assert scatter.write(s, b"\x07" * n) == -1
+        assert scatter.write(s, b"\x07" * n) == scatter.MISFIT
     assert s.tobytes() == bytes(164)
     assert scatter.fits(memoryview(bytearray(10)), 4) and not scatter.fits(memoryview(bytearray(10)), 11)
     assert scatter.targets(s, 164) == s.parts

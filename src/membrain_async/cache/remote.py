@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from ..config import ConnectorConfig
+from ..scatter import Target
 
 ClientFactory = Callable[[], Any]
 
@@ -33,7 +34,7 @@ class RemoteTier:
     async def get_many(self, keys: Sequence[str]) -> list:
         return await self.client.get_many(list(keys))
 
-    async def get_many_into(self, keys: Sequence[str], buffers: Sequence[memoryview]) -> list[int]:
+    async def get_many_into(self, keys: Sequence[str], buffers: Sequence[Target]) -> list[int]:
         return await self.client.get_many_into(list(keys), list(buffers))
 
     async def exists(self, keys: Sequence[str]) -> list[bool]:

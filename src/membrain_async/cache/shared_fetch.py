@@ -20,7 +20,7 @@ import anyio
 
 from .. import scatter
 
-GetInto = Callable[[list[str], list[memoryview]], Awaitable[list[int]]]
+GetInto = Callable[[list[str], list[scatter.Target]], Awaitable[list[int]]]
 
 
 class _OnWire:
@@ -29,7 +29,7 @@ class _OnWire:
     def __init__(self):
         self.done = anyio.Event()
         self.ok = False  # the owner's fetch answered (a value or a miss) for this key
-        self.waiters: list[tuple[memoryview, list[int], int]] = []  # (buffer, their sizes, their index)
+        self.waiters: list[tuple[scatter.Target, list[int], int]] = []  # (buffer, their sizes, their index)
 
 
 class SharedFetches:
@@ -40,7 +40,7 @@ class SharedFetches:
     def __len__(self) -> int:
         return len(self._on_wire)
 
-    async def get_into(self, keys: Sequence[str], buffers: Sequence[memoryview], get_into: GetInto) -> list[int]:
+    async def get_into(self, keys: Sequence[str], buffers: Sequence[scatter.Target], get_into: GetInto) -> list[int]:
         """Each key's value received into its buffer (its size; -1: a miss), asking the server only for keys
         no other load is receiving now. get_into's errors propagate."""
         sizes = [-1] * len(keys)
@@ -85,6 +85,8 @@ class SharedFetches:
                 for buf, their_sizes, j in wire.waiters:
                     if size >= 0:
                         their_sizes[j] = scatter.write(buf, scatter.filled(buffers[i], size))
+                    elif size == scatter.MISFIT:
+                        their_sizes[j] = size  # stored but the wrong size: their check fails it too
                 wire.ok = True
         finally:
             for i, wire in zip(mine, wires):

@@ -417,7 +417,7 @@ class BlockStore:
                 raise
             for i, value in zip(missing, values):
                 out[i] = value
-                if value is not None and self.hot is not None:
+                if value is not None and not isinstance(value, scatter.Misfit) and self.hot is not None:
                     self.hot.put(keys[i], value)
         got = sum(len(v) for v in out if v is not None)
         self.stats.fetch_misses += out.count(None)
@@ -429,7 +429,7 @@ class BlockStore:
         shared_before = self.shared.shared
         sizes = await self.shared.get_into(keys, buffers, self.remote.get_many_into)
         self.stats.fetch_shared += self.shared.shared - shared_before
-        return [scatter.filled(buf, size) if size >= 0 else None for buf, size in zip(buffers, sizes)]
+        return [scatter.filled(buf, size) for buf, size in zip(buffers, sizes)]
 
     async def _prefetch(self, keys: list[str], tag: Any) -> int:
         try:
@@ -483,7 +483,6 @@ def _result_attributes(kind: str, value: Any) -> dict:
     return {}
 
 
-def _copy_into(value, buf: scatter.Target) -> scatter.Target | None:
-    """A value a local tier held, copied into the load's buffer (None: it does not fit, served as a miss)."""
-    n = scatter.write(buf, value)
-    return None if n < 0 else scatter.filled(buf, n)
+def _copy_into(value, buf: scatter.Target) -> scatter.Target | scatter.Misfit:
+    """A value a local tier held, copied into the load's buffer (a Misfit if it does not fit it)."""
+    return scatter.filled(buf, scatter.write(buf, value))

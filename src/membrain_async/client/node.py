@@ -197,7 +197,8 @@ class StoreClient:
     async def get_many_into(self, keys: Sequence[str], buffers: Sequence[memoryview], *, ns: str | None = None) -> list[int]:
         """Receive values straight into caller-owned buffers (staging or pinned memory): no allocation.
 
-        Returns each value's size, or -1 for a miss (or a value larger than its buffer, which is skipped).
+        Returns each value's size, -1 for a miss, or scatter.MISFIT for a stored value that does not fit its
+        buffer (skipped: nothing is written into the buffer).
         """
         if len(buffers) != len(keys):
             raise ValueError("get_many_into needs one buffer per key")

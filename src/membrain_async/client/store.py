@@ -72,8 +72,8 @@ class Transport(Protocol):
     async def get(self, ns: str, keys: list[str]) -> list[memoryview | None]: ...
 
     async def get_into(self, ns: str, keys: list[str], buffers: Sequence[memoryview]) -> list[int]:
-        """Each value's size received into its buffer, or -1 (a miss, or a value that does not fit it:
-        scatter.fits)."""
+        """Each value's size received into its buffer, -1 (a miss), or scatter.MISFIT (stored, but it does
+        not fit its buffer: scatter.fits; nothing written)."""
 
     async def put(self, ns: str, keys: list[str], values: Sequence[PutValue]) -> int:
         """How many were stored."""
@@ -85,6 +85,6 @@ class Transport(Protocol):
 
 
 def copy_into(value: memoryview | None, buf: Target) -> int:
-    """A value a transport received whole, copied into the caller's buffer: its size, or -1 (a miss, or a
-    value that does not fit)."""
+    """A value a transport received whole, copied into the caller's buffer: its size, -1 (a miss), or
+    scatter.MISFIT (stored, but it does not fit the buffer)."""
     return -1 if value is None else scatter.write(buf, value)

@@ -116,8 +116,8 @@ class BulkTransport:
                     targets.extend(scatter.targets(buf, s))  # a Scatter's pieces: straight into the KV pages
                     out.append(s)
                 else:
-                    targets.append(s)  # does not fit its buffer: read past it, report a miss
-                    out.append(-1)
+                    targets.append(s)  # does not fit its buffer: read past it; the load fails its check
+                    out.append(scatter.MISFIT)
             return targets
 
         await self.payloads.run(lambda c: c.call(GetRequest(ns, keys), sink=sink))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ... import codec
-from ...scatter import Scatter
+from ...scatter import Misfit, Scatter
 
 _TORCH_DTYPES = {
     torch.uint8: "uint8",
@@ -124,6 +124,8 @@ def encode_block_header(layout: PageLayout, body, key: str) -> bytes:
 
 def check_block(layout: PageLayout, value, key: str) -> None:
     """Check a fetched payload (header, key, checksum, dtype, shape, layout); raises PayloadError."""
+    if isinstance(value, Misfit):
+        raise codec.PayloadError(f"stored value is not the size of a {layout.payload_bytes}-byte block and its header")
     if isinstance(value, Scatter):  # received straight into the KV pages
         payload = codec.decode_pieces(value.parts, key=key)
     else:
