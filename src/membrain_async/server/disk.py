@@ -220,7 +220,10 @@ class DiskTier:
     # --- what the service calls --------------------------------------------------------------------
 
     def contains(self, ns: str, key: str) -> bool:
-        return (ns, key) in self.index
+        """On disk, or evicted from RAM with its write queued first (its bytes are held until it is on disk):
+        either way stored. Without the second, a key was in neither tier while RAM made room for a
+        promotion, and `exists` said it was gone (a flaky test_disk_tier working-set test)."""
+        return (ns, key) in self.index or (ns, key) in self._spilled
 
     def size(self, ns: str, key: str) -> int | None:
         loc = self.index.get((ns, key))
