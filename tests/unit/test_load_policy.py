@@ -106,6 +106,17 @@ def test_a_missing_block_stops_the_load_there_and_names_the_rest(server, layout,
         rt.close(drain=2)
 
 
+def load_abc(rt: BlockStore, layout: PageLayout, kind: str, stored: dict[str, bytes]):
+    """Store these raw values under blocks a, b, c's keys, then load r1 over blocks 1, 2, 3: its outcome."""
+    for h, value in stored.items():
+        assert rt.save(key_of(h), [value])
+    assert rt.flush(10)
+    loader = PageLoader(rt, [make_mover(kind, layout)], key_of, deadline=5.0)
+    loader.submit(BlockTransfer("r1", [1, 2, 3], ["a", "b", "c"]))
+    (outcome,) = drain_until(loader)
+    return outcome
+
+
 @pytest.mark.parametrize("kind", ["direct", "staged"])
 def test_a_corrupt_block_is_refused_and_every_corrupt_key_is_named_for_repair(server, layout, kind):
     rt = make_runtime(server.url)
@@ -114,12 +125,7 @@ def test_a_corrupt_block_is_refused_and_every_corrupt_key_is_named_for_repair(se
         bad_b = bytearray(payload(layout, "b", 2.0))
         bad_b[-1] ^= 0x01  # one bit of the pages: the checksum catches it
         wrong_key = payload(layout, "x", 3.0)  # a valid payload stored under another block's key
-        for h, value in (("a", good), ("b", bytes(bad_b)), ("c", wrong_key)):
-            assert rt.save(key_of(h), [value])
-        assert rt.flush(10)
-        loader = PageLoader(rt, [make_mover(kind, layout)], key_of, deadline=5.0)
-        loader.submit(BlockTransfer("r1", [1, 2, 3], ["a", "b", "c"]))
-        (outcome,) = drain_until(loader)
+        outcome = load_abc(rt, layout, kind, {"a": good, "b": bytes(bad_b), "c": wrong_key})
         assert (outcome.loaded, outcome.why, outcome.failed_block_ids) == (1, Outcome.CORRUPT, [2, 3])
         assert outcome.corrupt_keys == [key_of("b"), key_of("c")]
         assert block_fill(layout, 1) == {1.0}
@@ -135,12 +141,7 @@ def test_a_stored_value_of_the_wrong_size_is_corrupt_not_missing_so_the_next_sav
     try:
         longer = payload(layout, "b", 2.0) + b"\0" * 64  # stored, but fits no block: not a miss
         shorter = payload(layout, "c", 3.0)[:-64]
-        for h, value in (("a", payload(layout, "a", 1.0)), ("b", longer), ("c", shorter)):
-            assert rt.save(key_of(h), [value])
-        assert rt.flush(10)
-        loader = PageLoader(rt, [make_mover(kind, layout)], key_of, deadline=5.0)
-        loader.submit(BlockTransfer("r1", [1, 2, 3], ["a", "b", "c"]))
-        (outcome,) = drain_until(loader)
+        outcome = load_abc(rt, layout, kind, {"a": payload(layout, "a", 1.0), "b": longer, "c": shorter})
         assert (outcome.loaded, outcome.why, outcome.failed_block_ids) == (1, Outcome.CORRUPT, [2, 3])
         assert outcome.corrupt_keys == [key_of("b"), key_of("c")] and outcome.missing_hash == ""
         assert block_fill(layout, 2) == {0.0}  # a value that does not fit is never written anywhere
