@@ -83,6 +83,26 @@ class Spinner:
         return (self.count - c0) / seconds
 
 
+class IdleEngine(Spinner):
+    """vLLM's engine loop while a request waits for its KV: a step of Python (schedule, an empty execute,
+    the connector's hooks) holding the GIL for `work_ms`, then `time.sleep(0.001)` (EngineCore's
+    `_process_engine_step` when no model ran). Every hand-back of the GIL waits for the step in progress."""
+
+    def __init__(self, work_ms: float):
+        super().__init__()
+        self.work_s = work_ms / 1e3
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < self.work_s:
+                for _ in range(50):
+                    n += 1
+            self.count = n
+            time.sleep(0.001)
+
+
 def measure(fn, spinner: Spinner | None) -> dict:
     c0, cpu0, t0 = (spinner.count if spinner else 0), time.process_time(), time.perf_counter()
     moved = fn()
@@ -155,6 +175,9 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=48, help="blocks per load (48 x 1 MiB: a 3072-token prefix)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--loop", action="store_true", help="with a thread spinning in Python beside the transfers")
+    ap.add_argument("--idle-engine", type=float, default=None, metavar="WORK_MS",
+                    help="with a thread beside the transfers that steps like vLLM's idle engine: WORK_MS of Python "
+                         "holding the GIL, then a 1 ms sleep")
     ap.add_argument("--arms", nargs="+", default=["raw_socket", "save", "load"], choices=["raw_socket", "save", "load"],
                     help="which arms to time (a profiler run may want one)")
     ap.add_argument("--switch-interval", type=float, default=None,
@@ -219,7 +242,8 @@ def main() -> None:
         raw()
         arms = {"raw_socket": raw, "save": save_once, "load": load_once}
         runs: dict[str, list] = {arm: [] for arm in args.arms}
-        with (Spinner() if args.loop else _Null()) as spinner:
+        loop = Spinner() if args.loop else IdleEngine(args.idle_engine) if args.idle_engine else _Null()
+        with loop as spinner:
             spin = spinner if isinstance(spinner, Spinner) else None
             results["loop_alone_iters_per_s"] = spin.rate(0.5) if spin else None
             for _ in range(args.repeats):  # interleaved, so drift hits every arm alike
