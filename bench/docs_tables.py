@@ -104,7 +104,9 @@ def _e2e_ttft(name: str) -> str:
             f2(r["warm_over_limit"]),
             f"{r['loaded_bytes'] / 1e6:.0f}",
             "-" if load_rate is None else f"{load_rate:.2f} ({r['load_over_loopback']:.2f}×)",
-            "yes" if r.get("tokens_equal") else "no",
+            ("yes" if r.get("tokens_equal") else "no") + (
+                "" if "prefix_cache_equals_cold" not in r
+                else f" (vLLM's own prefix cache = cold on {r['prefix_cache_equals_cold']}/{r.get('repeats', 1)})"),
         ])
     header = ["prefix tokens", "prompts", "cold, no Membrain", "cold cost of the connector", "warm via Membrain",
               "speed-up", "local prefix-cache hit", "warm / limit at loopback speed", "warm / limit at memcpy speed",
@@ -206,6 +208,19 @@ def datapath() -> str:
     header = ["arm", "GB/s (before)", "vs raw socket (before)", "CPU s per GB (before)", "CPU vs raw (before)",
               "GIL held s per GB"]
     return source("datapath.json", "datapath_before.json") + "\n\n" + table(header, rows)
+
+
+def datapath_idle_engine() -> str:
+    doc = load("datapath_idle_engine.json")
+    summary = doc["summary"]
+    rows = []
+    for arm, label in (("raw_socket", "raw socket + memcpy"), ("load", "load (receive into the KV pages, check)")):
+        a = summary[arm]
+        rows.append([label, f"{a['wall_s'] * 1e3:.1f} ms", f"{a['gbps']:.2f}", f"{a.get('speed_vs_raw', 1.0):.2f}",
+                     f"{a['loop_share']:.2f}"])
+    return source("datapath_idle_engine.json") + "\n\n" + table(
+        ["arm", f"{doc['config']['bytes_per_op'] / 1e6:.0f} MB in", "GB/s", "vs raw socket",
+         "idle engine's progress (share of alone)"], rows)
 
 
 def _store_rows(doc: dict, systems: list[str]) -> list[list[str]]:
@@ -414,6 +429,19 @@ def put() -> str:
         ["run", "values per put", "raw socket", "Membrain", "median ratio", "each round"], rows)
 
 
+def put_parts() -> str:
+    doc = load("put_parts.json")
+    arms = ("raw", "server", "anyio", "anyio+deadline", "client")
+    rows = []
+    for size, cell in doc["cells"].items():
+        med = cell["median"]
+        rows.append([f"{int(size):,} B", *(f"{med[a]:.0f} µs" for a in arms), f"{cell['server_cost']:.0f} µs",
+                     f"{cell['client_cost']:.0f} µs", f"{cell['deadline_cost']:.0f} µs", f2(cell["client_vs_raw"]) + "x"])
+    return source("put_parts.json") + "\n\n" + table(
+        ["value", "raw", "blocking client → server", "sockio on the loop", "sockio + fail_after", "MembrainClient",
+         "server − raw", "client − server", "fail_after", "raw / client"], rows)
+
+
 def disk() -> str:
     parts = []
     for name in ("disk.json", "disk_10gib.json"):
@@ -450,6 +478,7 @@ SECTIONS: dict[str, Callable[[], str]] = {
     "stall": stall,
     "stall-rework": stall_rework,
     "datapath": datapath,
+    "datapath-idle-engine": datapath_idle_engine,
     "store-redis": store_redis,
     "store-arena": store_arena,
     "trace-replay": trace_replay,
@@ -462,6 +491,7 @@ SECTIONS: dict[str, Callable[[], str]] = {
     "disk": disk,
     "fleet": fleet,
     "put": put,
+    "put-parts": put_parts,
     "cold-cost": cold_cost,
     "lookup": lookup,
 }
