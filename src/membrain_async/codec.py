@@ -101,16 +101,26 @@ def decode(buf, *, verify: bool = True, key: str | None = None) -> Payload:
     return payload
 
 
-def decode_pieces(pieces: list[memoryview], *, key: str | None = None) -> Payload:
+def running_checksum() -> xxhash.xxh3_64:
+    """The payload checksum, fed piece by piece (scatter.Scatter sums a block's pages as they land)."""
+    return xxhash.xxh3_64()
+
+
+def decode_pieces(pieces: list[memoryview], *, key: str | None = None, landed_sum: int | None = None) -> Payload:
     """Check a payload received in pieces: its 64-byte header, then its data in any number of pieces
-    (checksummed as one stream). The Payload's data is empty: the bytes stay where they are."""
+    (checksummed as one stream). The Payload's data is empty: the bytes stay where they are.
+
+    `landed_sum`: the data's checksum, already taken as the pieces landed (scatter.Scatter.landed_sum);
+    without it, the pieces are summed here."""
     if not pieces or len(pieces[0]) != HEADER_SIZE:
         raise PayloadError(f"a payload in pieces starts with its {HEADER_SIZE}-byte header")
     payload, csum = _read_header(pieces[0], sum(len(p) for p in pieces[1:]), key, memoryview(b""))
-    h = xxhash.xxh3_64()
-    for piece in pieces[1:]:
-        h.update(piece)
-    if h.intdigest() != csum:
+    if landed_sum is None:
+        h = running_checksum()
+        for piece in pieces[1:]:
+            h.update(piece)
+        landed_sum = h.intdigest()
+    if landed_sum != csum:
         raise PayloadError("payload checksum mismatch")
     return payload
 

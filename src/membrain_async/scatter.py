@@ -10,21 +10,62 @@ A plain buffer takes any value up to its size (the value is `buf[:n]`); a Scatte
 exactly its size, since its pieces are a block's fixed layout. A stored value that does not fit its buffer is
 not a miss: the transports report it as MISFIT, and the load sees a `Misfit`, which fails the block's check
 like any corrupt payload (so the key is forgotten and the next save repairs it).
+
+A Scatter may also sum its data as it lands. Built with a `checksum` factory, it keeps a running checksum of
+its parts after the first (the payload header), which a receiver that fills parts one by one (the bulk
+transport) feeds each part as it completes, while its bytes are still in the CPU's cache. The check then
+compares one number instead of reading the whole block back from memory: on the 2-core Xeon that second
+pass took 4.5-6.5 ms of a 42 MB load, after the last byte (a trace of warm 2k loads in vLLM). Whatever
+fills a Scatter another way (`write`) drops the running sum, and the check sums the bytes itself.
 """
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Callable, Protocol, Sequence, Union
+
+
+class RunningSum(Protocol):
+    def update(self, data, /) -> None: ...
+
+    def intdigest(self) -> int: ...
 
 
 class Scatter:
     """One value's destination in pieces, filled in order."""
 
-    __slots__ = ("parts", "nbytes")
+    __slots__ = ("parts", "nbytes", "_checksum", "_running", "_summed")
 
-    def __init__(self, parts: Sequence):
+    def __init__(self, parts: Sequence, checksum: Callable[[], RunningSum] | None = None):
         self.parts = [memoryview(p).cast("B") for p in parts]
         self.nbytes = sum(len(p) for p in self.parts)
+        self._checksum = checksum  # sums parts[1:] as they land, where the receiver feeds them
+        self._running: RunningSum | None = None
+        self._summed = 0  # parts after the first summed so far, in order
+
+    def begin_fill(self) -> None:
+        """A receive into this Scatter begins (again): its running sum starts over."""
+        self._running = self._checksum() if self._checksum is not None else None
+        self._summed = 0
+
+    def part_landed(self, i: int) -> None:
+        """Part i is complete. Parts are summed in order; one out of order (never, from a receive that fills
+        them in order) stops the sum, and the check then sums the bytes itself."""
+        if self._running is None or i == 0:
+            return
+        if i != self._summed + 1:
+            self._running = None
+            return
+        self._running.update(self.parts[i])
+        self._summed = i
+
+    def landed_sum(self) -> int | None:
+        """The checksum of parts[1:] as they landed, if every one of them was fed since the last begin_fill."""
+        if self._running is None or self._summed != len(self.parts) - 1:
+            return None
+        return self._running.intdigest()
+
+    def drop_sum(self) -> None:
+        self._running = None
 
     def __len__(self) -> int:
         return self.nbytes
@@ -88,6 +129,8 @@ def write(buf: Target, value) -> int:
     n = len(value) if isinstance(value, Scatter) else memoryview(value).nbytes
     if not fits(buf, n):
         return MISFIT
+    if isinstance(buf, Scatter):
+        buf.drop_sum()  # filled here, not by a receive that sums: the check sums it
     dst = targets(buf, n)
     src = pieces(value)
     di = si = doff = soff = 0

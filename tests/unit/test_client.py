@@ -9,7 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import anyio
 import pytest
 
-from membrain_async import scatter
+from membrain_async import codec, scatter
+from membrain_async.scatter import Scatter
 from membrain_async.client import CircuitBreaker, MembrainClient, MembrainRequestError, MembrainUnavailable
 from membrain_async.protocol import bulk
 from membrain_async.server import embedded_server
@@ -250,6 +251,25 @@ async def test_get_many_into_caller_buffers(server, use_bulk):
         assert sizes == [100, -1, 10, scatter.MISFIT] and bytes(bufs[3]) == bytes(200)
         assert bytes(bufs[0][:100]) == b"x" * 100 and bytes(bufs[2][:10]) == b"y" * 10
         assert await c.get("a") is not None  # the connection is still in step after the skipped value
+
+
+async def test_a_scatter_received_over_bulk_is_summed_as_it_lands_and_checks_like_a_full_pass(server):
+    """A load into the KV pages: the bulk transport feeds each page to the block's running checksum as it
+    completes, so the check reads one number; that number is the checksum of what landed, a bad byte too."""
+    data = os.urandom(3 * 4096)
+    good = codec.encode(data, dtype="uint8", shape=(len(data),), key="g")
+    bad = bytearray(good)
+    bad[-1] ^= 1  # stored with one flipped bit
+    async with MembrainClient(server.url) as c:
+        await c.put_many(["g", "b"], [good, bytes(bad)])
+        dest = [Scatter([bytearray(codec.HEADER_SIZE), *(bytearray(4096) for _ in range(3))], codec.running_checksum)
+                for _ in range(2)]
+        assert await c.get_many_into(["g", "b"], dest) == [len(good)] * 2
+    assert dest[0].tobytes() == good and dest[0].landed_sum() == codec.checksum(data)
+    codec.decode_pieces(dest[0].parts, key="g", landed_sum=dest[0].landed_sum())
+    assert dest[1].landed_sum() == codec.checksum(bytes(bad[codec.HEADER_SIZE:]))
+    with pytest.raises(codec.PayloadError, match="checksum"):
+        codec.decode_pieces(dest[1].parts, key="g", landed_sum=dest[1].landed_sum())
 
 
 @pytest.mark.anyio

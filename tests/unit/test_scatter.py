@@ -52,3 +52,38 @@ def test_a_payload_in_pieces_passes_the_same_check_as_whole_and_a_flipped_bit_fa
     scatter.write(short, whole[: codec.HEADER_SIZE + 100])
     with pytest.raises(codec.PayloadError, match="header says"):
         codec.decode_pieces(short.parts, key="k")
+
+
+def summing(*sizes: int) -> Scatter:
+    return Scatter([bytearray(n) for n in sizes], codec.running_checksum)
+
+
+def test_a_running_sum_fed_part_by_part_equals_the_checksum_of_the_data_after_the_header():
+    value = os.urandom(64 + 3000)
+    s = summing(64, 1000, 0, 2000)
+    assert s.landed_sum() is None  # nothing fed yet
+    s.begin_fill()
+    s.parts[0][:] = value[:64]
+    s.part_landed(0)  # the header is not summed
+    offset = 64
+    for i in (1, 2, 3):
+        s.parts[i][:] = value[offset : offset + len(s.parts[i])]
+        offset += len(s.parts[i])
+        assert s.landed_sum() is None  # not every part has landed yet
+        s.part_landed(i)
+    assert s.landed_sum() == codec.checksum(value[64:])
+
+
+def test_a_running_sum_is_dropped_when_parts_come_out_of_order_refilled_or_written_another_way():
+    s = summing(64, 10, 10)
+    s.begin_fill()
+    s.part_landed(2)  # out of order: the check must sum the bytes itself
+    s.part_landed(1)
+    assert s.landed_sum() is None
+    s.begin_fill()  # a retried receive starts over
+    s.part_landed(1)
+    s.part_landed(2)
+    assert s.landed_sum() == codec.checksum(bytes(20))
+    assert scatter.write(s, os.urandom(84)) == 84  # copied in (a shared fetch, a local tier): not summed
+    assert s.landed_sum() is None
+    assert pieces(64, 10).landed_sum() is None  # built without a checksum: never sums

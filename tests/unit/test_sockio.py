@@ -97,7 +97,7 @@ def test_a_large_body_asks_for_batches_never_more_than_it_owes_and_gives_the_nex
 
 
 def test_a_body_sent_in_small_pieces_is_read_whole_in_few_wake_ups(monkeypatch):
-    from membrain_async.client.bulkconn import BulkConnection
+    from membrain_async.client.bulkconn import BulkConnection, ReplyBody
 
     a, b = tcp_pair()
     waits = []
@@ -122,7 +122,7 @@ def test_a_body_sent_in_small_pieces_is_read_whole_in_few_wake_ups(monkeypatch):
 
             tg.start_soon(send)
             with anyio.fail_after(30):
-                await conn._read_body([memoryview(got)[: size - 1000], memoryview(got)[size - 1000 :]])
+                await conn._read_body(ReplyBody([memoryview(got)[: size - 1000], memoryview(got)[size - 1000 :]]))
 
     try:
         anyio.run(main)

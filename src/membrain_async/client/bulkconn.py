@@ -22,9 +22,21 @@ from ..protocol import bulk, heads
 from ..protocol.bulk import BodyReader, Frame, FrameReader
 from .errors import MembrainRequestError
 
-# A request's body sink: given its reply's frame, the buffers the body is received into, in order
-# (an int entry discards that many bytes). None: the body (if any) is discarded.
-Sink = Callable[[Frame], list]
+class ReplyBody:
+    """Where a reply's body goes: `targets`, filled in order (an int entry discards that many bytes), and
+    `on_filled(i, j)`, told after a receive that targets i..j-1 are now complete (while their bytes are
+    still in the CPU's cache)."""
+
+    __slots__ = ("targets", "on_filled")
+
+    def __init__(self, targets: list, on_filled: Callable[[int, int], None] | None = None):
+        self.targets = targets
+        self.on_filled = on_filled
+
+
+# A request's body sink: given its reply's frame, where the body goes (a ReplyBody, or just its targets).
+# None: the body (if any) is discarded.
+Sink = Callable[[Frame], "ReplyBody | list"]
 
 
 class ConnectionLost(sockio.PeerClosed):
@@ -173,15 +185,15 @@ class BulkConnection:
         pending = self._pending.get(frame.request_id)
         if pending is not None and not frame.status and pending.sink is not None:
             try:
-                targets = pending.sink(frame)
+                body = pending.sink(frame)
             except bulk.ProtocolError as exc:
                 self._break(exc)  # a reply that does not add up: the body length cannot be trusted either
                 pending.finish(error=exc)  # (_break already failed it with the same error)
                 return
         else:
-            targets = [frame.body_len]  # an error's message, a request that gave up, or no body wanted
+            body = [frame.body_len]  # an error's message, a request that gave up, or no body wanted
         try:
-            await self._read_body(targets)
+            await self._read_body(body if isinstance(body, ReplyBody) else ReplyBody(body))
         except BaseException as exc:
             self._break(exc)  # a body half read: the stream's framing is lost
             if pending is not None:
@@ -192,10 +204,10 @@ class BulkConnection:
                 del self._pending[frame.request_id]
             pending.finish(frame)
 
-    async def _read_body(self, targets: list) -> None:
-        body = BodyReader(targets)
+    async def _read_body(self, reply: ReplyBody) -> None:
+        body = BodyReader(reply.targets)
         wakeups = sockio.BodyWakeups(self.sock)
-        since_yield = 0
+        since_yield = filled = 0
         try:
             while not body.done:
                 wakeups.expect(body.remaining)
@@ -204,6 +216,9 @@ class BulkConnection:
                 if n == 0:
                     raise ConnectionLost("server closed the bulk connection mid-body")
                 body.advance(n)
+                if reply.on_filled is not None and body.filled > filled:
+                    reply.on_filled(filled, body.filled)
+                    filled = body.filled
                 since_yield += n
                 if since_yield >= sockio.FAIR_SHARE and not body.done:
                     since_yield = 0

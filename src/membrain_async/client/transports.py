@@ -14,7 +14,7 @@ from ..protocol.bulk import Frame
 from ..protocol.bodies import KeysBody
 from ..protocol.heads import (DeleteReply, DeleteRequest, ExistsReply, ExistsRequest, GetReply, GetRequest, LookupReply,
                               LookupRequest, PutReply, PutRequest)
-from .bulkconn import BulkConnection, BulkPool
+from .bulkconn import BulkConnection, BulkPool, ReplyBody
 from .errors import MembrainRequestError
 from .store import Buffer, Limits, PutValue, copy_into, value_len, value_parts
 
@@ -107,18 +107,32 @@ class BulkTransport:
     async def get_into(self, ns: str, keys: list[str], buffers: Sequence[memoryview]) -> list[int]:
         out: list[int] = []
 
-        def sink(frame: Frame) -> list:
+        def sink(frame: Frame) -> ReplyBody:
             targets: list = []
+            parts: list = []  # per target: (its Scatter, its part's index) where the Scatter sums as parts land
             for s, buf in zip(GetReply.from_frame(frame, len(keys)).sizes, buffers):
                 if s < 0:
                     out.append(-1)
                 elif scatter.fits(buf, s):
-                    targets.extend(scatter.targets(buf, s))  # a Scatter's pieces: straight into the KV pages
+                    pieces = scatter.targets(buf, s)  # a Scatter's pieces: straight into the KV pages
+                    targets.extend(pieces)
+                    if isinstance(buf, scatter.Scatter):
+                        buf.begin_fill()
+                        parts.extend((buf, i) for i in range(len(pieces)))
+                    else:
+                        parts.extend([None] * len(pieces))
                     out.append(s)
                 else:
                     targets.append(s)  # does not fit its buffer: read past it; the load fails its check
+                    parts.append(None)
                     out.append(scatter.MISFIT)
-            return targets
+
+            def on_filled(first: int, end: int) -> None:
+                for entry in parts[first:end]:
+                    if entry is not None:
+                        entry[0].part_landed(entry[1])
+
+            return ReplyBody(targets, on_filled)
 
         await self.payloads.run(lambda c: c.call(GetRequest(ns, keys), sink=sink))
         return out

@@ -179,6 +179,11 @@ class BodyReader:
     def done(self) -> bool:
         return self._index >= len(self._targets)
 
+    @property
+    def filled(self) -> int:
+        """How many targets, from the first, are complete."""
+        return self._index
+
     def want(self) -> memoryview:
         t = self._targets[self._index]
         if isinstance(t, int):

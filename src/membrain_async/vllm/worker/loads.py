@@ -113,7 +113,7 @@ class PageLoader:
             mover = self.movers[unit]
             if mover.direct:
                 header = headers[i * codec.HEADER_SIZE : (i + 1) * codec.HEADER_SIZE]
-                slots.append(Scatter([header, *mover.pieces(block_id)]))
+                slots.append(Scatter([header, *mover.pieces(block_id)], codec.running_checksum))
             else:
                 slots.append(mover.slot(ticket.hosts[unit], taken[unit]))
                 taken[unit] += 1

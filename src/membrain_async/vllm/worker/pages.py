@@ -127,7 +127,7 @@ def check_block(layout: PageLayout, value, key: str) -> None:
     if isinstance(value, Misfit):
         raise codec.PayloadError(f"stored value is not the size of a {layout.payload_bytes}-byte block and its header")
     if isinstance(value, Scatter):  # received straight into the KV pages
-        payload = codec.decode_pieces(value.parts, key=key)
+        payload = codec.decode_pieces(value.parts, key=key, landed_sum=value.landed_sum())
     else:
         payload = codec.decode(value, key=key)
     if payload.dtype != layout.dtype_name or payload.shape != layout.payload_shape or payload.layout != layout.layout:
