@@ -82,7 +82,7 @@ def runs_index() -> str:
 
 def e2e_ttft() -> str:
     runs = present("e2e.json", "e2e_prefault.json", "e2e_ttft_repeats.json", "e2e_ttft_sample_loopback.json",
-                   "e2e_ttft_direct.json")
+                   "e2e_ttft_direct.json", "e2e_ttft_xeon.json")
     return "\n\n".join(_e2e_ttft(name) for name in runs)
 
 
