@@ -4,6 +4,7 @@ prints one line and exits 2), not a run that divides by zero at the end."""
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def positive_int(text: str) -> int:
@@ -45,3 +46,14 @@ def nice_value(text: str) -> int:
     if not -20 <= value <= 19:
         raise argparse.ArgumentTypeError(f"a nice value is -20..19, got {value}")
     return value
+
+
+def json_output(text: str) -> str:
+    """A results file to write at the end of a run: its folder must exist and be writable now, not after
+    minutes of measuring."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"no folder {folder} to write {text} in")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write in {folder}")
+    return text

@@ -38,7 +38,7 @@ import threading
 import time
 
 import provenance  # bench/, beside this script
-from arg_types import seconds_or_zero
+from arg_types import positive_float, seconds_or_zero
 from proc_profile import _py_spy
 import torch
 
@@ -175,7 +175,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=48, help="blocks per load (48 x 1 MiB: a 3072-token prefix)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--loop", action="store_true", help="with a thread spinning in Python beside the transfers")
-    ap.add_argument("--idle-engine", type=float, default=None, metavar="WORK_MS",
+    ap.add_argument("--idle-engine", type=positive_float, default=None, metavar="WORK_MS",
                     help="with a thread beside the transfers that steps like vLLM's idle engine: WORK_MS of Python "
                          "holding the GIL, then a 1 ms sleep")
     ap.add_argument("--arms", nargs="+", default=["raw_socket", "save", "load"], choices=["raw_socket", "save", "load"],

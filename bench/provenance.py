@@ -37,3 +37,14 @@ def cpu_model() -> str:
         pass
     bf16 = "bf16" if {"avx512_bf16", "amx_bf16"} & flags else "no bf16"
     return f"{name} ({os.cpu_count()} cores, {bf16})"
+
+
+def emit(out: dict, path: str | None) -> None:
+    """Print a run's results, and write them to `path` where one is given."""
+    import json
+
+    text = json.dumps(out, indent=1)
+    print(text)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")

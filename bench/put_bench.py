@@ -11,7 +11,6 @@ figure is the median of each round's ratio, because the machine is shared and no
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,7 +21,7 @@ import anyio
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import provenance  # noqa: E402
-from arg_types import positive_float, positive_int  # noqa: E402
+from arg_types import json_output, positive_float, positive_int  # noqa: E402
 import rawsock  # noqa: E402
 
 from membrain_async.client import MembrainClient  # noqa: E402
@@ -69,7 +68,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=positive_int, default=5)
     p.add_argument("--seconds", type=positive_float, default=1.5)
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", type=json_output, default=None)
     a = p.parse_args()
     out = {"bench": "put", "date": provenance.utc_now(), "commit": provenance.commit(), "value_bytes": SIZE, "capacity_bytes": CAPACITY, "cpus": os.cpu_count(),
            "command": "python " + " ".join(sys.argv), "cells": {}}
@@ -88,11 +87,7 @@ def main() -> None:
                                               "median_ratio": statistics.median(x["ratio"] for x in rounds)}
     finally:
         server.stop()
-    text = json.dumps(out, indent=1)
-    print(text)
-    if a.json:
-        with open(a.json, "w") as f:
-            f.write(text + "\n")
+    provenance.emit(out, a.json)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ server - raw is the server's cost, client - server the client's; the anyio arms 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -29,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import provenance  # noqa: E402
 import rawsock  # noqa: E402
-from arg_types import positive_float, positive_int  # noqa: E402
+from arg_types import json_output, positive_float, positive_int  # noqa: E402
 
 from membrain_async import sockio  # noqa: E402
 from membrain_async.client import MembrainClient  # noqa: E402
@@ -114,7 +113,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=positive_int, default=3)
     p.add_argument("--seconds", type=positive_float, default=1.0)
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", type=json_output, default=None)
     a = p.parse_args()
     out = {"bench": "put_parts", "date": provenance.utc_now(), "commit": provenance.commit(), "cpus": os.cpu_count(),
            "command": "python " + " ".join(sys.argv), "unit": "us_per_put", "cells": {}}
@@ -143,11 +142,7 @@ def main() -> None:
             }
     finally:
         server.stop()
-    text = json.dumps(out, indent=1)
-    print(text)
-    if a.json:
-        with open(a.json, "w") as f:
-            f.write(text + "\n")
+    provenance.emit(out, a.json)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ class Scatter:
     def __init__(self, parts: Sequence, checksum: Callable[[], RunningSum] | None = None):
         self.parts = [memoryview(p).cast("B") for p in parts]
         self.nbytes = sum(len(p) for p in self.parts)
+        if checksum is not None and not callable(checksum):
+            raise TypeError(f"Scatter checksum must be a factory of running sums, got {checksum!r}")
         self._checksum = checksum  # sums parts[1:] as they land, where the receiver feeds them
         self._running: RunningSum | None = None
         self._summed = 0  # parts after the first summed so far, in order

@@ -87,3 +87,8 @@ def test_a_running_sum_is_dropped_when_parts_come_out_of_order_refilled_or_writt
     assert scatter.write(s, os.urandom(84)) == 84  # copied in (a shared fetch, a local tier): not summed
     assert s.landed_sum() is None
     assert pieces(64, 10).landed_sum() is None  # built without a checksum: never sums
+
+
+def test_a_checksum_that_is_not_a_factory_is_refused_when_the_scatter_is_built():
+    with pytest.raises(TypeError, match="factory of running sums"):
+        Scatter([bytearray(64)], checksum=codec.running_checksum())  # a running sum, not what makes one
