@@ -174,8 +174,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--blocks", type=int, default=48, help="blocks per load (48 x 1 MiB: a 3072-token prefix)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--loop", action="store_true", help="with a thread spinning in Python beside the transfers")
-    ap.add_argument("--idle-engine", type=positive_float, default=None, metavar="WORK_MS",
+    beside = ap.add_mutually_exclusive_group()
+    beside.add_argument("--loop", action="store_true", help="with a thread spinning in Python beside the transfers")
+    beside.add_argument("--idle-engine", type=positive_float, default=None, metavar="WORK_MS",
                     help="with a thread beside the transfers that steps like vLLM's idle engine: WORK_MS of Python "
                          "holding the GIL, then a 1 ms sleep")
     ap.add_argument("--arms", nargs="+", default=["raw_socket", "save", "load"], choices=["raw_socket", "save", "load"],
