@@ -412,3 +412,35 @@ def test_peak_rss_stays_bounded_under_a_put_flood_with_the_disk_tier(tmp_path, r
     reliability.add("memory", test="put flood of 3x capacity with the disk tier", capacity=capacity, peak_rss=peak,
                     limit=int(limit))
     assert peak < limit
+
+
+def test_a_value_evicted_while_its_disk_write_is_pending_is_served_from_ram(tmp_path):
+    """Evicted values wait in their RAM slots for the disk writer. Until it has written them, `exists` says
+    they are stored, so a get must serve them from those slots, not miss. The service here runs without its
+    writer task, so the evicted values stay pending for the whole test."""
+    from membrain_async.config import ServerConfig
+    from membrain_async.server.service import Service
+
+    values = _values(5, "spill")
+    keys = list(values)
+
+    async def main() -> None:
+        svc = Service(ServerConfig(capacity=4 * VALUE, disk_path=str(tmp_path / "disk"), disk_capacity=64 << 20))
+        for k in keys[:4]:
+            assert await svc.put_values("default", [k], [values[k]]) == [True]
+        async with anyio.create_task_group() as tg:
+            # The fifth put evicts the first value; with no writer it waits for room, then gives up.
+            tg.start_soon(svc.put_values, "default", [keys[4]], [values[keys[4]]])
+            await anyio.wait_all_tasks_blocked()
+            assert svc.disk.spilled("default", keys[0]) is not None
+            assert svc.exists(None, "default", [keys[0]]) == [True]
+            hits = svc.store.stats()["namespaces"]["default"]["hits"]
+            entries = await svc.get_entries(None, "default", [keys[0]])
+            try:
+                assert entries[0] is not None and bytes(entries[0].view) == values[keys[0]]
+            finally:
+                svc.unpin_all(entries)
+            assert svc.store.stats()["namespaces"]["default"]["hits"] == hits + 1
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)

@@ -225,6 +225,12 @@ class DiskTier:
         promotion, and `exists` said it was gone (a flaky test_disk_tier working-set test)."""
         return (ns, key) in self.index or (ns, key) in self._spilled
 
+    def spilled(self, ns: str, key: str) -> Entry | None:
+        """An evicted value whose disk write has not ended: its bytes are still in its RAM slot, and a get
+        is served from there (pinned, the slot outlives the write) rather than missing until the write ends."""
+        entry = self._spilled.get((ns, key))
+        return entry if entry is not None and entry.spilled else None
+
     def size(self, ns: str, key: str) -> int | None:
         loc = self.index.get((ns, key))
         return None if loc is None else loc.size

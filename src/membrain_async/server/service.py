@@ -184,6 +184,8 @@ class Service:
         from_disk: list[int] = []
         for i, k in enumerate(keys):
             entry = store.entry(ns, k)
+            if entry is None and disk is not None and (entry := disk.spilled(ns, k)) is not None:
+                store.count_hit(entry)
             if entry is not None:
                 store.pin(entry)
                 out[i] = entry

@@ -278,7 +278,8 @@ class Store:
         return entry
 
     def count_hit(self, entry: Entry) -> None:
-        """A hit served from another tier (the disk), counted per namespace but not as a RAM hit."""
+        """A hit served from outside the RAM index (the disk, or a slot waiting for its disk write), counted per
+        namespace but not as a RAM hit."""
         self._ns(entry.ns).hits += 1
         self.totals.bytes_out += entry.size
 
