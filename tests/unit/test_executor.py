@@ -59,6 +59,30 @@ def test_deadline_error_and_cancel_outcomes(executor):
         cancelled.result()
 
 
+def test_a_job_cancelled_while_queued_never_runs(executor):
+    """cancel() marks the future before it tells the runtime: a job the loop starts in between sees the mark.
+    The loop is held while the job is queued, and released from inside the cancel, after the runtime was
+    told and before the caller returns: the worst moment for the order to be the other way round."""
+    gate, ran = threading.Event(), threading.Event()
+    executor.call_soon(lambda: gate.wait(10))  # the loop thread waits here: the job below stays queued
+
+    async def job():
+        ran.set()
+
+    future = executor.submit("held", job)
+    tell_runtime = future._cancel_hook
+
+    def tell_then_let_the_loop_run():
+        tell_runtime()
+        gate.set()
+        ran.wait(0.5)  # long enough for the loop to start the job, had it not been marked cancelled
+
+    future._cancel_hook = tell_then_let_the_loop_run
+    assert future.cancel()
+    assert executor.submit("after", lambda: anyio.sleep(0)).wait(10)
+    assert future.cancelled() and not ran.is_set()
+
+
 def test_calls_run_in_order_with_submissions_and_after_a_cancel(executor):
     seen = []
     executor.call_soon(lambda: seen.append("first"))

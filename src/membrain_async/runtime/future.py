@@ -80,12 +80,13 @@ class MembrainFuture:
 
     def cancel(self) -> bool:
         """Ask the runtime to stop the work; the future becomes cancelled unless it already finished."""
-        hook = self._cancel_hook
-        if self._state != PENDING:
+        # Marked first, then the runtime is told: a job that starts between the two sees it cancelled and
+        # never runs. Told first, the runtime could start it before the mark and run it whole for nothing.
+        if not self._set(CANCELLED, None):
             return False
-        if hook is not None:
-            hook()
-        return self._set(CANCELLED, None)
+        if self._cancel_hook is not None:
+            self._cancel_hook()
+        return True
 
     # Runtime side ---------------------------------------------------------------------------------
 
