@@ -14,6 +14,7 @@ import timeit
 
 import orjson
 import provenance  # bench/, beside this script
+from arg_types import json_output  # bench/, beside this script
 
 from membrain_async.server.store import Store
 
@@ -44,7 +45,7 @@ def cost(policy: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=json_output, default=None)
     args = ap.parse_args()
     results = {p: cost(p) for p in ("lru", "second-sight", "adaptive")}
     for p, r in results.items():

@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from membrain_async.client.backends import open_client  # noqa: E402
 from membrain_async.config import ConnectorConfig  # noqa: E402
 from membrain_async.server.embed import start_subprocess_server  # noqa: E402
+from arg_types import json_output  # noqa: E402
 
 VALUE = 1 << 20
 BATCH = 4
@@ -238,7 +239,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--clients", type=int, default=2)
     ap.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=json_output, default=None)
     args = ap.parse_args()
     arms = {"membrain": (MembrainNodes, lambda: None), "redis-cluster": (RedisClusterNodes, redis_unavailable),
             "mooncake": (MooncakeNodes, MooncakeNodes.unavailable)}

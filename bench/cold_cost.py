@@ -32,7 +32,7 @@ import httpx
 import psutil
 
 import provenance  # bench/, beside this script
-from arg_types import positive_int
+from arg_types import json_output, positive_int
 from engine_metrics import histogram_mean_ms
 from proc_profile import _model_worker
 
@@ -111,7 +111,7 @@ def run_arm(arm: str, model: str, a: argparse.Namespace, logs: str, seed: int) -
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", type=json_output, default=None)
     p.add_argument("--rounds", type=positive_int, default=2)
     p.add_argument("--requests", type=positive_int, default=8, help="prompts per arm and round")
     p.add_argument("--words", type=positive_int, default=1400, help="words per prompt (about 2000 tokens)")

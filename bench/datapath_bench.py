@@ -38,7 +38,7 @@ import threading
 import time
 
 import provenance  # bench/, beside this script
-from arg_types import positive_float, seconds_or_zero
+from arg_types import json_output, positive_float, seconds_or_zero
 from proc_profile import _py_spy
 import torch
 
@@ -185,7 +185,7 @@ def main() -> None:
                     help="sys.setswitchinterval for this process (Python's default: 0.005 s)")
     ap.add_argument("--gil-seconds", type=seconds_or_zero, default=3.0,
                     help="per arm, seconds of back-to-back runs sampled by py-spy --gil (0: skip)")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=json_output, default=None)
     args = ap.parse_args()
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)

@@ -31,6 +31,7 @@ import orjson
 from membrain_async.client import MembrainClient
 from membrain_async.protocol import api
 from membrain_async.server.embed import start_subprocess_server
+from arg_types import json_output  # bench/, beside this script
 
 VALUE = 1 << 20
 BATCH = 8
@@ -113,7 +114,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default="/var/tmp/membrain-disk-bench", help="a directory on the disk to measure")
     ap.add_argument("--gib", type=float, default=1.0, help="GiB of values put (and of dd's runs)")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=json_output, default=None)
     args = ap.parse_args()
     disk_dir = os.path.join(args.dir, "tier")
     shutil.rmtree(args.dir, ignore_errors=True)

@@ -39,7 +39,7 @@ import numpy as np
 
 import provenance  # bench/, beside this script
 import rawsock
-from arg_types import positive_int
+from arg_types import json_output, positive_int
 from membrain_async.server.embed import start_subprocess_server
 from membrain_async.testing import tinymodel
 from membrain_async.testing.driver import EngineProcess
@@ -272,7 +272,7 @@ def main() -> None:
     ap.add_argument("--kv-space-gib", type=int, default=2)
     ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "membrain-bench-model"))
     ap.add_argument("--stages", nargs="+", default=["ttft", "no_reuse", "chat"], choices=["ttft", "no_reuse", "chat"])
-    ap.add_argument("--json", default=None, help="results file; stages not run here keep what it already holds")
+    ap.add_argument("--json", type=json_output, default=None, help="results file; stages not run here keep what it already holds")
     ap.add_argument("--load-mode", choices=["async", "sync"], default=None,
                     help="VLLM_MEMBRAIN_LOAD_MODE of the instances with Membrain (default: the setting's default, async)")
     args = ap.parse_args()

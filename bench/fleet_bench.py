@@ -34,7 +34,7 @@ import time
 import httpx
 
 import provenance  # bench/, beside this script
-from arg_types import nice_value, positive_float, positive_int
+from arg_types import json_output, nice_value, positive_float, positive_int
 from engine_metrics import histogram_mean_ms, total
 from proc_profile import ProcessProfile
 
@@ -203,7 +203,7 @@ def run_arm(arm: str, model: str, a: argparse.Namespace, logs: str, run: int) ->
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", default=os.path.join(HERE, "results", "fleet.json"))
+    p.add_argument("--json", type=json_output, default=os.path.join(HERE, "results", "fleet.json"))
     p.add_argument("--runs", type=positive_int, default=2)
     p.add_argument("--num-prefixes", type=positive_int, default=8)
     p.add_argument("--prefix-len", type=positive_int, default=2048)

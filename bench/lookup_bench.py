@@ -33,6 +33,7 @@ import orjson
 from membrain_async.config import ConnectorConfig
 from membrain_async.cache import BlockStore
 from membrain_async.server import embedded_server
+from arg_types import json_output  # bench/, beside this script
 
 
 def pct(values: list[float], p: float) -> float:
@@ -206,7 +207,7 @@ def main() -> None:
     ap.add_argument("--save-mib", default="1,4,16", help="sizes of the saved blocks, MiB")
     ap.add_argument("--save-rate", type=float, default=0.0, help="MB/s of saves (0: as fast as they upload)")
     ap.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"])
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=json_output, default=None)
     args = ap.parse_args()
     args.save_mib = [int(s) for s in args.save_mib.split(",")]
 

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from membrain_async.testing import tinyarch, tinymodel  # noqa: E402
 from membrain_async.testing.driver import EngineProcess, key_error  # noqa: E402
+from arg_types import json_output  # noqa: E402
 
 PREFIX = tinymodel.prompt_words(260, seed=11)
 PROMPTS = [PREFIX + " " + tinymodel.prompt_words(40, seed=21), PREFIX + " " + tinymodel.prompt_words(40, seed=22)]
@@ -63,7 +64,7 @@ def probe(model: str, block_size: int, log_dir: str, name: str, extra: dict | No
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=json_output, default=None)
     ap.add_argument("--archs", default=",".join(a for a in tinyarch.ARCHS))
     ap.add_argument("--block-sizes", default=",".join(map(str, BLOCK_SIZES)))
     ap.add_argument("--no-spec", action="store_true")

@@ -25,6 +25,7 @@ import anyio
 import orjson
 
 import provenance  # bench/, beside this script
+from arg_types import json_output  # bench/, beside this script
 
 from membrain_async.cache.remote import make_client
 from membrain_async.client import MembrainClient
@@ -137,7 +138,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--keys", type=int, default=256)
     ap.add_argument("--lookups", type=int, default=2000)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=json_output, default=None)
     args = ap.parse_args()
     reason = mooncake.unavailable()
     if reason:

@@ -25,6 +25,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import e2e_bench as eb  # noqa: E402
+from arg_types import json_output  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
                     choices=["off", "on", "dead", "nosave"])
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=json_output, default=None)
     args = ap.parse_args()
     from membrain_async.server.embed import start_subprocess_server
     from membrain_async.testing import tinymodel

@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
 
 import provenance  # noqa: E402  (bench/, beside this script)
-from arg_types import positive_float, positive_int  # noqa: E402
+from arg_types import json_output, positive_float, positive_int  # noqa: E402
 
 from membrain_async.server.embed import start_subprocess_server  # noqa: E402
 from membrain_async.testing import tinymodel  # noqa: E402
@@ -147,7 +147,7 @@ def wait_http(url: str, timeout: float = 60) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "pd.json"))
+    p.add_argument("--json", type=json_output, default=os.path.join(ROOT, "bench", "results", "pd.json"))
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     p.add_argument("--model", help="a model directory (default: a generated random-weight Llama, --layers/--hidden)")
     p.add_argument("--layers", type=positive_int, default=4)

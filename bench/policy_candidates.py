@@ -48,6 +48,7 @@ import orjson
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import provenance  # noqa: E402
+from arg_types import json_output  # bench/, beside this script
 from membrain_async.server.eviction import SeenFilter  # noqa: E402
 from trace_bench import TRACES, parse_tokens  # noqa: E402
 from trace_sim import BLOCK_TOKENS, load_trace, simulate_belady, simulate_lru, summarize  # noqa: E402
@@ -400,7 +401,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--traces", nargs="+", default=list(TRACES))
     ap.add_argument("--capacities", nargs="+", default=["1Mi", "3Mi", "10Mi"])
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=json_output, default=None)
     args = ap.parse_args()
     cols = ["lru", *CANDIDATES, *BOUNDS, "belady"]
     print("| trace | capacity | " + " | ".join(cols) + " |")

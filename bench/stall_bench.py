@@ -40,6 +40,7 @@ import tempfile
 import time
 
 import provenance  # bench/, beside this script
+from arg_types import json_output  # bench/, beside this script
 
 from membrain_async.testing.driver import EventProcess
 
@@ -258,7 +259,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=MODEL["hidden"])
     ap.add_argument("--kv-space-gib", type=int, default=2)
     ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "membrain-stall-model"))
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=json_output, default=None)
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="record each arm's engine (and its engine-core process) with py-spy into DIR while it runs")
     args = ap.parse_args()

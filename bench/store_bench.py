@@ -27,6 +27,7 @@ import orjson
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import peers  # noqa: E402
+from arg_types import json_output  # noqa: E402
 
 SIZES = {"64KiB": 64 << 10, "1MiB": 1 << 20, "4MiB": 4 << 20}
 SYSTEMS = ["raw", "membrain", "redis", "mooncake", "membrain-http"]
@@ -223,7 +224,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4], help="concurrent client processes")
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
-    ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--json", type=json_output, default=None, help="write results here")
     args = ap.parse_args()
     from tqdm import tqdm
 

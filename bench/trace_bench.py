@@ -35,6 +35,7 @@ import orjson
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import provenance  # noqa: E402
+from arg_types import json_output  # bench/, beside this script
 from trace_sim import BLOCK_TOKENS, load_trace, simulate_belady, simulate_lru, summarize  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -204,7 +205,7 @@ def main() -> None:
     ap.add_argument("--value-bytes", type=int, default=4096)
     ap.add_argument("--speed", type=float, default=0.0, help="x the trace's timestamps; 0: unpaced")
     ap.add_argument("--limit", type=int, default=None, help="first N requests only (quick runs)")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=json_output, default=None)
     args = ap.parse_args()
     from membrain_async.server.arena import SLAB_BYTES
 
