@@ -195,6 +195,11 @@ def per_lookup(delta: dict) -> dict:
             "lookup_rtt_s_mean": delta.get("vllm:membrain_lookup_rtt_seconds", 0) / jobs if jobs else None}
 
 
+def _mean_ttft(delta: dict) -> float | None:
+    n = delta.get("vllm:time_to_first_token_seconds_count")
+    return delta.get("vllm:time_to_first_token_seconds_sum", 0) / n if n else None
+
+
 def no_reuse_bench(off: Instance, on: Instance, rounds: int, n_prompts: int, prompt_words: int, bar) -> dict:
     """Tokens/s with and without the connector on prompts nobody saw before: a batch submitted at once, and
     the same number of prompts one at a time (per-request cost, free of batching effects)."""
@@ -215,7 +220,11 @@ def no_reuse_bench(off: Instance, on: Instance, rounds: int, n_prompts: int, pro
                                   "save_copy_share": rep["delta"].get("vllm:membrain_save_copy_seconds", 0) / rep["wall_s"],
                                   # A request waits for its lookup's answer before it is scheduled (lookup_s),
                                   # of which the round trip on the Membrain thread is lookup_rtt_s.
-                                  **per_lookup(rep["delta"])}
+                                  **per_lookup(rep["delta"]),
+                                  # How the batch went through the engine: steps that ran tokens, and the
+                                  # requests' mean time to their first token.
+                                  "engine_steps": rep["delta"].get("vllm:iteration_tokens_total_count"),
+                                  "ttft_s_mean": _mean_ttft(rep["delta"])}
                 bar.update()
             pairs.append(row)
         off_tps = [p[off.name]["tokens_per_s"] for p in pairs]

@@ -31,11 +31,19 @@ import sys
 import time
 
 
+_STEP_HISTOGRAMS = ("vllm:iteration_tokens_total", "vllm:time_to_first_token_seconds")
+
+
 def _metrics(llm) -> dict[str, float]:
     out: dict[str, float] = {}
     try:
         for m in llm.get_metrics():
             name = m.name
+            if name in _STEP_HISTOGRAMS and hasattr(m, "count"):
+                # Engine steps that scheduled tokens, and their tokens: how a batch was split into steps.
+                out[f"{name}_count"] = out.get(f"{name}_count", 0) + m.count
+                out[f"{name}_sum"] = out.get(f"{name}_sum", 0) + m.sum
+                continue
             if not (name.startswith("vllm:membrain") or "prefix_cache" in name or "cached" in name
                     or "preemption" in name):
                 continue
