@@ -138,17 +138,25 @@ def e2e_sync_async() -> str:
     return source("ttft_8k_sync_async.json") + "\n\n" + table(header, rows)
 
 
+def host(doc: dict) -> str:
+    """The run's CPU in two words ("AMD EPYC", "Intel Xeon"), from what provenance recorded."""
+    name = (doc.get("cpu") or "-").replace("(R)", "").split(" (")[0]
+    return " ".join([w for w in name.split() if w != "Processor"][:2])
+
+
 def e2e_no_reuse() -> str:
-    files = [name for name in present("e2e.json", "e2e_no_reuse_repeat.json") if "no_reuse" in load(name)]
+    files = [name for name in present("e2e.json", "e2e_no_reuse_repeat.json", "e2e_no_reuse_xeon.json",
+                                      "e2e_no_reuse_xeon_repeat.json") if "no_reuse" in load(name)]
     rows = []
     for run, name in enumerate(files, 1):
-        doc = load(name)["no_reuse"]
+        full = load(name)
+        doc = full["no_reuse"]
         for workload in ("batch", "sequential"):
             w = doc[workload]
-            rows.append([str(run), workload, f"{w['off_tokens_per_s_median']:.0f}", f"{w['on_tokens_per_s_median']:.0f}",
-                         f"{w['overhead_pct_median_of_pairs']:.1f} %",
+            rows.append([str(run), host(full), workload, f"{w['off_tokens_per_s_median']:.0f}",
+                         f"{w['on_tokens_per_s_median']:.0f}", f"{w['overhead_pct_median_of_pairs']:.1f} %",
                          ", ".join(f"{p:.1f}" for p in w["overhead_pct_pairs"]) + " %"])
-    header = ["run", "workload", "tokens/s without", "tokens/s with", "cost (median of pairs)", "per pair"]
+    header = ["run", "host", "workload", "tokens/s without", "tokens/s with", "cost (median of pairs)", "per pair"]
     return source(*files) + "\n\n" + table(header, rows)
 
 
