@@ -160,6 +160,20 @@ def e2e_no_reuse() -> str:
     return source(*files) + "\n\n" + table(header, rows)
 
 
+def no_reuse_parts() -> str:
+    files = present("no_reuse_parts.json", "no_reuse_parts_full_server.json")
+    arms = [a for a in ("off", "noop", "on", "nosave", "dead") if any(a in load(n)["summary"] for n in files)]
+    rows = []
+    for name in files:
+        doc = load(name)
+        summary = doc["summary"]
+        rows.append([doc["server_capacity"], str(len(doc["walls_s"]["off"]))]
+                    + [f"{summary[a]['wall_median_s']:.3f} s ({summary[a]['cost_pct_vs_off']:+.1f} %)" if a in summary else "-"
+                       for a in arms])
+    header = ["server capacity", "rounds", *(f"{a}: wall (cost)" for a in arms)]
+    return source(*files) + "\n\n" + table(header, rows)
+
+
 def _stall_rows(doc: dict) -> list[list[str]]:
     """One row per arm and link rate: medians over the run's repeats."""
     links = doc.get("link", {})
@@ -483,6 +497,7 @@ SECTIONS: dict[str, Callable[[], str]] = {
     "e2e-ttft": e2e_ttft,
     "e2e-sync-async": e2e_sync_async,
     "e2e-no-reuse": e2e_no_reuse,
+    "no-reuse-parts": no_reuse_parts,
     "stall": stall,
     "stall-rework": stall_rework,
     "datapath": datapath,
