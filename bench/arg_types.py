@@ -48,6 +48,19 @@ def nice_value(text: str) -> int:
     return value
 
 
+def size_text(text: str) -> str:
+    """A byte size as Membrain's settings take it ('128MiB', '6GiB'), checked here and passed on as written."""
+    from membrain_async.config import parse_size
+
+    try:
+        value = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0 bytes, got {text}")
+    return text
+
+
 def json_output(text: str) -> str:
     """A results file to write at the end of a run: its folder must exist and be writable now, not after
     minutes of measuring."""

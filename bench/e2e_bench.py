@@ -76,8 +76,9 @@ def delta(after: dict, before: dict, key: str) -> float:
 
 
 class Instance:
-    def __init__(self, name: str, model: str, env: dict, logs: str, max_len: int):
-        kwargs = {"dtype": "bfloat16", "max_model_len": max_len, "seed": 0, "enable_prefix_caching": True}
+    def __init__(self, name: str, model: str, env: dict, logs: str, max_len: int, engine: dict | None = None):
+        kwargs = {"dtype": "bfloat16", "max_model_len": max_len, "seed": 0, "enable_prefix_caching": True,
+                  **(engine or {})}
         warmup = {"name": "warmup", "prompts": [{"text": words(256, seed=99)}], "max_tokens": 4}
         self.name = name
         self.proc = EngineProcess(model, [warmup], env, logs, name, kwargs, interactive=True)

@@ -31,31 +31,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import e2e_bench as eb  # noqa: E402
 import provenance  # noqa: E402
-from arg_types import json_output, positive_int  # noqa: E402
+from arg_types import json_output, positive_int, size_text  # noqa: E402
 
 ARMS = ("off", "noop", "on", "nosave", "dead")
 NOOP = {"kv_connector": "NoopConnector", "kv_role": "kv_both",
         "kv_connector_module_path": "membrain_async.testing.noop_connector"}
 
 
-class Arm(eb.Instance):
-    """e2e_bench's engine, with engine arguments of its own (the no-op connector's)."""
-
-    def __init__(self, name: str, model: str, env: dict, logs: str, max_len: int, engine: dict):
-        from membrain_async.testing.driver import EngineProcess
-
-        kwargs = {"dtype": "bfloat16", "max_model_len": max_len, "seed": 0, "enable_prefix_caching": True, **engine}
-        warmup = {"name": "warmup", "prompts": [{"text": eb.words(256, seed=99)}], "max_tokens": 4}
-        self.name = name
-        self.proc = EngineProcess(model, [warmup], env, logs, name, kwargs, interactive=True)
-        self.metrics = {}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arms", nargs="+", default=["off", "noop", "on", "nosave"], choices=ARMS)
     ap.add_argument("--rounds", type=positive_int, default=8)
-    ap.add_argument("--server-capacity", default="6GiB", help="the server's --capacity (default: as e2e_bench's)")
+    ap.add_argument("--server-capacity", type=size_text, default="6GiB", help="the server's --capacity (default: as e2e_bench's)")
     ap.add_argument("--json", type=json_output, default=None)
     args = ap.parse_args()
     if "off" not in args.arms or len(set(args.arms)) != len(args.arms):
@@ -77,10 +64,10 @@ def main() -> None:
     out = {"bench": "no_reuse_parts", "date": provenance.utc_now(), "commit": provenance.commit(),
            "cpu": provenance.cpu_model(), "command": "python " + " ".join(sys.argv), "model": m,
            "server_capacity": args.server_capacity, "prompts": 8, "prompt_words": 256, "max_tokens": 32, "logs": logs}
-    arms: list[Arm] = []
+    arms: list[eb.Instance] = []
     walls: dict[str, list[float]] = {name: [] for name in args.arms}
     try:
-        arms = [Arm(name, model, envs[name], logs, 2048, {"kv_transfer_config": NOOP} if name == "noop" else {})
+        arms = [eb.Instance(name, model, envs[name], logs, 2048, {"kv_transfer_config": NOOP} if name == "noop" else None)
                 for name in args.arms]
         for arm in arms:
             arm.ready()

@@ -40,7 +40,7 @@ def _metrics(llm) -> dict[str, float]:
         for m in llm.get_metrics():
             name = m.name
             if name in _STEP_HISTOGRAMS and hasattr(m, "count"):
-                # Engine steps that scheduled tokens, and their tokens: how a batch was split into steps.
+                # Count and sum only: steps that ran tokens (and their tokens), first tokens (and their time).
                 out[f"{name}_count"] = out.get(f"{name}_count", 0) + m.count
                 out[f"{name}_sum"] = out.get(f"{name}_sum", 0) + m.sum
                 continue
