@@ -26,8 +26,12 @@ GUARD = 60
 
 
 def config_for(mc, **overrides) -> ConnectorConfig:
+    # A call's timeout covers Mooncake's setup, which the first call runs: on a loaded 2-core machine it can
+    # outlast the 2 s default, and the call after it then finds the setup still running (fails fast, by
+    # design). Tests of timeouts pass their own.
     return ConnectorConfig.from_sources(
-        env={}, overrides={"endpoint": mc.endpoint, "mooncake_metadata_server": mc.metadata, **overrides}
+        env={}, overrides={"endpoint": mc.endpoint, "mooncake_metadata_server": mc.metadata, "timeout": 30.0,
+                           **overrides}
     )
 
 
